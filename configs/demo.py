@@ -1,0 +1,37 @@
+"""The embedded demo: a small GPT-1-architecture model pretrained on Shakespeare on a CPU.
+
+    python -m gptjax.main --config=configs/demo.py --workdir=runs/demo
+
+Everything not set here is the paper's (configs/gpt1.py): post-LN blocks, tanh-GELU,
+learned positions, tied head, Adam with warmup + cosine, decoupled weight decay, clipping.
+Sized to finish in about ten minutes on two CPU cores.
+"""
+
+import pathlib
+import runpy
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+    gpt1 = runpy.run_path(str(pathlib.Path(__file__).with_name("gpt1.py")))
+    config = gpt1["get_config"]()
+
+    config.model.vocab_size = 4096
+    config.model.n_ctx = 128
+    config.model.n_layer = 4
+    config.model.n_head = 4
+    config.model.d_model = 256
+    config.model.d_mlp = 1024
+
+    config.train.batch_size = 32
+    config.train.num_steps = 1500
+    config.train.lr = 1e-3  # a small model trains faster with a larger step
+    config.train.warmup_steps = 100
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.ckpt_every = 500
+
+    config.data.corpus = "demo"
+    config.data.tokenizer_sample_lines = 1_000_000
+    return config

@@ -1,0 +1,57 @@
+"""GPT-1 pretraining exactly as in the paper (Section 4.1) and the original release.
+
+    python -m gptjax.main --config=configs/gpt1.py --workdir=runs/gpt1 \
+        --config.data.books='/data/bookcorpus/*.txt'
+
+Every value below is the paper's unless its comment says otherwise.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+    config = config_dict.ConfigDict()
+
+    config.model = config_dict.ConfigDict()
+    config.model.vocab_size = 40478  # BPE ids of the original release (40,000 merges)
+    config.model.n_ctx = 512
+    config.model.n_layer = 12
+    config.model.n_head = 12
+    config.model.d_model = 768
+    config.model.d_mlp = 3072
+    config.model.dropout = 0.1  # embeddings, attention probabilities, residual branches
+
+    config.train = config_dict.ConfigDict()
+    config.train.batch_size = 64  # sequences of n_ctx tokens per update
+    config.train.epochs = 100
+    config.train.num_steps = config_dict.placeholder(int)  # when set, wins over epochs
+    config.train.lr = 2.5e-4  # peak learning rate
+    config.train.warmup_steps = 2000  # linear warmup from 0, then cosine to 0
+    config.train.b1 = 0.9
+    config.train.b2 = 0.999
+    config.train.eps = 1e-8
+    config.train.weight_decay = 0.01  # decoupled, rank > 1 tensors only
+    config.train.grad_clip = 1.0  # global norm
+    config.train.seed = 0
+    # Bookkeeping (not from the paper).
+    config.train.log_every = 100
+    config.train.eval_every = 5000
+    config.train.eval_batches = config_dict.placeholder(int)  # unset: the whole validation split
+    config.train.ckpt_every = 5000
+    config.train.keep_checkpoints = 3
+
+    config.data = config_dict.ConfigDict()
+    config.data.corpus = "books"  # "books": a directory or glob of .txt books; "demo": Shakespeare
+    config.data.books = ""  # e.g. /data/bookcorpus or '/data/bookcorpus/**/*.txt'
+    config.data.encoding = "utf-8"
+    config.data.validation_fraction = 0.01  # books held out for held-out perplexity
+    config.data.cache_dir = ""  # prepared TFDS datasets; empty: $GPTJAX_CACHE or ~/.cache/gptjax
+    # SentencePiece BPE: lines sampled from the training books to learn the merges.
+    config.data.tokenizer_sample_lines = 5_000_000
+
+    # Data parallelism over every device; -1 means "all the devices left".
+    config.mesh = config_dict.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+    return config

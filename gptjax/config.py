@@ -1,0 +1,45 @@
+"""Checks on a config beyond what ml_collections' typed fields already enforce."""
+
+import ml_collections
+
+from gptjax.errors import UserError
+
+
+def validate(config: ml_collections.ConfigDict):
+    """Raises UserError naming the first inconsistent setting and how to fix it."""
+    m, t = config.model, config.train
+    positive = {
+        "model.vocab_size": m.vocab_size,
+        "model.n_ctx": m.n_ctx,
+        "model.n_layer": m.n_layer,
+        "model.n_head": m.n_head,
+        "model.d_model": m.d_model,
+        "model.d_mlp": m.d_mlp,
+        "train.batch_size": t.batch_size,
+        "train.epochs": t.epochs,
+        "train.log_every": t.log_every,
+        "train.eval_every": t.eval_every,
+        "train.ckpt_every": t.ckpt_every,
+        "train.keep_checkpoints": t.keep_checkpoints,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{name} is {value}; it must be positive (--config.{name}=N)")
+    if t.num_steps is not None and t.num_steps <= 0:
+        raise UserError(f"train.num_steps is {t.num_steps}; it must be positive or unset")
+    if m.d_model % m.n_head:
+        raise UserError(
+            f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; "
+            "choose sizes whose ratio is the head dimension"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip <= 0:
+        raise UserError(
+            "train.lr and train.grad_clip must be positive, train.warmup_steps and "
+            "train.weight_decay non-negative"
+        )
+    if not 0.0 < config.data.validation_fraction < 1.0:
+        raise UserError(
+            f"data.validation_fraction={config.data.validation_fraction} must be in (0, 1)"
+        )

@@ -1,0 +1,137 @@
+"""From book texts to batches: tokenize, pack into contiguous windows, shuffle and batch.
+
+Packing (Section 4.1: "contiguous sequences of 512 tokens"): every split is one stream of
+token ids, the books concatenated, each ended by </s>. Window i holds the n_ctx + 1 ids
+stream[i * n_ctx : i * n_ctx + n_ctx + 1]; the model reads the first n_ctx and predicts
+the last n_ctx. Consecutive windows overlap by one id, so across all windows every
+stream position is an input exactly once and a target exactly once: no token lost or
+duplicated. The last window is padded, and its padded targets have weight 0.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from gptjax.tokenizer import SentencePieceTokenizer
+
+
+def tokenize_books(
+    books: Sequence[str], tokenizer: SentencePieceTokenizer, name: str = ""
+) -> np.ndarray:
+    """One stream of ids for a sequence of books, with periodic progress lines."""
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
+    parts, start, last_log = [], time.time(), time.time()
+    for i in range(len(books)):
+        parts.append(tokenizer.encode_document(books[i]).astype(dtype))
+        if time.time() - last_log > 30:
+            last_log = time.time()
+            done = (i + 1) / len(books)
+            eta = (time.time() - start) * (1 - done) / done
+            logging.info("tokenizing %s: %d/%d books, ETA %.0fs", name, i + 1, len(books), eta)
+    return np.concatenate(parts) if parts else np.zeros((0,), dtype)
+
+
+def cached_tokens(
+    path: str, books: Sequence[str], tokenizer: SentencePieceTokenizer, fingerprint: str
+) -> np.ndarray:
+    """The token stream of `books`, computed once and memory-mapped from `path` after.
+
+    `fingerprint` names the corpus and tokenizer; a cache made from anything else is
+    rebuilt. Files are written under a temporary name and renamed, never half-written.
+    """
+    meta_path = path + ".json"
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get("fingerprint") == fingerprint:
+                return np.load(path, mmap_mode="r")
+    tokens = tokenize_books(books, tokenizer, os.path.basename(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, tokens)
+    os.replace(path + ".tmp", path)
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump({"fingerprint": fingerprint, "num_tokens": int(tokens.size)}, f)
+    os.replace(meta_path + ".tmp", meta_path)
+    return np.load(path, mmap_mode="r")
+
+
+class PackedWindows:
+    """Random-access windows of n_ctx + 1 ids over a token stream (see module doc)."""
+
+    def __init__(self, tokens: np.ndarray, n_ctx: int, pad_id: int):
+        if tokens.size < 2:
+            raise ValueError("a token stream needs at least two tokens to predict one")
+        self.tokens, self.n_ctx, self.pad_id = tokens, n_ctx, pad_id
+
+    def __len__(self) -> int:
+        return -(-(self.tokens.size - 1) // self.n_ctx)  # ceil((n - 1) / n_ctx)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        window = np.asarray(self.tokens[i * self.n_ctx : (i + 1) * self.n_ctx + 1], np.int32)
+        num_targets = window.size - 1
+        tokens = np.full((self.n_ctx + 1,), self.pad_id, np.int32)
+        tokens[: window.size] = window
+        weights = np.zeros((self.n_ctx,), np.float32)
+        weights[:num_targets] = 1.0
+        return {"tokens": tokens, "weights": weights}
+
+
+def train_iterator(
+    windows: PackedWindows,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this process's share of each global batch.
+
+    Each process reads its own shard of the windows; each epoch is a fresh permutation
+    (grain reshuffles on repeat). The iterator's `get_state()` is its position.
+    """
+    local_batch = global_batch_size // process_count
+    dataset = (
+        grain.MapDataset.source(windows)[process_index::process_count]
+        .shuffle(seed=seed)
+        .repeat(None)
+        .batch(local_batch, drop_remainder=True)
+    )
+    return iter(dataset.to_iter_dataset())
+
+
+def eval_batches(
+    windows: PackedWindows,
+    global_batch_size: int,
+    max_batches: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every window once, in order; the last batch is padded with zero-weight windows so
+    that every batch has the same shape (one compilation)."""
+    local_batch = global_batch_size // process_count
+    shard = grain.MapDataset.source(windows)[process_index::process_count]
+    # Counted from the largest shard so every process runs the same number of steps.
+    num_batches = math.ceil(math.ceil(len(windows) / process_count) / local_batch)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    for b in range(num_batches):
+        rows = [shard[i] for i in range(b * local_batch, min((b + 1) * local_batch, len(shard)))]
+        while len(rows) < local_batch:
+            rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int):
+    """Perplexity on `eval_tokens` of the add-one-smoothed unigram model of `train_tokens`:
+    the baseline a language model must beat by using context."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64)
+    log_probs = np.log((counts + 1.0) / (counts.sum() + vocab_size))
+    # Targets are every eval token but the first (see PackedWindows).
+    return float(np.exp(-log_probs[np.asarray(eval_tokens[1:])].mean()))

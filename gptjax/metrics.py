@@ -1,0 +1,55 @@
+"""Where metrics go: `metrics.jsonl`, TensorBoard event files and the console.
+
+Only process 0 writes (on several hosts the others are silent). TensorBoard files are
+written with tensorboardX, so TensorFlow is not needed to record curves.
+"""
+
+import json
+import os
+
+import jax
+from tensorboardX import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.active = jax.process_index() == 0
+        if not self.active:
+            return
+        self.path = os.path.join(workdir, METRICS_FILE)
+        _drop_rows_after(self.path, resume_step)
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]):
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self.tb.add_scalar(name, value, step)
+        self.tb.flush()
+
+    def close(self):
+        if self.active:
+            self.tb.close()
+
+
+def _drop_rows_after(path: str, step: int):
+    """A resumed run repeats the steps after its checkpoint; their old rows go, so the
+    file reads as one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,187 @@
+"""GPT-1 (Radford et al., 2018, Figure 1 left) in Flax Linen.
+
+Reads top to bottom like the paper: token + learned position embeddings, a stack of
+post-LN Transformer decoder blocks, and an LM head tied to the token embedding.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`,
+`qkv`, `n_ctx`) that `gptjax.sharding` maps onto a device mesh; the model itself knows
+nothing about devices. Tensor names carry their shapes: B batch, L sequence length,
+D d_model, H heads, K head dim, F d_mlp, V vocabulary.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# The paper and the original release initialise every weight from N(0, 0.02).
+INIT_STD = 0.02
+# The original code's LayerNorm epsilon (Flax defaults to 1e-6).
+LN_EPSILON = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of the network (`config.model`)."""
+
+    vocab_size: int
+    n_ctx: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_mlp: int
+    dropout: float
+
+    @classmethod
+    def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "ModelConfig":
+        fields = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: model_cfg[name] for name in fields})
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def _init(*axes: str | None) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes)
+
+
+def _zeros(*axes: str | None) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=LN_EPSILON,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros("embed"),
+        name=name,
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    """Masked multi-head self-attention with one fused QKV projection (768 -> 3 x 768)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        # Fused QKV; the (3, H, K) output layout keeps whole heads together so tensor
+        # parallelism can split heads, and flattens to the original (D, 3D) kernel.
+        qkv_BxLx3xHxK = nn.DenseGeneral(
+            features=(3, cfg.n_head, cfg.head_dim),
+            kernel_init=_init("embed", "qkv", "heads", "kv"),
+            bias_init=_zeros("qkv", "heads", "kv"),
+            name="c_attn",
+        )(x_BxLxD)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+        mask_Bx1xLxL = nn.make_causal_mask(x_BxLxD[..., 0], dtype=jnp.bool_)
+        # Scaled by 1/sqrt(K), softmax in float32, dropout on the attention probabilities.
+        out_BxLxHxK = nn.dot_product_attention(
+            q_BxLxHxK,
+            k_BxLxHxK,
+            v_BxLxHxK,
+            mask=mask_Bx1xLxL,
+            dropout_rng=None if deterministic else self.make_rng("dropout"),
+            dropout_rate=cfg.dropout,
+            broadcast_dropout=False,  # an independent mask per example and head
+            deterministic=deterministic,
+        )
+        return nn.DenseGeneral(
+            features=cfg.d_model,
+            axis=(-2, -1),
+            kernel_init=_init("heads", "kv", "embed"),
+            bias_init=_zeros("embed"),
+            name="c_proj",
+        )(out_BxLxHxK)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network with the tanh approximation of GELU."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        h_BxLxF = nn.Dense(
+            self.cfg.d_mlp,
+            kernel_init=_init("embed", "mlp"),
+            bias_init=_zeros("mlp"),
+            name="c_fc",
+        )(x_BxLxD)
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
+        return nn.Dense(
+            self.cfg.d_model,
+            kernel_init=_init("mlp", "embed"),
+            bias_init=_zeros("embed"),
+            name="c_proj",
+        )(h_BxLxF)
+
+
+class Block(nn.Module):
+    """A post-LN decoder block: n = LN(x + attn(x)); h = LN(n + mlp(n))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
+        dropout = nn.Dropout(self.cfg.dropout, deterministic=deterministic)
+        a_BxLxD = CausalSelfAttention(self.cfg, name="attn")(x_BxLxD, deterministic)
+        n_BxLxD = _layer_norm("ln_1")(x_BxLxD + dropout(a_BxLxD))
+        m_BxLxD = MLP(self.cfg, name="mlp")(n_BxLxD)
+        h_BxLxD = _layer_norm("ln_2")(n_BxLxD + dropout(m_BxLxD))
+        return nn.with_logical_constraint(h_BxLxD, ("batch", "length", "embed"))
+
+
+class GPT(nn.Module):
+    """The GPT-1 decoder: `encode` gives final hidden states, `__call__` LM logits."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.tokens_embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, embedding_init=_init("vocab", "embed")
+        )
+        self.positions_embed = nn.Embed(
+            cfg.n_ctx, cfg.d_model, embedding_init=_init("n_ctx", "embed")
+        )
+        # Dropout after summing token and position embeddings (as HuggingFace does; the
+        # original dropped rows of the embedding matrix instead).
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = [Block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+
+    def encode(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Final hidden states [B, L, D]; there is no final LayerNorm in GPT-1."""
+        length = tokens_BxL.shape[1]
+        if length > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {length} exceeds n_ctx={self.cfg.n_ctx}")
+        x_BxLxD = self.tokens_embed(tokens_BxL) + self.positions_embed(jnp.arange(length))
+        x_BxLxD = self.embed_dropout(x_BxLxD, deterministic=deterministic)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD, deterministic)
+        return x_BxLxD
+
+    def lm_logits(self, h_BxLxD: jax.Array) -> jax.Array:
+        """Next-token logits [B, L, V] from the LM head tied to the token embedding."""
+        return self.tokens_embed.attend(h_BxLxD)
+
+    def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
+        return self.lm_logits(self.encode(tokens_BxL, deterministic))
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, num_params: int) -> int:
+    """Training FLOPs per token: 6N for the weights' matmuls (forward + backward) plus
+    12 * n_layer * d_model * n_ctx for attention scores and values (QK^T and AV,
+    counted over the full n_ctx window without halving for the causal mask).
+    N counts all parameters, embeddings included."""
+    return 6 * num_params + 12 * cfg.n_layer * cfg.d_model * cfg.n_ctx

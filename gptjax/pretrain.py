@@ -1,0 +1,189 @@
+"""Unsupervised pretraining (Section 3.1): set up a run from its config and drive the loop."""
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+
+from gptjax import checkpoint, optim, sharding, train
+from gptjax.data import lm_data
+from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexity
+from gptjax.errors import UserError
+from gptjax.metrics import MetricsWriter
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
+
+CONFIG_FILE = "config.json"
+
+
+def total_steps(train_cfg: ml_collections.ConfigDict, num_windows: int) -> int:
+    """`train.num_steps` if set, else `train.epochs` passes over the training windows."""
+    if train_cfg.num_steps is not None:
+        return train_cfg.num_steps
+    return max(1, train_cfg.epochs * num_windows // train_cfg.batch_size)
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict):
+    """Creates the workdir, checks it is writable, and records the config. A workdir made
+    with another model shape is an error rather than silently reused."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("model") != config.model.to_dict():
+            raise UserError(
+                f"{workdir} holds a run of another model ({saved.get('model')}); resume it "
+                "with the same config or use a new --workdir"
+            )
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh):
+    size = config.train.batch_size
+    dp = sharding.data_parallel_size(mesh)
+    if size % dp or size % jax.process_count():
+        raise UserError(
+            f"train.batch_size={size} does not split evenly over {dp} data-parallel devices "
+            f"and {jax.process_count()} processes; use a multiple of {dp}"
+        )
+
+
+class Run:
+    """Everything a pretraining run is made of, built from its config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config, self.workdir = config, workdir
+        prepare_workdir(workdir, config)
+        self.mesh = sharding.make_mesh(config.mesh)
+        check_batch(config, self.mesh)
+        self.data = lm_data.prepare(config, workdir)
+        self.model_cfg = ModelConfig.from_config(config.model)
+        self.model = GPT(self.model_cfg)
+        self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
+        self.schedule = optim.lr_schedule(config.train, self.total_steps)
+        tx = optim.make_optimizer(config.train, self.total_steps)
+        self.state, self.shardings = train.create_state(
+            self.model, tx, config.train.seed, config.model.n_ctx, self.mesh
+        )
+        self.p_train, self.p_eval = train.compile_steps(
+            self.model, self.schedule, self.mesh, self.shardings
+        )
+        self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
+
+    def eval_data(self):
+        return eval_batches(
+            self.data.windows["validation"],
+            self.config.train.batch_size,
+            self.config.train.eval_batches,
+            jax.process_index(),
+            jax.process_count(),
+        )
+
+    def summary(self) -> str:
+        n = count_params(self.state.params)
+        d, cfg = self.data, self.config
+        tokens_per_step = cfg.train.batch_size * cfg.model.n_ctx
+        return "\n".join(
+            [
+                f"model: {n:,} parameters, {flops_per_token(self.model_cfg, n) / 1e9:.3f} "
+                "GFLOP per trained token (6N + 12 * n_layer * d_model * n_ctx)",
+                f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} on "
+                f"{jax.process_count()} process(es); mesh {dict(self.mesh.shape)}",
+                f"data: {d.description}; train {d.num_books['train']} books, "
+                f"{d.tokens['train'].size:,} tokens, {len(d.windows['train']):,} windows; "
+                f"validation {d.num_books['validation']} books, "
+                f"{d.tokens['validation'].size:,} tokens",
+                f"steps: {self.total_steps:,} of {cfg.train.batch_size} x {cfg.model.n_ctx} "
+                f"= {tokens_per_step:,} tokens "
+                f"({self.total_steps * tokens_per_step / d.tokens['train'].size:.2f} epochs)",
+            ]
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Pretrains, resuming from the workdir's latest checkpoint if there is one. Returns
+    the final held-out metrics."""
+    run = Run(config, workdir)
+    state = run.state
+    data_iter = train_iterator(
+        run.data.windows["train"],
+        config.train.batch_size,
+        config.train.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    start = run.ckpt.latest_step()
+    if start is not None:
+        state, data_state = checkpoint.restore(run.ckpt, train.abstract_state(state, run.shardings))
+        data_iter.set_state(data_state)
+        logging.info("resumed from the checkpoint at step %d", start)
+    if jax.process_index() == 0:
+        logging.info("run summary:\n%s", run.summary())
+    writer = MetricsWriter(workdir, resume_step=start or 0)
+
+    def save(state, data_state, force):
+        checkpoint.save(run.ckpt, state, data_state, force=force)
+
+    try:
+        state, eval_metrics = train.fit(
+            state,
+            run.p_train,
+            run.p_eval,
+            data_iter,
+            run.eval_data,
+            run.mesh,
+            config.train,
+            run.total_steps,
+            config.train.batch_size * config.model.n_ctx,
+            writer,
+            save,
+        )
+        run.ckpt.wait_until_finished()
+    finally:
+        run.ckpt.close()
+        writer.close()
+    if not eval_metrics:  # already trained to the end: evaluate what is there
+        eval_metrics = train.evaluate(run.p_eval, state.params, run.eval_data(), run.mesh)
+    report(run, eval_metrics)
+    return eval_metrics
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Restores the workdir's latest checkpoint and reports held-out perplexity."""
+    run = Run(config, workdir)
+    step = run.ckpt.latest_step()
+    if step is None:
+        raise UserError(f"no checkpoint in {workdir}: train there first (--mode=train)")
+    state, _ = checkpoint.restore(run.ckpt, train.abstract_state(run.state, run.shardings))
+    run.ckpt.close()
+    metrics = train.evaluate(run.p_eval, state.params, run.eval_data(), run.mesh)
+    report(run, {"step": step, **metrics})
+    return metrics
+
+
+def report(run: Run, metrics: dict):
+    """Held-out perplexity next to a unigram model of the same tokens, to results.json."""
+    tokens = run.data.tokens
+    unigram = unigram_perplexity(tokens["train"], tokens["validation"], run.model_cfg.vocab_size)
+    results = {**metrics, "unigram_ppl": unigram}
+    if jax.process_index() == 0:
+        logging.info(
+            "held-out perplexity %.2f (unigram model of the same tokens: %.2f)",
+            metrics["eval_ppl"],
+            unigram,
+        )
+        with open(os.path.join(run.workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results

@@ -1,0 +1,93 @@
+"""The device mesh and the one table that maps the model's logical axes onto it.
+
+Parameters and activations are named with logical axes in `gptjax.model`; this module
+alone decides where those names live on devices. The mesh has three axes:
+`data` (batch split, parameters replicated), `fsdp` (batch split, parameters sharded)
+and `tensor` (heads and MLP split). The default config uses pure data parallelism.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gptjax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (None: replicated). The one place sharding is declared.
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("qkv", None),
+    ("n_ctx", None),
+)
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+    """Resolves the config's (data, fsdp, tensor) sizes; one of them may be -1."""
+    sizes = [mesh_cfg[axis] for axis in MESH_AXES]
+    named = dict(zip(MESH_AXES, sizes, strict=True))
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise UserError(
+            f"mesh sizes {named} are invalid: use positive sizes "
+            "and at most one -1 (meaning 'the remaining devices')"
+        )
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise UserError(
+                f"{num_devices} devices do not divide into mesh sizes {sizes}; "
+                "change --config.mesh.*"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise UserError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices but "
+            f"{num_devices} are available; change --config.mesh.*"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+    """A mesh over all devices (of all processes). Axes are `Auto` so that XLA's GSPMD
+    propagates shardings from the jit boundaries and logical constraints; this JAX's
+    `jax.make_mesh` would otherwise make them `Explicit`."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_sharding(mesh: Mesh, logical_tree):
+    """NamedShardings for a pytree of logical PartitionSpecs (from `nn.get_partition_spec`)."""
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches are split along their leading axis over the data-parallel mesh axes."""
+    spec = nn.logical_to_mesh_axes(("batch",), LOGICAL_AXIS_RULES)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each process's slice of the batch into one globally sharded array."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -1,0 +1,35 @@
+"""gptjax: GPT-1 (Radford et al., 2018) in JAX and Flax."""
+
+import pathlib
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gptjax",
+    version="0.1.0",
+    description="A faithful JAX/Flax reproduction of GPT-1: pretraining and fine-tuning.",
+    long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gptjax", "gptjax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # The design card's packages, in ranges known to install together on Python 3.11.
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "sentencepiece>=0.2.1,<0.3",
+        "ml_collections>=1.1,<2",
+        "grain>=0.2.18,<0.3",
+        "absl-py>=2.1",
+        "numpy>=2.0",
+        # TFDS's dataset preparation needs it when TensorFlow is absent.
+        "importlib_resources>=6",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.15"],
+    },
+)

@@ -1,0 +1,110 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
+
+from conftest import gpt1_config, tiny_config
+
+
+def init(cfg: ModelConfig, seed=0):
+    tokens = jnp.zeros((1, cfg.n_ctx), jnp.int32)
+    return nn.unbox(GPT(cfg).init(jax.random.PRNGKey(seed), tokens)["params"])
+
+
+def test_gpt1_parameter_count_and_shapes():
+    cfg = ModelConfig.from_config(gpt1_config().model)
+    tokens = jax.ShapeDtypeStruct((1, cfg.n_ctx), jnp.int32)
+    variables = jax.eval_shape(GPT(cfg).init, jax.random.PRNGKey(0), tokens)
+    params = nn.unbox(variables["params"])
+    assert count_params(params) == 116_534_784
+    assert params["tokens_embed"]["embedding"].shape == (40478, 768)
+    assert params["positions_embed"]["embedding"].shape == (512, 768)
+    block = params["h_11"]
+    assert block["attn"]["c_attn"]["kernel"].shape == (768, 3, 12, 64)  # fused 768 -> 2304
+    assert block["attn"]["c_proj"]["kernel"].shape == (12, 64, 768)
+    assert block["mlp"]["c_fc"]["kernel"].shape == (768, 3072)
+    assert block["mlp"]["c_proj"]["kernel"].shape == (3072, 768)
+    assert set(block) == {"attn", "ln_1", "mlp", "ln_2"}
+    assert "h_12" not in params and not any(k.startswith("ln_f") for k in params)  # no final LN
+    # 6N + 12 * L * d * T, about 0.76 GFLOP per token (the reference's figure).
+    assert flops_per_token(cfg, 116_534_784) == 6 * 116_534_784 + 12 * 12 * 768 * 512
+    assert abs(flops_per_token(cfg, 116_534_784) / 1e9 - 0.756) < 0.01
+
+
+def test_parameters_carry_logical_axes():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    tokens = jax.ShapeDtypeStruct((1, cfg.n_ctx), jnp.int32)
+    specs = nn.get_partition_spec(jax.eval_shape(GPT(cfg).init, jax.random.PRNGKey(0), tokens))
+    specs = specs["params"]
+    assert tuple(specs["tokens_embed"]["embedding"]) == ("vocab", "embed")
+    assert tuple(specs["h_0"]["attn"]["c_attn"]["kernel"]) == ("embed", "qkv", "heads", "kv")
+    assert tuple(specs["h_0"]["mlp"]["c_fc"]["kernel"]) == ("embed", "mlp")
+    assert tuple(specs["h_0"]["ln_1"]["scale"]) == ("embed",)
+
+
+def test_init_statistics():
+    cfg = ModelConfig.from_config(gpt1_config().model).__class__(
+        vocab_size=1000, n_ctx=64, n_layer=1, n_head=4, d_model=256, d_mlp=1024, dropout=0.1
+    )
+    params = init(cfg)
+    kernel = np.asarray(params["h_0"]["mlp"]["c_fc"]["kernel"])
+    assert abs(kernel.std() - 0.02) < 0.001 and abs(kernel.mean()) < 0.001
+    assert np.all(np.asarray(params["h_0"]["mlp"]["c_fc"]["bias"]) == 0)
+    assert np.all(np.asarray(params["h_0"]["ln_1"]["scale"]) == 1)
+
+
+def test_causal():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    model = GPT(cfg)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.n_ctx), 0, cfg.vocab_size)
+    base = model.apply({"params": params}, tokens)
+    for t in (0, 5, cfg.n_ctx - 1):
+        changed = tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size)
+        out = model.apply({"params": params}, changed)
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert not np.allclose(out[:, t], base[:, t])
+
+
+def test_lm_head_is_tied_to_token_embedding():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    model = GPT(cfg)
+    tokens = jnp.arange(cfg.n_ctx)[None] % cfg.vocab_size
+    hidden = model.apply({"params": params}, tokens, method=GPT.encode)
+    logits = model.apply({"params": params}, tokens)
+    expected = hidden @ params["tokens_embed"]["embedding"].T
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not any("lm_head" in k or "kernel" in k for k in params)  # no separate head
+
+
+def test_post_ln_block_output_is_normalised():
+    # With post-LN (and no final LN) every block's output is a LayerNorm output:
+    # zero mean and unit variance per position at initialisation (gain 1, bias 0).
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    tokens = jnp.arange(cfg.n_ctx)[None] % cfg.vocab_size
+    hidden = GPT(cfg).apply({"params": params}, tokens, method=GPT.encode)
+    np.testing.assert_allclose(hidden.mean(-1), 0, atol=1e-5)
+    np.testing.assert_allclose(hidden.var(-1), 1, atol=1e-2)
+
+
+def test_dropout_only_with_rng_and_not_deterministic():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    model = GPT(cfg)
+    tokens = jnp.arange(cfg.n_ctx)[None] % cfg.vocab_size
+    det = model.apply({"params": params}, tokens)
+    a = model.apply({"params": params}, tokens, False, rngs={"dropout": jax.random.PRNGKey(1)})
+    b = model.apply({"params": params}, tokens, False, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not np.allclose(a, det) and not np.allclose(a, b)
+
+
+def test_too_long_sequence_rejected():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    with pytest.raises(ValueError, match="n_ctx"):
+        GPT(cfg).apply({"params": params}, jnp.zeros((1, cfg.n_ctx + 1), jnp.int32))

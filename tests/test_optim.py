@@ -1,0 +1,97 @@
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gptjax import optim
+from gptjax.model import GPT, ModelConfig
+
+from conftest import gpt1_config, tiny_config
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        (0, 0.0),
+        (1000, 1.25e-4),  # half-way up the linear warmup
+        (2000, 2.5e-4),  # the peak
+        (51_000, 1.25e-4),  # cosine half-way between warmup end and the last step
+        (100_000, 0.0),
+    ],
+)
+def test_gpt1_schedule(step, expected):
+    schedule = optim.lr_schedule(gpt1_config().train, total_steps=100_000)
+    assert float(schedule(step)) == pytest.approx(expected, abs=1e-10)
+
+
+def test_schedule_is_cosine_after_warmup():
+    schedule = optim.lr_schedule(gpt1_config().train, total_steps=10_000)
+    for step in (3000, 6000, 9000):
+        progress = (step - 2000) / 8000
+        assert float(schedule(step)) == pytest.approx(
+            2.5e-4 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-5
+        )
+
+
+def tiny_params():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    tokens = jnp.zeros((1, cfg.n_ctx), jnp.int32)
+    return nn.unbox(GPT(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
+
+
+def test_decay_mask_excludes_biases_and_layernorm():
+    mask = optim.decay_mask(tiny_params())
+    flat = {"/".join(k.key for k in path): v for path, v in jax.tree.leaves_with_path(mask)}
+    assert flat["tokens_embed/embedding"] and flat["positions_embed/embedding"]
+    assert flat["h_0/attn/c_attn/kernel"] and flat["h_1/mlp/c_proj/kernel"]
+    assert not flat["h_0/attn/c_attn/bias"] and not flat["h_0/mlp/c_fc/bias"]
+    assert not flat["h_0/ln_1/scale"] and not flat["h_0/ln_2/bias"]
+    decayed = {k for k, v in flat.items() if v}
+    assert decayed == {k for k in flat if k.endswith(("kernel", "embedding"))}
+
+
+def test_decoupled_weight_decay_only_on_masked_tensors():
+    # With a zero gradient, Adam's update is zero, so only the decay moves parameters:
+    # w <- w - lr * wd * w for rank > 1 tensors, nothing for biases and LN.
+    train_cfg = tiny_config().train
+    train_cfg.update(warmup_steps=0, weight_decay=0.5, lr=0.1)
+    tx = optim.make_optimizer(train_cfg, total_steps=1000)
+    params = tiny_params()
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    kernel = params["h_0"]["mlp"]["c_fc"]["kernel"]
+    np.testing.assert_allclose(
+        new["h_0"]["mlp"]["c_fc"]["kernel"], kernel * (1 - 0.1 * 0.5), rtol=1e-6
+    )
+    np.testing.assert_array_equal(new["h_0"]["ln_1"]["scale"], params["h_0"]["ln_1"]["scale"])
+
+
+def test_gradients_clipped_to_global_norm_before_adam():
+    # Adam is invariant to a constant gradient scale, so clipping shows only when the
+    # norm changes between steps: a norm-10 step then a norm-0.5 step must act like
+    # plain AdamW fed the clipped norm-1 step then the same norm-0.5 step.
+    train_cfg = tiny_config().train
+    train_cfg.update(warmup_steps=0, weight_decay=0.0, grad_clip=1.0, lr=0.1)
+    ours = optim.make_optimizer(train_cfg, total_steps=10**6)
+    plain = optax.adamw(optim.lr_schedule(train_cfg, 10**6), weight_decay=0.0)
+    params = {"w": jnp.zeros((2, 2))}
+    g1 = {"w": jnp.array([[6.0, 8.0], [0.0, 0.0]])}  # norm 10
+    g2 = {"w": jnp.array([[0.0, 0.3], [0.4, 0.0]])}  # norm 0.5, under the threshold
+
+    def run(tx, grads):
+        state, out = tx.init(params), []
+        for g in grads:
+            update, state = tx.update(g, state, params)
+            out.append(update["w"])
+        return out
+
+    clipped_g1 = jax.tree.map(lambda g: g / 10.0, g1)
+    expected = run(plain, [clipped_g1, g2])
+    got = run(ours, [g1, g2])
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-6)
+    assert not np.allclose(run(plain, [g1, g2])[1], expected[1], rtol=1e-3)
