@@ -17,14 +17,26 @@ from gptjax.errors import UserError
 CHECKPOINT_DIR = "checkpoints"
 
 
-def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def manager(
+    workdir: str, keep: int = 1, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+    """The workdir's checkpoint manager; `read_only` creates and deletes nothing."""
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
         item_names=("params", "opt_state", "data"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
         ),
     )
+
+
+def latest_step(workdir: str) -> int | None:
+    """The step of the workdir's latest complete checkpoint, without writing anything."""
+    with manager(workdir, read_only=True) as mngr:
+        return mngr.latest_step()
 
 
 def _train_state_items(state) -> tuple[dict, dict]:
@@ -77,7 +89,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):
     """Only the model parameters of another run's checkpoint (for a later phase)."""
-    with manager(workdir, keep=1, async_save=False) as mngr:
+    with manager(workdir, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise UserError(f"no checkpoint in {mngr.directory}: pretrain there first")

@@ -32,6 +32,8 @@ def validate(config: ml_collections.ConfigDict):
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; "
             "choose sizes whose ratio is the head dimension"
         )
+    if t.eval_batches is not None and t.eval_batches <= 0:
+        raise UserError(f"train.eval_batches is {t.eval_batches}; it must be positive or unset")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
     if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip <= 0:

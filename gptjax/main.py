@@ -20,24 +20,58 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def fail(message: str):
+    """The one way bad input ends: one line on stderr and exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(error: Exception) -> str:
+    """The message without embedded tracebacks or line breaks."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = [lines[0].split("Traceback")[0], lines[-1]]
+    return " ".join(" ".join(lines).split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with every bad flag or config override reported as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: a key that does not exist
+        name = str(e).strip("\"'")
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a]
+        fail(f"{(bad or ['--config'])[0]}: no such config key {name!r}; see the config file")
+    except flags.Error as e:
+        fail(f"{_one_line(e)}; see --helpfull")
+    except (OSError, TypeError, ValueError) as e:
+        fail(f"could not load the config: {_one_line(e)}")
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger().setLevel(logging.INFO)
+    # Libraries (Orbax, TFDS) log through absl at INFO on every save; keep their warnings.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     # Imported here so that `--help` and flag errors answer without loading JAX.
     from gptjax import config as config_lib
     from gptjax import pretrain
 
     try:
-        config_lib.validate(_CONFIG.value)
+        config = _CONFIG.value
+        config.model  # noqa: B018 (a config file that failed to load raises on first use)
+    except OSError as e:
+        fail(f"could not load the config: {_one_line(e)}")
+    try:
+        config_lib.validate(config)
         if _MODE.value == "train":
-            pretrain.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+            pretrain.train_and_evaluate(config, _WORKDIR.value)
         else:
-            pretrain.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+            pretrain.evaluate_checkpoint(config, _WORKDIR.value)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

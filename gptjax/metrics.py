@@ -22,7 +22,8 @@ class MetricsWriter:
             return
         self.path = os.path.join(workdir, METRICS_FILE)
         _drop_rows_after(self.path, resume_step)
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # purge_step hides the events a killed run wrote past its last checkpoint.
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:
@@ -43,13 +44,23 @@ def _drop_rows_after(path: str, step: int):
     file reads as one uninterrupted run."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    rows = [row for row in _rows(path) if row["step"] <= step]
     with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(path + ".tmp", path)
 
 
+def _rows(path: str) -> list[dict]:
+    """The file's rows; a line torn by a kill mid-write is skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _rows(os.path.join(workdir, METRICS_FILE))

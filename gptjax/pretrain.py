@@ -24,19 +24,19 @@ def total_steps(train_cfg: ml_collections.ConfigDict, num_windows: int) -> int:
     return max(1, train_cfg.epochs * num_windows // train_cfg.batch_size)
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict):
-    """Creates the workdir, checks it is writable, and records the config. A workdir made
-    with another model shape is an error rather than silently reused."""
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: bool):
+    """Creates the workdir and checks it is writable. Resuming a run of another model
+    shape is an error rather than a silent restart."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
     path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.exists(path):
+    if resuming and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         if saved.get("model") != config.model.to_dict():
@@ -44,10 +44,14 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict):
                 f"{workdir} holds a run of another model ({saved.get('model')}); resume it "
                 "with the same config or use a new --workdir"
             )
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict):
     if jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
+        tmp = os.path.join(workdir, f"{CONFIG_FILE}.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh):
@@ -63,12 +67,13 @@ def check_batch(config: ml_collections.ConfigDict, mesh):
 class Run:
     """Everything a pretraining run is made of, built from its config."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
         self.config, self.workdir = config, workdir
-        prepare_workdir(workdir, config)
+        self.resume_step = checkpoint.latest_step(workdir)
+        check_workdir(workdir, config, resuming=self.resume_step is not None)
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh)
-        self.data = lm_data.prepare(config, workdir)
+        self.data = lm_data.prepare(config, workdir, resuming=self.resume_step is not None)
         self.model_cfg = ModelConfig.from_config(config.model)
         self.model = GPT(self.model_cfg)
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
@@ -80,7 +85,9 @@ class Run:
         self.p_train, self.p_eval = train.compile_steps(
             self.model, self.schedule, self.mesh, self.shardings
         )
-        self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
+        self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints, read_only=read_only)
+        if not read_only:
+            write_config(workdir, config)
 
     def eval_data(self):
         return eval_batches(
@@ -124,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.process_index(),
         jax.process_count(),
     )
-    start = run.ckpt.latest_step()
+    start = run.resume_step
     if start is not None:
         state, data_state = checkpoint.restore(run.ckpt, train.abstract_state(state, run.shardings))
         data_iter.set_state(data_state)
@@ -162,14 +169,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Restores the workdir's latest checkpoint and reports held-out perplexity."""
-    run = Run(config, workdir)
-    step = run.ckpt.latest_step()
-    if step is None:
+    if checkpoint.latest_step(workdir) is None:
         raise UserError(f"no checkpoint in {workdir}: train there first (--mode=train)")
+    run = Run(config, workdir, read_only=True)
     state, _ = checkpoint.restore(run.ckpt, train.abstract_state(run.state, run.shardings))
     run.ckpt.close()
     metrics = train.evaluate(run.p_eval, state.params, run.eval_data(), run.mesh)
-    report(run, {"step": step, **metrics})
+    report(run, {"step": run.resume_step, **metrics})
     return metrics
 
 

@@ -6,6 +6,8 @@ alone decides where those names live on devices. The mesh has three axes:
 and `tensor` (heads and MLP split). The default config uses pure data parallelism.
 """
 
+import contextlib
+import functools
 import math
 
 import flax.linen as nn
@@ -66,6 +68,24 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh):
+    """Makes the model's logical activation constraints bind to `mesh` while tracing."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
+
+
+def under_axis_rules(fn, mesh: Mesh):
+    """`fn`, traced with the mesh and logical-axis rules in scope (wrap before jit)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with axis_rules(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def logical_sharding(mesh: Mesh, logical_tree):

@@ -7,6 +7,8 @@ ids vocab_size .. vocab_size+2. Pretraining never sees the specials; fine-tuning
 appends their embedding rows (Section 3.3 of the paper).
 """
 
+import hashlib
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -22,15 +24,31 @@ TOKENIZER_FILE = "tokenizer.model"
 class SentencePieceTokenizer:
     """A trained SentencePiece BPE model plus the reserved fine-tuning specials."""
 
-    def __init__(self, model_path: str):
-        self.path = model_path
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self._sp.get_piece_size()
         self.unk_id = self._sp.unk_id()
         self.pad_id = self._sp.pad_id()
         self.eos_id = self._sp.eos_id()
         self.newline_id = self._sp.piece_to_id("\n")
         self.special_ids = {name: self.vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+    @classmethod
+    def load(cls, path: str) -> "SentencePieceTokenizer":
+        with open(path, "rb") as f:
+            return cls(f.read())
+
+    def save(self, path: str):
+        """Written under a temporary name and renamed: never half-written."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(self.model_proto)
+        os.replace(tmp, path)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_proto).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -64,29 +82,26 @@ class SentencePieceTokenizer:
         return np.asarray(out, dtype=np.int32)
 
 
-def _training_lines(texts: Iterable[str], max_lines: int) -> Iterator[str]:
-    count = 0
+def _training_lines(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         for line in text.split("\n"):
-            line = line.strip()
-            if line:
+            if line.strip():
                 yield line
-                count += 1
-                if count >= max_lines:
-                    return
 
 
 def train_sentencepiece(
-    texts: Iterable[str], vocab_size: int, model_path: str, max_lines: int
+    texts: Iterable[str], vocab_size: int, max_lines: int
 ) -> SentencePieceTokenizer:
-    """Learns a BPE vocabulary of exactly `vocab_size` pieces from the first `max_lines`
-    non-empty lines of `texts` (deterministic: no sampling) and writes `model_path`."""
-    prefix = model_path.removesuffix(".model")
-    tmp_prefix = prefix + ".tmp"
+    """Learns a BPE vocabulary of exactly `vocab_size` pieces from `max_lines` non-empty
+    lines sampled uniformly from all of `texts` (seeded, so reproducible), in memory."""
+    spm.set_random_generator_seed(0)
+    model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts, max_lines),
-            model_prefix=tmp_prefix,
+            sentence_iterator=_training_lines(texts),
+            model_writer=model,
+            input_sentence_size=max(max_lines, 101),  # SentencePiece requires > 100
+            shuffle_input_sentence=True,
             model_type="bpe",
             vocab_size=vocab_size,
             character_coverage=1.0,
@@ -105,29 +120,11 @@ def train_sentencepiece(
         )
     except RuntimeError as e:
         raise UserError(
-            f"could not train a {vocab_size}-piece tokenizer on this corpus ({e}); "
-            "a small corpus needs a smaller --config.model.vocab_size"
+            f"could not train a {vocab_size}-piece tokenizer on this corpus "
+            f"({_one_line(e)}); a small corpus needs a smaller --config.model.vocab_size"
         ) from None
-    # Written under a temporary name and renamed, so an interrupted run leaves no
-    # half-written tokenizer that a resumed run would pick up.
-    os.replace(tmp_prefix + ".model", model_path)
-    os.remove(tmp_prefix + ".vocab")
-    return SentencePieceTokenizer(model_path)
+    return SentencePieceTokenizer(model.getvalue())
 
 
-def load_or_train(
-    workdir: str, vocab_size: int, texts: Iterable[str], max_lines: int
-) -> tuple[SentencePieceTokenizer, bool]:
-    """The workdir's tokenizer, trained from `texts` on the first run. Returns it and
-    whether it was trained now. A saved tokenizer of another size is an error."""
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(path):
-        tokenizer = SentencePieceTokenizer(path)
-        if tokenizer.vocab_size != vocab_size:
-            raise UserError(
-                f"the tokenizer in {path} has {tokenizer.vocab_size} ids but "
-                f"model.vocab_size is {vocab_size}; use --config.model.vocab_size="
-                f"{tokenizer.vocab_size} or a new --workdir"
-            )
-        return tokenizer, False
-    return train_sentencepiece(texts, vocab_size, path, max_lines), True
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

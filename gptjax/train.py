@@ -63,13 +63,18 @@ def create_state(
     def init(rng):
         params = model.init({"params": rng}, jnp.zeros((1, n_ctx), jnp.int32))["params"]
         return TrainState.create(
-            apply_fn=model.apply, params=params, tx=tx, rng=jax.random.PRNGKey(seed)
+            apply_fn=model.apply,
+            params=params,
+            tx=tx,
+            rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),  # dropout, not init
         )
 
-    rng = jax.random.PRNGKey(seed)
-    boxed = jax.eval_shape(init, rng)
+    init_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+    boxed = jax.eval_shape(init, init_rng)
     shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
-    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+    state = jax.jit(
+        sharding.under_axis_rules(lambda r: nn.unbox(init(r)), mesh), out_shardings=shardings
+    )(init_rng)
     return state, shardings
 
 
@@ -86,13 +91,15 @@ def compile_steps(model: GPT, schedule: optax.Schedule, mesh, state_shardings):
     batch_sh = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     p_train = jax.jit(
-        functools.partial(train_step, model=model, schedule=schedule),
+        sharding.under_axis_rules(
+            functools.partial(train_step, model=model, schedule=schedule), mesh
+        ),
         in_shardings=(state_shardings, batch_sh),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
     p_eval = jax.jit(
-        functools.partial(eval_step, model=model),
+        sharding.under_axis_rules(functools.partial(eval_step, model=model), mesh),
         in_shardings=(state_shardings.params, batch_sh),
         out_shardings=replicated,
     )
@@ -108,9 +115,12 @@ def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh) -> dict[st
 
 
 def mean_metrics(pending: list[dict]) -> dict[str, float]:
-    """Host averages of the steps' metrics since the last log (one device sync)."""
+    """Loss and gradient norm averaged over the steps since the last log, the learning
+    rate of the last of them (one device sync)."""
     host = jax.device_get(pending)
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    row["lr"] = float(host[-1]["lr"])
+    return row
 
 
 def format_duration(seconds: float) -> str:

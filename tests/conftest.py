@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs that exercise every code path quickly on a CPU."""
 
 import pathlib
+import random
 import runpy
 
 import pytest
@@ -32,3 +33,39 @@ def tiny_config():
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+WORDS = (
+    ("the", "a", "one", "every", "old")
+    + ("young", "king", "queen", "knight", "horse", "dog", "cat", "river", "hill", "town")
+    + ("house", "sees", "finds", "loves", "leaves", "keeps", "takes", "follows")
+    + ("remembers", "near", "under", "over", "beside", "with", "quickly", "slowly")
+    + ("quietly", "bravely", "and", "but", "then", "so", "because", "while")
+)
+
+
+def write_books(directory: pathlib.Path, num_books: int = 5, words_per_book: int = 1500):
+    """Made-up books of short sentences over a small vocabulary (learnable structure)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for b in range(num_books):
+        lines = []
+        for _ in range(words_per_book // 10):
+            sentence = [rng.choice(WORDS[:5]), rng.choice(WORDS[5:16]), rng.choice(WORDS[16:24])]
+            sentence += [rng.choice(WORDS[:5]), rng.choice(WORDS[5:16]), rng.choice(WORDS[24:])]
+            lines.append(" ".join(sentence).capitalize() + ".")
+        (directory / f"book_{b:02d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture
+def books(tmp_path):
+    return write_books(tmp_path / "books")
+
+
+def tiny_books_config(books_dir, cache_dir):
+    config = tiny_config()
+    config.data.update(
+        corpus="books", books=str(books_dir), cache_dir=str(cache_dir), validation_fraction=0.2
+    )
+    return config

