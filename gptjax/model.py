@@ -61,6 +61,27 @@ def _layer_norm(name: str) -> nn.LayerNorm:
     )
 
 
+class Projection(nn.Module):
+    """An affine map from the last `n_in` axes of its input to `out_shape`.
+
+    Flax's DenseGeneral would do, but it initialises kernels in a flattened 2-D shape,
+    which clashes with multi-axis logical partitioning; this stores and initialises the
+    kernel in its full logical shape.
+    """
+
+    out_shape: tuple[int, ...]
+    n_in: int
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param("kernel", _init(*self.kernel_axes), in_shape + self.out_shape)
+        bias = self.param("bias", _zeros(*self.bias_axes), self.out_shape)
+        return jnp.tensordot(x, kernel, axes=self.n_in) + bias
+
+
 class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention with one fused QKV projection (768 -> 3 x 768)."""
 
@@ -71,10 +92,11 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         # Fused QKV; the (3, H, K) output layout keeps whole heads together so tensor
         # parallelism can split heads, and flattens to the original (D, 3D) kernel.
-        qkv_BxLx3xHxK = nn.DenseGeneral(
-            features=(3, cfg.n_head, cfg.head_dim),
-            kernel_init=_init("embed", "qkv", "heads", "kv"),
-            bias_init=_zeros("qkv", "heads", "kv"),
+        qkv_BxLx3xHxK = Projection(
+            out_shape=(3, cfg.n_head, cfg.head_dim),
+            n_in=1,
+            kernel_axes=("embed", "qkv", "heads", "kv"),
+            bias_axes=("qkv", "heads", "kv"),
             name="c_attn",
         )(x_BxLxD)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
@@ -90,11 +112,11 @@ class CausalSelfAttention(nn.Module):
             broadcast_dropout=False,  # an independent mask per example and head
             deterministic=deterministic,
         )
-        return nn.DenseGeneral(
-            features=cfg.d_model,
-            axis=(-2, -1),
-            kernel_init=_init("heads", "kv", "embed"),
-            bias_init=_zeros("embed"),
+        return Projection(
+            out_shape=(cfg.d_model,),
+            n_in=2,
+            kernel_axes=("heads", "kv", "embed"),
+            bias_axes=("embed",),
             name="c_proj",
         )(out_BxLxHxK)
 

@@ -78,7 +78,8 @@ def axis_rules(mesh: Mesh):
 
 
 def under_axis_rules(fn, mesh: Mesh):
-    """`fn`, traced with the mesh and logical-axis rules in scope (wrap before jit)."""
+    """`fn` (a jitted function) called, and so traced, with the mesh and the logical-axis
+    rules in scope. Without the rules Flax's activation constraints are no-ops."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):

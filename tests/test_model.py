@@ -108,3 +108,52 @@ def test_too_long_sequence_rejected():
     params = init(cfg)
     with pytest.raises(ValueError, match="n_ctx"):
         GPT(cfg).apply({"params": params}, jnp.zeros((1, cfg.n_ctx + 1), jnp.int32))
+
+
+def reference_gpt1(params, cfg: ModelConfig, tokens):
+    """GPT-1's forward pass written out in NumPy from the paper and the original code
+    (fused QKV as one (D, 3D) matrix, post-LN, tanh-GELU, tied head)."""
+
+    def ln(x, g, b):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * g + b
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    p = jax.tree.map(np.asarray, params)
+    emb = p["tokens_embed"]["embedding"]
+    length = tokens.shape[1]
+    x = emb[tokens] + p["positions_embed"]["embedding"][:length]
+    d, h, k = cfg.d_model, cfg.n_head, cfg.head_dim
+    causal = np.tril(np.ones((length, length), bool))
+    for i in range(cfg.n_layer):
+        b = p[f"h_{i}"]
+        qkv = x @ b["attn"]["c_attn"]["kernel"].reshape(d, 3 * d)
+        qkv = qkv + b["attn"]["c_attn"]["bias"].reshape(3 * d)
+        q, kk, v = (t.reshape(*x.shape[:2], h, k) for t in np.split(qkv, 3, -1))
+        att = np.einsum("bqhk,bshk->bhqs", q, kk) / np.sqrt(k)
+        att = np.where(causal, att, -np.inf)
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att = att / att.sum(-1, keepdims=True)
+        a = np.einsum("bhqs,bshk->bqhk", att, v).reshape(*x.shape[:2], d)
+        a = a @ b["attn"]["c_proj"]["kernel"].reshape(d, d) + b["attn"]["c_proj"]["bias"]
+        n = ln(x + a, b["ln_1"]["scale"], b["ln_1"]["bias"])
+        m = gelu(n @ b["mlp"]["c_fc"]["kernel"] + b["mlp"]["c_fc"]["bias"])
+        m = m @ b["mlp"]["c_proj"]["kernel"] + b["mlp"]["c_proj"]["bias"]
+        x = ln(n + m, b["ln_2"]["scale"], b["ln_2"]["bias"])
+    return x @ emb.T
+
+
+def test_matches_a_numpy_reference_of_gpt1():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    rng = np.random.default_rng(0)
+    # Perturb every parameter (biases and LN included) so that no term is trivially zero.
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + rng.normal(0, 0.3, x.shape).astype(np.float32), init(cfg)
+    )
+    tokens = rng.integers(0, cfg.vocab_size, (2, cfg.n_ctx))
+    logits = GPT(cfg).apply({"params": params}, tokens)
+    expected = reference_gpt1(params, cfg, tokens)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
