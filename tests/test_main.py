@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,12 +52,17 @@ def run_main(workdir, *flags, books=None, cache=None, devices=1):
     )
 
 
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
+def assert_one_line_error(result, *words, workdir=None):
+    """Exit status 2, the last line `error: ...` naming `words`, no traceback, and (for a
+    fresh `workdir`) nothing written."""
+    assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
     for word in words:
         assert word in last, last
+    if workdir is not None:
+        assert not workdir.exists() or not list(workdir.iterdir())
     return last
 
 
@@ -88,8 +94,13 @@ def test_cli_trains_and_fills_the_workdir(trained):
     results = json.loads((workdir / "results.json").read_text())
     assert results["eval_ppl"] == pytest.approx(eval_rows[-1]["eval_ppl"])
     # The one start-up summary.
-    for word in ("parameters", "GFLOP per trained token", "mesh", "tokens", "steps: 4"):
-        assert word in result.stderr
+    for pattern in (
+        r"model: [\d,]+ parameters, [\d.]+ GFLOP per trained token",
+        r"devices: 1 x cpu .* mesh \{'data': 1, 'fsdp': 1, 'tensor': 1\}",
+        r"train \d+ books, [\d,]+ tokens, [\d,]+ windows",
+        r"steps: 4 of 8 x 16",
+    ):
+        assert re.search(pattern, result.stderr), pattern
 
 
 def test_cli_eval_mode_restores_the_latest_checkpoint(trained):
@@ -125,36 +136,49 @@ def test_eight_devices_give_the_same_losses_as_one(trained, tmp_path):
 
 def test_missing_corpus(tmp_path):
     result = run_main(tmp_path / "run", books=tmp_path / "nowhere", cache=tmp_path / "cache")
-    assert_one_line_error(result, "error:", "nowhere", "--config.data.books")
+    assert_one_line_error(result, "nowhere", "--config.data.books", workdir=tmp_path / "run")
 
 
 def test_empty_corpus(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     result = run_main(tmp_path / "run", books=tmp_path / "empty", cache=tmp_path / "cache")
-    assert_one_line_error(result, "error:", "empty")
+    assert_one_line_error(result, "empty", workdir=tmp_path / "run")
 
 
 def test_non_utf8_book(tmp_path):
     books = write_books(tmp_path / "books")
     (books / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
     result = run_main(tmp_path / "run", books=books, cache=tmp_path / "cache")
-    assert_one_line_error(result, "error:", "latin1.txt", "--config.data.encoding")
+    assert_one_line_error(result, "latin1.txt", "--config.data.encoding", workdir=tmp_path / "run")
+
+
+def test_corpus_shorter_than_a_window(tmp_path):
+    books = write_books(tmp_path / "books", num_books=2, words_per_book=300)
+    result = run_main(
+        tmp_path / "run", "--config.model.n_ctx=512", books=books, cache=tmp_path / "cache"
+    )
+    assert_one_line_error(result, "fewer than one window", "n_ctx", workdir=tmp_path / "run")
 
 
 def test_unknown_override(tmp_path):
     result = run_main(tmp_path / "run", "--config.train.nonsense=3")
-    assert_one_line_error(result, "nonsense")
+    assert_one_line_error(result, "--config.train.nonsense", "no such config key")
 
 
 def test_wrongly_typed_override(tmp_path):
     result = run_main(tmp_path / "run", "--config.train.batch_size=many")
-    assert_one_line_error(result, "batch_size")
+    assert_one_line_error(result, "batch_size", "many")
+
+
+def test_missing_config_file(tmp_path):
+    result = run_main(tmp_path / "run", "--config=configs/nope.py")
+    assert_one_line_error(result, "configs/nope.py")
 
 
 def test_inconsistent_config(tmp_path):
     result = run_main(tmp_path / "run", "--config.model.n_head=3")
-    assert_one_line_error(result, "error:", "model.n_head")
+    assert_one_line_error(result, "model.n_head", workdir=tmp_path / "run")
 
 
 def test_other_model_in_workdir_is_refused(trained, tmp_path):
@@ -163,7 +187,7 @@ def test_other_model_in_workdir_is_refused(trained, tmp_path):
     subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     result = run_main(copy, "--config.model.d_model=64", books=root / "books", cache=root / "cache")
-    assert_one_line_error(result, "error:", "another model")
+    assert_one_line_error(result, "another model")
     after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     assert after == before  # nothing touched
 

@@ -74,6 +74,24 @@ def test_eval_batches_cover_each_window_once_with_padding():
     assert len(list(eval_batches(windows, global_batch_size=4, max_batches=2))) == 2
 
 
+def test_eval_batches_on_several_processes_cover_each_window_once():
+    windows = PackedWindows(np.arange(9 * 4 + 1), n_ctx=4, pad_id=0)
+    per_process = [
+        list(eval_batches(windows, global_batch_size=4, process_index=p, process_count=2))
+        for p in range(2)
+    ]
+    # The same number of same-shaped batches everywhere (no process waits on another).
+    assert len(per_process[0]) == len(per_process[1]) == 3
+    firsts = [
+        int(b["tokens"][r, 0])
+        for batches in per_process
+        for b in batches
+        for r in range(2)
+        if b["weights"][r].sum() > 0
+    ]
+    assert sorted(firsts) == list(range(0, 36, 4))
+
+
 def test_unigram_perplexity():
     train = np.array([0, 0, 1, 1])
     # add-one smoothing over 2 symbols: p = 3/6 each -> perplexity 2

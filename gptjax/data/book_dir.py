@@ -1,0 +1,247 @@
+"""The ``books`` corpus: a directory (searched recursively) or glob of ``.txt`` books.
+
+One book per file, as BookCorpus is distributed. Finds the files, assigns each book to a
+split by a hash of its relative path (so adding books never moves existing ones between
+splits), checks the encoding and decodes the books for the TFDS builder.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import tensorflow_datasets as tfds
+
+from gptjax.data.tfds_books import SPLITS, LocalDatasetInfo, features
+from gptjax.errors import UserError
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
+
+_BOOKS_HINT = "point --config.data.books at a directory or glob of .txt books"
+
+
+@dataclasses.dataclass(frozen=True)
+class _BookFile:
+    """One book file as found on disk; size and mtime key the prepared dataset."""
+
+    relpath: str
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclasses.dataclass(eq=False)
+class _BookDirConfig(tfds.core.BuilderConfig):
+    """Builder config for one exact set of book files; ``name`` is its fingerprint."""
+
+    encoding: str = "utf-8"
+    # Left out of the repr, which TFDS logs: it would list every file of the corpus.
+    splits: dict[str, tuple[_BookFile, ...]] = dataclasses.field(default_factory=dict, repr=False)
+
+
+class BookDirBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Books from a directory or glob of text files, one book per file.
+
+    A prepared dataset is reused only for the exact same input: the config name is a hash
+    of the resolved root, every matched file's relative path, size and mtime (ns), the
+    encoding and the validation fraction. Any change (another directory, a file added,
+    removed, rewritten or touched) gives a new config and so a fresh preparation; the old
+    one stays on disk until deleted. Content is not hashed, as that would mean reading the
+    whole corpus on every run just to find the cached copy.
+    """
+
+    # Not registered by name: the config only exists at run time, so it can't be loaded
+    # with `tfds.data_source('name/config')`, only through this builder.
+    name = "gptjax_book_dir"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Whole books, train/validation by hash of the relative path."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # Not `dataset_info_from_configs`: it reads metadata files next to the code.
+        # Records keep generation order (sorted paths) for readable, reproducible files.
+        return LocalDatasetInfo(
+            builder=self,
+            description="Books read from text files, one book per file.",
+            features=features(),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing to download.
+        cfg = self.builder_config
+        return {split: self._generate_examples(cfg.splits[split], cfg.encoding) for split in SPLITS}
+
+    def _generate_examples(self, books: Sequence[_BookFile], encoding: str) -> Iterator:
+        for book in books:
+            text = _read_book(book, encoding)
+            yield book.relpath, {"title": book.relpath, "text": text}
+
+
+def _has_magic(pattern: str) -> bool:
+    return re.search(r"[*?[]", pattern) is not None
+
+
+def _list_book_files(books: str) -> tuple[str, list[_BookFile]]:
+    """Finds the book files named by ``data.books``; returns (root, files sorted by path).
+
+    The root is the directory itself, or the glob's leading directories without wildcards;
+    relative paths (which decide the split) are taken from it.
+    """
+    if not books:
+        raise UserError(f"data.corpus is 'books' but data.books is not set; {_BOOKS_HINT}")
+    pattern = os.path.expanduser(books)
+    if _has_magic(pattern):
+        parts = os.path.abspath(pattern).split(os.sep)
+        fixed = []
+        for part in parts:
+            if _has_magic(part):
+                break
+            fixed.append(part)
+        root = os.sep.join(fixed) or os.sep
+        paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+        if not paths:
+            raise UserError(f"data.books glob {books!r} matches no files; {_BOOKS_HINT}")
+    elif os.path.isdir(pattern):
+        root = os.path.abspath(pattern)
+        paths = [
+            p
+            for p in glob.glob(os.path.join(glob.escape(root), "**", "*.txt"), recursive=True)
+            if os.path.isfile(p)
+        ]
+        if not paths:
+            raise UserError(
+                f"empty corpus: no .txt files under data.books {books!r}; {_BOOKS_HINT}"
+            )
+    elif os.path.isfile(pattern):
+        root, paths = os.path.dirname(os.path.abspath(pattern)), [pattern]
+    else:
+        raise UserError(f"data.books {books!r} does not exist; {_BOOKS_HINT}")
+
+    files = []
+    for path in paths:
+        path = os.path.abspath(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise UserError(f"cannot read book file {path}: {e.strerror}; fix or remove it") from e
+        relpath = os.path.relpath(path, root).replace(os.sep, "/")
+        files.append(_BookFile(relpath, path, st.st_size, st.st_mtime_ns))
+    files.sort(key=lambda f: f.relpath)
+    return root, files
+
+
+def _split_score(relpath: str) -> float:
+    """A uniform number in [0, 1) fixed by the relative path alone."""
+    digest = hashlib.sha256(relpath.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _assign_splits(books: Sequence[_BookFile], fraction: float) -> dict[str, tuple[_BookFile, ...]]:
+    """Puts each book in validation iff its score < fraction; each split gets >= 1 book.
+
+    Scores depend only on a book's own path, so adding books keeps existing assignments
+    (except in the corner case where a split would be empty and the fallback kicks in).
+    """
+    scored = sorted(books, key=lambda b: (_split_score(b.relpath), b.relpath))
+    n_val = sum(_split_score(b.relpath) < fraction for b in books)
+    n_val = min(max(n_val, 1), len(books) - 1)  # The lowest scores are the validation set.
+    validation = {b.relpath for b in scored[:n_val]}
+    return {
+        "train": tuple(b for b in books if b.relpath not in validation),
+        "validation": tuple(b for b in books if b.relpath in validation),
+    }
+
+
+def _read_book(book: _BookFile, encoding: str) -> str:
+    """Reads and strictly decodes one book, turning every failure into a UserError."""
+    try:
+        with open(book.path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read book file {book.path}: {e.strerror}; fix or remove it") from e
+    # The fingerprint was taken from the size: a file rewritten since must not slip in.
+    if len(data) != book.size:
+        raise UserError(f"book file {book.path} changed while preparing the corpus; run again")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"cannot decode book file {book.path} as {encoding} at byte {e.start} ({e.reason}); "
+            "convert it, remove it, or set --config.data.encoding to its encoding"
+        ) from e
+
+
+def check_decodable(books: Sequence[_BookFile], encoding: str) -> None:
+    """Decodes every book once so that bad files fail before anything is written."""
+    for book in books:
+        _read_book(book, encoding)
+
+
+def _check_encoding(encoding: Any) -> str:
+    try:
+        return codecs.lookup(encoding).name
+    except (LookupError, TypeError) as e:
+        raise UserError(
+            f"unknown text encoding {encoding!r} in data.encoding; set --config.data.encoding "
+            "to a Python codec name such as utf-8 or latin-1"
+        ) from e
+
+
+def _check_fraction(fraction: Any) -> float:
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise UserError(
+            f"data.validation_fraction must be between 0 and 1, got {fraction!r}; "
+            "set --config.data.validation_fraction, e.g. 0.01"
+        )
+    return value
+
+
+def make_config(data_cfg: ConfigDict) -> _BookDirConfig:
+    """Validates the ``books`` settings from file metadata alone and builds the config."""
+    books_arg = getattr(data_cfg, "books", None) or ""
+    encoding = getattr(data_cfg, "encoding", None) or "utf-8"
+    fraction = _check_fraction(getattr(data_cfg, "validation_fraction", 0.01))
+    encoding = _check_encoding(encoding)  # Canonical name, so "UTF8" reuses "utf-8" data.
+    root, files = _list_book_files(str(books_arg))
+    books = [f for f in files if f.size > 0]
+    if not books:
+        raise UserError(
+            f"empty corpus: all {len(files)} files matched by data.books {books_arg!r} are "
+            f"empty; {_BOOKS_HINT}"
+        )
+    if len(books) < 2:
+        raise UserError(
+            f"data.books {books_arg!r} has only 1 non-empty book ({books[0].path}); at least 2 "
+            "are needed to split train/validation, so add books"
+        )
+    splits = _assign_splits(books, fraction)
+
+    fingerprint = hashlib.sha256()
+    for item in ("v1", root, encoding, repr(fraction)):
+        fingerprint.update(item.encode("utf-8") + b"\0")
+    for f in files:
+        fingerprint.update(f"{f.relpath}\0{f.size}\0{f.mtime_ns}\0".encode())
+    # A readable prefix helps find a corpus in data_dir; the hash makes it exact.
+    slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(root).lower()).strip("_")[:32]
+    name = f"{slug or 'books'}_{fingerprint.hexdigest()[:16]}"
+    counts = {split: len(splits[split]) for split in SPLITS}
+    return _BookDirConfig(
+        name=name,
+        description=(
+            f"{len(books)} books from {books_arg} ({root}), encoding {encoding}, "
+            f"{counts['train']} train / {counts['validation']} validation"
+        ),
+        encoding=encoding,
+        splits=splits,
+    )

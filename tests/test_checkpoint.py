@@ -1,0 +1,67 @@
+import jax
+import numpy as np
+import pytest
+
+from gptjax import checkpoint, optim, sharding, train
+from gptjax.errors import UserError
+from gptjax.model import GPT, ModelConfig
+
+from conftest import tiny_config
+
+
+def make_state(config, seed=0):
+    mesh = sharding.make_mesh(config.mesh)
+    model = GPT(ModelConfig.from_config(config.model))
+    tx = optim.make_optimizer(config.train, 10)
+    state, shardings = train.create_state(model, tx, seed, config.model.n_ctx, mesh)
+    return state, shardings
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_save_restore_and_params_only(tmp_path):
+    config = tiny_config()
+    state, shardings = make_state(config)
+    state = state.replace(step=state.step + 7)
+    with checkpoint.manager(str(tmp_path), keep=2) as mngr:
+        checkpoint.save(mngr, state, {"next_index": 7})
+        mngr.wait_until_finished()
+    assert checkpoint.latest_step(str(tmp_path)) == 7
+
+    fresh, fresh_shardings = make_state(config, seed=1)  # different values, same shapes
+    with checkpoint.manager(str(tmp_path)) as mngr:
+        target = train.abstract_state(fresh, fresh_shardings)
+        restored, data_state = checkpoint.restore(mngr, target)
+    assert data_state == {"next_index": 7}
+    assert int(restored.step) == 7
+    assert_trees_equal(restored.params, state.params)
+    assert_trees_equal(restored.opt_state, state.opt_state)
+    assert_trees_equal(restored.rng, state.rng)
+    assert (
+        restored.params["h_0"]["mlp"]["c_fc"]["kernel"].sharding
+        == (shardings.params["h_0"]["mlp"]["c_fc"]["kernel"])
+    )
+
+    abstract_params = target.params
+    params = checkpoint.restore_params(str(tmp_path), abstract_params)
+    assert_trees_equal(params, state.params)
+
+
+def test_keeps_the_last_n(tmp_path):
+    config = tiny_config()
+    state, _ = make_state(config)
+    with checkpoint.manager(str(tmp_path), keep=2) as mngr:
+        for step in (1, 2, 3):
+            checkpoint.save(mngr, state.replace(step=state.step + step), {})
+        mngr.wait_until_finished()
+        assert mngr.all_steps() == [2, 3]
+
+
+def test_params_only_restore_without_checkpoint_is_a_user_error(tmp_path):
+    config = tiny_config()
+    state, shardings = make_state(config)
+    with pytest.raises(UserError, match="no checkpoint"):
+        checkpoint.restore_params(str(tmp_path), train.abstract_state(state, shardings).params)

@@ -1,0 +1,62 @@
+import os
+
+import numpy as np
+import pytest
+
+from gptjax.data import lm_data
+from gptjax.errors import UserError
+
+from conftest import tiny_books_config, write_books
+
+
+def test_prepare_caches_and_reuses(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    first = lm_data.prepare(config, workdir, resuming=False)
+    assert sorted(os.listdir(os.path.join(workdir, "data"))) == [
+        "train.npy",
+        "train.npy.json",
+        "validation.npy",
+        "validation.npy.json",
+    ]
+    again = lm_data.prepare(config, workdir, resuming=True)
+    assert again.tokenizer.digest == first.tokenizer.digest
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(again.tokens[split], first.tokens[split])
+        # The stream is the books, each tokenized and ended by </s>, in order.
+        eos = first.tokenizer.eos_id
+        assert int(np.sum(first.tokens[split] == eos)) == first.num_books[split]
+        assert first.tokens[split][-1] == eos
+
+
+def test_changed_corpus_is_rebuilt_before_training_and_refused_when_resuming(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    lm_data.prepare(config, workdir, resuming=False)
+    write_books(books, num_books=8)  # three more books
+    with pytest.raises(UserError, match="not the one this run's checkpoints"):
+        lm_data.prepare(config, workdir, resuming=True)
+    rebuilt = lm_data.prepare(config, workdir, resuming=False)
+    assert sum(rebuilt.num_books.values()) == 8
+
+
+def test_tokenizer_of_another_size(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    lm_data.prepare(config, workdir, resuming=False)
+    config.model.vocab_size = 80
+    with pytest.raises(UserError, match="model.vocab_size"):
+        lm_data.prepare(config, workdir, resuming=True)
+    # Nothing trained yet: a new tokenizer of the new size replaces it.
+    assert lm_data.prepare(config, workdir, resuming=False).tokenizer.vocab_size == 80
+
+
+def test_missing_tokenizer_when_resuming(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    with pytest.raises(UserError, match="tokenizer.model is missing"):
+        lm_data.prepare(config, workdir, resuming=True)
