@@ -32,6 +32,8 @@ def get_config() -> config_dict.ConfigDict:
     config.train.eps = 1e-8
     config.train.weight_decay = 0.01  # decoupled, rank > 1 tensors only
     config.train.grad_clip = 1.0  # global norm
+    # A NaN/Inf loss or gradient: "skip" the update (counted and logged) or "stop".
+    config.train.nonfinite = "skip"
     config.train.seed = 0
     # Bookkeeping (not from the paper).
     config.train.log_every = 100

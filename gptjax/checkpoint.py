@@ -7,7 +7,9 @@ to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint that `latest_step` would pick up.
 """
 
+import logging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,6 +29,8 @@ def manager(
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
+            # Leftovers of a save that a kill interrupted are removed, never read.
+            cleanup_tmp_directories=not read_only,
             create=not read_only,
             read_only=read_only,
         ),
@@ -43,10 +47,13 @@ def _train_state_items(state) -> tuple[dict, dict]:
     return state.params, {"step": state.step, "rng": state.rng, "opt_state": state.opt_state}
 
 
-def save(mngr: ocp.CheckpointManager, state, data_state: dict, force: bool = False) -> bool:
-    """Starts saving `state` at its step (returns before the write completes)."""
+def save(
+    mngr: ocp.CheckpointManager, state, data_state: dict, force: bool = False, wait: bool = False
+):
+    """Saves `state` at its step: in the background, or completely before returning when
+    `wait` (before exiting on a signal)."""
     params, rest = _train_state_items(state)
-    return mngr.save(
+    mngr.save(
         int(jax.device_get(state.step)),
         args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -55,6 +62,8 @@ def save(mngr: ocp.CheckpointManager, state, data_state: dict, force: bool = Fal
         ),
         force=force,
     )
+    if wait:
+        mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -62,21 +71,14 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
     `jax.ShapeDtypeStruct`) and the data position from `step` (default: the latest)."""
     step = mngr.latest_step() if step is None else step
     params, rest = _train_state_items(abstract_state)
-    try:
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params),
-                opt_state=ocp.args.StandardRestore(rest),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
-    except (ValueError, KeyError) as e:
-        raise UserError(
-            f"checkpoint step {step} in {mngr.directory} does not fit this config's model "
-            f"({str(e).splitlines()[0][:200]}); use the config it was trained with or a "
-            "new --workdir"
-        ) from None
+    restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params),
+            opt_state=ocp.args.StandardRestore(rest),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
     rest = restored["opt_state"]
     state = abstract_state.replace(
         params=restored["params"],
@@ -85,6 +87,33 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
         opt_state=rest["opt_state"],
     )
     return state, restored["data"]
+
+
+def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
+    """Restores the newest checkpoint that reads back; unreadable newer ones (a truncated
+    or corrupted directory) are moved to `corrupt_checkpoints/` beside `checkpoints/`,
+    with a warning, so they are neither picked again nor overwritten.
+
+    Returns (state, data_state, step), or None when there is no readable checkpoint.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            state, data_state = restore(mngr, abstract_state, step)
+            return state, data_state, step
+        except Exception as e:  # what a damaged directory raises depends on the damage
+            aside = os.path.join(os.path.dirname(str(mngr.directory)), "corrupt_checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            shutil.move(os.path.join(str(mngr.directory), str(step)), aside)
+            mngr.reload()
+            message = " ".join(str(e).split())[:200]
+            logging.warning(
+                "checkpoint %d is unreadable (%s): moved to %s; falling back to the previous "
+                "complete checkpoint",
+                step,
+                message,
+                aside,
+            )
+    return None
 
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):

@@ -32,6 +32,8 @@ def validate(config: ml_collections.ConfigDict):
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; "
             "choose sizes whose ratio is the head dimension"
         )
+    if t.nonfinite not in ("skip", "stop"):
+        raise UserError(f"train.nonfinite is {t.nonfinite!r}; use 'skip' or 'stop'")
     if t.eval_batches is not None and t.eval_batches <= 0:
         raise UserError(f"train.eval_batches is {t.eval_batches}; it must be positive or unset")
     if not 0.0 <= m.dropout < 1.0:

@@ -7,3 +7,16 @@ class UserError(Exception):
     The CLI prints `error: <message>` and exits with a non-zero status; nothing
     on disk is changed. Messages name the problem and the fix.
     """
+
+
+# sysexits' EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the exit
+# status after a stop on a signal, with a checkpoint written.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Training stopped early on a signal, after a synchronous checkpoint at `step`."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"stopped by {reason} at step {step}; checkpoint saved")
+        self.step, self.reason = step, reason

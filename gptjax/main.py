@@ -1,7 +1,9 @@
 """The command line: `python -m gptjax.main --config=configs/gpt1.py --workdir=DIR`.
 
 Modes: `train` (default; resumes from the workdir's latest checkpoint) and `eval`
-(restores the latest checkpoint and reports held-out perplexity). Any config value can be
+(restores the latest checkpoint and reports held-out perplexity). Exit status: 0 done,
+2 bad input (one line `error: ...`), 75 stopped by SIGTERM/SIGINT or a preemption notice
+after writing a checkpoint (run the same command to resume). Any config value can be
 overridden with `--config.section.name=value`; unknown names and wrongly typed values are
 errors.
 """
@@ -12,7 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import UserError
+from gptjax.errors import EXIT_PREEMPTED, Preempted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
@@ -71,6 +73,9 @@ def main(argv):
             pretrain.evaluate_checkpoint(config, _WORKDIR.value)
     except UserError as e:
         fail(str(e))
+    except Preempted as e:
+        logging.warning("%s; run the same command to resume", e)
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,12 @@ def make_optimizer(
     train_cfg: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
     """Clip the gradients' global norm, then AdamW. Optax's AdamW decay is decoupled and
-    scaled by the learning rate (w -= lr * wd * w), exactly the original's "modified L2"."""
-    return optax.chain(
+    scaled by the learning rate (w -= lr * wd * w), exactly the original's "modified L2".
+
+    Wrapped in `apply_if_finite`: an update whose gradients hold a NaN or Inf is skipped
+    (parameters and Adam moments unchanged), so a non-finite state is never reached.
+    """
+    adamw = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
         optax.adamw(
             learning_rate=lr_schedule(train_cfg, total_steps),
@@ -47,3 +51,8 @@ def make_optimizer(
             mask=decay_mask,
         ),
     )
+    return optax.apply_if_finite(adamw, max_consecutive_errors=NEVER_APPLY_NONFINITE)
+
+
+# apply_if_finite applies non-finite updates after this many in a row; never do that.
+NEVER_APPLY_NONFINITE = 2**31 - 1

@@ -1,5 +1,6 @@
 """Unsupervised pretraining (Section 3.1): set up a run from its config and drive the loop."""
 
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexit
 from gptjax.errors import UserError
 from gptjax.metrics import MetricsWriter
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
+from gptjax.preemption import PreemptionGuard
 
 CONFIG_FILE = "config.json"
 
@@ -131,32 +133,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.process_index(),
         jax.process_count(),
     )
-    start = run.resume_step
-    if start is not None:
-        state, data_state = checkpoint.restore(run.ckpt, train.abstract_state(state, run.shardings))
-        data_iter.set_state(data_state)
-        logging.info("resumed from the checkpoint at step %d", start)
+    start = 0
+    if run.resume_step is not None:
+        abstract = train.abstract_state(state, run.shardings)
+        restored = checkpoint.restore_latest_good(run.ckpt, abstract)
+        if restored is None:
+            logging.warning("no readable checkpoint: starting from scratch")
+        else:
+            state, data_state, start = restored
+            data_iter.set_state(data_state)
+            logging.info("resumed from the checkpoint at step %d", start)
     if jax.process_index() == 0:
         logging.info("run summary:\n%s", run.summary())
-    writer = MetricsWriter(workdir, resume_step=start or 0)
-
-    def save(state, data_state, force):
-        checkpoint.save(run.ckpt, state, data_state, force=force)
+    writer = MetricsWriter(workdir, resume_step=start)
 
     try:
-        state, eval_metrics = train.fit(
-            state,
-            run.p_train,
-            run.p_eval,
-            data_iter,
-            run.eval_data,
-            run.mesh,
-            config.train,
-            run.total_steps,
-            config.train.batch_size * config.model.n_ctx,
-            writer,
-            save,
-        )
+        with PreemptionGuard() as guard:
+            state, eval_metrics = train.fit(
+                state,
+                run.p_train,
+                run.p_eval,
+                data_iter,
+                run.eval_data,
+                run.mesh,
+                config.train,
+                run.total_steps,
+                config.train.batch_size * config.model.n_ctx,
+                writer,
+                functools.partial(checkpoint.save, run.ckpt),
+                guard,
+            )
         run.ckpt.wait_until_finished()
     finally:
         run.ckpt.close()

@@ -14,6 +14,7 @@ import optax
 from flax.training import train_state
 
 from gptjax import losses, sharding
+from gptjax.errors import Preempted, UserError
 from gptjax.model import GPT
 
 
@@ -42,7 +43,14 @@ def train_step(state: TrainState, batch, *, model: GPT, schedule: optax.Schedule
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, _), grads = grad_fn(state.params, batch, rng, model)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "lr": schedule(state.step),
+        # The optimiser skips such an update (optim.make_optimizer); the loop reports it.
+        "nonfinite": ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+    }
     return state.apply_gradients(grads=grads), metrics
 
 
@@ -112,12 +120,26 @@ def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh) -> dict[st
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss))}
 
 
-def mean_metrics(pending: list[dict]) -> dict[str, float]:
-    """Loss and gradient norm averaged over the steps since the last log, the learning
-    rate of the last of them (one device sync)."""
-    host = jax.device_get(pending)
-    row = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+def summarize(pending: list[tuple[int, dict]], policy: str) -> dict[str, float]:
+    """One log row from the steps since the last one (a single device sync): loss and
+    gradient norm averaged over the finite steps, the learning rate of the last step, and
+    the number of skipped non-finite steps. With `policy="stop"` a non-finite step is an
+    error naming it."""
+    steps = [step for step, _ in pending]
+    host = jax.device_get([m for _, m in pending])
+    bad = [step for step, m in zip(steps, host, strict=True) if m["nonfinite"]]
+    for step in bad:
+        logging.warning("step %d: non-finite loss or gradients; the update was skipped", step)
+    if bad and policy == "stop":
+        raise UserError(
+            f"non-finite loss or gradients at step {bad[0]} (the update was not applied and "
+            "no later state was saved); lower --config.train.lr, or set "
+            "--config.train.nonfinite=skip to skip such steps"
+        )
+    good = [m for m in host if not m["nonfinite"]] or host
+    row = {k: float(np.mean([m[k] for m in good])) for k in ("loss", "grad_norm")}
     row["lr"] = float(host[-1]["lr"])
+    row["skipped_steps"] = len(bad)
     return row
 
 
@@ -166,24 +188,30 @@ def fit(
     tokens_per_step: int,
     writer,
     save_checkpoint: Callable,
+    guard,
 ) -> tuple[TrainState, dict[str, float]]:
     """Runs optimiser steps until `total_steps`, logging, evaluating and checkpointing.
 
     The host never waits for the device between log points: step N is dispatched while
-    step N-1 still runs, and metrics are fetched only every `log_every` steps.
+    step N-1 still runs, and metrics are fetched only every `log_every` steps, before a
+    checkpoint (so no state after a non-finite step under `nonfinite="stop"` is saved),
+    and when `guard` reports a stop signal (then a checkpoint is written synchronously and
+    `Preempted` is raised).
     """
     step = int(jax.device_get(state.step))
     throughput = Throughput(step, tokens_per_step)
-    pending: list[dict] = []
+    pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
     while step < total_steps:
         batch = sharding.global_batch(mesh, next(train_iter))
         state, metrics = p_train(state, batch)
-        pending.append(metrics)
         step += 1
+        pending.append((step, metrics))
         last = step == total_steps
-        if step % train_cfg.log_every == 0 or last:
-            row = mean_metrics(pending)
+        stop = guard.should_stop(step)
+        save = step % train_cfg.ckpt_every == 0 or last or stop
+        if step % train_cfg.log_every == 0 or save:
+            row = summarize(pending, train_cfg.nonfinite)
             pending = []
             row["tokens_per_sec"], eta = throughput.update(step, total_steps)
             writer.write(step, row)
@@ -198,6 +226,8 @@ def fit(
                 eval_metrics["eval_ppl"],
             )
             throughput.update(step, total_steps)  # evaluation time is not training time
-        if step % train_cfg.ckpt_every == 0 or last:
-            save_checkpoint(state, train_iter.get_state(), force=last)
+        if save:
+            save_checkpoint(state, train_iter.get_state(), force=last or stop, wait=stop)
+        if stop and not last:
+            raise Preempted(step, guard.signal_name)
     return state, eval_metrics

@@ -1,0 +1,47 @@
+"""Graceful stops: SIGTERM, SIGINT and the multi-host preemption notice.
+
+A signal only sets a flag; the training loop asks `should_stop(step)` after each step,
+then saves a checkpoint synchronously and the CLI exits with status 75, so the same
+command resumes. A second SIGINT (Ctrl-C pressed twice) interrupts at once.
+"""
+
+import logging
+import signal
+
+import jax
+from jax.experimental import multihost_utils
+
+
+class PreemptionGuard:
+    """Context manager that turns SIGTERM/SIGINT into a stop at the next step boundary."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        logging.warning("%s received: stopping after this step", self.signal_name)
+        # A second Ctrl-C is an impatient user: let it interrupt immediately.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, step: int) -> bool:
+        """True when this process was signalled or, on several hosts, when JAX's
+        preemption service says every process has reached the same sync point."""
+        if jax.process_count() > 1:
+            # Only the shared decision is safe: a process that stopped alone would leave
+            # the others waiting in a collective.
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = self.signal_name or "preemption notice"
+                return True
+            return False
+        return self.signal_name is not None

@@ -1,0 +1,162 @@
+"""Preemption, crashes and non-finite steps: a run never loses more than a checkpoint
+interval, never resumes from something half-written, and never saves a non-finite state."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from test_main import TINY, assert_one_line_error, run_main
+
+from gptjax import pretrain, sharding
+from gptjax.errors import UserError
+from gptjax.metrics import read_metrics
+
+from conftest import ROOT, tiny_books_config, write_books
+
+
+def losses(workdir):
+    return [(r["step"], r["loss"]) for r in read_metrics(workdir) if "loss" in r]
+
+
+def start_main(workdir, books, cache, *flags):
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
+    # Restarts reuse compiled steps, as a user's would with the persistent cache.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache / "jax")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    args = [sys.executable, "-m", "gptjax.main", "--config=configs/gpt1.py"]
+    args += [f"--workdir={workdir}", *TINY, f"--config.data.books={books}"]
+    args += [f"--config.data.cache_dir={cache}", *flags]
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_rows(workdir, count, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(path) and len(read_metrics(workdir)) >= count:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+LONG = [
+    "--config.train.num_steps=30",
+    "--config.train.ckpt_every=3",
+    "--config.train.eval_every=1000",
+]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
+    straight = start_main(tmp_path / "straight", books, cache, *LONG)
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+    expected = losses(tmp_path / "straight")
+    assert [s for s, _ in expected] == list(range(1, 31))
+
+    workdir = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(4):
+        seen = len(read_metrics(workdir)) if (workdir / "metrics.jsonl").exists() else 0
+        proc = start_main(workdir, books, cache, *LONG)
+        # Let it make progress past where it was, then kill at a random moment (with a
+        # save every 3 steps, often in the middle of an asynchronous save).
+        if wait_for_rows(workdir, seen + 1, proc):
+            time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+    assert kills >= 3
+    final = start_main(workdir, books, cache, *LONG)
+    assert final.wait(timeout=600) == 0, final.stderr.read()[-3000:]
+    assert losses(workdir) == expected
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
+    books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
+    workdir = tmp_path / "run"
+    flags = ["--config.train.num_steps=100000", "--config.train.ckpt_every=100000"]
+    proc = start_main(workdir, books, cache, *flags)
+    assert wait_for_rows(workdir, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    stderr = proc.stderr.read()
+    assert "SIGTERM received" in stderr and "run the same command to resume" in stderr
+    last_logged = losses(workdir)[-1][0]
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")) == [last_logged]
+
+
+def run_with_nan_at(config, workdir, monkeypatch, nan_step):
+    """Trains with the loss weights of batch `nan_step` made NaN (so its loss and
+    gradients are NaN)."""
+    real = sharding.global_batch
+    calls = {"n": 0}
+
+    def poisoned(mesh, batch):
+        calls["n"] += 1
+        if calls["n"] == nan_step:
+            batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+        return real(mesh, batch)
+
+    monkeypatch.setattr(sharding, "global_batch", poisoned)
+    return pretrain.train_and_evaluate(config, str(workdir))
+
+
+def test_nonfinite_step_is_skipped_and_counted(books, tmp_path, monkeypatch):
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=6, ckpt_every=2, eval_every=100, nonfinite="skip")
+    metrics = run_with_nan_at(config, tmp_path / "run", monkeypatch, nan_step=4)
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run") if "loss" in r}
+    assert rows[4]["skipped_steps"] == 1 and np.isnan(rows[4]["loss"])
+    assert all(rows[s]["skipped_steps"] == 0 for s in (1, 2, 3, 5, 6))
+    assert all(np.isfinite(rows[s]["loss"]) for s in (5, 6))
+    assert np.isfinite(metrics["eval_loss"])
+
+
+def test_nonfinite_step_stops_the_run_under_stop(books, tmp_path, monkeypatch):
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=8, ckpt_every=2, eval_every=100, nonfinite="stop")
+    with pytest.raises(UserError, match="non-finite loss or gradients at step 5"):
+        run_with_nan_at(config, tmp_path / "run", monkeypatch, nan_step=5)
+    # Step 4 was saved; nothing after the bad step was.
+    assert sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints")) == [2, 4]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+    books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
+    result = run_main(tmp_path / "straight", books=books, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = tmp_path / "run"
+    result = run_main(workdir, books=books, cache=cache)
+    assert result.returncode == 0
+    # Truncate every file of the newest checkpoint, as a dying disk might.
+    for root, _, files in os.walk(workdir / "checkpoints" / "4"):
+        for name in files:
+            open(os.path.join(root, name), "w").close()
+    older = {p: p.read_bytes() for p in (workdir / "checkpoints" / "2").rglob("*") if p.is_file()}
+    result = run_main(workdir, books=books, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint 4 is unreadable" in result.stderr
+    assert "resumed from the checkpoint at step 2" in result.stderr
+    assert (workdir / "corrupt_checkpoints" / "4").is_dir()
+    assert losses(workdir) == losses(tmp_path / "straight")
+    assert {p: p.read_bytes() for p in older} == older  # the good one untouched
+
+
+def test_unwritable_workdir(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    books = write_books(tmp_path / "books")
+    result = run_main(tmp_path / "file" / "run", books=books, cache=tmp_path / "cache")
+    assert_one_line_error(result, "not writable", "file/run")
