@@ -35,6 +35,10 @@ def get_config() -> config_dict.ConfigDict:
     # A NaN/Inf loss or gradient: "skip" the update (counted and logged) or "stop".
     config.train.nonfinite = "skip"
     config.train.seed = 0
+    # Memory levers (change no value): gradient accumulation over this many slices of
+    # each batch, and rematerialisation of each block: "none", "full" or "save_dots".
+    config.train.microbatches = 1
+    config.train.remat = "none"
     # Bookkeeping (not from the paper).
     config.train.log_every = 100
     config.train.eval_every = 5000

@@ -32,6 +32,13 @@ def validate(config: ml_collections.ConfigDict):
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; "
             "choose sizes whose ratio is the head dimension"
         )
+    if t.microbatches <= 0 or t.batch_size % t.microbatches:
+        raise UserError(
+            f"train.microbatches={t.microbatches} must be positive and divide "
+            f"train.batch_size={t.batch_size}"
+        )
+    if t.remat not in ("none", "full", "save_dots"):
+        raise UserError(f"train.remat is {t.remat!r}; use 'none', 'full' or 'save_dots'")
     if t.nonfinite not in ("skip", "stop"):
         raise UserError(f"train.nonfinite is {t.nonfinite!r}; use 'skip' or 'stop'")
     if t.eval_batches is not None and t.eval_batches <= 0:

@@ -21,6 +21,13 @@ INIT_STD = 0.02
 # The original code's LayerNorm epsilon (Flax defaults to 1e-6).
 LN_EPSILON = 1e-5
 
+# Rematerialisation (`train.remat`): what the backward pass may keep from the forward
+# pass of each block instead of recomputing it. Memory for compute; values unchanged.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -160,9 +167,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The GPT-1 decoder: `encode` gives final hidden states, `__call__` LM logits."""
+    """The GPT-1 decoder: `encode` gives final hidden states, `__call__` LM logits.
+
+    `remat` is "none" or a key of REMAT_POLICIES; it changes memory use, not values.
+    """
 
     cfg: ModelConfig
+    remat: str = "none"
 
     def setup(self):
         cfg = self.cfg
@@ -175,7 +186,11 @@ class GPT(nn.Module):
         # Dropout after summing token and position embeddings (as HuggingFace does; the
         # original dropped rows of the embedding matrix instead).
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = [Block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+        block = Block
+        if self.remat != "none":
+            # static_argnums counts the module itself as 0: `deterministic` is 2.
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
+        self.blocks = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
 
     def encode(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
         """Final hidden states [B, L, D]; there is no final LayerNorm in GPT-1."""

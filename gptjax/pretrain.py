@@ -57,12 +57,13 @@ def write_config(workdir: str, config: ml_collections.ConfigDict):
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh):
-    size = config.train.batch_size
+    size, k = config.train.batch_size, config.train.microbatches
     dp = sharding.data_parallel_size(mesh)
-    if size % dp or size % jax.process_count():
+    if size % (dp * k) or size % jax.process_count():
         raise UserError(
-            f"train.batch_size={size} does not split evenly over {dp} data-parallel devices "
-            f"and {jax.process_count()} processes; use a multiple of {dp}"
+            f"train.batch_size={size} does not split evenly into {k} microbatches over {dp} "
+            f"data-parallel devices and {jax.process_count()} processes; use a multiple of "
+            f"{dp * k}"
         )
 
 
@@ -77,7 +78,7 @@ class Run:
         check_batch(config, self.mesh)
         self.data = lm_data.prepare(config, workdir, resuming=self.resume_step is not None)
         self.model_cfg = ModelConfig.from_config(config.model)
-        self.model = GPT(self.model_cfg)
+        self.model = GPT(self.model_cfg, remat=config.train.remat)
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
         self.schedule = optim.lr_schedule(config.train, self.total_steps)
         tx = optim.make_optimizer(config.train, self.total_steps)
@@ -85,7 +86,7 @@ class Run:
             self.model, tx, config.train.seed, config.model.n_ctx, self.mesh
         )
         self.p_train, self.p_eval = train.compile_steps(
-            self.model, self.schedule, self.mesh, self.shardings
+            self.model, self.schedule, self.mesh, self.shardings, config.train.microbatches
         )
         self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints, read_only=read_only)
         if not read_only:

@@ -38,11 +38,39 @@ def loss_fn(params, batch: dict[str, jax.Array], rng: jax.Array | None, model: G
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "count": count}
 
 
-def train_step(state: TrainState, batch, *, model: GPT, schedule: optax.Schedule):
+def loss_and_grads(params, batch, rng: jax.Array, model: GPT, microbatches: int = 1):
+    """The batch's mean loss and its gradient, accumulated over `microbatches` slices of
+    the batch (a scan, so one slice's activations are alive at a time). The slices'
+    summed losses are divided by the whole batch's target count, so the result equals
+    the full batch's (with dropout off: each slice draws its own dropout mask)."""
+    if microbatches == 1:
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, model)
+        return loss, grads
+    total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    # Slice i takes rows i, i + k, i + 2k, ...: every device holds an equal share of it.
+    slices = jax.tree.map(lambda x: x.reshape(-1, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(grads, i_and_slice):
+        i, piece = i_and_slice
+
+        def piece_loss(p):
+            _, sums = loss_fn(p, piece, jax.random.fold_in(rng, i), model)
+            return sums["loss_sum"] / total
+
+        loss, piece_grads = jax.value_and_grad(piece_loss)(params)
+        return jax.tree.map(jnp.add, grads, piece_grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, piece_losses = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), slices))
+    return jnp.sum(piece_losses), grads
+
+
+def train_step(
+    state: TrainState, batch, *, model: GPT, schedule: optax.Schedule, microbatches: int = 1
+):
     """One optimiser update. Pure: the step's dropout key is derived from the state."""
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, _), grads = grad_fn(state.params, batch, rng, model)
+    loss, grads = loss_and_grads(state.params, batch, rng, model, microbatches)
     grad_norm = optax.tree.norm(grads)
     metrics = {
         "loss": loss,
@@ -93,13 +121,15 @@ def abstract_state(state: TrainState, shardings) -> TrainState:
     )
 
 
-def compile_steps(model: GPT, schedule: optax.Schedule, mesh, state_shardings):
+def compile_steps(
+    model: GPT, schedule: optax.Schedule, mesh, state_shardings, microbatches: int = 1
+):
     """The jitted train and eval steps, with shardings declared once and the train state's
     buffers donated (updated in place)."""
     batch_sh = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     p_train = jax.jit(
-        functools.partial(train_step, model=model, schedule=schedule),
+        functools.partial(train_step, model=model, schedule=schedule, microbatches=microbatches),
         in_shardings=(state_shardings, batch_sh),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,

@@ -1,0 +1,188 @@
+"""Sharding: the same numbers on any mesh, arrays laid out as the rules say, and the
+memory levers (gradient accumulation, rematerialisation) changing no value."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gptjax import optim, sharding, train
+from gptjax.errors import UserError
+from gptjax.model import GPT, ModelConfig
+
+from conftest import ROOT, tiny_config
+
+MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
+
+
+def config_for_mesh(shape, dropout=0.1):
+    config = tiny_config()
+    # Eight heads and a vocabulary divisible by 8, so that tensor=8 splits them evenly.
+    config.model.update(n_head=8, d_model=32, d_mlp=64, vocab_size=96, dropout=dropout)
+    config.train.update(batch_size=8)
+    config.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+    return config
+
+
+def batches(config, count=3):
+    rng = np.random.default_rng(0)
+    shape = (config.train.batch_size, config.model.n_ctx + 1)
+    return [
+        {
+            "tokens": rng.integers(0, config.model.vocab_size, shape).astype(np.int32),
+            "weights": np.ones((shape[0], shape[1] - 1), np.float32),
+        }
+        for _ in range(count)
+    ]
+
+
+def run_steps(config, devices=None, remat="none", microbatches=1):
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model = GPT(ModelConfig.from_config(config.model), remat=remat)
+    tx = optim.make_optimizer(config.train, 100)
+    state, shardings = train.create_state(model, tx, 0, config.model.n_ctx, mesh)
+    p_train, _ = train.compile_steps(
+        model, optim.lr_schedule(config.train, 100), mesh, shardings, microbatches
+    )
+    history = []
+    for batch in batches(config):
+        state, metrics = p_train(state, sharding.global_batch(mesh, batch))
+        history.append({k: float(v) for k, v in metrics.items() if k != "nonfinite"})
+    return state, history
+
+
+def worker(out_dir):
+    """Runs in a subprocess with 8 CPU devices: trains 3 steps on each mesh."""
+    for shape in MESHES:
+        n = int(np.prod(shape))
+        state, history = run_steps(config_for_mesh(shape), jax.devices()[:n])
+        params = {
+            jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree.leaves_with_path(state.params)
+        }
+        np.savez(os.path.join(out_dir, f"params_{n}_{shape}.npz"), **params)
+        kernel = state.params["h_0"]["attn"]["c_attn"]["kernel"]
+        mu = next(
+            x
+            for path, x in jax.tree.leaves_with_path(state.opt_state)
+            if ".mu" in jax.tree_util.keystr(path)
+            and jax.tree_util.keystr(path).endswith("['h_0']['mlp']['c_fc']['kernel']")
+        )
+        report = {
+            "history": history,
+            # The shape of one device's piece of each array.
+            "c_attn_shard": kernel.addressable_shards[0].data.shape,
+            "c_fc_mu_shard": mu.addressable_shards[0].data.shape,
+            "embedding_shard": (
+                state.params["tokens_embed"]["embedding"].addressable_shards[0].data.shape
+            ),
+            "bytes_per_device": max(
+                sum(
+                    s.data.nbytes
+                    for leaf in jax.tree.leaves(state)
+                    if hasattr(leaf, "addressable_shards")
+                    for s in leaf.addressable_shards
+                    if s.device == d
+                )
+                for d in jax.devices()[:n]
+            ),
+        }
+        with open(os.path.join(out_dir, f"report_{shape}.json"), "w") as f:
+            json.dump(report, f)
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("meshes")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    code = (
+        f"import sys; sys.path.insert(0, 'tests'); import test_sharding; "
+        f"test_sharding.worker({str(out)!r})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = {}
+    for shape in MESHES:
+        with open(out / f"report_{shape}.json") as f:
+            reports[shape] = json.load(f)
+        n = int(np.prod(shape))
+        reports[shape]["params"] = dict(np.load(out / f"params_{n}_{shape}.npz"))
+    return reports
+
+
+@pytest.mark.parametrize("shape", MESHES[1:])
+def test_losses_gradients_and_params_equal_one_device(mesh_runs, shape):
+    one, many = mesh_runs[(1, 1, 1)], mesh_runs[shape]
+    for a, b in zip(one["history"], many["history"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for name, value in one["params"].items():
+        np.testing.assert_allclose(many["params"][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
+    # c_attn kernel (embed, qkv, heads, kv) = (32, 3, 8, 4): embed over fsdp, heads over
+    # tensor; replicated under pure data parallelism.
+    assert mesh_runs[(8, 1, 1)]["c_attn_shard"] == [32, 3, 8, 4]
+    assert mesh_runs[(1, 8, 1)]["c_attn_shard"] == [4, 3, 8, 4]
+    assert mesh_runs[(2, 2, 2)]["c_attn_shard"] == [16, 3, 4, 4]
+    # Adam's moments follow their parameters: c_fc (embed, mlp) = (32, 64).
+    assert mesh_runs[(8, 1, 1)]["c_fc_mu_shard"] == [32, 64]
+    assert mesh_runs[(1, 8, 1)]["c_fc_mu_shard"] == [4, 64]
+    assert mesh_runs[(2, 2, 2)]["c_fc_mu_shard"] == [16, 32]
+    # The token embedding (vocab, embed) = (96, 32): vocab over tensor, embed over fsdp.
+    assert mesh_runs[(2, 2, 2)]["embedding_shard"] == [48, 16]
+
+
+def test_fsdp_shrinks_per_device_memory(mesh_runs):
+    replicated = mesh_runs[(8, 1, 1)]["bytes_per_device"]
+    assert mesh_runs[(1, 8, 1)]["bytes_per_device"] < replicated / 6
+    assert mesh_runs[(2, 2, 2)]["bytes_per_device"] < replicated / 3
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    config = config_for_mesh((1, 1, 1), dropout=0.0)  # each slice draws its own dropout
+    state_full, full = run_steps(config)
+    state_acc, acc = run_steps(config, microbatches=4)
+    for a, b in zip(full, acc, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(state_full.params), jax.tree.leaves(state_acc.params), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def plain_run():
+    return run_steps(config_for_mesh((1, 1, 1)))
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_rematerialisation_changes_no_value(plain_run, remat):
+    state_plain, plain = plain_run
+    state_remat, remat_hist = run_steps(config_for_mesh((1, 1, 1)), remat=remat)
+    for a, b in zip(plain, remat_hist, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(state_plain.params), jax.tree.leaves(state_remat.params), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mesh_sizes_are_checked():
+    config = tiny_config()
+    config.mesh.update(data=3, fsdp=1, tensor=1)
+    with pytest.raises(UserError, match="needs 3 devices"):
+        sharding.make_mesh(config.mesh)
+    config.mesh.update(data=-1, fsdp=-1)
+    with pytest.raises(UserError, match="at most one -1"):
+        sharding.make_mesh(config.mesh)
