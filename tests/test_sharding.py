@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import optim, sharding, train
+from gptjax import checkpoint, optim, sharding, train
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig
 
@@ -55,15 +55,26 @@ def run_steps(config, devices=None, remat="none", microbatches=1):
     return state, history
 
 
+def flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(tree)}
+
+
+RESTORES = [((8, 1, 1), (1, 1, 1)), ((1, 1, 1), (8, 1, 1)), ((8, 1, 1), (2, 2, 2))]
+
+
 def worker(out_dir):
-    """Runs in a subprocess with 8 CPU devices: trains 3 steps on each mesh."""
+    """Runs in a subprocess with 8 CPU devices: trains 3 steps on each mesh and saves a
+    checkpoint, then restores checkpoints saved on one mesh onto another."""
     for shape in MESHES:
         n = int(np.prod(shape))
         state, history = run_steps(config_for_mesh(shape), jax.devices()[:n])
-        params = {
-            jax.tree_util.keystr(p): np.asarray(x)
-            for p, x in jax.tree.leaves_with_path(state.params)
-        }
+        with checkpoint.manager(os.path.join(out_dir, f"ckpt_{shape}")) as mngr:
+            checkpoint.save(mngr, state, {"next_index": 3}, wait=True)
+        np.savez(
+            os.path.join(out_dir, f"saved_{shape}.npz"),
+            **flat({"params": state.params, "opt_state": state.opt_state}),
+        )
+        params = flat(state.params)
         np.savez(os.path.join(out_dir, f"params_{n}_{shape}.npz"), **params)
         kernel = state.params["h_0"]["attn"]["c_attn"]["kernel"]
         mu = next(
@@ -93,6 +104,20 @@ def worker(out_dir):
         }
         with open(os.path.join(out_dir, f"report_{shape}.json"), "w") as f:
             json.dump(report, f)
+    for source, target in RESTORES:
+        config = config_for_mesh(target)
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(target))])
+        model = GPT(ModelConfig.from_config(config.model))
+        tx = optim.make_optimizer(config.train, 100)
+        fresh, shardings = train.create_state(model, tx, 1, config.model.n_ctx, mesh)
+        with checkpoint.manager(os.path.join(out_dir, f"ckpt_{source}")) as mngr:
+            restored, _ = checkpoint.restore(mngr, train.abstract_state(fresh, shardings))
+        kernel = restored.params["h_0"]["mlp"]["c_fc"]["kernel"]
+        assert kernel.sharding == shardings.params["h_0"]["mlp"]["c_fc"]["kernel"]
+        np.savez(
+            os.path.join(out_dir, f"restored_{source}_{target}.npz"),
+            **flat({"params": restored.params, "opt_state": restored.opt_state}),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +134,7 @@ def mesh_runs(tmp_path_factory):
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = {}
+    reports = {"dir": out}
     for shape in MESHES:
         with open(out / f"report_{shape}.json") as f:
             reports[shape] = json.load(f)
@@ -126,6 +151,15 @@ def test_losses_gradients_and_params_equal_one_device(mesh_runs, shape):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     for name, value in one["params"].items():
         np.testing.assert_allclose(many["params"][name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("source, target", RESTORES)
+def test_checkpoint_restores_onto_another_topology(mesh_runs, source, target):
+    saved = np.load(mesh_runs["dir"] / f"saved_{source}.npz")
+    restored = np.load(mesh_runs["dir"] / f"restored_{source}_{target}.npz")
+    assert set(saved) == set(restored) and len(saved) > 50
+    for name in saved:
+        np.testing.assert_array_equal(restored[name], saved[name])
 
 
 def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
