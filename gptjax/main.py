@@ -19,6 +19,11 @@ from gptjax.errors import EXIT_PREEMPTED, Preempted, UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,13 +63,14 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     # Imported here so that `--help` and flag errors answer without loading JAX.
     from gptjax import config as config_lib
-    from gptjax import pretrain
+    from gptjax import distributed, pretrain
 
     try:
         config = _CONFIG.value
         config.model  # noqa: B018 (a config file that failed to load raises on first use)
     except OSError as e:
         fail(f"could not load the config: {_one_line(e)}")
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         config_lib.validate(config)
         if _MODE.value == "train":

@@ -26,7 +26,10 @@ class PreemptionGuard:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # With several processes JAX's preemption service owns SIGTERM and tells every
+        # process (see should_stop); a local handler would only stop this one.
+        signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

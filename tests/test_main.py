@@ -8,62 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from cli import assert_one_line_error, run_main
 
 from gptjax.metrics import read_metrics
 
 from conftest import ROOT, write_books
-
-TINY = [
-    "--config.model.vocab_size=96",
-    "--config.model.n_ctx=16",
-    "--config.model.n_layer=2",
-    "--config.model.n_head=2",
-    "--config.model.d_model=32",
-    "--config.model.d_mlp=64",
-    "--config.train.batch_size=8",
-    "--config.train.num_steps=4",
-    "--config.train.warmup_steps=2",
-    "--config.train.log_every=1",
-    "--config.train.eval_every=2",
-    "--config.train.ckpt_every=2",
-    "--config.data.validation_fraction=0.2",
-    "--config.data.tokenizer_sample_lines=10000",
-]
-
-
-def run_main(workdir, *flags, books=None, cache=None, devices=1):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    args = [
-        sys.executable,
-        "-m",
-        "gptjax.main",
-        "--config=configs/gpt1.py",
-        f"--workdir={workdir}",
-        *TINY,
-    ]
-    if books is not None:
-        args.append(f"--config.data.books={books}")
-    if cache is not None:
-        args.append(f"--config.data.cache_dir={cache}")
-    return subprocess.run(
-        args + list(flags), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-
-
-def assert_one_line_error(result, *words, workdir=None):
-    """Exit status 2, the last line `error: ...` naming `words`, no traceback, and (for a
-    fresh `workdir`) nothing written."""
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    for word in words:
-        assert word in last, last
-    if workdir is not None:
-        assert not workdir.exists() or not list(workdir.iterdir())
-    return last
 
 
 @pytest.fixture(scope="module")

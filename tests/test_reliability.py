@@ -4,38 +4,21 @@ interval, never resumes from something half-written, and never saves a non-finit
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from test_main import TINY, assert_one_line_error, run_main
+from cli import assert_one_line_error, run_main, start_main
 
 from gptjax import pretrain, sharding
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 
-from conftest import ROOT, tiny_books_config, write_books
+from conftest import tiny_books_config, write_books
 
 
 def losses(workdir):
     return [(r["step"], r["loss"]) for r in read_metrics(workdir) if "loss" in r]
-
-
-def start_main(workdir, books, cache, *flags):
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
-    )
-    # Restarts reuse compiled steps, as a user's would with the persistent cache.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache / "jax")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    args = [sys.executable, "-m", "gptjax.main", "--config=configs/gpt1.py"]
-    args += [f"--workdir={workdir}", *TINY, f"--config.data.books={books}"]
-    args += [f"--config.data.cache_dir={cache}", *flags]
-    return subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 def wait_for_rows(workdir, count, proc, timeout=300):
@@ -58,7 +41,7 @@ LONG = [
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path):
     books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
-    straight = start_main(tmp_path / "straight", books, cache, *LONG)
+    straight = start_main(tmp_path / "straight", *LONG, books=books, cache=cache)
     assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
     expected = losses(tmp_path / "straight")
     assert [s for s, _ in expected] == list(range(1, 31))
@@ -68,7 +51,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
     kills = 0
     for _ in range(4):
         seen = len(read_metrics(workdir)) if (workdir / "metrics.jsonl").exists() else 0
-        proc = start_main(workdir, books, cache, *LONG)
+        proc = start_main(workdir, *LONG, books=books, cache=cache)
         # Let it make progress past where it was, then kill at a random moment (with a
         # save every 3 steps, often in the middle of an asynchronous save).
         if wait_for_rows(workdir, seen + 1, proc):
@@ -78,7 +61,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tm
             kills += 1
         proc.wait(timeout=60)
     assert kills >= 3
-    final = start_main(workdir, books, cache, *LONG)
+    final = start_main(workdir, *LONG, books=books, cache=cache)
     assert final.wait(timeout=600) == 0, final.stderr.read()[-3000:]
     assert losses(workdir) == expected
 
@@ -88,7 +71,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
     books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
     workdir = tmp_path / "run"
     flags = ["--config.train.num_steps=100000", "--config.train.ckpt_every=100000"]
-    proc = start_main(workdir, books, cache, *flags)
+    proc = start_main(workdir, *flags, books=books, cache=cache)
     assert wait_for_rows(workdir, 3, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75

@@ -99,15 +99,19 @@ def train_iterator(
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this process's share of each global batch.
 
-    Each process reads its own shard of the windows; each epoch is a fresh permutation
-    (grain reshuffles on repeat). The iterator's `get_state()` is its position.
+    All processes shuffle the same way (each epoch a fresh permutation: grain reshuffles
+    on repeat) and cut the stream into chunks of `global_batch_size / process_count`
+    windows; global batch b is chunks b * process_count ... + process_count - 1, and
+    process i reads only chunk b * process_count + i. So a global batch holds the same
+    windows in the same order whatever the number of processes, and each process reads
+    only its own. The iterator's `get_state()` is its position.
     """
     local_batch = global_batch_size // process_count
     dataset = (
-        grain.MapDataset.source(windows)[process_index::process_count]
+        grain.MapDataset.source(windows)
         .shuffle(seed=seed)
         .repeat(None)
-        .batch(local_batch, drop_remainder=True)
+        .batch(local_batch, drop_remainder=True)[process_index::process_count]
     )
     # Windows are slices of a memory-mapped array: one reader thread keeps up, and more
     # would only compete with XLA for the cores.

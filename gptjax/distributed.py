@@ -1,0 +1,44 @@
+"""Joining a multi-process run: JAX's own runtime, no home-made cluster code.
+
+With `--num_processes=N --process_id=I --coordinator_address=HOST:PORT` the processes
+meet explicitly (any machines, including several processes on one CPU host). Without
+them, on Cloud TPU VMs and under SLURM, `jax.distributed.initialize()` finds the other
+workers by itself. A single process on a single host does nothing here.
+"""
+
+import logging
+import os
+
+import jax
+
+
+def _cluster_detected() -> bool:
+    """A multi-worker environment that jax.distributed can configure on its own."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    # Cloud TPU VMs of a multi-host slice list their workers' hostnames.
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0):
+    """Starts JAX's distributed runtime when this is one of several processes."""
+    if num_processes > 1:
+        # CPU devices of different processes talk through gloo (no effect on GPU/TPU).
+        # Set before anything touches a backend, which must come after initialize.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    elif _cluster_detected():
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info(
+        "process %d of %d; %d local of %d devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
