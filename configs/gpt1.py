@@ -39,6 +39,10 @@ def get_config() -> config_dict.ConfigDict:
     # each batch, and rematerialisation of each block: "none", "full" or "save_dots".
     config.train.microbatches = 1
     config.train.remat = "none"
+    # Compute levers: "float32" or "bfloat16" matmuls (parameters stay float32), and the
+    # attention kernel: "xla" or "fused" (cuDNN flash attention on GPUs; needs dropout 0).
+    config.train.compute_dtype = "float32"
+    config.train.attention = "xla"
     # Bookkeeping (not from the paper).
     config.train.log_every = 100
     config.train.eval_every = 5000

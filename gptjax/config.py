@@ -39,6 +39,15 @@ def validate(config: ml_collections.ConfigDict):
         )
     if t.remat not in ("none", "full", "save_dots"):
         raise UserError(f"train.remat is {t.remat!r}; use 'none', 'full' or 'save_dots'")
+    if t.compute_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"train.compute_dtype is {t.compute_dtype!r}; use float32 or bfloat16")
+    if t.attention not in ("xla", "fused"):
+        raise UserError(f"train.attention is {t.attention!r}; use 'xla' or 'fused'")
+    if t.attention == "fused" and m.dropout > 0:
+        raise UserError(
+            "train.attention=fused has no attention dropout; set --config.model.dropout=0.0 "
+            "or use --config.train.attention=xla"
+        )
     if t.nonfinite not in ("skip", "stop"):
         raise UserError(f"train.nonfinite is {t.nonfinite!r}; use 'skip' or 'stop'")
     if t.eval_batches is not None and t.eval_batches <= 0:

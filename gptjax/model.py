@@ -40,11 +40,23 @@ class ModelConfig:
     d_model: int
     d_mlp: int
     dropout: float
+    # How to compute, not what: parameters stay float32 whatever `dtype` is; "bfloat16"
+    # runs the matmuls in bfloat16 with float32 softmax, LayerNorm statistics, logits and
+    # loss. `attention` is "xla" (any dropout) or "fused" (jax.nn.dot_product_attention:
+    # cuDNN flash attention on GPUs; no attention dropout).
+    dtype: str = "float32"
+    attention: str = "xla"
 
     @classmethod
-    def from_config(cls, model_cfg: ml_collections.ConfigDict) -> "ModelConfig":
-        fields = [f.name for f in dataclasses.fields(cls)]
-        return cls(**{name: model_cfg[name] for name in fields})
+    def from_config(
+        cls, model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict = None
+    ) -> "ModelConfig":
+        """From `config.model`, plus the compute levers of `config.train` when given."""
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "attention")]
+        levers = {}
+        if train_cfg is not None:
+            levers = {"dtype": train_cfg.compute_dtype, "attention": train_cfg.attention}
+        return cls(**{name: model_cfg[name] for name in fields}, **levers)
 
     @property
     def head_dim(self) -> int:
@@ -59,9 +71,10 @@ def _zeros(*axes: str | None) -> nn.initializers.Initializer:
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
+def _layer_norm(name: str, dtype: str) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=LN_EPSILON,
+        dtype=dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
         bias_init=_zeros("embed"),
         name=name,
@@ -80,12 +93,14 @@ class Projection(nn.Module):
     n_in: int
     kernel_axes: tuple[str, ...]
     bias_axes: tuple[str, ...]
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.n_in :]
         kernel = self.param("kernel", _init(*self.kernel_axes), in_shape + self.out_shape)
         bias = self.param("bias", _zeros(*self.bias_axes), self.out_shape)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return jnp.tensordot(x, kernel, axes=self.n_in) + bias
 
 
@@ -104,9 +119,15 @@ class CausalSelfAttention(nn.Module):
             n_in=1,
             kernel_axes=("embed", "qkv", "heads", "kv"),
             bias_axes=("qkv", "heads", "kv"),
+            dtype=cfg.dtype,
             name="c_attn",
         )(x_BxLxD)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+        if cfg.attention == "fused":
+            out_BxLxHxK = jax.nn.dot_product_attention(
+                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True
+            )
+            return self._project(out_BxLxHxK)
         mask_Bx1xLxL = nn.make_causal_mask(x_BxLxD[..., 0], dtype=jnp.bool_)
         # Scaled by 1/sqrt(K), softmax in float32, dropout on the attention probabilities.
         out_BxLxHxK = nn.dot_product_attention(
@@ -118,12 +139,18 @@ class CausalSelfAttention(nn.Module):
             dropout_rate=cfg.dropout,
             broadcast_dropout=False,  # an independent mask per example and head
             deterministic=deterministic,
+            force_fp32_for_softmax=True,
         )
+        return self._project(out_BxLxHxK)
+
+    def _project(self, out_BxLxHxK: jax.Array) -> jax.Array:
+        cfg = self.cfg
         return Projection(
             out_shape=(cfg.d_model,),
             n_in=2,
             kernel_axes=("heads", "kv", "embed"),
             bias_axes=("embed",),
+            dtype=cfg.dtype,
             name="c_proj",
         )(out_BxLxHxK)
 
@@ -137,6 +164,7 @@ class MLP(nn.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         h_BxLxF = nn.Dense(
             self.cfg.d_mlp,
+            dtype=self.cfg.dtype,
             kernel_init=_init("embed", "mlp"),
             bias_init=_zeros("mlp"),
             name="c_fc",
@@ -145,6 +173,7 @@ class MLP(nn.Module):
         h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
         return nn.Dense(
             self.cfg.d_model,
+            dtype=self.cfg.dtype,
             kernel_init=_init("mlp", "embed"),
             bias_init=_zeros("embed"),
             name="c_proj",
@@ -160,9 +189,9 @@ class Block(nn.Module):
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
         dropout = nn.Dropout(self.cfg.dropout, deterministic=deterministic)
         a_BxLxD = CausalSelfAttention(self.cfg, name="attn")(x_BxLxD, deterministic)
-        n_BxLxD = _layer_norm("ln_1")(x_BxLxD + dropout(a_BxLxD))
+        n_BxLxD = _layer_norm("ln_1", self.cfg.dtype)(x_BxLxD + dropout(a_BxLxD))
         m_BxLxD = MLP(self.cfg, name="mlp")(n_BxLxD)
-        h_BxLxD = _layer_norm("ln_2")(n_BxLxD + dropout(m_BxLxD))
+        h_BxLxD = _layer_norm("ln_2", self.cfg.dtype)(n_BxLxD + dropout(m_BxLxD))
         return nn.with_logical_constraint(h_BxLxD, ("batch", "length", "embed"))
 
 
@@ -206,7 +235,14 @@ class GPT(nn.Module):
 
     def lm_logits(self, h_BxLxD: jax.Array) -> jax.Array:
         """Next-token logits [B, L, V] from the LM head tied to the token embedding."""
-        return self.tokens_embed.attend(h_BxLxD)
+        embedding_VxD = self.tokens_embed.embedding
+        # Accumulated and returned in float32 whatever the compute dtype.
+        return jnp.einsum(
+            "bld,vd->blv",
+            h_BxLxD.astype(self.cfg.dtype),
+            embedding_VxD.astype(self.cfg.dtype),
+            preferred_element_type=jnp.float32,
+        )
 
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.lm_logits(self.encode(tokens_BxL, deterministic))

@@ -77,7 +77,7 @@ class Run:
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh)
         self.data = lm_data.prepare(config, workdir, resuming=self.resume_step is not None)
-        self.model_cfg = ModelConfig.from_config(config.model)
+        self.model_cfg = ModelConfig.from_config(config.model, config.train)
         self.model = GPT(self.model_cfg, remat=config.train.remat)
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
         self.schedule = optim.lr_schedule(config.train, self.total_steps)

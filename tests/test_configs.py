@@ -43,6 +43,11 @@ def test_demo_config_is_gpt1_architecture_on_shakespeare():
         ("model", "dropout", 1.0, "model.dropout"),
         ("train", "num_steps", -1, "train.num_steps"),
         ("data", "validation_fraction", 0.0, "data.validation_fraction"),
+        ("train", "attention", "fused", "model.dropout=0.0"),
+        ("train", "compute_dtype", "float16", "train.compute_dtype"),
+        ("train", "microbatches", 3, "train.microbatches"),
+        ("train", "remat", "some", "train.remat"),
+        ("train", "nonfinite", "ignore", "train.nonfinite"),
     ],
 )
 def test_validate_names_the_bad_setting(section, key, value, word):

@@ -150,3 +150,17 @@ def test_help_lists_the_flags():
         timeout=120,
     )
     assert "--workdir" in result.stdout and "--config" in result.stdout
+
+
+def test_bfloat16_run_tracks_the_float32_run(trained, tmp_path):
+    root, _ = trained
+    result = run_main(
+        tmp_path / "bf16",
+        "--config.train.compute_dtype=bfloat16",
+        books=root / "books",
+        cache=root / "cache",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    f32 = [r["loss"] for r in read_metrics(root / "run") if "loss" in r]
+    bf16 = [r["loss"] for r in read_metrics(tmp_path / "bf16") if "loss" in r]
+    np.testing.assert_allclose(bf16, f32, rtol=0.02)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -157,3 +159,26 @@ def test_matches_a_numpy_reference_of_gpt1():
     logits = GPT(cfg).apply({"params": params}, tokens)
     expected = reference_gpt1(params, cfg, tokens)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_logits():
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.n_ctx))
+    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(init(bf16)))
+    full = GPT(cfg).apply({"params": params}, tokens)
+    half = GPT(bf16).apply({"params": params}, tokens)
+    assert half.dtype == jnp.float32
+    # bfloat16 keeps ~3 significant digits: close, and not bit-identical.
+    np.testing.assert_allclose(half, full, atol=0.05)
+    assert not np.array_equal(half, full)
+
+
+def test_fused_attention_equals_xla_attention_without_dropout():
+    cfg = dataclasses.replace(ModelConfig.from_config(tiny_config().model), dropout=0.0)
+    params = init(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.n_ctx))
+    xla = GPT(cfg).apply({"params": params}, tokens)
+    fused = GPT(dataclasses.replace(cfg, attention="fused")).apply({"params": params}, tokens)
+    np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
