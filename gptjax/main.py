@@ -9,6 +9,7 @@ errors.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -55,6 +56,17 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"could not load the config: {_one_line(e)}")
 
 
+def enable_compilation_cache(config):
+    """JAX's persistent compilation cache, on by default (in the data cache directory,
+    or $JAX_COMPILATION_CACHE_DIR): a resumed run skips recompiling its steps."""
+    import jax
+
+    from gptjax.data.corpus import cache_dir
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(config.data), "jax"))
+
+
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -71,6 +83,7 @@ def main(argv):
     except OSError as e:
         fail(f"could not load the config: {_one_line(e)}")
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    enable_compilation_cache(config)
     try:
         config_lib.validate(config)
         if _MODE.value == "train":
