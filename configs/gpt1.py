@@ -39,6 +39,8 @@ def get_config() -> config_dict.ConfigDict:
     # each batch, and rematerialisation of each block: "none", "full" or "save_dots".
     config.train.microbatches = 1
     config.train.remat = "none"
+    # Compile one block and loop over the layers (parameters stacked; see docs/scaling.md).
+    config.train.scan_layers = False
     # Compute levers: "float32" or "bfloat16" matmuls (parameters stay float32), and the
     # attention kernel: "xla" or "fused" (cuDNN flash attention on GPUs; needs dropout 0).
     config.train.compute_dtype = "float32"

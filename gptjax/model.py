@@ -195,14 +195,25 @@ class Block(nn.Module):
         return nn.with_logical_constraint(h_BxLxD, ("batch", "length", "embed"))
 
 
+class ScanBlock(Block):
+    """A Block in the (carry, output) form `nn.scan` expects."""
+
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool):
+        return super().__call__(x_BxLxD, deterministic), None
+
+
 class GPT(nn.Module):
     """The GPT-1 decoder: `encode` gives final hidden states, `__call__` LM logits.
 
     `remat` is "none" or a key of REMAT_POLICIES; it changes memory use, not values.
+    `scan_layers` compiles one block and loops over the layers (compile time does not grow
+    with depth); its parameters are the per-layer ones stacked under `h` with a leading
+    `layers` axis instead of `h_0` ... `h_{n-1}` (see stack_layers / unstack_layers).
     """
 
     cfg: ModelConfig
     remat: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -215,11 +226,21 @@ class GPT(nn.Module):
         # Dropout after summing token and position embeddings (as HuggingFace does; the
         # original dropped rows of the embedding matrix instead).
         self.embed_dropout = nn.Dropout(cfg.dropout)
-        block = Block
+        block = ScanBlock if self.scan_layers else Block
         if self.remat != "none":
             # static_argnums counts the module itself as 0: `deterministic` is 2.
-            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
-        self.blocks = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], static_argnums=(2,))
+        if self.scan_layers:
+            self.h = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=cfg.n_layer,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg)
+        else:
+            self.blocks = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
 
     def encode(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
         """Final hidden states [B, L, D]; there is no final LayerNorm in GPT-1."""
@@ -229,6 +250,9 @@ class GPT(nn.Module):
         x_BxLxD = self.tokens_embed(tokens_BxL) + self.positions_embed(jnp.arange(length))
         x_BxLxD = self.embed_dropout(x_BxLxD, deterministic=deterministic)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        if self.scan_layers:
+            x_BxLxD, _ = self.h(x_BxLxD, deterministic)
+            return x_BxLxD
         for block in self.blocks:
             x_BxLxD = block(x_BxLxD, deterministic)
         return x_BxLxD
@@ -246,6 +270,22 @@ class GPT(nn.Module):
 
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.lm_logits(self.encode(tokens_BxL, deterministic))
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Per-layer parameters `h_0` ... `h_{n-1}` -> the scanned layout (`h`, stacked)."""
+    layers = [params[f"h_{i}"] for i in range(n_layer)]
+    rest = {k: v for k, v in params.items() if not k.startswith("h_")}
+    return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The scanned layout (`h`, stacked) -> per-layer parameters `h_0` ... `h_{n-1}`."""
+    n_layer = jax.tree.leaves(params["h"])[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "h"}
+    for i in range(n_layer):
+        rest[f"h_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["h"])
+    return rest
 
 
 def count_params(params) -> int:

@@ -46,6 +46,12 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: boo
                 f"{workdir} holds a run of another model ({saved.get('model')}); resume it "
                 "with the same config or use a new --workdir"
             )
+        scanned = saved.get("train", {}).get("scan_layers", False)
+        if scanned != config.train.scan_layers:
+            raise UserError(
+                f"{workdir} was trained with train.scan_layers={scanned} (another parameter "
+                f"layout); resume with --config.train.scan_layers={scanned}"
+            )
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict):
@@ -78,7 +84,9 @@ class Run:
         check_batch(config, self.mesh)
         self.data = lm_data.prepare(config, workdir, resuming=self.resume_step is not None)
         self.model_cfg = ModelConfig.from_config(config.model, config.train)
-        self.model = GPT(self.model_cfg, remat=config.train.remat)
+        self.model = GPT(
+            self.model_cfg, remat=config.train.remat, scan_layers=config.train.scan_layers
+        )
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
         self.schedule = optim.lr_schedule(config.train, self.total_steps)
         tx = optim.make_optimizer(config.train, self.total_steps)

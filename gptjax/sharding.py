@@ -31,6 +31,7 @@ LOGICAL_AXIS_RULES = (
     ("kv", None),
     ("qkv", None),
     ("n_ctx", None),
+    ("layers", None),  # the stacked layer axis of `train.scan_layers`
 )
 
 

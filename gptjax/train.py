@@ -15,7 +15,7 @@ from flax.training import train_state
 
 from gptjax import losses, sharding
 from gptjax.errors import Preempted, UserError
-from gptjax.model import GPT
+from gptjax.model import GPT, stack_layers
 
 
 class TrainState(train_state.TrainState):
@@ -93,11 +93,13 @@ def create_state(
 ) -> tuple[TrainState, Any]:
     """A freshly initialised train state, created directly in its sharded layout.
 
-    Returns the state and its shardings (from the parameters' logical axis names).
+    Returns the state and its shardings (from the parameters' logical axis names). The
+    initial values do not depend on `model.scan_layers`: a scanned model starts from the
+    unrolled model's parameters, stacked.
     """
+    tokens = jnp.zeros((1, n_ctx), jnp.int32)
 
-    def init(rng):
-        params = model.init({"params": rng}, jnp.zeros((1, n_ctx), jnp.int32))["params"]
+    def make_state(params):
         return TrainState.create(
             apply_fn=model.apply,
             params=params,
@@ -105,12 +107,21 @@ def create_state(
             rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1),  # dropout, not init
         )
 
+    def init_params(rng):
+        if model.scan_layers:
+            unrolled = model.clone(scan_layers=False).init({"params": rng}, tokens)["params"]
+            return stack_layers(nn.unbox(unrolled), model.cfg.n_layer)
+        return nn.unbox(model.init({"params": rng}, tokens)["params"])
+
     init_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    boxed = jax.eval_shape(init, init_rng)
+    # Shapes and logical axis names (boxed) of the state in the model's own layout.
+    boxed = jax.eval_shape(
+        lambda r: make_state(model.init({"params": r}, tokens)["params"]), init_rng
+    )
     shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
-    # Parameters are placed by `out_shardings`. (Not traced under the axis rules: Flax's
-    # DenseGeneral initialises kernels flat, before they take their logical shape.)
-    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(init_rng)
+    # Parameters are placed by `out_shardings` (initialisation is not traced under the
+    # axis rules: the parameters' own constraints would bind to the unrolled layout).
+    state = jax.jit(lambda r: make_state(init_params(r)), out_shardings=shardings)(init_rng)
     return state, shardings
 
 

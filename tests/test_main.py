@@ -141,6 +141,16 @@ def test_other_model_in_workdir_is_refused(trained, tmp_path):
     assert after == before  # nothing touched
 
 
+def test_other_parameter_layout_in_workdir_is_refused(trained, tmp_path):
+    root, _ = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
+    result = run_main(
+        copy, "--config.train.scan_layers=True", books=root / "books", cache=root / "cache"
+    )
+    assert_one_line_error(result, "train.scan_layers=False")
+
+
 def test_help_lists_the_flags():
     result = subprocess.run(
         [sys.executable, "-m", "gptjax.main", "--helpfull"],
