@@ -42,7 +42,8 @@ def get_config() -> config_dict.ConfigDict:
     # Compile one block and loop over the layers (parameters stacked; see docs/scaling.md).
     config.train.scan_layers = False
     # Compute levers: "float32" or "bfloat16" matmuls (parameters stay float32), and the
-    # attention kernel: "xla" or "fused" (cuDNN flash attention on GPUs; needs dropout 0).
+    # attention kernel: "xla" or "fused" (cuDNN flash attention on GPUs in bfloat16;
+    # needs dropout 0).
     config.train.compute_dtype = "float32"
     config.train.attention = "xla"
     # Bookkeeping (not from the paper).

@@ -10,9 +10,11 @@ half-written checkpoint that `latest_step` would pick up.
 import logging
 import os
 import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from gptjax.errors import UserError
 
@@ -94,16 +96,23 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     or corrupted directory) are moved to `corrupt_checkpoints/` beside `checkpoints/`,
     with a warning, so they are neither picked again nor overwritten.
 
-    Returns (state, data_state, step), or None when there is no readable checkpoint.
+    Returns (state, data_state, step). When no checkpoint reads back, raises UserError
+    rather than start again from scratch.
     """
+    errors = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             state, data_state = restore(mngr, abstract_state, step)
             return state, data_state, step
         except Exception as e:  # what a damaged directory raises depends on the damage
+            errors.append(e)
             aside = os.path.join(os.path.dirname(str(mngr.directory)), "corrupt_checkpoints")
-            os.makedirs(aside, exist_ok=True)
-            shutil.move(os.path.join(str(mngr.directory), str(step)), aside)
+            if jax.process_index() == 0:  # one mover on a shared filesystem
+                os.makedirs(aside, exist_ok=True)
+                target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(os.path.join(str(mngr.directory), str(step)), target)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
             mngr.reload()
             message = " ".join(str(e).split())[:200]
             logging.warning(
@@ -113,7 +122,12 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
                 message,
                 aside,
             )
-    return None
+    message = " ".join(str(errors[-1]).split())[:200] if errors else "none found"
+    raise UserError(
+        f"no checkpoint in {mngr.directory} could be restored (the last error: {message}); "
+        "the unreadable ones are in corrupt_checkpoints/; use the config they were written "
+        "with, or a new --workdir"
+    )
 
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):

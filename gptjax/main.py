@@ -82,9 +82,9 @@ def main(argv):
         config.model  # noqa: B018 (a config file that failed to load raises on first use)
     except OSError as e:
         fail(f"could not load the config: {_one_line(e)}")
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    enable_compilation_cache(config)
     try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        enable_compilation_cache(config)
         config_lib.validate(config)
         if _MODE.value == "train":
             pretrain.train_and_evaluate(config, _WORKDIR.value)

@@ -42,8 +42,8 @@ class ModelConfig:
     dropout: float
     # How to compute, not what: parameters stay float32 whatever `dtype` is; "bfloat16"
     # runs the matmuls in bfloat16 with float32 softmax, LayerNorm statistics, logits and
-    # loss. `attention` is "xla" (any dropout) or "fused" (jax.nn.dot_product_attention:
-    # cuDNN flash attention on GPUs; no attention dropout).
+    # loss. `attention` is "xla" (any dropout) or "fused" (jax.nn.dot_product_attention,
+    # cuDNN flash attention on GPUs with bfloat16; no attention dropout).
     dtype: str = "float32"
     attention: str = "xla"
 
@@ -124,8 +124,14 @@ class CausalSelfAttention(nn.Module):
         )(x_BxLxD)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
         if cfg.attention == "fused":
+            # cuDNN's flash attention needs a GPU and 16-bit inputs; elsewhere XLA's.
+            cudnn = jax.default_backend() == "gpu" and cfg.dtype == "bfloat16"
             out_BxLxHxK = jax.nn.dot_product_attention(
-                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True
+                q_BxLxHxK,
+                k_BxLxHxK,
+                v_BxLxHxK,
+                is_causal=True,
+                implementation="cudnn" if cudnn else None,
             )
             return self._project(out_BxLxHxK)
         mask_Bx1xLxL = nn.make_causal_mask(x_BxLxD[..., 0], dtype=jnp.bool_)

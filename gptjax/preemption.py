@@ -6,6 +6,7 @@ command resumes. A second SIGINT (Ctrl-C pressed twice) interrupts at once.
 """
 
 import logging
+import os
 import signal
 
 import jax
@@ -22,6 +23,9 @@ class PreemptionGuard:
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
         logging.warning("%s received: stopping after this step", self.signal_name)
+        if jax.process_count() > 1:
+            # Hand it to JAX's preemption service, which stops every process together.
+            os.kill(os.getpid(), signal.SIGTERM)
         # A second Ctrl-C is an impatient user: let it interrupt immediately.
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -7,6 +7,8 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from gptjax import checkpoint, optim, sharding, train
 from gptjax.data import lm_data
@@ -62,9 +64,26 @@ def write_config(workdir: str, config: ml_collections.ConfigDict):
         os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
+def agreed_resume_step(workdir: str) -> int | None:
+    """The latest checkpoint step as process 0 sees it, the same on every process (a
+    process that decided alone could resume from another state than its peers)."""
+    step = checkpoint.latest_step(workdir)
+    if jax.process_count() > 1:
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+        step = None if step < 0 else step
+    return step
+
+
 def check_batch(config: ml_collections.ConfigDict, mesh):
     size, k = config.train.batch_size, config.train.microbatches
     dp = sharding.data_parallel_size(mesh)
+    if dp % jax.process_count():
+        # Each process feeds its own rows; processes sharing rows would feed different ones.
+        raise UserError(
+            f"mesh {dict(mesh.shape)} has {dp} data-parallel shards for "
+            f"{jax.process_count()} processes; use a multiple of the process count for "
+            "mesh.data x mesh.fsdp"
+        )
     if size % (dp * k) or size % jax.process_count():
         raise UserError(
             f"train.batch_size={size} does not split evenly into {k} microbatches over {dp} "
@@ -78,7 +97,7 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
         self.config, self.workdir = config, workdir
-        self.resume_step = checkpoint.latest_step(workdir)
+        self.resume_step = agreed_resume_step(workdir)
         check_workdir(workdir, config, resuming=self.resume_step is not None)
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh)
@@ -103,7 +122,8 @@ class Run:
     def eval_data(self):
         return eval_batches(
             self.data.windows["validation"],
-            self.config.train.batch_size,
+            # Evaluation holds logits for a whole batch: use the microbatch size.
+            self.config.train.batch_size // self.config.train.microbatches,
             self.config.train.eval_batches,
             jax.process_index(),
             jax.process_count(),
@@ -145,13 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = 0
     if run.resume_step is not None:
         abstract = train.abstract_state(state, run.shardings)
-        restored = checkpoint.restore_latest_good(run.ckpt, abstract)
-        if restored is None:
-            logging.warning("no readable checkpoint: starting from scratch")
-        else:
-            state, data_state, start = restored
-            data_iter.set_state(data_state)
-            logging.info("resumed from the checkpoint at step %d", start)
+        state, data_state, start = checkpoint.restore_latest_good(run.ckpt, abstract)
+        data_iter.set_state(data_state)
+        logging.info("resumed from the checkpoint at step %d", start)
     if jax.process_index() == 0:
         logging.info("run summary:\n%s", run.summary())
     writer = MetricsWriter(workdir, resume_step=start)
@@ -187,7 +203,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     if checkpoint.latest_step(workdir) is None:
         raise UserError(f"no checkpoint in {workdir}: train there first (--mode=train)")
     run = Run(config, workdir, read_only=True)
-    state, _ = checkpoint.restore(run.ckpt, train.abstract_state(run.state, run.shardings))
+    try:
+        state, _ = checkpoint.restore(run.ckpt, train.abstract_state(run.state, run.shardings))
+    except Exception as e:  # reported, nothing moved: eval only reads
+        raise UserError(
+            f"checkpoint {run.resume_step} in {workdir} cannot be read ({str(e)[:150]}); "
+            "run --mode=train once to fall back to the previous checkpoint"
+        ) from None
     run.ckpt.close()
     metrics = train.evaluate(run.p_eval, state.params, run.eval_data(), run.mesh)
     report(run, {"step": run.resume_step, **metrics})

@@ -257,7 +257,8 @@ def fit(
             row["tokens_per_sec"], eta = throughput.update(step, total_steps)
             writer.write(step, row)
             log_progress(step, total_steps, row, eta)
-        if step % train_cfg.eval_every == 0 or last:
+        if (step % train_cfg.eval_every == 0 or last) and not (stop and not last):
+            # (a stop signal leaves no time for an evaluation before the save)
             eval_metrics = evaluate(p_eval, state.params, eval_data(), mesh)
             writer.write(step, eval_metrics)
             logging.info(

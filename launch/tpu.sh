@@ -17,7 +17,10 @@
 #   --version V          [GPTJAX_VERSION] TPU VM software, default tpu-ubuntu2204-base
 #   --repo URL           [GPTJAX_REPO]    git URL the workers clone
 #   --config PATH        [GPTJAX_CONFIG]  default configs/gpt1.py
-#   --workdir DIR        [GPTJAX_WORKDIR] default gptjax-runs/NAME (on each worker's disk)
+#   --workdir DIR        [GPTJAX_WORKDIR] the run's directory, the same path on every
+#                                         worker; with several workers it must be a
+#                                         shared mount (NFS, Filestore). Default (one
+#                                         worker): ~/gptjax-runs/NAME, outside the clone
 #   --books PATH         [GPTJAX_BOOKS]   the corpus on every worker (a directory or glob)
 #   --spot, --queued     with create
 #   --dry-run            print the commands instead of running them
@@ -65,7 +68,6 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n $command && -n $name ]] || { usage >&2; exit 2; }
-workdir=${workdir:-gptjax-runs/$name}
 
 # Hosts in a slice: v2/v3/v4/v5p types count TensorCores (8 per host); v5e/v6e
 # (v5litepod-N, v6e-N) count chips, 4 per host beyond a single 8-chip host.
@@ -91,14 +93,22 @@ ssh_all() {
 
 train_command() {
   local args
-  args=$(printf '%q ' "--config=$config" "--workdir=$workdir" "--config.data.books=$books" "${extra[@]}")
+  args=$(printf '%q ' "--config=$config" "--workdir=$workdir" "--config.data.books=$books" ${extra[@]+"${extra[@]}"})
   # GPTJAX_DISTRIBUTED=auto: every worker joins through jax.distributed.initialize().
   # setsid + nohup: the run outlives the ssh session; the log stays on each worker.
-  echo "cd ~/gptjax && GPTJAX_DISTRIBUTED=auto setsid nohup python3 -m gptjax.main ${args}> ~/gptjax-train.log 2>&1 < /dev/null &"
+  echo "cd ~/gptjax && GPTJAX_DISTRIBUTED=auto setsid nohup python3 -m gptjax.main ${args}>> ~/gptjax-train.log 2>&1 < /dev/null &"
 }
 
 n=$(workers)
 echo "# slice $name: $type in $zone, $n worker(s): $(seq -s ' ' 0 $((n - 1)))"
+if [[ -z $workdir ]]; then
+  if [[ $n -gt 1 && ( $command == train || $command == resume ) ]]; then
+    echo "error: $n workers need --workdir on a filesystem they all share (checkpoints," \
+      "tokenizer and data position must be the same for every worker)" >&2
+    exit 2
+  fi
+  workdir="../gptjax-runs/$name"  # ~/gptjax-runs/NAME: the command runs in ~/gptjax
+fi
 
 case "$command" in
   create)
@@ -113,7 +123,8 @@ case "$command" in
     fi ;;
   install)
     [[ -n $repo ]] || { echo "error: --repo URL (where the workers clone gptjax) is required" >&2; exit 2; }
-    ssh_all "rm -rf ~/gptjax && git clone --depth 1 $(printf '%q' "$repo") ~/gptjax && pip install -U 'jax[tpu]' && pip install -e ~/gptjax" ;;
+    # Runs live outside the clone, so re-installing never touches them.
+    ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax fetch --depth 1 origin && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $(printf '%q' "$repo") ~/gptjax; fi && python3 -m pip install -e ~/gptjax 'jax[tpu]>=0.10.2,<0.11'" ;;
   train|resume)
     [[ -n $books ]] || { echo "error: --books PATH (the corpus on every worker) is required" >&2; exit 2; }
     ssh_all "$(train_command)" ;;

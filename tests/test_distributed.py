@@ -5,7 +5,7 @@ import json
 import socket
 
 import pytest
-from cli import run_main, start_main
+from cli import assert_one_line_error, run_main, start_main
 
 from gptjax.metrics import read_metrics
 
@@ -31,6 +31,9 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
             f"--coordinator_address=127.0.0.1:{port}",
             "--num_processes=2",
             f"--process_id={i}",
+            # FSDP across the processes: each holds, and checkpoints, half of every array.
+            "--config.mesh.data=1",
+            "--config.mesh.fsdp=2",
             books=books,
             cache=cache,
         )
@@ -40,7 +43,7 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "process 0 of 2" in outputs[0][1] and "process 1 of 2" in outputs[1][1]
-    assert "'data': 2" in outputs[0][1]  # one mesh over both processes' devices
+    assert "'fsdp': 2" in outputs[0][1]  # one mesh over both processes' devices
 
     one = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "one") if "loss" in r]
     two = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "two") if "loss" in r]
@@ -55,3 +58,12 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
     final = [r for r in read_metrics(tmp_path / "two") if "eval_ppl" in r][-1]
     assert restored["step"] == 4
     assert restored["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+
+
+def test_bad_process_flags_are_one_line_errors(tmp_path):
+    result = run_main(tmp_path / "run", "--num_processes=2")
+    assert_one_line_error(result, "--coordinator_address")
+    result = run_main(
+        tmp_path / "run", "--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"
+    )
+    assert_one_line_error(result, "--process_id=2")

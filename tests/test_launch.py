@@ -24,6 +24,8 @@ def test_tpu_train_dry_run_for_a_v4_32_slice():
         "v4-32",
         "--books",
         "/data/books",
+        "--workdir",
+        "/mnt/runs/gpt1",
         "--",
         "--config.train.num_steps=10",
     )
@@ -36,7 +38,7 @@ def test_tpu_train_dry_run_for_a_v4_32_slice():
     for part in (
         "gptjax.main",
         "--config=configs/gpt1.py",
-        "--workdir=gptjax-runs/gpt1-pod",
+        "--workdir=/mnt/runs/gpt1",
         "--config.data.books=/data/books",
         "--config.train.num_steps=10",
         "GPTJAX_DISTRIBUTED=auto",
@@ -65,8 +67,20 @@ def test_tpu_create_spot_queued_and_delete():
     assert "gcloud compute tpus tpu-vm delete s --zone=us-central2-b --quiet" in out
 
 
+def test_several_workers_need_a_shared_workdir():
+    result = launch("launch/tpu.sh", "--dry-run", "train", "s", "--books", "/b")
+    assert result.returncode == 2 and "--workdir" in result.stderr
+    one = launch("launch/tpu.sh", "--dry-run", "train", "s", "--type", "v4-8", "--books", "/b")
+    assert one.returncode == 0 and "--workdir=../gptjax-runs/s" in one.stdout
+
+
+def test_reinstall_keeps_runs():
+    out = launch("launch/tpu.sh", "--dry-run", "install", "s", "--repo", "r").stdout
+    assert "rm -rf" not in out and "reset\\ --hard\\ FETCH_HEAD" in out
+
+
 def test_tpu_missing_settings_are_errors():
-    result = launch("launch/tpu.sh", "--dry-run", "train", "s")
+    result = launch("launch/tpu.sh", "--dry-run", "train", "s", "--workdir", "/w")
     assert result.returncode == 2 and "--books" in result.stderr
     result = launch("launch/tpu.sh", "--dry-run", "install", "s")
     assert result.returncode == 2 and "--repo" in result.stderr

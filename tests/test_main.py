@@ -174,3 +174,4 @@ def test_bfloat16_run_tracks_the_float32_run(trained, tmp_path):
     f32 = [r["loss"] for r in read_metrics(root / "run") if "loss" in r]
     bf16 = [r["loss"] for r in read_metrics(tmp_path / "bf16") if "loss" in r]
     np.testing.assert_allclose(bf16, f32, rtol=0.02)
+    assert bf16 != f32  # bfloat16 really was used

@@ -133,7 +133,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checkpoint 4 is unreadable" in result.stderr
     assert "resumed from the checkpoint at step 2" in result.stderr
-    assert (workdir / "corrupt_checkpoints" / "4").is_dir()
+    [moved] = os.listdir(workdir / "corrupt_checkpoints")
+    assert moved.startswith("4-")  # step 4, stamped with the time it was moved
     assert losses(workdir) == losses(tmp_path / "straight")
     assert {p: p.read_bytes() for p in older} == older  # the good one untouched
 
@@ -143,3 +144,17 @@ def test_unwritable_workdir(tmp_path):
     books = write_books(tmp_path / "books")
     result = run_main(tmp_path / "file" / "run", books=books, cache=tmp_path / "cache")
     assert_one_line_error(result, "not writable", "file/run")
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
+    workdir = tmp_path / "run"
+    assert run_main(workdir, books=books, cache=cache).returncode == 0
+    for step in ("2", "4"):
+        for root, _, files in os.walk(workdir / "checkpoints" / step):
+            for name in files:
+                open(os.path.join(root, name), "w").close()
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    result = run_main(workdir, books=books, cache=cache)
+    assert_one_line_error(result, "could be restored", "corrupt_checkpoints")
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics  # the history is kept
