@@ -112,6 +112,7 @@ class Run:
         self.state, self.shardings = train.create_state(
             self.model, tx, config.train.seed, config.model.n_ctx, self.mesh
         )
+        self.num_params = count_params(self.state.params)
         self.p_train, self.p_eval = train.compile_steps(
             self.model, self.schedule, self.mesh, self.shardings, config.train.microbatches
         )
@@ -130,7 +131,7 @@ class Run:
         )
 
     def summary(self) -> str:
-        n = count_params(self.state.params)
+        n = self.num_params
         d, cfg = self.data, self.config
         tokens_per_step = cfg.train.batch_size * cfg.model.n_ctx
         return "\n".join(
@@ -154,7 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Pretrains, resuming from the workdir's latest checkpoint if there is one. Returns
     the final held-out metrics."""
     run = Run(config, workdir)
-    state = run.state
+    # The loop owns the state from here (its buffers are donated to the first step).
+    state, run.state = run.state, None
     data_iter = train_iterator(
         run.data.windows["train"],
         config.train.batch_size,
@@ -165,6 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = 0
     if run.resume_step is not None:
         abstract = train.abstract_state(state, run.shardings)
+        del state  # the fresh initial values are not needed: free them before restoring
         state, data_state, start = checkpoint.restore_latest_good(run.ckpt, abstract)
         data_iter.set_state(data_state)
         logging.info("resumed from the checkpoint at step %d", start)
