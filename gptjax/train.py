@@ -71,15 +71,16 @@ def train_step(
     """One optimiser update. Pure: the step's dropout key is derived from the state."""
     rng = jax.random.fold_in(state.rng, state.step)
     loss, grads = loss_and_grads(state.params, batch, rng, model, microbatches)
-    grad_norm = optax.tree.norm(grads)
+    new_state = state.apply_gradients(grads=grads)
     metrics = {
         "loss": loss,
-        "grad_norm": grad_norm,
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
-        # The optimiser skips such an update (optim.make_optimizer); the loop reports it.
-        "nonfinite": ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
+        # Whether the optimiser's apply_if_finite (optim.make_optimizer) skipped this
+        # update: read from its state, so the loop reports exactly what it did.
+        "nonfinite": ~new_state.opt_state.last_finite,
     }
-    return state.apply_gradients(grads=grads), metrics
+    return new_state, metrics
 
 
 def eval_step(params, batch, *, model: GPT):
