@@ -27,6 +27,8 @@ def get_config() -> config_dict.ConfigDict:
     config.train.num_steps = config_dict.placeholder(int)  # when set, wins over epochs
     config.train.lr = 2.5e-4  # peak learning rate
     config.train.warmup_steps = 2000  # linear warmup from 0, then cosine to 0
+    config.train.warmup_fraction = config_dict.placeholder(float)  # when set, wins over steps
+    config.train.schedule = "cosine"  # after warmup: "cosine" or "linear" decay to 0
     config.train.b1 = 0.9
     config.train.b2 = 0.999
     config.train.eps = 1e-8

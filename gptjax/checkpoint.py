@@ -45,6 +45,12 @@ def latest_step(workdir: str) -> int | None:
         return mngr.latest_step()
 
 
+def all_steps(workdir: str) -> list[int]:
+    """The steps of the workdir's complete checkpoints, ascending."""
+    with manager(workdir, read_only=True) as mngr:
+        return sorted(mngr.all_steps())
+
+
 def _train_state_items(state) -> tuple[dict, dict]:
     return state.params, {"step": state.step, "rng": state.rng, "opt_state": state.opt_state}
 

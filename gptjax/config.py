@@ -22,11 +22,17 @@ def validate(config: ml_collections.ConfigDict):
         "train.ckpt_every": t.ckpt_every,
         "train.keep_checkpoints": t.keep_checkpoints,
     }
+    if "task" in config:
+        validate_finetune(config)
     for name, value in positive.items():
-        if value <= 0:
+        if value is not None and value <= 0:
             raise UserError(f"{name} is {value}; it must be positive (--config.{name}=N)")
     if t.num_steps is not None and t.num_steps <= 0:
         raise UserError(f"train.num_steps is {t.num_steps}; it must be positive or unset")
+    if t.schedule not in ("cosine", "linear"):
+        raise UserError(f"train.schedule is {t.schedule!r}; use 'cosine' or 'linear'")
+    if t.warmup_fraction is not None and not 0.0 <= t.warmup_fraction <= 1.0:
+        raise UserError(f"train.warmup_fraction={t.warmup_fraction} must be in [0, 1]")
     if m.d_model % m.n_head:
         raise UserError(
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}; "
@@ -63,3 +69,21 @@ def validate(config: ml_collections.ConfigDict):
         raise UserError(
             f"data.validation_fraction={config.data.validation_fraction} must be in (0, 1)"
         )
+
+
+def validate_finetune(config: ml_collections.ConfigDict):
+    """The fine-tuning settings (`configs/finetune.py`), after the model sizes are known."""
+    f = config.finetune
+    if f.lm_coef < 0:
+        raise UserError(f"finetune.lm_coef={f.lm_coef} must be >= 0 (0 turns the LM loss off)")
+    if not 0.0 <= f.clf_dropout < 1.0:
+        raise UserError(f"finetune.clf_dropout={f.clf_dropout} must be in [0, 1)")
+    n_layer = config.model.n_layer
+    if f.n_transfer is not None and not 0 <= f.n_transfer <= n_layer:
+        raise UserError(
+            f"finetune.n_transfer={f.n_transfer} must be in [0, model.n_layer={n_layer}]"
+        )
+    if f.n_transfer is not None and not config.init_from:
+        raise UserError("finetune.n_transfer needs --config.init_from (a pretrained run)")
+    if config.eval.checkpoint not in ("best", "latest"):
+        raise UserError(f"eval.checkpoint is {config.eval.checkpoint!r}; use 'best' or 'latest'")

@@ -1,4 +1,4 @@
-"""Losses. Only the language-modelling loss for now; task losses join it for fine-tuning."""
+"""Losses, as (sum, count) pairs: the language-modelling loss and the fine-tuning task losses."""
 
 import jax
 import jax.numpy as jnp
@@ -18,3 +18,18 @@ def lm_loss(
     )
     weights_BxL = weights_BxL.astype(jnp.float32)
     return jnp.sum(losses_BxL * weights_BxL), jnp.sum(weights_BxL)
+
+
+def task_loss(
+    out: jax.Array, labels_B: jax.Array, weights_B: jax.Array, regression: bool
+) -> tuple[jax.Array, jax.Array]:
+    """Summed task loss over the weighted examples, and the weight total: cross-entropy of
+    class (or choice) logits [B, C] against integer labels, or the squared error of a
+    predicted score [B] (STS-B's similarity is regressed on its 0-5 score)."""
+    out = out.astype(jnp.float32)
+    if regression:
+        losses_B = jnp.square(out - labels_B.astype(jnp.float32))
+    else:
+        losses_B = optax.softmax_cross_entropy_with_integer_labels(out, labels_B)
+    weights_B = weights_B.astype(jnp.float32)
+    return jnp.sum(losses_B * weights_B), jnp.sum(weights_B)

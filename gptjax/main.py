@@ -1,11 +1,13 @@
 """The command line: `python -m gptjax.main --config=configs/gpt1.py --workdir=DIR`.
 
-Modes: `train` (default; resumes from the workdir's latest checkpoint) and `eval`
-(restores the latest checkpoint and reports held-out perplexity). Exit status: 0 done,
-2 bad input (one line `error: ...`), 75 stopped by SIGTERM/SIGINT or a preemption notice
-after writing a checkpoint (run the same command to resume). Any config value can be
-overridden with `--config.section.name=value`; unknown names and wrongly typed values are
-errors.
+Pretraining with configs/gpt1.py or configs/demo.py, fine-tuning with
+configs/finetune.py:TASK. Modes: `train` (default; resumes from the workdir's latest
+checkpoint) and `eval` (restores a checkpoint: pretraining reports held-out perplexity,
+fine-tuning the task's metrics next to the paper's, in results.json and results.md).
+Exit status: 0 done, 2 bad input (one line `error: ...`), 75 stopped by SIGTERM/SIGINT or
+a preemption notice after writing a checkpoint (run the same command to resume). Any
+config value can be overridden with `--config.section.name=value`; unknown names and
+wrongly typed values are errors.
 """
 
 import logging
@@ -85,11 +87,21 @@ def main(argv):
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)
-        config_lib.validate(config)
-        if _MODE.value == "train":
-            pretrain.train_and_evaluate(config, _WORKDIR.value)
+        if "task" in config:  # configs/finetune.py
+            from gptjax import finetune
+
+            finetune.resolve_model(config)
+            config_lib.validate(config)
+            if _MODE.value == "train":
+                finetune.train_and_evaluate(config, _WORKDIR.value)
+            else:
+                finetune.evaluate_checkpoint(config, _WORKDIR.value)
         else:
-            pretrain.evaluate_checkpoint(config, _WORKDIR.value)
+            config_lib.validate(config)
+            if _MODE.value == "train":
+                pretrain.train_and_evaluate(config, _WORKDIR.value)
+            else:
+                pretrain.evaluate_checkpoint(config, _WORKDIR.value)
     except UserError as e:
         fail(str(e))
     except Preempted as e:

@@ -278,8 +278,58 @@ class GPT(nn.Module):
         return self.lm_logits(self.encode(tokens_BxL, deterministic))
 
 
+class TaskModel(nn.Module):
+    """The fine-tuning model (Section 3.2): the GPT above plus one linear layer on the
+    final hidden state of each sequence's `_classify_` token.
+
+    Inputs are the transformed examples of `gptjax.tasks.transforms`: tokens [B, S, L]
+    with S sequences per example and `clf_pos` [B, S] the `_classify_` positions. Returns
+    the task output and the LM logits of every sequence (for the auxiliary loss):
+    classification and entailment (S = 1): class logits [B, C]; similarity (S = 2, both
+    orderings): the two hidden states are summed before the head, giving class logits
+    [B, C] or, for regression, a score [B]; multiple choice (S = choices): one scalar per
+    choice, [B, S], to be softmaxed over the choices of each example.
+    """
+
+    cfg: ModelConfig  # vocab_size counts the three fine-tuning specials
+    kind: str
+    num_outputs: int
+    regression: bool = False
+    clf_dropout: float = 0.1
+    remat: str = "none"
+    scan_layers: bool = False
+
+    def setup(self):
+        self.transformer = GPT(self.cfg, remat=self.remat, scan_layers=self.scan_layers)
+        # One dropout mask over the choices of an example, as in the original code.
+        self.dropout = nn.Dropout(self.clf_dropout, broadcast_dims=(1,))
+        self.head = nn.Dense(
+            self.num_outputs, kernel_init=_init("embed", None), bias_init=_zeros(None)
+        )
+
+    def __call__(
+        self, tokens_BxSxL: jax.Array, clf_pos_BxS: jax.Array, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
+        b, s, length = tokens_BxSxL.shape
+        h_NxLxD = self.transformer.encode(tokens_BxSxL.reshape(b * s, length), deterministic)
+        lm_logits_NxLxV = self.transformer.lm_logits(h_NxLxD)
+        rows_N = jnp.arange(b * s)
+        h_BxSxD = h_NxLxD[rows_N, clf_pos_BxS.reshape(-1)].reshape(b, s, -1)
+        if self.kind == "similarity":
+            h_BxSxD = jnp.sum(h_BxSxD, axis=1, keepdims=True)  # both orderings, added
+        h_BxSxD = self.dropout(h_BxSxD.astype(jnp.float32), deterministic=deterministic)
+        out_BxSxC = self.head(h_BxSxD)
+        if self.kind == "multiple_choice":
+            return out_BxSxC[..., 0], lm_logits_NxLxV
+        out_BxC = out_BxSxC[:, 0]
+        return (out_BxC[:, 0] if self.regression else out_BxC), lm_logits_NxLxV
+
+
 def stack_layers(params: dict, n_layer: int) -> dict:
-    """Per-layer parameters `h_0` ... `h_{n-1}` -> the scanned layout (`h`, stacked)."""
+    """Per-layer parameters `h_0` ... `h_{n-1}` -> the scanned layout (`h`, stacked).
+    Also takes a TaskModel's parameters (the GPT under `transformer`)."""
+    if "transformer" in params:
+        return {**params, "transformer": stack_layers(params["transformer"], n_layer)}
     layers = [params[f"h_{i}"] for i in range(n_layer)]
     rest = {k: v for k, v in params.items() if not k.startswith("h_")}
     return {**rest, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
@@ -287,6 +337,8 @@ def stack_layers(params: dict, n_layer: int) -> dict:
 
 def unstack_layers(params: dict) -> dict:
     """The scanned layout (`h`, stacked) -> per-layer parameters `h_0` ... `h_{n-1}`."""
+    if "transformer" in params:
+        return {**params, "transformer": unstack_layers(params["transformer"])}
     n_layer = jax.tree.leaves(params["h"])[0].shape[0]
     rest = {k: v for k, v in params.items() if k != "h"}
     for i in range(n_layer):

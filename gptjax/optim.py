@@ -5,10 +5,26 @@ import ml_collections
 import optax
 
 
+def warmup_steps(train_cfg: ml_collections.ConfigDict, total_steps: int) -> int:
+    """`train.warmup_fraction` of the run if set (fine-tuning: 0.2%), else
+    `train.warmup_steps`; never more than the run."""
+    fraction = train_cfg.get("warmup_fraction")
+    warmup = train_cfg.warmup_steps if fraction is None else round(fraction * total_steps)
+    return min(warmup, total_steps)
+
+
 def lr_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps` updates, then cosine annealing to 0 at
-    `total_steps` (Section 4.1 of the paper)."""
-    warmup = min(train_cfg.warmup_steps, total_steps)
+    """Linear warmup from 0, then to 0 at `total_steps`: cosine annealing for pretraining
+    (Section 4.1 of the paper), linear decay for fine-tuning (`train.schedule`)."""
+    warmup = warmup_steps(train_cfg, total_steps)
+    if train_cfg.get("schedule", "cosine") == "linear":
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, train_cfg.lr, warmup),
+                optax.linear_schedule(train_cfg.lr, 0.0, max(total_steps - warmup, 1)),
+            ],
+            [warmup],
+        )
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=train_cfg.lr,

@@ -1,6 +1,5 @@
 """Unsupervised pretraining (Section 3.1): set up a run from its config and drive the loop."""
 
-import functools
 import json
 import logging
 import os
@@ -14,9 +13,7 @@ from gptjax import checkpoint, optim, sharding, train
 from gptjax.data import lm_data
 from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexity
 from gptjax.errors import UserError
-from gptjax.metrics import MetricsWriter
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
-from gptjax.preemption import PreemptionGuard
 
 CONFIG_FILE = "config.json"
 
@@ -130,6 +127,13 @@ class Run:
             jax.process_count(),
         )
 
+    def take_state(self):
+        state, self.state = self.state, None
+        return state
+
+    def evaluate(self, params) -> dict[str, float]:
+        return train.evaluate(self.p_eval, params, self.eval_data(), self.mesh)
+
     def summary(self) -> str:
         n = self.num_params
         d, cfg = self.data, self.config
@@ -155,8 +159,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Pretrains, resuming from the workdir's latest checkpoint if there is one. Returns
     the final held-out metrics."""
     run = Run(config, workdir)
-    # The loop owns the state from here (its buffers are donated to the first step).
-    state, run.state = run.state, None
     data_iter = train_iterator(
         run.data.windows["train"],
         config.train.batch_size,
@@ -164,39 +166,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.process_index(),
         jax.process_count(),
     )
-    start = 0
-    if run.resume_step is not None:
-        abstract = train.abstract_state(state, run.shardings)
-        del state  # the fresh initial values are not needed: free them before restoring
-        state, data_state, start = checkpoint.restore_latest_good(run.ckpt, abstract)
-        data_iter.set_state(data_state)
-        logging.info("resumed from the checkpoint at step %d", start)
     if jax.process_index() == 0:
         logging.info("run summary:\n%s", run.summary())
-    writer = MetricsWriter(workdir, resume_step=start)
-
-    try:
-        with PreemptionGuard() as guard:
-            state, eval_metrics = train.fit(
-                state,
-                run.p_train,
-                run.p_eval,
-                data_iter,
-                run.eval_data,
-                run.mesh,
-                config.train,
-                run.total_steps,
-                config.train.batch_size * config.model.n_ctx,
-                writer,
-                functools.partial(checkpoint.save, run.ckpt),
-                guard,
-            )
-        run.ckpt.wait_until_finished()
-    finally:
-        run.ckpt.close()
-        writer.close()
+    # The loop owns the state from here (its buffers are donated to the first step).
+    state, eval_metrics = train.run_phase(
+        run.take_state(),
+        run.shardings,
+        run.p_train,
+        run.evaluate,
+        data_iter,
+        run.mesh,
+        config.train,
+        run.total_steps,
+        config.train.batch_size * config.model.n_ctx,
+        workdir,
+        run.ckpt,
+        run.resume_step,
+    )
     if not eval_metrics:  # already trained to the end: evaluate what is there
-        eval_metrics = train.evaluate(run.p_eval, state.params, run.eval_data(), run.mesh)
+        eval_metrics = run.evaluate(state.params)
     report(run, eval_metrics)
     return eval_metrics
 
@@ -214,7 +202,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
             "run --mode=train once to fall back to the previous checkpoint"
         ) from None
     run.ckpt.close()
-    metrics = train.evaluate(run.p_eval, state.params, run.eval_data(), run.mesh)
+    metrics = run.evaluate(state.params)
     report(run, {"step": run.resume_step, **metrics})
     return metrics
 

@@ -70,16 +70,28 @@ class SentencePieceTokenizer:
                 run.append(i)
         return "".join(pieces + [self._sp.decode(run)])
 
+    def encode_text(self, text: str) -> list[int]:
+        """Any text as ids, line by line, with the "\\n" id between lines."""
+        return self.encode_texts([text])[0]
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode_text` of many texts at once (SentencePiece encodes them in parallel)."""
+        lines = [text.split("\n") for text in texts]
+        flat = self.encode_batch([line for parts in lines for line in parts])
+        out, i = [], 0
+        for parts in lines:
+            ids: list[int] = []
+            for j in range(len(parts)):
+                if j:
+                    ids.append(self.newline_id)
+                ids.extend(flat[i + j])
+            i += len(parts)
+            out.append(ids)
+        return out
+
     def encode_document(self, text: str) -> np.ndarray:
         """A whole book as ids: line by line (keeping newlines) and ending with </s>."""
-        lines = text.split("\n")
-        out: list[int] = []
-        for i, ids in enumerate(self.encode_batch(lines)):
-            if i:
-                out.append(self.newline_id)
-            out.extend(ids)
-        out.append(self.eos_id)
-        return np.asarray(out, dtype=np.int32)
+        return np.asarray(self.encode_text(text) + [self.eos_id], dtype=np.int32)
 
 
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:

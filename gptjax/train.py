@@ -1,5 +1,6 @@
 """The train state, pure train and eval steps, and the loop that drives them."""
 
+import dataclasses
 import functools
 import logging
 import time
@@ -13,9 +14,11 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from gptjax import losses, sharding
+from gptjax import checkpoint, losses, sharding
 from gptjax.errors import Preempted, UserError
+from gptjax.metrics import MetricsWriter
 from gptjax.model import GPT, stack_layers
+from gptjax.preemption import PreemptionGuard
 
 
 class TrainState(train_state.TrainState):
@@ -25,52 +28,83 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
 
 
-def loss_fn(params, batch: dict[str, jax.Array], rng: jax.Array | None, model: GPT):
-    """Mean next-token loss of a batch of packed windows; dropout on iff `rng` is given."""
-    tokens_BxL1 = batch["tokens"]
-    logits_BxLxV = model.apply(
-        {"params": params},
-        tokens_BxL1[:, :-1],
-        deterministic=rng is None,
-        rngs=None if rng is None else {"dropout": rng},
-    )
-    loss_sum, count = losses.lm_loss(logits_BxLxV, tokens_BxL1[:, 1:], batch["weights"])
-    return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "count": count}
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A loss made of weighted terms, each a mean over its own count (tokens for the LM
+    loss, examples for a task loss): loss = sum_k weights[k] * sum_k / count_k.
+
+    `terms(params, batch, rng)` gives {name: (sum, count)} with dropout on iff `rng` is
+    given; `counts(batch)` gives the same counts from the batch alone, so that slices of a
+    batch can be divided by the whole batch's counts (exact gradient accumulation).
+    """
+
+    terms: Callable
+    counts: Callable
+    weights: tuple[tuple[str, float], ...]
+
+    def loss(self, params, batch, rng, totals: dict | None = None):
+        """The weighted loss and each term's mean (over `totals`, default the batch's)."""
+        totals = self.counts(batch) if totals is None else totals
+        sums = self.terms(params, batch, rng)
+        means = {k: s / jnp.maximum(totals[k], 1.0) for k, (s, _) in sums.items()}
+        return sum(w * means[k] for k, w in self.weights), means
 
 
-def loss_and_grads(params, batch, rng: jax.Array, model: GPT, microbatches: int = 1):
-    """The batch's mean loss and its gradient, accumulated over `microbatches` slices of
-    the batch (a scan, so one slice's activations are alive at a time). The slices'
-    summed losses are divided by the whole batch's target count, so the result equals
+def lm_objective(model: GPT) -> Objective:
+    """Next-token prediction over packed windows (pretraining, domain adaptation)."""
+
+    def terms(params, batch, rng):
+        tokens_BxL1 = batch["tokens"]
+        logits_BxLxV = model.apply(
+            {"params": params},
+            tokens_BxL1[:, :-1],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        )
+        return {"lm": losses.lm_loss(logits_BxLxV, tokens_BxL1[:, 1:], batch["weights"])}
+
+    return Objective(terms, lambda batch: {"lm": jnp.sum(batch["weights"])}, (("lm", 1.0),))
+
+
+def loss_and_grads(params, batch, rng: jax.Array, objective: Objective, microbatches: int = 1):
+    """The batch's loss, each term's mean and the loss's gradient, accumulated over
+    `microbatches` slices of the batch (a scan, so one slice's activations are alive at a
+    time). Each slice's sums are divided by the whole batch's counts, so the result equals
     the full batch's (with dropout off: each slice draws its own dropout mask)."""
+
+    def loss(p, piece, piece_rng, totals):
+        return objective.loss(p, piece, piece_rng, totals)
+
+    totals = objective.counts(batch)
     if microbatches == 1:
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng, model)
-        return loss, grads
-    total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        (value, means), grads = jax.value_and_grad(loss, has_aux=True)(params, batch, rng, totals)
+        return value, means, grads
     # Slice i takes rows i, i + k, i + 2k, ...: every device holds an equal share of it.
     slices = jax.tree.map(lambda x: x.reshape(-1, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(grads, i_and_slice):
         i, piece = i_and_slice
-
-        def piece_loss(p):
-            _, sums = loss_fn(p, piece, jax.random.fold_in(rng, i), model)
-            return sums["loss_sum"] / total
-
-        loss, piece_grads = jax.value_and_grad(piece_loss)(params)
-        return jax.tree.map(jnp.add, grads, piece_grads), loss
+        (value, means), piece_grads = jax.value_and_grad(loss, has_aux=True)(
+            params, piece, jax.random.fold_in(rng, i), totals
+        )
+        return jax.tree.map(jnp.add, grads, piece_grads), (value, means)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, piece_losses = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), slices))
-    return jnp.sum(piece_losses), grads
+    grads, (values, means) = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), slices))
+    return jnp.sum(values), jax.tree.map(jnp.sum, means), grads
 
 
 def train_step(
-    state: TrainState, batch, *, model: GPT, schedule: optax.Schedule, microbatches: int = 1
+    state: TrainState,
+    batch,
+    *,
+    objective: Objective,
+    schedule: optax.Schedule,
+    microbatches: int = 1,
 ):
     """One optimiser update. Pure: the step's dropout key is derived from the state."""
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, grads = loss_and_grads(state.params, batch, rng, model, microbatches)
+    loss, means, grads = loss_and_grads(state.params, batch, rng, objective, microbatches)
     new_state = state.apply_gradients(grads=grads)
     metrics = {
         "loss": loss,
@@ -80,25 +114,33 @@ def train_step(
         # update: read from its state, so the loop reports exactly what it did.
         "nonfinite": ~new_state.opt_state.last_finite,
     }
+    if len(means) > 1:  # each term of a combined loss, e.g. task_loss and lm_loss
+        metrics.update({f"{k}_loss": v for k, v in means.items()})
     return new_state, metrics
 
 
 def eval_step(params, batch, *, model: GPT):
-    """Summed loss and target count of a batch, without dropout."""
-    _, sums = loss_fn(params, batch, None, model)
-    return sums
+    """Summed LM loss and target count of a batch, without dropout."""
+    loss_sum, count = lm_objective(model).terms(params, batch, None)["lm"]
+    return {"loss_sum": loss_sum, "count": count}
 
 
 def create_state(
-    model: GPT, tx: optax.GradientTransformation, seed: int, n_ctx: int, mesh
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    seed: int,
+    n_ctx: int,
+    mesh,
+    init_inputs: tuple | None = None,
 ) -> tuple[TrainState, Any]:
     """A freshly initialised train state, created directly in its sharded layout.
 
     Returns the state and its shardings (from the parameters' logical axis names). The
     initial values do not depend on `model.scan_layers`: a scanned model starts from the
-    unrolled model's parameters, stacked.
+    unrolled model's parameters, stacked. `init_inputs` are example inputs for
+    `model.init` (default: one window of n_ctx tokens, for GPT).
     """
-    tokens = jnp.zeros((1, n_ctx), jnp.int32)
+    inputs = init_inputs or (jnp.zeros((1, n_ctx), jnp.int32),)
 
     def make_state(params):
         return TrainState.create(
@@ -110,14 +152,14 @@ def create_state(
 
     def init_params(rng):
         if model.scan_layers:
-            unrolled = model.clone(scan_layers=False).init({"params": rng}, tokens)["params"]
+            unrolled = model.clone(scan_layers=False).init({"params": rng}, *inputs)["params"]
             return stack_layers(nn.unbox(unrolled), model.cfg.n_layer)
-        return nn.unbox(model.init({"params": rng}, tokens)["params"])
+        return nn.unbox(model.init({"params": rng}, *inputs)["params"])
 
     init_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
     # Shapes and logical axis names (boxed) of the state in the model's own layout.
     boxed = jax.eval_shape(
-        lambda r: make_state(model.init({"params": r}, tokens)["params"]), init_rng
+        lambda r: make_state(model.init({"params": r}, *inputs)["params"]), init_rng
     )
     shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
     # Parameters are placed by `out_shardings` (initialisation is not traced under the
@@ -133,25 +175,33 @@ def abstract_state(state: TrainState, shardings) -> TrainState:
     )
 
 
+def compile_train_step(
+    objective: Objective, schedule: optax.Schedule, mesh, state_shardings, microbatches: int = 1
+):
+    """The jitted train step, with shardings declared once and the train state's buffers
+    donated (updated in place)."""
+    p_train = jax.jit(
+        functools.partial(
+            train_step, objective=objective, schedule=schedule, microbatches=microbatches
+        ),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return sharding.under_axis_rules(p_train, mesh)
+
+
 def compile_steps(
     model: GPT, schedule: optax.Schedule, mesh, state_shardings, microbatches: int = 1
 ):
-    """The jitted train and eval steps, with shardings declared once and the train state's
-    buffers donated (updated in place)."""
-    batch_sh = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
-    p_train = jax.jit(
-        functools.partial(train_step, model=model, schedule=schedule, microbatches=microbatches),
-        in_shardings=(state_shardings, batch_sh),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
+    """The jitted LM train and eval steps (pretraining, domain adaptation)."""
+    p_train = compile_train_step(lm_objective(model), schedule, mesh, state_shardings, microbatches)
     p_eval = jax.jit(
         functools.partial(eval_step, model=model),
-        in_shardings=(state_shardings.params, batch_sh),
-        out_shardings=replicated,
+        in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
     )
-    return sharding.under_axis_rules(p_train, mesh), sharding.under_axis_rules(p_eval, mesh)
+    return p_train, sharding.under_axis_rules(p_eval, mesh)
 
 
 def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh) -> dict[str, float]:
@@ -179,7 +229,8 @@ def summarize(pending: list[tuple[int, dict]], policy: str) -> dict[str, float]:
             "--config.train.nonfinite=skip to skip such steps"
         )
     good = [m for m in host if not m["nonfinite"]] or host
-    row = {k: float(np.mean([m[k] for m in good])) for k in ("loss", "grad_norm")}
+    averaged = [k for k in host[-1] if k not in ("lr", "nonfinite")]
+    row = {k: float(np.mean([m[k] for m in good])) for k in averaged}
     row["lr"] = float(host[-1]["lr"])
     row["skipped_steps"] = len(bad)
     return row
@@ -221,9 +272,8 @@ class Throughput:
 def fit(
     state: TrainState,
     p_train: Callable,
-    p_eval: Callable,
+    evaluate_fn: Callable[[Any], dict[str, float]],
     train_iter,
-    eval_data: Callable[[], Iterable[dict]],
     mesh,
     train_cfg,
     total_steps: int,
@@ -232,7 +282,8 @@ def fit(
     save_checkpoint: Callable,
     guard,
 ) -> tuple[TrainState, dict[str, float]]:
-    """Runs optimiser steps until `total_steps`, logging, evaluating and checkpointing.
+    """Runs optimiser steps until `total_steps`, logging, evaluating (`evaluate_fn` of
+    the parameters gives the eval row) and checkpointing.
 
     The host never waits for the device between log points: step N is dispatched while
     step N-1 still runs, and metrics are fetched only every `log_every` steps, before a
@@ -260,17 +311,62 @@ def fit(
             log_progress(step, total_steps, row, eta)
         if (step % train_cfg.eval_every == 0 or last) and not (stop and not last):
             # (a stop signal leaves no time for an evaluation before the save)
-            eval_metrics = evaluate(p_eval, state.params, eval_data(), mesh)
+            eval_metrics = evaluate_fn(state.params)
             writer.write(step, eval_metrics)
             logging.info(
-                "step %d eval loss %.4f perplexity %.2f",
-                step,
-                eval_metrics["eval_loss"],
-                eval_metrics["eval_ppl"],
+                "step %d %s", step, " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
             )
             throughput.update(step, total_steps)  # evaluation time is not training time
         if save:
             save_checkpoint(state, train_iter.get_state(), force=last or stop, wait=stop)
         if stop and not last:
             raise Preempted(step, guard.signal_name)
+    return state, eval_metrics
+
+
+def run_phase(
+    state: TrainState,
+    shardings,
+    p_train: Callable,
+    evaluate_fn: Callable,
+    data_iter,
+    mesh,
+    train_cfg,
+    total_steps: int,
+    tokens_per_step: int,
+    workdir: str,
+    ckpt,
+    resume_step: int | None,
+) -> tuple[TrainState, dict[str, float]]:
+    """A training phase in `workdir`: resumes from the latest good checkpoint when there
+    is one (the fresh `state` then only gives shapes and is freed first: pass it without
+    keeping a reference), then `fit` under a preemption guard, with metrics written to
+    the workdir."""
+    start = 0
+    if resume_step is not None:
+        abstract = abstract_state(state, shardings)
+        del state
+        state, data_state, start = checkpoint.restore_latest_good(ckpt, abstract)
+        data_iter.set_state(data_state)
+        logging.info("resumed from the checkpoint at step %d", start)
+    writer = MetricsWriter(workdir, resume_step=start)
+    try:
+        with PreemptionGuard() as guard:
+            state, eval_metrics = fit(
+                state,
+                p_train,
+                evaluate_fn,
+                data_iter,
+                mesh,
+                train_cfg,
+                total_steps,
+                tokens_per_step,
+                writer,
+                functools.partial(checkpoint.save, ckpt),
+                guard,
+            )
+        ckpt.wait_until_finished()
+    finally:
+        ckpt.close()
+        writer.close()
     return state, eval_metrics

@@ -1,0 +1,491 @@
+"""Supervised fine-tuning (Section 3.2): a pretrained checkpoint carried into a task.
+
+The GPT of a pretraining workdir (`config.init_from`) gets the three specials' embedding
+rows appended (fresh, N(0, 0.02)) and a linear head on the `_classify_` token, and is
+trained end to end with L = L_task + lm_coef * L_LM (the auxiliary LM loss over the
+transformed inputs, masked to real tokens), a fresh optimiser, linear warmup and decay.
+Ablations are config values: `init_from=""` (no pretraining), `finetune.lm_coef=0` (no
+auxiliary LM), `finetune.n_transfer=K` (only the first K blocks transferred).
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import runpy
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gptjax import checkpoint, losses, optim, sharding, train
+from gptjax import tokenizer as tokenizer_lib
+from gptjax.data.corpus import cache_dir
+from gptjax.data.pipeline import eval_batches, train_iterator
+from gptjax.errors import UserError
+from gptjax.metrics import read_metrics
+from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers, unstack_layers
+from gptjax.pretrain import CONFIG_FILE, agreed_resume_step, check_batch, check_workdir
+from gptjax.pretrain import write_config as write_run_config
+from gptjax.tasks import metrics as task_metrics
+from gptjax.tasks import registry, transforms
+from gptjax.tasks.spec import TaskSpec
+
+ARCHITECTURE = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def _read_run_config(workdir: str) -> dict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise UserError(
+            f"init_from {workdir} is not a gptjax workdir (no {CONFIG_FILE}); point "
+            "--config.init_from at a pretraining --workdir"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_model(config: ml_collections.ConfigDict):
+    """Fills the unset `config.model` sizes from the `init_from` run (or, without one,
+    from the paper's configs/gpt1.py); sizes that are set must match the checkpoint's."""
+    if config.init_from:
+        saved = _read_run_config(config.init_from)["model"]
+        wrong = [
+            f"model.{k}={config.model[k]} (checkpoint: {saved[k]})"
+            for k in ARCHITECTURE
+            if config.model[k] is not None and config.model[k] != saved[k]
+        ]
+        if wrong:
+            raise UserError(
+                f"init_from {config.init_from} holds a model of another architecture: "
+                f"{', '.join(wrong)}; leave these unset to take the checkpoint's"
+            )
+        source = saved
+    else:
+        gpt1 = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "gpt1.py")
+        source = runpy.run_path(gpt1)["get_config"]().model.to_dict()
+    with config.unlocked():
+        for k in ARCHITECTURE:
+            if config.model[k] is None:
+                config.model[k] = source[k]
+
+
+def load_tokenizer(config, task: TaskSpec, workdir: str, data_dir: str):
+    """The workdir's tokenizer; else `finetune.tokenizer`, the `init_from` run's, or (from
+    scratch) one learned on the task's training texts. Not yet saved."""
+    own = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
+    source = config.finetune.tokenizer or (
+        os.path.join(config.init_from, tokenizer_lib.TOKENIZER_FILE) if config.init_from else ""
+    )
+    if os.path.exists(own):
+        tok = tokenizer_lib.SentencePieceTokenizer.load(own)
+    elif source:
+        if not os.path.exists(source):
+            raise UserError(f"tokenizer {source} does not exist; set --config.finetune.tokenizer")
+        tok = tokenizer_lib.SentencePieceTokenizer.load(source)
+    else:
+        texts = [t for ex in task.load(task.train_split, data_dir) for t in ex.texts + ex.choices]
+        tok = tokenizer_lib.train_sentencepiece(
+            texts, config.model.vocab_size, config.data.tokenizer_sample_lines
+        )
+    if tok.vocab_size != config.model.vocab_size:
+        raise UserError(
+            f"the tokenizer has {tok.vocab_size} ids but model.vocab_size is "
+            f"{config.model.vocab_size}; use the pretraining run's tokenizer and vocabulary"
+        )
+    return tok
+
+
+def task_objective(model: TaskModel, lm_coef: float, regression: bool) -> train.Objective:
+    """L = L_task + lm_coef * L_LM (the LM term only when lm_coef > 0)."""
+
+    def lm_weights(batch):
+        b, s, length = batch["tokens"].shape
+        # Target t (token t + 1) is real when t + 1 < length of its sequence.
+        real_BxSxL1 = jnp.arange(length - 1) < (batch["lengths"][..., None] - 1)
+        return (real_BxSxL1 * batch["weight"][:, None, None]).reshape(b * s, length - 1)
+
+    def task_weights(batch):
+        return batch["weight"] * batch["labelled"]
+
+    def terms(params, batch, rng):
+        tokens_BxSxL = batch["tokens"].astype(jnp.int32)
+        out, lm_logits_NxLxV = model.apply(
+            {"params": params},
+            tokens_BxSxL,
+            batch["clf_pos"],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        )
+        sums = {"task": losses.task_loss(out, batch["label"], task_weights(batch), regression)}
+        if lm_coef > 0:
+            targets_NxL1 = tokens_BxSxL.reshape(-1, tokens_BxSxL.shape[-1])[:, 1:]
+            sums["lm"] = losses.lm_loss(lm_logits_NxLxV[:, :-1], targets_NxL1, lm_weights(batch))
+        return sums
+
+    def counts(batch):
+        return {"task": jnp.sum(task_weights(batch)), "lm": jnp.sum(lm_weights(batch))}
+
+    weights = (("task", 1.0),) + ((("lm", lm_coef),) if lm_coef > 0 else ())
+    return train.Objective(terms, counts, weights)
+
+
+def predict_step(params, batch, *, model: TaskModel):
+    """Task outputs of a batch (no dropout), with the rows' labels and bookkeeping."""
+    out, _ = model.apply({"params": params}, batch["tokens"].astype(jnp.int32), batch["clf_pos"])
+    keep = ("label", "weight", "labelled", "index")
+    return {"output": out, **{k: batch[k] for k in keep}}
+
+
+def transfer(fresh: dict, pretrained: dict, n_transfer: int) -> dict:
+    """The fine-tuning parameters (unrolled layout) with the pretrained embeddings and
+    first `n_transfer` blocks copied in; the specials' rows, later blocks and the head stay
+    as initialised."""
+    gpt = dict(fresh["transformer"])
+    vocab = pretrained["tokens_embed"]["embedding"].shape[0]
+    embedding = gpt["tokens_embed"]["embedding"]
+    gpt["tokens_embed"] = {
+        "embedding": embedding.at[:vocab].set(pretrained["tokens_embed"]["embedding"])
+    }
+    gpt["positions_embed"] = pretrained["positions_embed"]
+    for i in range(n_transfer):
+        gpt[f"h_{i}"] = pretrained[f"h_{i}"]
+    return {**fresh, "transformer": gpt}
+
+
+@dataclasses.dataclass
+class Split:
+    name: str
+    rows: transforms.Rows
+    length: int
+
+
+class FineTune:
+    """A fine-tuning run built from its config: task, tokenizer, data, model, steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only=False):
+        self.config, self.workdir = config, workdir
+        self.data_dir = os.path.join(cache_dir(config.data), "tfds")
+        self.task = registry.get_task(config.task)
+        resolve_model(config)
+        self.resume_step = agreed_resume_step(workdir)
+        if not read_only:
+            check_workdir(workdir, config, resuming=self.resume_step is not None)
+        self.mesh = sharding.make_mesh(config.mesh)
+        check_batch(config, self.mesh)
+        self.tokenizer = load_tokenizer(config, self.task, workdir, self.data_dir)
+        self.specials = len(tokenizer_lib.SPECIAL_TOKENS)
+        model_cfg = ModelConfig.from_config(config.model, config.train)
+        self.model_cfg = dataclasses.replace(
+            model_cfg, vocab_size=model_cfg.vocab_size + self.specials
+        )
+        self.model = TaskModel(
+            self.model_cfg,
+            kind=self.task.kind,
+            num_outputs=self.task.num_outputs,
+            regression=self.task.regression,
+            clf_dropout=config.finetune.clf_dropout,
+            remat=config.train.remat,
+            scan_layers=config.train.scan_layers,
+        )
+        self.splits: dict[str, Split] = {}
+
+    def split(self, name: str) -> Split:
+        """A split's examples, transformed and encoded (once per run)."""
+        if name not in self.splits:
+            examples = self.task.load(name, self.data_dir)
+            if not examples:
+                raise UserError(f"task {self.task.name}: split {name!r} has no examples")
+            arrays = transforms.encode(self.task, examples, self.tokenizer, self.config.model.n_ctx)
+            rows = transforms.Rows(arrays)
+            self.splits[name] = Split(name, rows, arrays["tokens"].shape[-1])
+            logging.info(
+                "%s %s: %d examples, padded to %d tokens",
+                self.task.name,
+                name,
+                len(rows),
+                self.splits[name].length,
+            )
+        return self.splits[name]
+
+    def take_state(self):
+        state, self.state = self.state, None
+        return state
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.train.batch_size
+
+    def total_steps(self) -> int:
+        train_cfg = self.config.train
+        if train_cfg.num_steps is not None:
+            return train_cfg.num_steps
+        return max(
+            1, train_cfg.epochs * len(self.split(self.task.train_split).rows) // self.batch_size
+        )
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.split(self.task.train_split).rows) // self.batch_size)
+
+    def init_inputs(self):
+        s = max(1, self.task.num_choices) if self.task.kind == "multiple_choice" else 1
+        s = 2 if self.task.kind == "similarity" else s
+        return (jnp.zeros((1, s, 8), jnp.int32), jnp.zeros((1, s), jnp.int32))
+
+    def build(self, total_steps: int):
+        cfg = self.config
+        self.schedule = optim.lr_schedule(cfg.train, total_steps)
+        tx = optim.make_optimizer(cfg.train, total_steps)
+        self.state, self.shardings = train.create_state(
+            self.model, tx, cfg.train.seed, cfg.model.n_ctx, self.mesh, self.init_inputs()
+        )
+        self.abstract = train.abstract_state(self.state, self.shardings)
+        objective = task_objective(self.model, cfg.finetune.lm_coef, self.task.regression)
+        self.p_train = train.compile_train_step(
+            objective, self.schedule, self.mesh, self.shardings, cfg.train.microbatches
+        )
+        self.p_predict = sharding.under_axis_rules(
+            jax.jit(
+                functools.partial(predict_step, model=self.model),
+                in_shardings=(self.shardings.params, sharding.batch_sharding(self.mesh)),
+                out_shardings=sharding.replicated(self.mesh),
+            ),
+            self.mesh,
+        )
+
+    def load_pretrained(self, state):
+        """`state` with the `init_from` run's weights transferred (Section 3.2)."""
+        cfg = self.config
+        n_layer = cfg.model.n_layer
+        n_transfer = n_layer if cfg.finetune.n_transfer is None else cfg.finetune.n_transfer
+        saved = _read_run_config(cfg.init_from)
+        scanned = saved.get("train", {}).get("scan_layers", False)
+        lm = GPT(ModelConfig.from_config(cfg.model), scan_layers=scanned)
+        tokens = jnp.zeros((1, cfg.model.n_ctx), jnp.int32)
+        boxed = jax.eval_shape(lambda: lm.init({"params": jax.random.PRNGKey(0)}, tokens))
+        specs = nn.get_partition_spec(boxed)["params"]
+        shardings = sharding.logical_sharding(self.mesh, specs)
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.unbox(boxed)["params"],
+            shardings,
+        )
+        pretrained = checkpoint.restore_params(cfg.init_from, abstract)
+        if scanned:
+            pretrained = unstack_layers(pretrained)
+
+        def combine(params, pretrained):
+            ours = unstack_layers(params) if cfg.train.scan_layers else params
+            ours = transfer(ours, pretrained, n_transfer)
+            return stack_layers(ours, n_layer) if cfg.train.scan_layers else ours
+
+        params = jax.jit(combine, out_shardings=self.shardings.params)(state.params, pretrained)
+        logging.info(
+            "transferred the embeddings and %d of %d blocks from %s",
+            n_transfer,
+            n_layer,
+            cfg.init_from,
+        )
+        return state.replace(params=params)
+
+    def predict(self, params, split: Split) -> dict[str, np.ndarray]:
+        """Outputs of every example of `split`, in example order (padding rows dropped)."""
+        batches = eval_batches(
+            split.rows,
+            self.batch_size // self.config.train.microbatches,
+            None,
+            jax.process_index(),
+            jax.process_count(),
+        )
+        outs = [self.p_predict(params, sharding.global_batch(self.mesh, b)) for b in batches]
+        host = jax.device_get(outs)
+        cat = {k: np.concatenate([o[k] for o in host]) for k in host[0]}
+        real = cat["weight"] > 0
+        order = np.argsort(cat["index"][real], kind="stable")
+        return {k: v[real][order] for k, v in cat.items()}
+
+    def predictions(self, outputs: np.ndarray) -> np.ndarray:
+        return outputs if self.task.regression else np.argmax(outputs, axis=-1)
+
+    def evaluate(self, params, splits=None) -> dict[str, float]:
+        """The task's metrics on each labelled eval split, keyed `{split}_{metric}`."""
+        row = {}
+        for name in splits or self.task.eval_splits:
+            out = self.predict(params, self.split(name))
+            labelled = out["labelled"].astype(bool)
+            if not labelled.any():
+                continue
+            scores = task_metrics.compute(
+                self.task.metrics,
+                self.predictions(out["output"])[labelled],
+                out["label"][labelled],
+            )
+            row.update({f"{name}_{k}": v for k, v in scores.items()})
+        return row
+
+    @property
+    def selection_key(self) -> str:
+        return f"{self.task.eval_splits[0]}_{self.task.metrics[0]}"
+
+    def summary(self, total_steps: int) -> str:
+        train_split = self.split(self.task.train_split)
+        return "\n".join(
+            [
+                f"task: {self.task.name} ({self.task.kind}; {self.task.description})",
+                f"init: {self.config.init_from or 'random (no pretraining)'}; "
+                f"lm_coef {self.config.finetune.lm_coef}",
+                f"train: {len(train_split.rows):,} examples of up to {train_split.length} "
+                f"tokens; {total_steps:,} steps of {self.batch_size} "
+                f"({total_steps * self.batch_size / len(train_split.rows):.2f} epochs)",
+            ]
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Fine-tunes (resuming from the workdir's latest checkpoint), then evaluates the
+    best checkpoint on the validation splits and writes the results."""
+    run = FineTune(config, workdir)
+    total_steps = run.total_steps()
+    per_epoch = run.steps_per_epoch()
+    with config.unlocked():
+        # Unset: evaluate and checkpoint at the end of every epoch.
+        config.train.eval_every = config.train.eval_every or per_epoch
+        config.train.ckpt_every = config.train.ckpt_every or per_epoch
+    run.build(total_steps)
+    if run.resume_step is None and config.init_from:
+        run.state = run.load_pretrained(run.state)
+    if not os.path.exists(os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)):
+        run.tokenizer.save(os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE))
+    write_run_config(workdir, config)
+    if jax.process_index() == 0:
+        logging.info("run summary:\n%s", run.summary(total_steps))
+    data_iter = train_iterator(
+        run.split(run.task.train_split).rows,
+        config.train.batch_size,
+        config.train.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
+    tokens_per_step = config.train.batch_size * run.split(run.task.train_split).length
+    state, _ = train.run_phase(
+        run.take_state(),  # no other reference: a resume frees it before restoring
+        run.shardings,
+        run.p_train,
+        run.evaluate,
+        data_iter,
+        run.mesh,
+        config.train,
+        total_steps,
+        tokens_per_step,
+        workdir,
+        ckpt,
+        run.resume_step,
+    )
+    del state
+    return evaluate_checkpoint(config, workdir, run=run, splits=run.task.eval_splits)
+
+
+def choose_step(workdir: str, key: str, which: str) -> int:
+    """The checkpoint to evaluate: the latest, or the best by the eval row `key`."""
+    steps = checkpoint.all_steps(workdir)
+    if not steps:
+        raise UserError(f"no checkpoint in {workdir}: fine-tune there first (--mode=train)")
+    if which == "latest":
+        return steps[-1]
+    scored = {r["step"]: r[key] for r in read_metrics(workdir) if key in r and r["step"] in steps}
+    if not scored:
+        logging.warning("no evaluated checkpoint in %s: using the latest", workdir)
+        return steps[-1]
+    return max(scored, key=lambda s: (scored[s], s))
+
+
+def evaluate_checkpoint(config, workdir: str, run: FineTune | None = None, splits=None) -> dict:
+    """Restores the best (or latest: `eval.checkpoint`) checkpoint, scores the eval
+    splits, predicts the test splits, and writes results.json, results.md and, for GLUE
+    test splits, the submission TSVs."""
+    run = run or FineTune(config, workdir, read_only=True)
+    if not hasattr(run, "p_predict"):
+        run.build(1)
+        run.state = None  # restored below
+    step = choose_step(workdir, run.selection_key, config.eval.checkpoint)
+    abstract = run.abstract
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        try:
+            state, _ = checkpoint.restore(mngr, abstract, step)
+        except Exception as e:
+            raise UserError(
+                f"checkpoint {step} in {workdir} cannot be read ({str(e)[:150]}); choose "
+                "another with --config.eval.checkpoint=latest or re-run training"
+            ) from None
+    splits = splits or (*run.task.eval_splits, *run.task.test_splits)
+    results = []
+    for name in splits:
+        scores = run.evaluate(state.params, [name])
+        scores = {k[len(name) + 1 :]: v for k, v in scores.items()}
+        if scores:
+            results.append({"split": name, **scores})
+        if name in run.task.submission:
+            write_submission(run, state.params, name)
+    report = {
+        "task": run.task.name,
+        "checkpoint_step": step,
+        "selected_by": config.eval.checkpoint,
+        "init_from": config.init_from,
+        "lm_coef": config.finetune.lm_coef,
+        "results": results,
+        "paper": run.task.paper,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RESULTS_JSON), "w") as f:
+            json.dump(report, f, indent=2)
+        table = results_table(report)
+        with open(os.path.join(workdir, RESULTS_MD), "w") as f:
+            f.write(table)
+        logging.info("results of checkpoint %d:\n%s", step, table)
+    return report
+
+
+def results_table(report: dict) -> str:
+    """Markdown: each split and metric next to the paper's (test-set) number."""
+    lines = [
+        f"Task `{report['task']}`, checkpoint {report['checkpoint_step']} "
+        f"({report['selected_by']}); the paper's numbers are on the test sets.",
+        "",
+        "| split | metric | gptjax | paper |",
+        "|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        for metric, value in row.items():
+            if metric == "split":
+                continue
+            paper = report["paper"].get(metric)
+            paper = "" if paper is None else f"{paper:.1f}"
+            lines.append(f"| {row['split']} | {metric} | {value:.1f} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_submission(run: FineTune, params, split: str):
+    """A GLUE submission file: `index<TAB>prediction`, labels by name (numbers for STS-B
+    and the binary tasks GLUE scores as 0/1)."""
+    examples = run.task.load(split, run.data_dir)
+    out = run.predict(params, run.split(split))
+    preds = run.predictions(out["output"])
+    numeric = run.task.regression or run.task.name in ("cola", "sst2", "mrpc", "qqp")
+    path = os.path.join(run.workdir, run.task.submission[split])
+    if jax.process_index() != 0:
+        return
+    with open(path + ".tmp", "w") as f:
+        f.write("index\tprediction\n")
+        for ex, p in zip(examples, preds, strict=True):
+            value = f"{p:.3f}" if run.task.regression else p
+            value = value if numeric else run.task.label_names[int(p)]
+            f.write(f"{ex.uid}\t{value}\n")
+    shutil.move(path + ".tmp", path)
+    logging.info("wrote the GLUE submission file %s", path)
