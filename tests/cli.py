@@ -24,8 +24,9 @@ TINY = [
 ]
 
 
-def command(workdir, *flags, books=None, cache=None, devices=1):
-    """argv and environment for `python -m gptjax.main` on the tiny config."""
+def command(workdir, *flags, books=None, cache=None, devices=1, config="configs/gpt1.py"):
+    """argv and environment for `python -m gptjax.main` on the tiny config (on `config`
+    as it is, for any other config)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
@@ -33,8 +34,8 @@ def command(workdir, *flags, books=None, cache=None, devices=1):
         # Restarts reuse compiled steps, as a user's would with the persistent cache.
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache / "jax")
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    args = [sys.executable, "-m", "gptjax.main", "--config=configs/gpt1.py"]
-    args += [f"--workdir={workdir}", *TINY]
+    args = [sys.executable, "-m", "gptjax.main", f"--config={config}", f"--workdir={workdir}"]
+    args += TINY if config == "configs/gpt1.py" else []
     if books is not None:
         args.append(f"--config.data.books={books}")
     if cache is not None:
@@ -42,9 +43,9 @@ def command(workdir, *flags, books=None, cache=None, devices=1):
     return args + list(flags), env
 
 
-def run_main(workdir, *flags, books=None, cache=None, devices=1):
+def run_main(workdir, *flags, books=None, cache=None, devices=1, config="configs/gpt1.py"):
     """Runs the CLI to completion and returns the CompletedProcess."""
-    args, env = command(workdir, *flags, books=books, cache=cache, devices=devices)
+    args, env = command(workdir, *flags, books=books, cache=cache, devices=devices, config=config)
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

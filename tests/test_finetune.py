@@ -1,0 +1,390 @@
+"""Fine-tuning: input transformations, the task head, the objective, weight transfer,
+every TFDS task on mock data, and users' files end to end through the CLI."""
+
+import dataclasses
+import json
+import runpy
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from cli import assert_one_line_error, run_main
+from tensorflow_datasets.core.data_sources import base as data_sources_base
+
+from gptjax import checkpoint, finetune
+from gptjax.model import GPT, ModelConfig, TaskModel
+from gptjax.tasks import transforms
+from gptjax.tasks.spec import Example, TaskSpec
+from gptjax.tasks.tfds_tasks import TFDS_TASKS
+
+from conftest import ROOT, gpt1_config, write_books
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quick_compiles():
+    """These tests check values, not speed: XLA's cheapest compilation."""
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+
+
+# ----------------------------------------------------------------------------------------
+# The transformations, with a tokenizer whose ids are easy to read.
+
+
+class WordTokenizer:
+    """Word i of a text -> id 10 + its number in the text ('w3' -> 13); vocab 100."""
+
+    vocab_size, pad_id = 100, 1
+    special_ids = {"_start_": 100, "_delimiter_": 101, "_classify_": 102}
+
+    def encode_texts(self, texts):
+        return [[10 + int(w[1:]) for w in t.split()] for t in texts]
+
+
+S, D, E = 100, 101, 102
+TOK = WordTokenizer()
+
+
+def task(kind, **kw):
+    return TaskSpec(name="t", kind=kind, load=None, metrics=("accuracy",), **kw)
+
+
+def test_classification_and_entailment_layouts():
+    out = transforms.encode(task("classification"), [Example(("w1 w2",), 1)], TOK, 8)
+    assert out["tokens"].tolist() == [[[S, 11, 12, E]]]
+    assert out["clf_pos"].tolist() == [[3]] and out["lengths"].tolist() == [[4]]
+    out = transforms.encode(
+        task("entailment"), [Example(("w1 w2", "w3"), 0), Example(("w4", "w5"), 2)], TOK, 8
+    )
+    pad = TOK.pad_id
+    assert out["tokens"].tolist() == [[[S, 11, 12, D, 13, E]], [[S, 14, D, 15, E, pad]]]
+    assert out["clf_pos"].tolist() == [[5], [4]]
+    assert out["label"].tolist() == [0, 2] and out["weight"].tolist() == [1, 1]
+
+
+def test_similarity_and_multiple_choice_layouts():
+    out = transforms.encode(task("similarity"), [Example(("w1", "w2 w3"), 1)], TOK, 8)
+    assert out["tokens"].tolist() == [[[S, 11, D, 12, 13, E], [S, 12, 13, D, 11, E]]]
+    out = transforms.encode(
+        task("multiple_choice"), [Example(("w1 w2",), 2, choices=("w3", "w4 w5", "w6"))], TOK, 8
+    )
+    assert out["tokens"].tolist() == [
+        [[S, 11, 12, D, 13, E, 1], [S, 11, 12, D, 14, 15, E], [S, 11, 12, D, 16, E, 1]]
+    ]
+    assert out["clf_pos"].tolist() == [[5, 6, 5]] and out["label"].tolist() == [2]
+
+
+def test_truncation_keeps_every_sequence_within_n_ctx():
+    long = " ".join(f"w{i}" for i in range(20))
+    out = transforms.encode(task("classification"), [Example((long,), 0)], TOK, 8)
+    assert out["tokens"].tolist() == [[[S, 10, 11, 12, 13, 14, 15, E]]]  # its beginning
+    # A long first part loses its beginning, a short second part is kept whole.
+    out = transforms.encode(task("entailment"), [Example((long, "w1"), 0)], TOK, 8)
+    assert out["tokens"].tolist() == [[[S, 26, 27, 28, 29, D, 11, E]]]
+    # Both long: half each (n_ctx - 3 = 5 ids: 2 + 3), the second keeps its beginning.
+    out = transforms.encode(task("entailment"), [Example((long, long), 0)], TOK, 8)
+    assert out["tokens"].tolist() == [[[S, 28, 29, D, 10, 11, 12, E]]]
+    assert transforms.fit_pair(list(range(9)), [], 5) == ([4, 5, 6, 7, 8], [])
+
+
+def test_unlabelled_examples_are_marked():
+    out = transforms.encode(task("classification"), [Example(("w1",), None, uid=7)], TOK, 8)
+    assert out["labelled"].tolist() == [False] and out["label"].tolist() == [0]
+
+
+# ----------------------------------------------------------------------------------------
+# The head and the objective.
+
+CFG = ModelConfig(vocab_size=103, n_ctx=8, n_layer=2, n_head=2, d_model=16, d_mlp=32, dropout=0.0)
+
+
+def model_and_params(kind, num_outputs, regression=False):
+    model = TaskModel(CFG, kind=kind, num_outputs=num_outputs, regression=regression)
+    s = {"similarity": 2, "multiple_choice": 3}.get(kind, 1)
+    tokens = jnp.zeros((1, s, 8), jnp.int32)
+    params = model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((1, s), jnp.int32))["params"]
+    params = nn.unbox(params)
+    return model, params
+
+
+def batch_of(kind, examples):
+    arrays = transforms.encode(task(kind), examples, TOK, 8, length=8)
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def test_head_reads_the_classify_position():
+    model, params = model_and_params("classification", 3)
+    batch = batch_of("classification", [Example(("w1 w2 w3",), 0)])
+    out, _ = model.apply({"params": params}, batch["tokens"], batch["clf_pos"])
+    after = batch["tokens"].at[0, 0, 5:].set(50)  # padding after _classify_ (position 4)
+    out_after, _ = model.apply({"params": params}, after, batch["clf_pos"])
+    np.testing.assert_array_equal(out, out_after)
+    before = batch["tokens"].at[0, 0, 2].set(50)
+    out_before, _ = model.apply({"params": params}, before, batch["clf_pos"])
+    assert not np.allclose(out, out_before)
+    # The head is exactly the linear map of the final hidden state at position 4.
+    h = model.apply({"params": params}, batch["tokens"][:, 0], method=_encode)
+    expected = h[0, 4] @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def _encode(module, tokens):
+    return module.transformer.encode(tokens)
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_similarity_is_symmetric(regression):
+    model, params = model_and_params("similarity", 1 if regression else 2, regression)
+    ab = batch_of("similarity", [Example(("w1 w2", "w3"), 0)])
+    ba = batch_of("similarity", [Example(("w3", "w1 w2"), 0)])
+    out_ab, _ = model.apply({"params": params}, ab["tokens"], ab["clf_pos"])
+    out_ba, _ = model.apply({"params": params}, ba["tokens"], ba["clf_pos"])
+    assert out_ab.shape == ((1,) if regression else (1, 2))
+    np.testing.assert_allclose(out_ab, out_ba, rtol=1e-6)
+
+
+def test_multiple_choice_softmaxes_over_the_choices_of_one_example():
+    model, params = model_and_params("multiple_choice", 1)
+    examples = [
+        Example(("w1",), 2, choices=("w2", "w3", "w4")),
+        Example(("w5 w6",), 0, choices=("w7", "w8", "w9")),
+    ]
+    batch = batch_of("multiple_choice", examples)
+    out, _ = model.apply({"params": params}, batch["tokens"], batch["clf_pos"])
+    assert out.shape == (2, 3)
+    objective = finetune.task_objective(model, 0.0, regression=False)
+    _, means = objective.loss(params, batch, None)
+    by_hand = -np.mean(
+        [jax.nn.log_softmax(out[0])[2], jax.nn.log_softmax(out[1])[0]]
+    )  # each row's own choices
+    np.testing.assert_allclose(means["task"], by_hand, rtol=1e-5)
+    # Another example's choices change nothing of this one's scores.
+    other = batch_of("multiple_choice", [examples[0], Example(("w1",), 1, ("w9", "w9", "w9"))])
+    out_other, _ = model.apply({"params": params}, other["tokens"], other["clf_pos"])
+    np.testing.assert_array_equal(out[0], out_other[0])
+
+
+def test_auxiliary_lm_loss_ignores_padding():
+    model, params = model_and_params("entailment", 3)
+    batch = batch_of("entailment", [Example(("w1 w2", "w3"), 0), Example(("w4", "w5"), 1)])
+    objective = finetune.task_objective(model, 0.5, regression=False)
+    loss, means = objective.loss(params, batch, None)
+    counts = objective.counts(batch)
+    # Targets are the real ids after the first: 6 - 1 and 5 - 1.
+    assert float(counts["lm"]) == 9.0 and float(counts["task"]) == 2.0
+    assert float(loss) == pytest.approx(float(means["task"] + 0.5 * means["lm"]), rel=1e-6)
+    padded = dict(batch, tokens=batch["tokens"].at[1, 0, 5:].set(77))  # after its length 5
+    _, means_padded = objective.loss(params, padded, None)
+    np.testing.assert_allclose(means["lm"], means_padded["lm"], rtol=1e-6)
+    np.testing.assert_allclose(means["task"], means_padded["task"], rtol=1e-6)
+    # A padding row (weight 0) counts for nothing.
+    empty = dict(batch, weight=jnp.asarray([1.0, 0.0]))
+    assert float(objective.counts(empty)["lm"]) == 5.0
+
+
+# ----------------------------------------------------------------------------------------
+# Transfer from a pretraining run, and whole runs.
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny pretraining workdir (2 blocks, vocab 96, n_ctx 16)."""
+    root = tmp_path_factory.mktemp("pre")
+    books = write_books(root / "books")
+    result = run_main(root / "run", books=books, cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def finetune_config(pretrained, name="custom", **task):
+    config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"](name)
+    config.init_from = str(pretrained / "run")
+    config.data.cache_dir = str(pretrained / "cache")
+    config.train.update(batch_size=4, num_steps=2, log_every=1)
+    config.task.update(task)
+    return config
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def classification_files(tmp_path, n=8):
+    rows = [{"text": f"the king is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(n)]
+    return {
+        "train_path": write_jsonl(tmp_path / "train.jsonl", rows),
+        "eval_path": write_jsonl(tmp_path / "eval.jsonl", rows[:4]),
+    }
+
+
+@pytest.mark.parametrize("n_transfer", [None, 1])
+def test_transfer_copies_exactly_the_pretrained_weights(pretrained, tmp_path, n_transfer):
+    config = finetune_config(pretrained, **classification_files(tmp_path))
+    config.finetune.n_transfer = n_transfer
+    finetune.resolve_model(config)
+    run = finetune.FineTune(config, str(tmp_path / "ft"))
+    run.build(2)
+    fresh = jax.device_get(run.state.params)
+    params = jax.device_get(run.load_pretrained(run.state).params)
+    lm = GPT(dataclasses.replace(run.model_cfg, vocab_size=96))
+    shapes = lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
+    target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(shapes))
+    pre = checkpoint.restore_params(str(pretrained / "run"), target)
+    gpt = params["transformer"]
+    np.testing.assert_array_equal(
+        gpt["tokens_embed"]["embedding"][:96], pre["tokens_embed"]["embedding"]
+    )
+    # The specials' rows are the fresh N(0, 0.02) ones.
+    specials = gpt["tokens_embed"]["embedding"][96:]
+    np.testing.assert_array_equal(specials, fresh["transformer"]["tokens_embed"]["embedding"][96:])
+    assert specials.shape == (3, 32) and 0.005 < specials.std() < 0.05
+    np.testing.assert_array_equal(
+        gpt["positions_embed"]["embedding"], pre["positions_embed"]["embedding"]
+    )
+    transferred = 2 if n_transfer is None else n_transfer
+    for i in range(2):
+        same = jax.tree.map(np.array_equal, gpt[f"h_{i}"], pre[f"h_{i}"])
+        fresh_same = jax.tree.map(np.array_equal, gpt[f"h_{i}"], fresh["transformer"][f"h_{i}"])
+        assert all(jax.tree.leaves(same if i < transferred else fresh_same)), i
+    np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])
+
+
+FT = "configs/finetune.py:custom"
+
+
+def test_custom_classification_end_to_end_through_the_cli(pretrained, tmp_path):
+    files = classification_files(tmp_path)
+    flags = [
+        f"--config.init_from={pretrained / 'run'}",
+        f"--config.task.train_path={files['train_path']}",
+        f"--config.task.eval_path={files['eval_path']}",
+        "--config.train.batch_size=4",
+    ]
+    workdir = tmp_path / "ft"
+    result = run_main(
+        workdir, *flags, "--config.train.lr=1e-3", cache=pretrained / "cache", config=FT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((workdir / "results.json").read_text())
+    assert report["task"] == "custom" and report["checkpoint_step"] in (2, 4, 6)
+    assert 0 <= report["results"][0]["accuracy"] <= 100
+    assert "| validation | accuracy |" in (workdir / "results.md").read_text()
+    # --mode=eval restores the same best checkpoint and reproduces its score.
+    (workdir / "results.json").unlink()
+    again = run_main(workdir, *flags, "--mode=eval", cache=pretrained / "cache", config=FT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((workdir / "results.json").read_text())["results"] == report["results"]
+
+
+KIND_ROWS = {
+    "entailment": (
+        {"text_fields": "premise,hypothesis"},
+        [{"premise": "a king", "hypothesis": "a queen", "label": "no"}] * 2
+        + [{"premise": "a king", "hypothesis": "a king", "label": "yes"}] * 2,
+    ),
+    "similarity": (
+        {"text_fields": "a,b", "regression": True},
+        [{"a": "the dog", "b": "the cat", "label": 1.5}, {"a": "a hill", "b": "a hill", "label": 5}]
+        * 2,
+    ),
+    "multiple_choice": (
+        {"text_fields": "context", "choices_field": "choices"},
+        [{"context": "the king sees", "choices": ["a dog", "a cat"], "label": 1}] * 4,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KIND_ROWS))
+def test_custom_task_of_each_kind_trains_and_scores(pretrained, tmp_path, kind):
+    fields, rows = KIND_ROWS[kind]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = finetune_config(pretrained, kind=kind, train_path=path, eval_path=path, **fields)
+    finetune.resolve_model(config)
+    report = finetune.train_and_evaluate(config, str(tmp_path / "ft"))
+    metrics = report["results"][0]
+    expected = {"pearson", "spearman"} if kind == "similarity" else {"accuracy"}
+    assert set(metrics) - {"split"} == expected
+    rows_logged = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").open()]
+    assert any("lm_loss" in r and "task_loss" in r for r in rows_logged)
+
+
+@pytest.fixture
+def mock_reads(monkeypatch):
+    # The mock's data source cannot read several records at once; read one at a time.
+    monkeypatch.setattr(
+        data_sources_base.BaseDataSource, "__getitems__", lambda self, ks: [self[k] for k in ks]
+    )
+
+
+@pytest.mark.parametrize("name", sorted(set(TFDS_TASKS) - {"story_cloze"}))
+def test_every_tfds_task_fine_tunes_on_mock_data(pretrained, tmp_path, mock_reads, name):
+    config = finetune_config(pretrained, name)
+    config.train.update(num_steps=1, batch_size=2)
+    finetune.resolve_model(config)
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        report = finetune.train_and_evaluate(config, str(tmp_path / "ft"))
+    spec = TFDS_TASKS[name]
+    assert [r["split"] for r in report["results"]] == list(spec.eval_splits)
+    assert set(report["results"][0]) == {"split", *spec.metrics}
+
+
+@pytest.mark.parametrize(
+    "rows,flags,words",
+    [
+        (
+            [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}],
+            [],
+            ["'text'", "sentence"],
+        ),
+        ([], [], ["no examples"]),
+        (None, [], ["'maybe'"]),
+        (
+            [
+                {"c": "x", "ch": ["a", "b"], "label": 0},
+                {"c": "y", "ch": ["a", "b", "c"], "label": 0},
+            ],
+            [
+                "--config.task.kind=multiple_choice",
+                "--config.task.text_fields=c",
+                "--config.task.choices_field=ch",
+            ],
+            ["choices"],
+        ),
+        (
+            [{"text": "a", "label": 0}, {"text": "b", "label": 1}],
+            ["--config.model.n_layer=3"],
+            ["another architecture", "n_layer=3"],
+        ),
+    ],
+    ids=["missing-column", "empty-file", "unseen-eval-label", "ragged-choices", "architecture"],
+)
+def test_bad_task_inputs_are_one_line_errors(pretrained, tmp_path, rows, flags, words):
+    train_rows = (
+        rows if rows is not None else [{"text": "a", "label": "yes"}, {"text": "b", "label": "no"}]
+    )
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows)
+    evals = (
+        train
+        if rows is not None
+        else write_jsonl(tmp_path / "eval.jsonl", [{"text": "c", "label": "maybe"}])
+    )
+    workdir = tmp_path / "ft"
+    result = run_main(
+        workdir,
+        f"--config.init_from={pretrained / 'run'}",
+        f"--config.task.train_path={train}",
+        f"--config.task.eval_path={evals}",
+        *flags,
+        config=FT,
+    )
+    assert_one_line_error(result, *words, workdir=workdir)
+
+
+def test_gpt1_config_and_finetune_config_share_the_architecture_keys():
+    gpt1 = gpt1_config()
+    assert set(finetune.ARCHITECTURE) <= set(gpt1.model)
