@@ -47,6 +47,15 @@ def get_config(task: str = "custom") -> config_dict.ConfigDict:
     # a pretrained run's ids; else one is learned on the task's training texts).
     config.finetune.tokenizer = ""
 
+    # Phase 1 (optional): continue LM training on the task's own texts (its training
+    # split, every text and answer of an example joined as one document) before the
+    # supervised phase, in WORKDIR/adapt with its own checkpoints.
+    config.adapt = config_dict.ConfigDict()
+    config.adapt.enabled = False
+    config.adapt.epochs = 1
+    config.adapt.num_steps = config_dict.placeholder(int)  # when set, wins over epochs
+    config.adapt.lr = config_dict.placeholder(float)  # unset: train.lr
+
     config.train.lr = 6.25e-5
     config.train.batch_size = 32
     config.train.epochs = 3

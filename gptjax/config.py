@@ -85,5 +85,10 @@ def validate_finetune(config: ml_collections.ConfigDict):
         )
     if f.n_transfer is not None and not config.init_from:
         raise UserError("finetune.n_transfer needs --config.init_from (a pretrained run)")
+    a = config.adapt
+    if a.epochs <= 0 or (a.num_steps is not None and a.num_steps <= 0):
+        raise UserError("adapt.epochs and adapt.num_steps must be positive")
+    if a.lr is not None and a.lr <= 0:
+        raise UserError(f"adapt.lr={a.lr} must be positive or unset")
     if config.eval.checkpoint not in ("best", "latest"):
         raise UserError(f"eval.checkpoint is {config.eval.checkpoint!r}; use 'best' or 'latest'")

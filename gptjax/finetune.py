@@ -25,11 +25,12 @@ import numpy as np
 from gptjax import checkpoint, losses, optim, sharding, train
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.data.corpus import cache_dir
-from gptjax.data.pipeline import eval_batches, train_iterator
+from gptjax.data.pipeline import PackedWindows, eval_batches, train_iterator
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers, unstack_layers
 from gptjax.pretrain import CONFIG_FILE, agreed_resume_step, check_batch, check_workdir
+from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.pretrain import write_config as write_run_config
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks import registry, transforms
@@ -259,13 +260,11 @@ class FineTune:
             self.mesh,
         )
 
-    def load_pretrained(self, state):
-        """`state` with the `init_from` run's weights transferred (Section 3.2)."""
+    def restore_lm(self, source: str) -> dict:
+        """The GPT parameters of a run's latest checkpoint (`init_from`, or the adaptation
+        phase), in the unrolled layout whatever layout that run used."""
         cfg = self.config
-        n_layer = cfg.model.n_layer
-        n_transfer = n_layer if cfg.finetune.n_transfer is None else cfg.finetune.n_transfer
-        saved = _read_run_config(cfg.init_from)
-        scanned = saved.get("train", {}).get("scan_layers", False)
+        scanned = _read_run_config(source).get("train", {}).get("scan_layers", False)
         lm = GPT(ModelConfig.from_config(cfg.model), scan_layers=scanned)
         tokens = jnp.zeros((1, cfg.model.n_ctx), jnp.int32)
         boxed = jax.eval_shape(lambda: lm.init({"params": jax.random.PRNGKey(0)}, tokens))
@@ -276,9 +275,15 @@ class FineTune:
             nn.unbox(boxed)["params"],
             shardings,
         )
-        pretrained = checkpoint.restore_params(cfg.init_from, abstract)
-        if scanned:
-            pretrained = unstack_layers(pretrained)
+        params = checkpoint.restore_params(source, abstract)
+        return unstack_layers(params) if scanned else params
+
+    def load_pretrained(self, state, source: str):
+        """`state` with the weights of the run in `source` transferred (Section 3.2)."""
+        cfg = self.config
+        n_layer = cfg.model.n_layer
+        n_transfer = n_layer if cfg.finetune.n_transfer is None else cfg.finetune.n_transfer
+        pretrained = self.restore_lm(source)
 
         def combine(params, pretrained):
             ours = unstack_layers(params) if cfg.train.scan_layers else params
@@ -287,12 +292,108 @@ class FineTune:
 
         params = jax.jit(combine, out_shardings=self.shardings.params)(state.params, pretrained)
         logging.info(
-            "transferred the embeddings and %d of %d blocks from %s",
-            n_transfer,
-            n_layer,
-            cfg.init_from,
+            "transferred the embeddings and %d of %d blocks from %s", n_transfer, n_layer, source
         )
         return state.replace(params=params)
+
+    def adapt(self) -> str:
+        """Phase 1, domain adaptation: continues LM training (the pretraining objective)
+        on the task's own texts, in `workdir/adapt` with its own checkpoints; resumes or,
+        when complete, does nothing. Returns that directory (the next phase starts from
+        its latest checkpoint)."""
+        cfg, a = self.config, self.config.adapt
+        workdir = os.path.join(self.workdir, "adapt")
+
+        def windows(split):
+            examples = self.task.load(split, self.data_dir)
+            docs = self.tokenizer.encode_texts(
+                ["\n".join(ex.texts + ex.choices) for ex in examples]
+            )
+            stream = np.concatenate(
+                [np.asarray(d + [self.tokenizer.eos_id], np.int32) for d in docs]
+            )
+            return PackedWindows(stream, cfg.model.n_ctx, self.tokenizer.pad_id)
+
+        train_windows, eval_windows = (
+            windows(self.task.train_split),
+            windows(self.task.eval_splits[0]),
+        )
+        phase_cfg = cfg.train.copy_and_resolve_references()
+        with phase_cfg.unlocked():
+            phase_cfg.update(epochs=a.epochs, num_steps=a.num_steps, lr=a.lr or cfg.train.lr)
+        total = pretrain_total_steps(phase_cfg, len(train_windows))
+        per_epoch = max(1, len(train_windows) // phase_cfg.batch_size)
+        with phase_cfg.unlocked():
+            phase_cfg.eval_every = phase_cfg.eval_every or per_epoch
+            phase_cfg.ckpt_every = phase_cfg.ckpt_every or per_epoch
+        resume = agreed_resume_step(workdir)
+        if resume is not None and resume >= total:
+            return workdir
+        model = GPT(
+            ModelConfig.from_config(cfg.model, cfg.train),
+            remat=cfg.train.remat,
+            scan_layers=cfg.train.scan_layers,
+        )
+        schedule = optim.lr_schedule(phase_cfg, total)
+        state, shardings = train.create_state(
+            model,
+            optim.make_optimizer(phase_cfg, total),
+            cfg.train.seed,
+            cfg.model.n_ctx,
+            self.mesh,
+        )
+        if resume is None and cfg.init_from:
+            params = self.restore_lm(cfg.init_from)
+            if cfg.train.scan_layers:
+                params = stack_layers(params, cfg.model.n_layer)
+            state = state.replace(params=jax.device_put(params, shardings.params))
+        p_train, p_eval = train.compile_steps(
+            model, schedule, self.mesh, shardings, cfg.train.microbatches
+        )
+        os.makedirs(workdir, exist_ok=True)
+        write_run_config(workdir, cfg)
+        logging.info(
+            "domain adaptation: %d steps of LM training on %s's texts (%d windows of %d)",
+            total,
+            self.task.name,
+            len(train_windows),
+            cfg.model.n_ctx,
+        )
+
+        def evaluate(params):
+            batches = eval_batches(
+                eval_windows,
+                phase_cfg.batch_size // phase_cfg.microbatches,
+                phase_cfg.eval_batches,
+                jax.process_index(),
+                jax.process_count(),
+            )
+            return train.evaluate(p_eval, params, batches, self.mesh)
+
+        data_iter = train_iterator(
+            train_windows,
+            phase_cfg.batch_size,
+            cfg.train.seed,
+            jax.process_index(),
+            jax.process_count(),
+        )
+        holder = [state]
+        del state
+        train.run_phase(
+            holder.pop(),
+            shardings,
+            p_train,
+            evaluate,
+            data_iter,
+            self.mesh,
+            phase_cfg,
+            total,
+            phase_cfg.batch_size * cfg.model.n_ctx,
+            workdir,
+            checkpoint.manager(workdir, phase_cfg.keep_checkpoints),
+            resume,
+        )
+        return workdir
 
     def predict(self, params, split: Split) -> dict[str, np.ndarray]:
         """Outputs of every example of `split`, in example order (padding rows dropped)."""
@@ -357,12 +458,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Unset: evaluate and checkpoint at the end of every epoch.
         config.train.eval_every = config.train.eval_every or per_epoch
         config.train.ckpt_every = config.train.ckpt_every or per_epoch
-    run.build(total_steps)
-    if run.resume_step is None and config.init_from:
-        run.state = run.load_pretrained(run.state)
     if not os.path.exists(os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)):
         run.tokenizer.save(os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE))
     write_run_config(workdir, config)
+    source = config.init_from
+    if config.adapt.enabled and run.resume_step is None:
+        source = run.adapt()
+    run.build(total_steps)
+    if run.resume_step is None and source:
+        run.state = run.load_pretrained(run.state, source)
     if jax.process_index() == 0:
         logging.info("run summary:\n%s", run.summary(total_steps))
     data_iter = train_iterator(

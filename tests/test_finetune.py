@@ -15,6 +15,7 @@ from cli import assert_one_line_error, run_main
 from tensorflow_datasets.core.data_sources import base as data_sources_base
 
 from gptjax import checkpoint, finetune
+from gptjax.metrics import read_metrics
 from gptjax.model import GPT, ModelConfig, TaskModel
 from gptjax.tasks import transforms
 from gptjax.tasks.spec import Example, TaskSpec
@@ -230,7 +231,7 @@ def test_transfer_copies_exactly_the_pretrained_weights(pretrained, tmp_path, n_
     run = finetune.FineTune(config, str(tmp_path / "ft"))
     run.build(2)
     fresh = jax.device_get(run.state.params)
-    params = jax.device_get(run.load_pretrained(run.state).params)
+    params = jax.device_get(run.load_pretrained(run.state, str(pretrained / "run")).params)
     lm = GPT(dataclasses.replace(run.model_cfg, vocab_size=96))
     shapes = lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
     target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(shapes))
@@ -388,3 +389,24 @@ def test_bad_task_inputs_are_one_line_errors(pretrained, tmp_path, rows, flags, 
 def test_gpt1_config_and_finetune_config_share_the_architecture_keys():
     gpt1 = gpt1_config()
     assert set(finetune.ARCHITECTURE) <= set(gpt1.model)
+
+
+def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp_path):
+    config = finetune_config(pretrained, **classification_files(tmp_path))
+    config.adapt.update(enabled=True, num_steps=2, lr=1e-2)
+    finetune.resolve_model(config)
+    workdir = tmp_path / "ft"
+    finetune.train_and_evaluate(config, str(workdir))
+    adapt_dir = str(workdir / "adapt")
+    assert checkpoint.all_steps(adapt_dir) == [2]
+    assert any("eval_loss" in r for r in read_metrics(adapt_dir))
+    run = finetune.FineTune(config, str(tmp_path / "other"), read_only=True)
+    adapted, original = run.restore_lm(adapt_dir), run.restore_lm(str(pretrained / "run"))
+    kernel = ("h_0", "mlp", "c_fc", "kernel")
+    a, o = adapted, original
+    for k in kernel:
+        a, o = a[k], o[k]
+    assert not np.array_equal(a, o)  # the LM phase changed the weights the next one starts from
+    # A rerun finds the phase complete and does not train it again.
+    finetune.train_and_evaluate(config, str(workdir))
+    assert checkpoint.all_steps(adapt_dir) == [2]
