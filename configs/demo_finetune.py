@@ -2,11 +2,8 @@
 labelled task that is reachable offline, BBC News topic classification (5 topics).
 
     python -m gptjax.main --config=configs/demo_finetune.py --workdir=runs/demo-bbc
-    # the same from scratch (no pretraining), with the same tokenizer and model shape:
-    python -m gptjax.main --config=configs/demo_finetune.py --workdir=runs/demo-bbc-scratch \
-        --config.init_from= --config.finetune.tokenizer=runs/demo/tokenizer.model \
-        --config.model.vocab_size=4096 --config.model.n_ctx=128 --config.model.n_layer=4 \
-        --config.model.n_head=4 --config.model.d_model=192 --config.model.d_mlp=768
+    # pretrained vs from scratch (same tokenizer and shape), printed side by side:
+    python -m gptjax.ablate --config=configs/demo_finetune.py --workdir=runs/demo-bbc-ablation
 
 Everything not set here is the paper's fine-tuning recipe (configs/finetune.py).
 """

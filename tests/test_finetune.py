@@ -410,3 +410,18 @@ def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp
     # A rerun finds the phase complete and does not train it again.
     finetune.train_and_evaluate(config, str(workdir))
     assert checkpoint.all_steps(adapt_dir) == [2]
+
+
+def test_ablation_variants_and_side_by_side_table():
+    from gptjax import ablate
+
+    config = runpy.run_path(str(ROOT / "configs" / "demo_finetune.py"))["get_config"]()
+    scratch = ablate.variant_config(config, "scratch")
+    assert scratch.init_from == "" and scratch.finetune.tokenizer == "runs/demo/tokenizer.model"
+    assert ablate.variant_config(config, "no_aux_lm").finetune.lm_coef == 0.0
+    assert config.init_from == "runs/demo" and config.finetune.lm_coef == 0.5  # untouched
+    reports = {
+        "pretrained": {"results": [{"split": "validation", "accuracy": 91.25}]},
+        "scratch": {"results": [{"split": "validation", "accuracy": 60.0}]},
+    }
+    assert ablate.table(reports).splitlines()[2] == "| validation | accuracy | 91.2 | 60.0 |"
