@@ -12,12 +12,11 @@ import copy
 import json
 import logging
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, fail
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per variant goes here.")
@@ -27,11 +26,6 @@ _VARIANTS = flags.DEFINE_list(
 flags.mark_flags_as_required(["config", "workdir"])
 
 VARIANTS = ("pretrained", "scratch", "no_aux_lm")
-
-
-def fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def variant_config(config, variant: str):

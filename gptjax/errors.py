@@ -20,3 +20,11 @@ class Preempted(Exception):
     def __init__(self, step: int, reason: str):
         super().__init__(f"stopped by {reason} at step {step}; checkpoint saved")
         self.step, self.reason = step, reason
+
+
+def fail(message: str):
+    """The one way bad input ends a command: one line on stderr and exit status 2."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import runpy
-import shutil
 
 import flax.linen as nn
 import jax
@@ -163,6 +162,7 @@ def transfer(fresh: dict, pretrained: dict, n_transfer: int) -> dict:
 @dataclasses.dataclass
 class Split:
     name: str
+    examples: list
     rows: transforms.Rows
     length: int
 
@@ -205,7 +205,7 @@ class FineTune:
                 raise UserError(f"task {self.task.name}: split {name!r} has no examples")
             arrays = transforms.encode(self.task, examples, self.tokenizer, self.config.model.n_ctx)
             rows = transforms.Rows(arrays)
-            self.splits[name] = Split(name, rows, arrays["tokens"].shape[-1])
+            self.splits[name] = Split(name, examples, rows, arrays["tokens"].shape[-1])
             logging.info(
                 "%s %s: %d examples, padded to %d tokens",
                 self.task.name,
@@ -578,7 +578,7 @@ def results_table(report: dict) -> str:
 def write_submission(run: FineTune, params, split: str):
     """A GLUE submission file: `index<TAB>prediction`, labels by name (numbers for STS-B
     and the binary tasks GLUE scores as 0/1)."""
-    examples = run.task.load(split, run.data_dir)
+    examples = run.split(split).examples
     out = run.predict(params, run.split(split))
     preds = run.predictions(out["output"])
     numeric = run.task.regression or run.task.name in ("cola", "sst2", "mrpc", "qqp")
@@ -591,5 +591,5 @@ def write_submission(run: FineTune, params, split: str):
             value = f"{p:.3f}" if run.task.regression else p
             value = value if numeric else run.task.label_names[int(p)]
             f.write(f"{ex.uid}\t{value}\n")
-    shutil.move(path + ".tmp", path)
+    os.replace(path + ".tmp", path)
     logging.info("wrote the GLUE submission file %s", path)

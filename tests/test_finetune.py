@@ -22,7 +22,7 @@ from gptjax.tasks import transforms
 from gptjax.tasks.spec import Example, TaskSpec
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
 
-from conftest import ROOT, gpt1_config, write_books
+from conftest import ROOT, write_books
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -398,11 +398,6 @@ def test_bad_task_inputs_are_one_line_errors(pretrained, tmp_path, rows, flags, 
         config=FT,
     )
     assert_one_line_error(result, *words, workdir=workdir)
-
-
-def test_gpt1_config_and_finetune_config_share_the_architecture_keys():
-    gpt1 = gpt1_config()
-    assert set(finetune.ARCHITECTURE) <= set(gpt1.model)
 
 
 def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp_path):
