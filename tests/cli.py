@@ -69,3 +69,34 @@ def assert_one_line_error(result, *words, workdir=None):
     if workdir is not None:
         assert not workdir.exists() or not list(workdir.iterdir())
     return last
+
+
+def main_in_process(workdir, *flags, cache=None, config="configs/gpt1.py", capsys=None):
+    """The same command line, parsed and run by `gptjax.main` in this process (no new
+    interpreter, and compiled steps are shared with the other in-process tests).
+    Returns (exit status, the last line of stderr when `capsys` is given)."""
+    import jax
+    from absl import flags as absl_flags
+
+    from gptjax import main as main_lib
+
+    args, _ = command(workdir, *flags, cache=cache, config=config)
+    argv = ["gptjax.main", *args[3:]]
+    cache_dir, sys_argv = jax.config.jax_compilation_cache_dir, sys.argv
+    absl_flags.FLAGS.unparse_flags()
+    try:
+        sys.argv = argv  # ml_collections reads the config overrides from sys.argv
+        main_lib.main(main_lib.parse_flags(argv))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = sys_argv
+        absl_flags.FLAGS.unparse_flags()
+        for name in [n for n in absl_flags.FLAGS if n.startswith("config.")]:
+            delattr(absl_flags.FLAGS, name)  # the overrides this parse defined
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+    if capsys is None:
+        return status, None
+    lines = capsys.readouterr().err.strip().splitlines()
+    return status, lines[-1] if lines else ""

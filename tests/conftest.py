@@ -69,3 +69,8 @@ def tiny_books_config(books_dir, cache_dir):
         corpus="books", books=str(books_dir), cache_dir=str(cache_dir), validation_fraction=0.2
     )
     return config
+
+
+def tree_bytes(directory: pathlib.Path) -> dict:
+    """Every file under `directory` with its bytes: to show that a command left it as it was."""
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

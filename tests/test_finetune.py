@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from cli import assert_one_line_error, run_main
+from cli import main_in_process, run_main
 from tensorflow_datasets.core.data_sources import base as data_sources_base
 from test_tfds_tasks import story_cloze_source, write_story_cloze
 
@@ -22,7 +22,7 @@ from gptjax.tasks import transforms
 from gptjax.tasks.spec import Example, TaskSpec
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
 
-from conftest import ROOT, write_books
+from conftest import ROOT, tree_bytes, write_books
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -259,31 +259,11 @@ def test_transfer_copies_exactly_the_pretrained_weights(pretrained, tmp_path, n_
 FT = "configs/finetune.py:custom"
 
 
-def test_custom_classification_end_to_end_through_the_cli(pretrained, tmp_path):
-    files = classification_files(tmp_path)
-    flags = [
-        f"--config.init_from={pretrained / 'run'}",
-        f"--config.task.train_path={files['train_path']}",
-        f"--config.task.eval_path={files['eval_path']}",
-        "--config.train.batch_size=4",
-    ]
-    workdir = tmp_path / "ft"
-    result = run_main(
-        workdir, *flags, "--config.train.lr=1e-3", cache=pretrained / "cache", config=FT
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((workdir / "results.json").read_text())
-    assert report["task"] == "custom" and report["checkpoint_step"] in (2, 4, 6)
-    assert 0 <= report["results"][0]["accuracy"] <= 100
-    assert "| validation | accuracy |" in (workdir / "results.md").read_text()
-    # --mode=eval restores the same best checkpoint and reproduces its score.
-    (workdir / "results.json").unlink()
-    again = run_main(workdir, *flags, "--mode=eval", cache=pretrained / "cache", config=FT)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((workdir / "results.json").read_text())["results"] == report["results"]
-
-
 KIND_ROWS = {
+    "classification": (
+        {},
+        [{"text": f"the king is {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(8)],
+    ),
     "entailment": (
         {"text_fields": "premise,hypothesis"},
         [{"premise": "a king", "hypothesis": "a queen", "label": "no"}] * 2
@@ -302,17 +282,31 @@ KIND_ROWS = {
 
 
 @pytest.mark.parametrize("kind", sorted(KIND_ROWS))
-def test_custom_task_of_each_kind_trains_and_scores(pretrained, tmp_path, kind):
+def test_custom_task_of_each_kind_end_to_end_through_the_cli(pretrained, tmp_path, kind):
     fields, rows = KIND_ROWS[kind]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
-    config = finetune_config(pretrained, kind=kind, train_path=path, eval_path=path, **fields)
-    finetune.resolve_model(config)
-    report = finetune.train_and_evaluate(config, str(tmp_path / "ft"))
+    flags = [f"--config.init_from={pretrained / 'run'}", f"--config.task.kind={kind}"]
+    flags += [f"--config.task.{k}_path={path}" for k in ("train", "eval")]
+    flags += [f"--config.task.{k}={v}" for k, v in fields.items()]
+    flags += ["--config.train.batch_size=4", "--config.train.num_steps=2"]
+    workdir = tmp_path / "ft"
+    status, _ = main_in_process(workdir, *flags, cache=pretrained / "cache", config=FT)
+    assert status == 0
+    report = json.loads((workdir / "results.json").read_text())
     metrics = report["results"][0]
     expected = {"pearson", "spearman"} if kind == "similarity" else {"accuracy"}
     assert set(metrics) - {"split"} == expected
-    rows_logged = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").open()]
+    assert report["task"] == "custom"
+    assert report["checkpoint_step"] in checkpoint.all_steps(str(workdir))
+    assert f"| validation | {sorted(expected)[0]} |" in (workdir / "results.md").read_text()
+    rows_logged = read_metrics(str(workdir))
     assert any("lm_loss" in r and "task_loss" in r for r in rows_logged)
+    # --mode=eval restores the best checkpoint and reproduces its scores.
+    (workdir / "results.json").unlink()
+    cache = pretrained / "cache"
+    status, _ = main_in_process(workdir, *flags, "--mode=eval", cache=cache, config=FT)
+    assert status == 0
+    assert json.loads((workdir / "results.json").read_text())["results"] == report["results"]
 
 
 @pytest.fixture
@@ -378,7 +372,7 @@ def test_every_tfds_task_fine_tunes_on_mock_data(pretrained, tmp_path, mock_read
     ],
     ids=["missing-column", "empty-file", "unseen-eval-label", "ragged-choices", "architecture"],
 )
-def test_bad_task_inputs_are_one_line_errors(pretrained, tmp_path, rows, flags, words):
+def test_bad_task_inputs_are_one_line_errors(pretrained, tmp_path, capsys, rows, flags, words):
     train_rows = (
         rows if rows is not None else [{"text": "a", "label": "yes"}, {"text": "b", "label": "no"}]
     )
@@ -389,15 +383,20 @@ def test_bad_task_inputs_are_one_line_errors(pretrained, tmp_path, rows, flags, 
         else write_jsonl(tmp_path / "eval.jsonl", [{"text": "c", "label": "maybe"}])
     )
     workdir = tmp_path / "ft"
-    result = run_main(
+    before = tree_bytes(pretrained / "run")
+    status, last = main_in_process(
         workdir,
         f"--config.init_from={pretrained / 'run'}",
         f"--config.task.train_path={train}",
         f"--config.task.eval_path={evals}",
         *flags,
         config=FT,
+        capsys=capsys,
     )
-    assert_one_line_error(result, *words, workdir=workdir)
+    assert status == 2 and last.startswith("error: "), last
+    assert all(word in last for word in words), last
+    assert not workdir.exists() or not list(workdir.iterdir())
+    assert tree_bytes(pretrained / "run") == before  # the pretrained run is untouched
 
 
 def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp_path):
