@@ -1,10 +1,11 @@
-"""Tokenizers: a SentencePiece BPE learned from the training corpus.
+"""Tokenizers: a SentencePiece BPE learned from the training corpus, or GPT-1's own BPE.
 
 The ids follow the original GPT-1 layout: `vocab_size` ordinary ids (here <unk>=0,
 <pad>=1, the end-of-document marker </s>=2 and "\\n", then the learned pieces), and the
 fine-tuning specials `_start_`, `_delimiter_`, `_classify_` reserved *after* them, at
 ids vocab_size .. vocab_size+2. Pretraining never sees the specials; fine-tuning
-appends their embedding rows (Section 3.3 of the paper).
+appends their embedding rows (Section 3.3 of the paper). The released GPT-1 vocabulary
+(`gptjax.bpe.BPETokenizer`) has the same interface; `load_dir` picks whichever a directory holds.
 """
 
 import hashlib
@@ -92,6 +93,32 @@ class SentencePieceTokenizer:
     def encode_document(self, text: str) -> np.ndarray:
         """A whole book as ids: line by line (keeping newlines) and ending with </s>."""
         return np.asarray(self.encode_text(text) + [self.eos_id], dtype=np.int32)
+
+
+def has_tokenizer(directory: str) -> bool:
+    """Whether `load_dir(directory)` finds a tokenizer there."""
+    from gptjax import bpe  # here, not at the top: gptjax.bpe imports this module
+
+    bpe_files = (os.path.join(directory, name) for name in (bpe.VOCAB_FILE, bpe.MERGES_FILE))
+    return os.path.exists(os.path.join(directory, TOKENIZER_FILE)) or all(
+        map(os.path.exists, bpe_files)
+    )
+
+
+def load_dir(directory: str):
+    """The tokenizer saved in `directory`: a SentencePiece `tokenizer.model`, else GPT-1's BPE
+    (`vocab.json` + `merges.txt`, as transformers saves it)."""
+    from gptjax import bpe
+
+    sentencepiece_path = os.path.join(directory, TOKENIZER_FILE)
+    if os.path.exists(sentencepiece_path):
+        return SentencePieceTokenizer.load(sentencepiece_path)
+    if has_tokenizer(directory):
+        return bpe.BPETokenizer.load(directory)
+    raise UserError(
+        f"no tokenizer in {directory}: it needs {TOKENIZER_FILE} (SentencePiece) or "
+        f"{bpe.VOCAB_FILE} and {bpe.MERGES_FILE} (GPT-1 BPE)"
+    )
 
 
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:
