@@ -43,8 +43,9 @@ def get_config(task: str = "custom") -> config_dict.ConfigDict:
     config.finetune.clf_dropout = 0.1
     # Blocks transferred from init_from (embeddings always are); unset = all.
     config.finetune.n_transfer = config_dict.placeholder(int)
-    # A tokenizer.model to use instead of init_from's (needed without init_from to share
-    # a pretrained run's ids; else one is learned on the task's training texts).
+    # A run directory (or a tokenizer.model file) whose tokenizer to use instead of
+    # init_from's (needed without init_from to share a pretrained run's ids; else one is
+    # learned on the task's training texts).
     config.finetune.tokenizer = ""
 
     # Phase 1 (optional): continue LM training on the task's own texts (its training

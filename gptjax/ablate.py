@@ -32,7 +32,7 @@ def variant_config(config, variant: str):
     """The config of one variant, from a resolved pretrained fine-tuning config."""
     config = copy.deepcopy(config)
     if variant == "scratch":
-        config.finetune.tokenizer = os.path.join(config.init_from, "tokenizer.model")
+        config.finetune.tokenizer = config.init_from
         config.finetune.n_transfer = None
         config.init_from = ""
     elif variant == "no_aux_lm":

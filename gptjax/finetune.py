@@ -77,18 +77,22 @@ def resolve_model(config: ml_collections.ConfigDict):
 
 
 def load_tokenizer(config, task: TaskSpec, workdir: str, data_dir: str):
-    """The workdir's tokenizer; else `finetune.tokenizer`, the `init_from` run's, or (from
-    scratch) one learned on the task's training texts. Not yet saved."""
-    own = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
-    source = config.finetune.tokenizer or (
-        os.path.join(config.init_from, tokenizer_lib.TOKENIZER_FILE) if config.init_from else ""
-    )
-    if os.path.exists(own):
-        tok = tokenizer_lib.SentencePieceTokenizer.load(own)
-    elif source:
-        if not os.path.exists(source):
-            raise UserError(f"tokenizer {source} does not exist; set --config.finetune.tokenizer")
+    """The workdir's tokenizer; else `finetune.tokenizer` (a run directory or a
+    tokenizer.model file), the `init_from` run's (SentencePiece, or GPT-1's BPE in a
+    converted release), or (from scratch) one learned on the task's training texts.
+    Not yet saved."""
+    source = config.finetune.tokenizer or config.init_from
+    if tokenizer_lib.has_tokenizer(workdir):
+        tok = tokenizer_lib.load_dir(workdir)
+    elif source and os.path.isfile(source):
         tok = tokenizer_lib.SentencePieceTokenizer.load(source)
+    elif source:
+        if not tokenizer_lib.has_tokenizer(source):
+            raise UserError(
+                f"no tokenizer in {source} (tokenizer.model, or vocab.json and merges.txt); "
+                "set --config.finetune.tokenizer"
+            )
+        tok = tokenizer_lib.load_dir(source)
     else:
         texts = [t for ex in task.load(task.train_split, data_dir) for t in ex.texts + ex.choices]
         tok = tokenizer_lib.train_sentencepiece(
@@ -458,8 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Unset: evaluate and checkpoint at the end of every epoch.
         config.train.eval_every = config.train.eval_every or per_epoch
         config.train.ckpt_every = config.train.ckpt_every or per_epoch
-    if not os.path.exists(os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)):
-        run.tokenizer.save(os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE))
+    if not tokenizer_lib.has_tokenizer(workdir):
+        tokenizer_lib.save_dir(run.tokenizer, workdir)
     write_run_config(workdir, config)
     source = config.init_from
     if config.adapt.enabled and run.resume_step is None:

@@ -105,6 +105,14 @@ def has_tokenizer(directory: str) -> bool:
     )
 
 
+def save_dir(tokenizer, directory: str):
+    """Saves either kind of tokenizer into `directory`, where `load_dir` finds it."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        tokenizer.save(os.path.join(directory, TOKENIZER_FILE))
+    else:
+        tokenizer.save(directory)
+
+
 def load_dir(directory: str):
     """The tokenizer saved in `directory`: a SentencePiece `tokenizer.model`, else GPT-1's BPE
     (`vocab.json` + `merges.txt`, as transformers saves it)."""

@@ -425,7 +425,7 @@ def test_ablation_variants_and_side_by_side_table():
 
     config = runpy.run_path(str(ROOT / "configs" / "demo_finetune.py"))["get_config"]()
     scratch = ablate.variant_config(config, "scratch")
-    assert scratch.init_from == "" and scratch.finetune.tokenizer == "runs/demo/tokenizer.model"
+    assert scratch.init_from == "" and scratch.finetune.tokenizer == "runs/demo"
     assert ablate.variant_config(config, "no_aux_lm").finetune.lm_coef == 0.0
     assert config.init_from == "runs/demo" and config.finetune.lm_coef == 0.5  # untouched
     reports = {
