@@ -573,7 +573,7 @@ def results_table(report: dict) -> str:
         for metric, value in row.items():
             if metric == "split":
                 continue
-            paper = report["paper"].get(metric)
+            paper = report["paper"].get(f"{row['split']}/{metric}", report["paper"].get(metric))
             paper = "" if paper is None else f"{paper:.1f}"
             lines.append(f"| {row['split']} | {metric} | {value:.1f} | {paper} |")
     return "\n".join(lines) + "\n"

@@ -433,3 +433,21 @@ def test_ablation_variants_and_side_by_side_table():
         "scratch": {"results": [{"split": "validation", "accuracy": 60.0}]},
     }
     assert ablate.table(reports).splitlines()[2] == "| validation | accuracy | 91.2 | 60.0 |"
+
+
+def test_results_table_puts_each_split_next_to_its_paper_number():
+    report = {
+        "task": "mnli",
+        "checkpoint_step": 7,
+        "selected_by": "best",
+        "paper": TFDS_TASKS["mnli"].paper,
+        "results": [
+            {"split": "validation_matched", "accuracy": 80.04},
+            {"split": "validation_mismatched", "accuracy": 79.96},
+        ],
+    }
+    lines = finetune.results_table(report).splitlines()
+    assert lines[-2:] == [
+        "| validation_matched | accuracy | 80.0 | 82.1 |",
+        "| validation_mismatched | accuracy | 80.0 | 81.4 |",
+    ]

@@ -34,7 +34,8 @@ class TaskSpec:
     datasets are cached (TFDS's data_dir). `label_names` are the classes in index order
     (empty for regression and multiple choice). `metrics` are names known to
     `gptjax.tasks.metrics`, the first being the one checkpoints are selected by.
-    `paper` maps a metric to the paper's test-set number for it (in percent).
+    `paper` maps a metric to the paper's test-set number for it (in percent); a key
+    "SPLIT/METRIC" gives one evaluation split its own number (MNLI's mismatched).
     `submission` maps a test split to a GLUE submission file name (e.g. "CoLA.tsv").
     """
 
