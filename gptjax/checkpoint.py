@@ -7,8 +7,10 @@ to a temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint that `latest_step` would pick up.
 """
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import time
 
@@ -16,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, WriteFailed
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -59,19 +61,64 @@ def save(
     mngr: ocp.CheckpointManager, state, data_state: dict, force: bool = False, wait: bool = False
 ):
     """Saves `state` at its step: in the background, or completely before returning when
-    `wait` (before exiting on a signal)."""
+    `wait` (before exiting on a signal). A failed write (a full disk) is a UserError; the
+    failed step never becomes a checkpoint (see `_write_errors`)."""
     params, rest = _train_state_items(state)
-    mngr.save(
-        int(jax.device_get(state.step)),
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(rest),
-            data=ocp.args.JsonSave(data_state),
-        ),
-        force=force,
-    )
-    if wait:
+    with _write_errors(mngr):
+        mngr.save(
+            int(jax.device_get(state.step)),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(rest),
+                data=ocp.args.JsonSave(data_state),
+            ),
+            force=force,
+        )
+        if wait:
+            mngr.wait_until_finished()
+
+
+def finish(mngr: ocp.CheckpointManager, failed: bool = False):
+    """Waits for the background save, if any, and closes the manager. A failed write is a
+    UserError; after another error (`failed`) it only closes, and raises nothing new."""
+    if failed:
+        with contextlib.suppress(Exception):  # the error being raised is the one to report
+            mngr.close()
+        return
+    with _write_errors(mngr):
         mngr.wait_until_finished()
+    mngr.close()
+
+
+@contextlib.contextmanager
+def _write_errors(mngr: ocp.CheckpointManager):
+    """An asynchronous save that fails (disk full, quota, I/O error) surfaces here, at the
+    next save or the final wait. Orbax writes each step under a temporary name and only a
+    complete one is renamed into place, so the previous checkpoints are intact; the
+    leftover is removed on the next start."""
+    try:
+        yield
+    except Exception as e:  # Orbax and TensorStore wrap the OS error in their own types
+        kept = latest_step(os.path.dirname(str(mngr.directory)))
+        raise WriteFailed(
+            f"could not write a checkpoint in {mngr.directory} ({_os_reason(e)}); "
+            f"{'nothing was saved' if kept is None else f'checkpoint {kept} is intact'}; "
+            "free some space and run the same command to resume"
+        ) from None
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's words for the failure ('No space left on device'), found
+    in the chain of wrapped exceptions, else the first words of the error."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        code = re.search(r"os_error_code='?(\d+)", str(cause))
+        if code:
+            return os.strerror(int(code.group(1)))
+        cause = cause.__cause__ or cause.__context__
+    return " ".join(str(error).split())[:150]
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):

@@ -9,6 +9,12 @@ class UserError(Exception):
     """
 
 
+class WriteFailed(UserError):
+    """A checkpoint could not be written (a full disk): reported like any UserError, but
+    the process then ends at once (see `fail`), since the storage library's background
+    writers it abandons would print tracebacks while the interpreter shuts down."""
+
+
 # sysexits' EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the exit
 # status after a stop on a signal, with a checkpoint written.
 EXIT_PREEMPTED = 75
@@ -22,9 +28,17 @@ class Preempted(Exception):
         self.step, self.reason = step, reason
 
 
-def fail(message: str):
-    """The one way bad input ends a command: one line on stderr and exit status 2."""
+def fail(message: str, at_once: bool = False):
+    """The one way bad input ends a command: one line on stderr and exit status 2
+    (`at_once`: without the interpreter's shutdown, after flushing the logs)."""
+    import logging
+    import os
     import sys
 
     print(f"error: {message}", file=sys.stderr)
+    if at_once:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)

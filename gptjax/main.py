@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import EXIT_PREEMPTED, Preempted, UserError, fail
+from gptjax.errors import EXIT_PREEMPTED, Preempted, UserError, WriteFailed, fail
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
@@ -97,7 +97,7 @@ def main(argv):
             else:
                 pretrain.evaluate_checkpoint(config, _WORKDIR.value)
     except UserError as e:
-        fail(str(e))
+        fail(str(e), at_once=isinstance(e, WriteFailed))
     except Preempted as e:
         logging.warning("%s; run the same command to resume", e)
         sys.exit(EXIT_PREEMPTED)

@@ -350,6 +350,7 @@ def run_phase(
         data_iter.set_state(data_state)
         logging.info("resumed from the checkpoint at step %d", start)
     writer = MetricsWriter(workdir, resume_step=start)
+    failed = True
     try:
         with PreemptionGuard() as guard:
             state, eval_metrics = fit(
@@ -365,8 +366,8 @@ def run_phase(
                 functools.partial(checkpoint.save, ckpt),
                 guard,
             )
-        ckpt.wait_until_finished()
+        failed = False
     finally:
-        ckpt.close()
         writer.close()
+        checkpoint.finish(ckpt, failed)
     return state, eval_metrics

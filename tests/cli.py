@@ -43,10 +43,20 @@ def command(workdir, *flags, books=None, cache=None, devices=1, config="configs/
     return args + list(flags), env
 
 
-def run_main(workdir, *flags, books=None, cache=None, devices=1, config="configs/gpt1.py"):
+def run_main(
+    workdir, *flags, books=None, cache=None, devices=1, config="configs/gpt1.py", preexec_fn=None
+):
     """Runs the CLI to completion and returns the CompletedProcess."""
     args, env = command(workdir, *flags, books=books, cache=cache, devices=devices, config=config)
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        args,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=preexec_fn,
+    )
 
 
 def start_main(workdir, *flags, books=None, cache=None, devices=1):

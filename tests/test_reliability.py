@@ -3,6 +3,7 @@ interval, never resumes from something half-written, and never saves a non-finit
 
 import os
 import random
+import resource
 import signal
 import time
 
@@ -14,7 +15,7 @@ from gptjax import pretrain, sharding
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 
-from conftest import tiny_books_config, write_books
+from conftest import tiny_books_config, tree_bytes, write_books
 
 
 def losses(workdir):
@@ -158,3 +159,36 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     result = run_main(workdir, books=books, cache=cache)
     assert_one_line_error(result, "could be restored", "corrupt_checkpoints")
     assert (workdir / "metrics.jsonl").read_bytes() == metrics  # the history is kept
+
+
+def small_files_only(max_bytes):
+    """For a child process: writing past `max_bytes` into any file fails with an OS error
+    (EFBIG), as on a full disk, instead of killing the process with SIGXFSZ."""
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return limit
+
+
+def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
+    books, cache, workdir = write_books(tmp_path / "books"), tmp_path / "cache", tmp_path / "run"
+    result = run_main(workdir, "--config.train.num_steps=2", books=books, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = tree_bytes(workdir / "checkpoints")
+    # The step-4 checkpoint's larger files cannot be written; the logs still can.
+    result = run_main(workdir, books=books, cache=cache, preexec_fn=small_files_only(24_000))
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert last.startswith("error: could not write a checkpoint"), last
+    assert "File too large" in last and "checkpoint 2 is intact" in last, last
+    after = tree_bytes(workdir / "checkpoints")
+    assert {p: after[p] for p in before} == before  # checkpoint 2 untouched
+    assert sorted(os.listdir(workdir / "checkpoints"))[0] == "2"
+    assert not (workdir / "checkpoints" / "4").exists()  # only a temporary leftover
+    # With room again, the same command resumes from step 2 and finishes.
+    result = run_main(workdir, books=books, cache=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from the checkpoint at step 2" in result.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
