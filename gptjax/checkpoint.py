@@ -193,3 +193,19 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         )
     return restored["params"]
+
+
+def read_params(workdir: str, step: int | None = None) -> dict:
+    """The parameters of a workdir's checkpoint (default: the latest), whatever model
+    and mesh wrote them (the tree is read from the checkpoint's own metadata), as
+    arrays on this host's first device. For tools: conversion, generation, scoring."""
+    steps = all_steps(workdir)
+    if not steps or (step is not None and step not in steps):
+        which = "" if step is None else f" at step {step}"
+        raise UserError(f"{workdir} has no checkpoint{which} (steps: {steps or 'none'})")
+    step = steps[-1] if step is None else step
+    path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "params")
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return restore_params(workdir, abstract, step)

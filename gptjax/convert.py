@@ -1,0 +1,603 @@
+"""GPT-1 weights in and out: the original OpenAI release and HuggingFace's `openai-gpt`.
+
+    python -m gptjax.convert from-openai SRC DST   # params_shapes.json + params_{0..9}.npy
+    python -m gptjax.convert from-hf SRC DST       # a save_pretrained directory
+    python -m gptjax.convert to-hf SRC DST         # a gptjax workdir -> save_pretrained layout
+
+`from-*` write a gptjax workdir: `config.json` (configs/gpt1.py with the source's sizes,
+plus `converted_from`), an Orbax checkpoint at step 0 holding only `params` (what
+`checkpoint.restore_params` reads, as fine-tuning's `init_from` does; there is no
+optimiser state, so it is not a run to resume) and the tokenizer as `vocab.json` +
+`merges.txt`. An HF `OpenAIGPTDoubleHeadsModel`
+becomes a fine-tuned multiple-choice workdir (TaskModel parameters `transformer` and
+`head`; the last three token rows are taken to be `_start_`, `_delimiter_`, `_classify_`).
+
+`to-hf` writes `config.json`, `model.safetensors` and the workdir's `vocab.json` +
+`merges.txt` when it has them. A pretrained workdir becomes `OpenAIGPTLMHeadModel`; a
+fine-tuned multiple-choice one `OpenAIGPTDoubleHeadsModel` with our head as
+`multiple_choice_head.summary` (pass our `_classify_` positions as `mc_token_ids`). HF
+has no equivalent of our other heads (its sequence classifier reads the last token and
+has no bias; similarity adds two orderings), so other fine-tuned workdirs become
+`OpenAIGPTLMHeadModel` (specials' rows included) plus `task_head.safetensors`: `kernel`
+[D, C] and `bias` [C], applied to the final hidden state at `_classify_`.
+
+Every parameter maps by a reshape only: HF's Conv1D stores weights as (in, out), as our
+kernels do, with q, k, v then heads in the fused QKV's columns. HF's openai-gpt calls the
+tanh-approximated GELU "gelu" (its own activation table), so `afn` must be "gelu".
+Nothing is written to DST until the source has been read and checked.
+"""
+
+import argparse
+import json
+import logging
+import os
+import runpy
+import shutil
+import sys
+
+import numpy as np
+
+from gptjax.errors import UserError, fail
+
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # HF's names, and gptjax.bpe's
+HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
+TASK_HEAD_FILE = "task_head.safetensors"
+OPENAI_SHAPES, OPENAI_SHARDS = "params_shapes.json", 10
+OPENAI_VOCAB, OPENAI_MERGES = "encoder_bpe_40000.json", "vocab_40000.bpe"
+NUM_SPECIALS = 3  # _start_, _delimiter_, _classify_ (gptjax.tokenizer.SPECIAL_TOKENS)
+# The only activation HF's openai-gpt and ours share: its "gelu" is the tanh GELU.
+HF_AFN = "gelu"
+LN_EPSILON = 1e-5  # gptjax.model.LN_EPSILON (not imported: that would load JAX)
+# The paper's dropout (and HF's default): for the release, which records none.
+PAPER_DROPOUT = 0.1
+
+
+def _block_layout(d: int, h: int, f: int) -> dict:
+    """HF name under h.{i} -> (our path under h_{i}, our shape, HF shape), in the
+    original release's order."""
+    k = d // h
+    return {
+        "attn.c_attn.weight": (("attn", "c_attn", "kernel"), (d, 3, h, k), (d, 3 * d)),
+        "attn.c_attn.bias": (("attn", "c_attn", "bias"), (3, h, k), (3 * d,)),
+        "attn.c_proj.weight": (("attn", "c_proj", "kernel"), (h, k, d), (d, d)),
+        "attn.c_proj.bias": (("attn", "c_proj", "bias"), (d,), (d,)),
+        "ln_1.weight": (("ln_1", "scale"), (d,), (d,)),
+        "ln_1.bias": (("ln_1", "bias"), (d,), (d,)),
+        "mlp.c_fc.weight": (("mlp", "c_fc", "kernel"), (d, f), (d, f)),
+        "mlp.c_fc.bias": (("mlp", "c_fc", "bias"), (f,), (f,)),
+        "mlp.c_proj.weight": (("mlp", "c_proj", "kernel"), (f, d), (f, d)),
+        "mlp.c_proj.bias": (("mlp", "c_proj", "bias"), (d,), (d,)),
+        "ln_2.weight": (("ln_2", "scale"), (d,), (d,)),
+        "ln_2.bias": (("ln_2", "bias"), (d,), (d,)),
+    }
+
+
+BLOCK_TENSORS = tuple(_block_layout(1, 1, 1))  # one block's HF names, the release's order
+
+
+# ---------------------------------------------------------------- pure parameter maps
+
+
+def hf_to_params(tensors: dict[str, np.ndarray], n_head: int) -> dict:
+    """HF openai-gpt tensors (names without the `transformer.` prefix) -> our GPT
+    parameters (unscanned layout). Checks every name and shape."""
+
+    def get(name, shape=None):
+        if name not in tensors:
+            raise UserError(f"the checkpoint has no tensor {name!r}; is it an openai-gpt model?")
+        x = np.asarray(tensors[name], np.float32)
+        if shape is not None and x.shape != tuple(shape):
+            raise UserError(f"tensor {name} has shape {list(x.shape)}, expected {list(shape)}")
+        return x
+
+    tokens_VxD, positions_CxD = get("tokens_embed.weight"), get("positions_embed.weight")
+    d = tokens_VxD.shape[1]
+    if tokens_VxD.ndim != 2 or positions_CxD.ndim != 2 or positions_CxD.shape[1] != d:
+        raise UserError("the token and position embeddings do not share one width")
+    if d % n_head:
+        raise UserError(f"width {d} is not divisible by n_head={n_head}")
+    n_layer = len({name.split(".")[1] for name in tensors if name.startswith("h.")})
+    f = get("h.0.mlp.c_fc.weight").shape[-1]
+    if n_layer == 0 or get("h.0.mlp.c_fc.weight").ndim != 2:
+        raise UserError("the checkpoint has no complete Transformer block")
+    params = {
+        "tokens_embed": {"embedding": tokens_VxD},
+        "positions_embed": {"embedding": positions_CxD},
+    }
+    for i in range(n_layer):
+        block = {}
+        for name, (path, ours, theirs) in _block_layout(d, n_head, f).items():
+            node = block
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = get(f"h.{i}.{name}", theirs).reshape(ours)
+        params[f"h_{i}"] = block
+    return params
+
+
+def params_to_hf(params: dict) -> dict[str, np.ndarray]:
+    """Our GPT parameters (either layout) -> HF openai-gpt tensors, `transformer.`-named."""
+    if "h" in params:  # trained with train.scan_layers
+        from gptjax.model import unstack_layers
+
+        params = unstack_layers(params)
+    d = np.shape(params["tokens_embed"]["embedding"])[1]
+    n_head = np.shape(params["h_0"]["attn"]["c_proj"]["kernel"])[0]
+    f = np.shape(params["h_0"]["mlp"]["c_fc"]["kernel"])[1]
+    out = {
+        "transformer.tokens_embed.weight": params["tokens_embed"]["embedding"],
+        "transformer.positions_embed.weight": params["positions_embed"]["embedding"],
+    }
+    n_layer = sum(k.startswith("h_") for k in params)
+    for i in range(n_layer):
+        for name, (path, _, theirs) in _block_layout(d, n_head, f).items():
+            x = params[f"h_{i}"]
+            for key in path:
+                x = x[key]
+            out[f"transformer.h.{i}.{name}"] = x.reshape(theirs)
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def openai_to_hf(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The original release's tensors (split and reshaped by params_shapes.json) -> HF
+    names: positions, tokens, then twelve tensors per block; Conv1D weights [1, in, out]."""
+    positions, tokens, *blocks = arrays
+    if len(blocks) % len(BLOCK_TENSORS) or not blocks:
+        raise UserError(f"{OPENAI_SHAPES} lists {len(arrays)} tensors: expected 2 + 12 per layer")
+    out = {"positions_embed.weight": positions, "tokens_embed.weight": tokens}
+    for j, x in enumerate(blocks):
+        i, name = divmod(j, len(BLOCK_TENSORS))
+        name = BLOCK_TENSORS[name]
+        out[f"h.{i}.{name}"] = x[0] if name.endswith("weight") and x.ndim == 3 else x
+    return out
+
+
+def split_openai(flat: np.ndarray, shapes: list[list[int]]) -> list[np.ndarray]:
+    """The release's flat concatenation, split by the shapes' sizes and reshaped."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    if flat.size != sum(sizes):
+        raise UserError(
+            f"the params_*.npy files hold {flat.size:,} numbers but {OPENAI_SHAPES} needs "
+            f"{sum(sizes):,}"
+        )
+    pieces = np.split(flat, np.cumsum(sizes)[:-1])
+    return [p.reshape(s) for p, s in zip(pieces, shapes, strict=True)]
+
+
+def hf_mc_head(tensors: dict[str, np.ndarray], d_model: int) -> dict:
+    """`multiple_choice_head.summary` (nn.Linear, [out, in]) -> our TaskModel head."""
+    w, b = (
+        tensors["multiple_choice_head.summary.weight"],
+        tensors.get("multiple_choice_head.summary.bias"),
+    )
+    if w.shape != (1, d_model) or b is None or b.shape != (1,):
+        raise UserError(
+            "multiple_choice_head.summary must be a linear map to 1 output with a bias "
+            f"(it has shape {list(w.shape)}); set summary_proj_to_labels and summary_use_proj"
+        )
+    return {"kernel": np.asarray(w, np.float32).T.copy(), "bias": np.asarray(b, np.float32)}
+
+
+# ---------------------------------------------------------------- reading sources
+
+
+def read_hf_tensors(src: str) -> dict[str, np.ndarray]:
+    """The tensors of an HF save_pretrained directory, with `transformer.` stripped:
+    safetensors through its numpy API, pytorch_model.bin through PyTorch when installed."""
+    path = os.path.join(src, HF_WEIGHTS)
+    if os.path.exists(path):
+        from safetensors.numpy import load_file
+
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # a truncated file, or a dtype numpy lacks (bfloat16)
+            raise UserError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+    elif os.path.exists(os.path.join(src, HF_PICKLE)):
+        tensors = _read_torch_pickle(os.path.join(src, HF_PICKLE))
+    else:
+        raise UserError(
+            f"{src} has neither {HF_WEIGHTS} nor {HF_PICKLE}; point at a directory that "
+            "save_pretrained wrote (sharded checkpoints are not supported)"
+        )
+    prefix = "transformer."
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in tensors.items()}
+
+
+def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError(
+            f"{path} is a PyTorch pickle: reading it needs PyTorch (pip install torch), or "
+            "re-save the model as safetensors (save_pretrained's default)"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+    return {
+        k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+        for k, v in state.items()
+        if torch.is_tensor(v)
+    }
+
+
+def _check_hf_config(hf: dict, path: str):
+    if hf.get("model_type") != "openai-gpt":
+        raise UserError(f"{path}: model_type is {hf.get('model_type')!r}, not 'openai-gpt'")
+    if hf.get("afn", HF_AFN) != HF_AFN:
+        raise UserError(
+            f"{path}: activation afn={hf['afn']!r} is not supported; gptjax implements the "
+            f"tanh-approximated GELU only (HF openai-gpt's afn={HF_AFN!r})"
+        )
+    eps = hf.get("layer_norm_epsilon", LN_EPSILON)
+    if not np.isclose(eps, LN_EPSILON, rtol=1e-6, atol=0):
+        raise UserError(f"{path}: layer_norm_epsilon={eps} is not supported (only {LN_EPSILON})")
+
+
+def _check_hf_heads(hf: dict, tensors: dict, path: str) -> bool:
+    """Whether the checkpoint has a multiple-choice head we can carry; rejects tensors
+    that would otherwise be dropped silently."""
+    known = ("tokens_embed.", "positions_embed.", "h.", "lm_head.", "multiple_choice_head.")
+    unknown = sorted(k for k in tensors if k != "position_ids" and not k.startswith(known))
+    if unknown:
+        raise UserError(
+            f"{path}: tensors {', '.join(unknown[:3])} belong to a head gptjax does not "
+            "convert (only OpenAIGPTLMHeadModel and OpenAIGPTDoubleHeadsModel are)"
+        )
+    if "multiple_choice_head.summary.weight" not in tensors:
+        return False
+    summary = {
+        "summary_type": ("cls_index", hf.get("summary_type", "cls_index")),
+        "summary_use_proj": (True, hf.get("summary_use_proj", True)),
+        "summary_activation": (None, hf.get("summary_activation")),
+    }
+    wrong = [f"{k}={v!r} (need {want!r})" for k, (want, v) in summary.items() if v != want]
+    if wrong:
+        raise UserError(f"{path}: a multiple-choice head other than ours: {', '.join(wrong)}")
+    return True
+
+
+def _hf_dropout(hf: dict) -> float:
+    """Our one dropout rate from HF's three (they agree in every released model)."""
+    rates = {hf.get(k, PAPER_DROPOUT) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if len(rates) > 1:
+        logging.warning("HF's dropout rates differ (%s); using resid_pdrop", sorted(rates))
+    return float(hf.get("resid_pdrop", PAPER_DROPOUT))
+
+
+def _hf_tokenizer_files(src: str) -> dict[str, bytes]:
+    """vocab.json + merges.txt as saved, or rebuilt from a tokenizers tokenizer.json
+    (what transformers 5 writes)."""
+    vocab, merges = os.path.join(src, VOCAB_FILE), os.path.join(src, MERGES_FILE)
+    if os.path.exists(vocab) and os.path.exists(merges):
+        return {VOCAB_FILE: _read_bytes(vocab), MERGES_FILE: _read_bytes(merges)}
+    path = os.path.join(src, "tokenizer.json")
+    if not os.path.exists(path):
+        logging.warning("%s has no tokenizer files: the workdir gets none", src)
+        return {}
+    with open(path, encoding="utf-8") as f:
+        model = json.load(f).get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"{path} is not a BPE tokenizer (model type {model.get('type')!r})")
+    pairs = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return {
+        VOCAB_FILE: json.dumps(model["vocab"], ensure_ascii=False).encode(),
+        MERGES_FILE: "\n".join(["#version: 0.2", *pairs, ""]).encode(),
+    }
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _load_json(path: str, what: str):
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: {what}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- gptjax workdirs
+
+
+def _sizes(params: dict, n_head: int) -> dict:
+    """config.model's architecture keys, from a GPT's parameters."""
+    return {
+        "vocab_size": params["tokens_embed"]["embedding"].shape[0],
+        "n_ctx": params["positions_embed"]["embedding"].shape[0],
+        "n_layer": sum(k.startswith("h_") for k in params),
+        "n_head": n_head,
+        "d_model": params["tokens_embed"]["embedding"].shape[1],
+        "d_mlp": params["h_0"]["mlp"]["c_fc"]["kernel"].shape[1],
+    }
+
+
+def run_config(sizes: dict, dropout: float, source: dict, clf_dropout: float | None = None):
+    """configs/gpt1.py (or, for a multiple-choice model, configs/finetune.py with
+    task.kind=multiple_choice) with the converted model's sizes, as JSON."""
+    name = "gpt1.py" if clf_dropout is None else "finetune.py"
+    config = runpy.run_path(os.path.join(ROOT, "configs", name))["get_config"]()
+    with config.unlocked():
+        config.model.update(sizes, dropout=dropout)
+        if clf_dropout is not None:
+            config.task.kind = "multiple_choice"
+            config.finetune.clf_dropout = clf_dropout
+        config.converted_from = source
+    return config.to_json_best_effort(indent=2)
+
+
+def _check_dst(dst: str):
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        what = "holds a checkpoint" if os.path.isdir(os.path.join(dst, "checkpoints")) else ""
+        raise UserError(
+            f"{dst} {what or 'is not an empty directory'}; nothing was overwritten: choose a "
+            "new destination"
+        )
+
+
+def _write_dir(dst: str, write):
+    """Runs `write(tmp)` in a sibling temporary directory, then renames it to `dst`:
+    DST appears complete or not at all."""
+    dst = os.path.abspath(dst)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        write(tmp)
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # empty, checked
+        os.rename(tmp, dst)
+    except OSError as e:  # a full disk, no permission
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {dst}: {e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_workdir(dst: str, params: dict, config_json: str, files: dict[str, bytes]):
+    """A gptjax workdir: config.json, `params` at step 0, and the tokenizer files."""
+    import orbax.checkpoint as ocp
+
+    from gptjax import checkpoint
+    from gptjax.pretrain import CONFIG_FILE
+
+    def write(tmp):
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            f.write(config_json)
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        with checkpoint.manager(tmp, async_save=False) as mngr:
+            mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+
+    _check_dst(dst)
+    _write_dir(dst, write)
+
+
+def read_workdir(src: str, step: int | None = None) -> tuple[dict, dict]:
+    """(run config, parameters as numpy) of a workdir's checkpoint (default: latest)."""
+    import jax
+
+    from gptjax import checkpoint
+    from gptjax.pretrain import CONFIG_FILE
+
+    config = _load_json(os.path.join(src, CONFIG_FILE), "SRC must be a gptjax workdir")
+    return config, jax.tree.map(np.asarray, checkpoint.read_params(src, step))
+
+
+def _task_kind(config: dict) -> tuple[str, bool]:
+    task = config.get("task", {})
+    if task.get("name", "custom") == "custom":
+        return task.get("kind", "classification"), bool(task.get("regression", False))
+    import ml_collections
+
+    from gptjax.tasks import registry
+
+    spec = registry.get_task(ml_collections.ConfigDict(task))
+    return spec.kind, spec.regression
+
+
+# ---------------------------------------------------------------- the three commands
+
+
+def from_openai(src: str, dst: str, n_head: int = 12):
+    """The original release (params_shapes.json, params_0..9.npy, encoder_bpe_40000.json,
+    vocab_40000.bpe) -> a gptjax workdir. The release does not record n_head (12)."""
+    shapes = _load_json(os.path.join(src, OPENAI_SHAPES), "SRC must be the OpenAI release")
+    files = [os.path.join(src, f"params_{n}.npy") for n in range(OPENAI_SHARDS)]
+    tokenizer = {}
+    for path, name in ((OPENAI_VOCAB, VOCAB_FILE), (OPENAI_MERGES, MERGES_FILE)):
+        files.append(os.path.join(src, path))
+        tokenizer[name] = os.path.join(src, path)
+    missing = [p for p in files if not os.path.exists(p)]
+    if missing:
+        raise UserError(
+            f"{missing[0]} is missing; the release is {OPENAI_SHAPES}, params_0.npy .. "
+            f"params_{OPENAI_SHARDS - 1}.npy, {OPENAI_VOCAB} and {OPENAI_MERGES}"
+        )
+    try:
+        flat = np.concatenate(
+            [np.load(p, mmap_mode="r").reshape(-1) for p in files[:OPENAI_SHARDS]]
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the params_*.npy files: {e}") from None
+    tensors = openai_to_hf(split_openai(flat.astype(np.float32), shapes))
+    params = hf_to_params(tensors, n_head)
+    source = {"format": "openai", "source": os.path.abspath(src)}
+    config_json = run_config(_sizes(params, n_head), PAPER_DROPOUT, source)
+    write_workdir(dst, params, config_json, {k: _read_bytes(p) for k, p in tokenizer.items()})
+    return params
+
+
+def from_hf(src: str, dst: str):
+    """An HF openai-gpt save_pretrained directory -> a gptjax workdir (pretrained, or
+    fine-tuned multiple choice for OpenAIGPTDoubleHeadsModel)."""
+    config_path = os.path.join(src, HF_CONFIG)
+    hf = _load_json(config_path, "SRC must be a directory written by save_pretrained")
+    _check_hf_config(hf, config_path)
+    tensors = read_hf_tensors(src)
+    if "tokens_embed.weight" not in tensors and "lm_head.weight" in tensors:
+        tensors["tokens_embed.weight"] = tensors["lm_head.weight"]  # DoubleHeads saves this
+    lm_head = tensors.get("lm_head.weight")
+    if lm_head is not None and not np.array_equal(lm_head, tensors["tokens_embed.weight"]):
+        raise UserError(f"{src}: lm_head.weight is not tied to the token embedding")
+    mc = _check_hf_heads(hf, tensors, config_path)
+    params = hf_to_params(tensors, hf.get("n_head", 12))
+    sizes = _sizes(params, hf.get("n_head", 12))
+    expected = {
+        "vocab_size": hf.get("vocab_size", sizes["vocab_size"]) + hf.get("n_special", 0),
+        "n_ctx": hf.get("n_positions", sizes["n_ctx"]),
+        "n_layer": hf.get("n_layer", sizes["n_layer"]),
+        "d_model": hf.get("n_embd", sizes["d_model"]),
+        "d_mlp": 4 * sizes["d_model"],  # HF's openai-gpt fixes the MLP at 4 x width
+    }
+    wrong = [f"{k} {v} (tensors: {sizes[k]})" for k, v in expected.items() if sizes[k] != v]
+    if wrong:
+        raise UserError(f"{config_path} disagrees with the weights: {', '.join(wrong)}")
+    source = {"format": "huggingface", "source": os.path.abspath(src)}
+    clf_dropout = None
+    if mc:
+        if sizes["vocab_size"] <= NUM_SPECIALS:
+            raise UserError(f"{src}: too few token rows for the fine-tuning specials")
+        params = {"transformer": params, "head": hf_mc_head(tensors, sizes["d_model"])}
+        sizes["vocab_size"] -= NUM_SPECIALS  # config.model.vocab_size excludes the specials
+        source["specials"] = "the last 3 token rows: _start_, _delimiter_, _classify_"
+        clf_dropout = float(hf.get("summary_first_dropout", PAPER_DROPOUT))
+    config_json = run_config(sizes, _hf_dropout(hf), source, clf_dropout)
+    write_workdir(dst, params, config_json, _hf_tokenizer_files(src))
+    return params
+
+
+def hf_config(sizes: dict, dropout: float, architecture: str, clf_dropout: float = PAPER_DROPOUT):
+    """An openai-gpt config.json that reproduces our model (written without transformers)."""
+    return {
+        "architectures": [architecture],
+        "model_type": "openai-gpt",
+        "vocab_size": sizes["vocab_size"],
+        "n_positions": sizes["n_ctx"],
+        "n_embd": sizes["d_model"],
+        "n_layer": sizes["n_layer"],
+        "n_head": sizes["n_head"],
+        "afn": HF_AFN,
+        "resid_pdrop": dropout,
+        "embd_pdrop": dropout,
+        "attn_pdrop": dropout,
+        "layer_norm_epsilon": LN_EPSILON,
+        "initializer_range": 0.02,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
+        "summary_activation": None,
+        "summary_proj_to_labels": True,
+        "summary_first_dropout": clf_dropout,
+        "tie_word_embeddings": True,
+    }
+
+
+def to_hf(src: str, dst: str, step: int | None = None):
+    """A gptjax workdir (pretrained or fine-tuned) -> an HF save_pretrained directory."""
+    from safetensors.numpy import save_file
+
+    _check_dst(dst)
+    config, params = read_workdir(src, step)
+    head = params.get("head")
+    gpt = params.get("transformer", params)
+    tensors = params_to_hf(gpt)
+    d = tensors["transformer.tokens_embed.weight"].shape[1]
+    n_head = int(config["model"]["n_head"])
+    f = tensors["transformer.h.0.mlp.c_fc.weight"].shape[1]
+    if f != 4 * d:
+        raise UserError(f"HF's openai-gpt needs d_mlp = 4 x d_model; {src} has {f} and {d}")
+    sizes = {
+        "vocab_size": tensors["transformer.tokens_embed.weight"].shape[0],  # specials too
+        "n_ctx": tensors["transformer.positions_embed.weight"].shape[0],
+        "n_layer": sum(k.endswith(".ln_1.weight") for k in tensors),
+        "n_head": n_head,
+        "d_model": d,
+    }
+    dropout = float(config["model"].get("dropout", PAPER_DROPOUT))
+    clf_dropout = float(config.get("finetune", {}).get("clf_dropout", PAPER_DROPOUT))
+    architecture, extra = "OpenAIGPTLMHeadModel", {}
+    if head is not None:
+        kind, regression = _task_kind(config)
+        kernel_DxC, bias_C = np.asarray(head["kernel"]), np.asarray(head["bias"])
+        if kind == "multiple_choice" and kernel_DxC.shape[1] == 1:
+            architecture = "OpenAIGPTDoubleHeadsModel"
+            tensors["multiple_choice_head.summary.weight"] = np.ascontiguousarray(kernel_DxC.T)
+            tensors["multiple_choice_head.summary.bias"] = bias_C
+        else:
+            usage = (
+                "logits = h @ kernel + bias, h the final hidden state at the _classify_ "
+                "token" + (" summed over both orderings" if kind == "similarity" else "")
+            )
+            extra[TASK_HEAD_FILE] = (
+                {"kernel": kernel_DxC, "bias": bias_C},
+                {"kind": kind, "regression": str(regression).lower(), "usage": usage},
+            )
+    files = {}
+    for name in (VOCAB_FILE, MERGES_FILE):
+        if os.path.exists(os.path.join(src, name)):
+            files[name] = _read_bytes(os.path.join(src, name))
+    if not files:  # a SentencePiece tokenizer.model has no openai-gpt equivalent
+        logging.warning("%s has no vocab.json + merges.txt: no tokenizer written", src)
+    hf = hf_config(sizes, dropout, architecture, clf_dropout)
+
+    def write(tmp):
+        with open(os.path.join(tmp, HF_CONFIG), "w") as fh:
+            json.dump(hf, fh, indent=2)
+        save_file(tensors, os.path.join(tmp, HF_WEIGHTS), metadata={"format": "pt"})
+        for name, (arrays, metadata) in extra.items():
+            save_file(arrays, os.path.join(tmp, name), metadata=metadata)
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as fh:
+                fh.write(data)
+
+    _write_dir(dst, write)
+    return architecture
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as every gptjax command
+        fail(f"{message}; see {self.prog} --help")
+
+
+def main(argv: list[str] | None = None):
+    parser = _Parser(
+        prog="python -m gptjax.convert",
+        description="Convert GPT-1 weights between the OpenAI release, HuggingFace and gptjax.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("from-openai", help="the original release -> a gptjax workdir")
+    p.add_argument("src", help="directory with params_shapes.json and params_0..9.npy")
+    p.add_argument("dst", help="new gptjax workdir")
+    p.add_argument("--n_head", type=int, default=12, help="attention heads (not in the files)")
+    p = commands.add_parser("from-hf", help="an HF openai-gpt directory -> a gptjax workdir")
+    p.add_argument("src", help="directory written by save_pretrained")
+    p.add_argument("dst", help="new gptjax workdir")
+    p = commands.add_parser("to-hf", help="a gptjax workdir -> an HF openai-gpt directory")
+    p.add_argument("src", help="gptjax workdir (pretrained or fine-tuned)")
+    p.add_argument("dst", help="new directory for from_pretrained")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on every save/restore
+    try:
+        if args.command == "from-openai":
+            from_openai(args.src, args.dst, args.n_head)
+        elif args.command == "from-hf":
+            from_hf(args.src, args.dst)
+        else:
+            logging.info("wrote %s", to_hf(args.src, args.dst, args.step))
+    except UserError as e:
+        fail(str(e))
+    logging.info("converted %s -> %s", args.src, args.dst)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,293 @@
+"""gptjax.convert: logit parity with HuggingFace's openai-gpt in both directions, the
+original release's format, and one-line errors that write nothing."""
+
+import hashlib
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import checkpoint, convert, finetune
+from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers
+
+from conftest import ROOT
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+# A large init range, so attention is far from uniform and a misplaced head shows.
+HF_SIZES = dict(
+    n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=64, initializer_range=0.3
+)
+OURS = dict(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, d_model=32, d_mlp=128, dropout=0.0)
+TOL = 1e-5
+TINY_VOCAB = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "a</w>": 4, "b</w>": 5, "c</w>": 6}
+TINY_VOCAB |= {"ab</w>": 7, "ab": 8}
+
+
+def hf_model(cls, seed=0, **overrides):
+    """A randomly initialised HF model in eval mode, its biases and LN params not trivial."""
+    torch.manual_seed(seed)
+    model = cls(transformers.OpenAIGPTConfig(**{**HF_SIZES, **overrides})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tokens(*shape, vocab=64):
+    return np.random.default_rng(1).integers(0, vocab, shape).astype(np.int32)
+
+
+def restore(workdir, model, inputs):
+    """Parameters restored the way fine-tuning does: onto the model's own abstract tree."""
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes["params"]
+    )
+    return checkpoint.restore_params(str(workdir), abstract)
+
+
+def forward(model, params, *inputs):
+    """One compiled forward pass (op-by-op dispatch compiles every op: slower here)."""
+    return jax.jit(model.apply)({"params": params}, *inputs)
+
+
+def digest(directory):
+    return {
+        os.path.relpath(os.path.join(d, f), directory): hashlib.sha256(
+            open(os.path.join(d, f), "rb").read()
+        ).hexdigest()
+        for d, _, files in os.walk(directory)
+        for f in files
+    }
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """An HF LM saved with save_pretrained, and its conversion by the CLI."""
+    root = tmp_path_factory.mktemp("convert")
+    model = hf_model(transformers.OpenAIGPTLMHeadModel)
+    model.save_pretrained(root / "hf")
+    with open(root / "hf" / "vocab.json", "w") as f:
+        json.dump({"<unk>": 0, "a</w>": 1}, f)
+    (root / "hf" / "merges.txt").write_text("#version: 0.2\na b\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gptjax.convert", "from-hf", root / "hf", root / "ours"],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model, root
+
+
+def test_from_hf_matches_transformers(lm):
+    model, root = lm
+    workdir = root / "ours"
+    assert checkpoint.latest_step(str(workdir)) == 0
+    # The workdir is one fine-tuning's init_from accepts: resolve_model reads its sizes.
+    ft = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]()
+    ft.init_from = str(workdir)
+    finetune.resolve_model(ft)
+    sizes = {k: ft.model[k] for k in finetune.ARCHITECTURE}
+    assert sizes == {k: v for k, v in OURS.items() if k != "dropout"}
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["converted_from"]["format"] == "huggingface"
+    assert saved["model"]["dropout"] == pytest.approx(0.1)
+    assert (workdir / "merges.txt").read_text() == "#version: 0.2\na b\n"
+
+    ids_BxL = tokens(3, 16)
+    ours = GPT(ModelConfig(**OURS))
+    params = restore(workdir, ours, (jnp.zeros((1, 16), jnp.int32),))
+    logits = np.asarray(forward(ours, params, ids_BxL))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids_BxL, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, atol=TOL, rtol=0)
+
+    # A pytorch_model.bin (read through PyTorch) holds the same numbers.
+    torch.save(model.state_dict(), root / "hf_bin.bin")
+    (root / "hf_bin").mkdir()
+    os.replace(root / "hf_bin.bin", root / "hf_bin" / "pytorch_model.bin")
+    from_bin = convert.read_hf_tensors(str(root / "hf_bin"))
+    from_safetensors = convert.read_hf_tensors(str(root / "hf"))
+    for name, x in from_safetensors.items():
+        np.testing.assert_array_equal(from_bin[name], x)
+
+
+def test_to_hf_round_trip(lm, tmp_path):
+    model, root = lm
+    assert convert.to_hf(str(root / "ours"), str(tmp_path / "back")) == "OpenAIGPTLMHeadModel"
+    assert (tmp_path / "back" / "vocab.json").exists()
+    back = transformers.OpenAIGPTLMHeadModel.from_pretrained(tmp_path / "back").eval()
+    ids_BxL = torch.tensor(tokens(3, 16), dtype=torch.long)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            back(ids_BxL).logits.numpy(), model(ids_BxL).logits.numpy(), atol=TOL, rtol=0
+        )
+    assert back.config.afn == "gelu" and back.config.resid_pdrop == pytest.approx(0.1)
+    # A run trained with train.scan_layers exports the same tensors.
+    _, params = convert.read_workdir(str(root / "ours"))
+    unrolled = convert.params_to_hf(params)
+    scanned = convert.params_to_hf(jax.tree.map(np.asarray, stack_layers(params, 2)))
+    assert unrolled.keys() == scanned.keys()
+    for name, x in unrolled.items():
+        np.testing.assert_array_equal(scanned[name], x)
+
+
+def test_multiple_choice_head(tmp_path):
+    """OpenAIGPTDoubleHeadsModel <-> TaskModel(kind="multiple_choice"): HF's mc_logits at
+    mc_token_ids are our choice scores at the _classify_ positions, both ways."""
+    vocab = OURS["vocab_size"] + 3  # the three fine-tuning specials appended
+    model = hf_model(transformers.OpenAIGPTDoubleHeadsModel, seed=2, vocab_size=vocab)
+    model.save_pretrained(tmp_path / "hf")
+    # transformers 5 saves a tokenizer as tokenizer.json only: vocab and merges come from it.
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.json").write_text(json.dumps(TINY_VOCAB))
+    (tmp_path / "tok" / "merges.txt").write_text("#version: 0.2\na b</w>\na b\n")
+    tokenizer = transformers.OpenAIGPTTokenizer.from_pretrained(tmp_path / "tok")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    convert.from_hf(str(tmp_path / "hf"), str(tmp_path / "ours"))
+    (tmp_path / "tok2").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "tok2" / name).write_bytes((tmp_path / "ours" / name).read_bytes())
+    rebuilt = transformers.OpenAIGPTTokenizer.from_pretrained(tmp_path / "tok2")
+    assert rebuilt("ab abc ca").input_ids == tokenizer("ab abc ca").input_ids == [7, 8, 6, 3, 4]
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["task"]["kind"] == "multiple_choice" and saved["model"]["vocab_size"] == 64
+
+    ids_BxSxL = tokens(2, 3, 12, vocab=vocab)
+    clf_BxS = np.array([[11, 7, 9], [4, 11, 0]], np.int32)
+    ours = TaskModel(ModelConfig(**{**OURS, "vocab_size": vocab}), "multiple_choice", 1)
+    params = restore(tmp_path / "ours", ours, (ids_BxSxL[:1], clf_BxS[:1]))
+    scores_BxS, lm_NxLxV = forward(ours, params, ids_BxSxL, clf_BxS)
+
+    def hf_outputs(m):
+        with torch.no_grad():
+            out = m(torch.tensor(ids_BxSxL).long(), mc_token_ids=torch.tensor(clf_BxS).long())
+        return out.mc_logits.numpy(), out.logits.numpy().reshape(lm_NxLxV.shape)
+
+    mc_logits, logits = hf_outputs(model)
+    np.testing.assert_allclose(np.asarray(scores_BxS), mc_logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(lm_NxLxV), logits, atol=TOL, rtol=0)
+
+    assert convert.to_hf(str(tmp_path / "ours"), str(tmp_path / "back")) == (
+        "OpenAIGPTDoubleHeadsModel"
+    )
+    back = transformers.OpenAIGPTDoubleHeadsModel.from_pretrained(tmp_path / "back").eval()
+    for got, want in zip(hf_outputs(back), (mc_logits, logits), strict=True):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_other_heads_export_as_lm_plus_head_file(lm, tmp_path):
+    """Other fine-tuned kinds: the LM (specials' rows included) plus task_head.safetensors."""
+    from safetensors.numpy import load_file
+
+    _, gpt = convert.read_workdir(str(lm[1] / "ours"))
+    rng = np.random.default_rng(6)
+    embedding = gpt["tokens_embed"]["embedding"]
+    gpt["tokens_embed"]["embedding"] = np.concatenate([embedding, embedding[:3]])
+    head = {"kernel": rng.standard_normal((32, 3), np.float32), "bias": np.ones(3, np.float32)}
+    config = json.loads(convert.run_config({**OURS, "vocab_size": 64}, 0.1, {}, clf_dropout=0.1))
+    config["task"]["kind"] = "classification"
+    params = {"transformer": gpt, "head": head}
+    convert.write_workdir(str(tmp_path / "ft"), params, json.dumps(config), {})
+    assert convert.to_hf(str(tmp_path / "ft"), str(tmp_path / "hf")) == "OpenAIGPTLMHeadModel"
+    saved = load_file(tmp_path / "hf" / "task_head.safetensors")
+    np.testing.assert_array_equal(saved["kernel"], head["kernel"])
+    np.testing.assert_array_equal(saved["bias"], head["bias"])
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["vocab_size"] == 67 and hf["afn"] == "gelu"
+
+
+def openai_release(directory, rng):
+    """A scaled-down original release: the real tensor order and shapes, random numbers
+    split over params_0..9.npy, and tokenizer files. Returns the list of tensors."""
+    d, f, n_ctx, vocab = 32, 128, 16, 64
+    block = [[1, d, 3 * d], [3 * d], [1, d, d], [d], [d], [d], [1, d, f], [f], [1, f, d]]
+    block += [[d], [d], [d]]
+    shapes = [[n_ctx, d], [vocab, d]] + 2 * block
+    arrays = [(0.1 * rng.standard_normal(s) + (len(s) == 1)).astype(np.float32) for s in shapes]
+    directory.mkdir()
+    (directory / "params_shapes.json").write_text(json.dumps(shapes))
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    for n, part in enumerate(np.array_split(flat, 10)):
+        np.save(directory / f"params_{n}.npy", part)
+    (directory / "encoder_bpe_40000.json").write_text(json.dumps({"a</w>": 0, "b</w>": 1}))
+    (directory / "vocab_40000.bpe").write_text("#version: 0.2\na b\n")
+    return arrays
+
+
+def test_from_openai_matches_transformers(tmp_path):
+    arrays = openai_release(tmp_path / "release", np.random.default_rng(4))
+    convert.from_openai(str(tmp_path / "release"), str(tmp_path / "ours"), n_head=2)
+    assert (tmp_path / "ours" / "vocab.json").read_text() == (
+        tmp_path / "release" / "encoder_bpe_40000.json"
+    ).read_text()
+
+    # The same numbers into HF's model, by the HF names in the release's order.
+    model = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**HF_SIZES)).eval()
+    block = [f"{m}.{p}" for m in ("attn.c_attn", "attn.c_proj") for p in ("weight", "bias")]
+    block += ["ln_1.weight", "ln_1.bias"]
+    block += [f"mlp.{m}.{p}" for m in ("c_fc", "c_proj") for p in ("weight", "bias")]
+    block += ["ln_2.weight", "ln_2.bias"]
+    names = ["positions_embed.weight", "tokens_embed.weight"]
+    names += [f"h.{i}.{name}" for i in range(2) for name in block]
+    state = {
+        n: torch.tensor(a.reshape(a.shape[1:] if a.ndim == 3 else a.shape))
+        for n, a in zip(names, arrays, strict=True)
+    }
+    missing, unexpected = model.transformer.load_state_dict(state, strict=False)
+    assert not unexpected and all(".attn.bias" in m for m in missing), (missing, unexpected)
+
+    ids_BxL = tokens(2, 16)
+    ours = GPT(ModelConfig(**OURS))
+    params = restore(tmp_path / "ours", ours, (jnp.zeros((1, 16), jnp.int32),))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids_BxL).long()).logits.numpy()
+    np.testing.assert_allclose(
+        np.asarray(forward(ours, params, ids_BxL)), expected, atol=TOL, rtol=0
+    )
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(a) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and lines and lines[-1].startswith("error: "), lines
+    assert not any("Traceback" in line for line in lines)
+    return lines[-1]
+
+
+def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
+    _, root = lm
+    openai_release(tmp_path / "release", np.random.default_rng(5))
+    os.remove(tmp_path / "release" / "params_3.npy")
+    assert "params_3.npy" in run(capsys, "from-openai", tmp_path / "release", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+    before = digest(root / "ours")
+    assert "holds a checkpoint" in run(capsys, "from-hf", root / "hf", root / "ours")
+    assert digest(root / "ours") == before
+
+    hf = tmp_path / "relu"
+    hf.mkdir()
+    os.symlink(root / "hf" / "model.safetensors", hf / "model.safetensors")
+    config = json.loads((root / "hf" / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "afn": "relu"}))
+    assert "afn='relu'" in run(capsys, "from-hf", hf, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+    assert "config.json is missing" in run(capsys, "to-hf", tmp_path, tmp_path / "c")
+    assert not list(tmp_path.glob("*.tmp*")) and not list(root.glob("*.tmp*"))
