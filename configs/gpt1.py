@@ -64,6 +64,18 @@ def get_config() -> config_dict.ConfigDict:
     # SentencePiece BPE: lines sampled from the training books to learn the merges.
     config.data.tokenizer_sample_lines = 5_000_000
 
+    # --mode=generate (not from the paper): continue prompts with the workdir's model.
+    config.generate = config_dict.ConfigDict()
+    config.generate.prompt = ""
+    config.generate.prompts_file = ""  # one prompt per line
+    config.generate.max_new_tokens = 64
+    config.generate.temperature = 1.0  # 0: greedy
+    config.generate.top_k = 0  # 0: no top-k cut
+    config.generate.top_p = 1.0  # 1: no nucleus cut
+    config.generate.seed = 0
+    config.generate.stop = ""  # comma-separated stop strings; "\n" is a line break
+    config.generate.step = config_dict.placeholder(int)  # unset: the latest checkpoint
+
     # Data parallelism over every device; -1 means "all the devices left".
     config.mesh = config_dict.ConfigDict()
     config.mesh.data = -1

@@ -2,8 +2,10 @@
 
 Pretraining with configs/gpt1.py or configs/demo.py, fine-tuning with
 configs/finetune.py:TASK. Modes: `train` (default; resumes from the workdir's latest
-checkpoint) and `eval` (restores a checkpoint: pretraining reports held-out perplexity,
-fine-tuning the task's metrics next to the paper's, in results.json and results.md).
+checkpoint), `eval` (restores a checkpoint: pretraining reports held-out perplexity,
+fine-tuning the task's metrics next to the paper's, in results.json and results.md) and
+`generate` (continues the prompts of `config.generate` with the workdir's model, one JSON
+line per prompt on stdout).
 Exit status: 0 done, 2 bad input (one line `error: ...`), 75 stopped by SIGTERM/SIGINT or
 a preemption notice after writing a checkpoint (run the same command to resume). Any
 config value can be overridden with `--config.section.name=value`; unknown names and
@@ -21,7 +23,12 @@ from gptjax.errors import EXIT_PREEMPTED, Preempted, UserError, WriteFailed, fai
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "generate"],
+    "train: train (or resume); eval: score a checkpoint; generate: sample text from one.",
+)
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run."
 )
@@ -81,7 +88,11 @@ def main(argv):
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)
-        if "task" in config:  # configs/finetune.py
+        if _MODE.value == "generate":  # from the workdir's own model and tokenizer
+            from gptjax import generate
+
+            generate.run(config, _WORKDIR.value)
+        elif "task" in config:  # configs/finetune.py
             from gptjax import finetune
 
             finetune.resolve_model(config)

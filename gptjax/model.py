@@ -110,7 +110,9 @@ class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool, cache: dict | None = None):
+        """Attention over the sequence itself; with a `cache` (generation) over every
+        position decoded so far instead, returning (output, updated cache)."""
         cfg = self.cfg
         # Fused QKV; the (3, H, K) output layout keeps whole heads together so tensor
         # parallelism can split heads, and flattens to the original (D, 3D) kernel.
@@ -123,6 +125,8 @@ class CausalSelfAttention(nn.Module):
             name="c_attn",
         )(x_BxLxD)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+        if cache is not None:
+            return self._attend_cached(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cache)
         if cfg.attention == "fused":
             # cuDNN's flash attention needs a GPU and 16-bit inputs; elsewhere XLA's.
             cudnn = jax.default_backend() == "gpu" and cfg.dtype == "bfloat16"
@@ -148,6 +152,27 @@ class CausalSelfAttention(nn.Module):
             force_fp32_for_softmax=True,
         )
         return self._project(out_BxLxHxK)
+
+    def _attend_cached(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cache: dict):
+        """Writes this step's keys and values into the cache at each row's positions
+        (`cache["pos"]` [B], the first of the L new tokens), then attends over the cache
+        [B, C, H, K] (C = n_ctx) with every key at or before the query's position."""
+
+        def write(cached_CxHxK, new_LxHxK, pos):
+            return jax.lax.dynamic_update_slice(
+                cached_CxHxK, new_LxHxK.astype(cached_CxHxK.dtype), (pos, 0, 0)
+            )
+
+        pos_B = cache["pos"]
+        k_BxCxHxK = jax.vmap(write)(cache["k"], k_BxLxHxK, pos_B)
+        v_BxCxHxK = jax.vmap(write)(cache["v"], v_BxLxHxK, pos_B)
+        length, context = q_BxLxHxK.shape[1], k_BxCxHxK.shape[1]
+        query_pos_BxL = pos_B[:, None] + jnp.arange(length)
+        mask_Bx1xLxC = (jnp.arange(context) <= query_pos_BxL[:, :, None])[:, None]
+        out_BxLxHxK = nn.dot_product_attention(
+            q_BxLxHxK, k_BxCxHxK, v_BxCxHxK, mask=mask_Bx1xLxC, force_fp32_for_softmax=True
+        )
+        return self._project(out_BxLxHxK), {"k": k_BxCxHxK, "v": v_BxCxHxK, "pos": pos_B}
 
     def _project(self, out_BxLxHxK: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -192,13 +217,17 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, deterministic: bool, cache: dict | None = None):
+        """The block's output; with a `cache`, (output, updated cache)."""
         dropout = nn.Dropout(self.cfg.dropout, deterministic=deterministic)
-        a_BxLxD = CausalSelfAttention(self.cfg, name="attn")(x_BxLxD, deterministic)
+        a_BxLxD = CausalSelfAttention(self.cfg, name="attn")(x_BxLxD, deterministic, cache)
+        if cache is not None:
+            a_BxLxD, cache = a_BxLxD
         n_BxLxD = _layer_norm("ln_1", self.cfg.dtype)(x_BxLxD + dropout(a_BxLxD))
         m_BxLxD = MLP(self.cfg, name="mlp")(n_BxLxD)
         h_BxLxD = _layer_norm("ln_2", self.cfg.dtype)(n_BxLxD + dropout(m_BxLxD))
-        return nn.with_logical_constraint(h_BxLxD, ("batch", "length", "embed"))
+        h_BxLxD = nn.with_logical_constraint(h_BxLxD, ("batch", "length", "embed"))
+        return h_BxLxD if cache is None else (h_BxLxD, cache)
 
 
 class ScanBlock(Block):
@@ -263,6 +292,23 @@ class GPT(nn.Module):
             x_BxLxD = block(x_BxLxD, deterministic)
         return x_BxLxD
 
+    def decode(self, tokens_BxL: jax.Array, caches: list[dict]):
+        """Generation: the LM logits [B, L, V] of `tokens_BxL`, which sit at positions
+        `pos` .. `pos` + L - 1 of each row (`caches[i]["pos"]` [B], the same in every
+        layer), attending to the keys and values cached before them. Returns the logits
+        and the caches with these keys and values written in and `pos` advanced by L.
+        One pass over the prompts fills the caches; each later call adds a token. The
+        caches come from `init_cache`; parameters must be per layer (not scanned)."""
+        pos_B = caches[0]["pos"]
+        length = tokens_BxL.shape[1]
+        positions_BxL = pos_B[:, None] + jnp.arange(length)
+        x_BxLxD = self.tokens_embed(tokens_BxL) + self.positions_embed(positions_BxL)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x_BxLxD, cache = block(x_BxLxD, True, cache)
+            new_caches.append({**cache, "pos": pos_B + length})
+        return self.lm_logits(x_BxLxD), new_caches
+
     def lm_logits(self, h_BxLxD: jax.Array) -> jax.Array:
         """Next-token logits [B, L, V] from the LM head tied to the token embedding."""
         embedding_VxD = self.tokens_embed.embedding
@@ -323,6 +369,15 @@ class TaskModel(nn.Module):
             return out_BxSxC[..., 0], lm_logits_NxLxV
         out_BxC = out_BxSxC[:, 0]
         return (out_BxC[:, 0] if self.regression else out_BxC), lm_logits_NxLxV
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> list[dict]:
+    """Empty key/value caches for `GPT.decode`: one per layer, [B, n_ctx, H, K] each,
+    in the compute dtype, with every row at position 0."""
+    shape = (batch, cfg.n_ctx, cfg.n_head, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.dtype)
+    pos = jnp.zeros((batch,), jnp.int32)
+    return [{"k": zeros, "v": zeros, "pos": pos} for _ in range(cfg.n_layer)]
 
 
 def stack_layers(params: dict, n_layer: int) -> dict:

@@ -74,3 +74,17 @@ def tiny_books_config(books_dir, cache_dir):
 def tree_bytes(directory: pathlib.Path) -> dict:
     """Every file under `directory` with its bytes: to show that a command left it as it was."""
     return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A tiny pretraining run through the CLI, shared by every test that starts from one:
+    `pretrained / "run"` is the workdir (2 blocks, vocab 96, n_ctx 16), `pretrained /
+    "cache"` its data cache. Tests read it and never write into it."""
+    from cli import run_main
+
+    root = tmp_path_factory.mktemp("pre")
+    books = write_books(root / "books")
+    result = run_main(root / "run", books=books, cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root

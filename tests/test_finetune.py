@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from cli import main_in_process, run_main
+from cli import main_in_process
 from tensorflow_datasets.core.data_sources import base as data_sources_base
 from test_tfds_tasks import story_cloze_source, write_story_cloze
 
@@ -22,7 +22,7 @@ from gptjax.tasks import transforms
 from gptjax.tasks.spec import Example, TaskSpec
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
 
-from conftest import ROOT, tree_bytes, write_books
+from conftest import ROOT, tree_bytes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -190,16 +190,6 @@ def test_auxiliary_lm_loss_ignores_padding():
 
 # ----------------------------------------------------------------------------------------
 # Transfer from a pretraining run, and whole runs.
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny pretraining workdir (2 blocks, vocab 96, n_ctx 16)."""
-    root = tmp_path_factory.mktemp("pre")
-    books = write_books(root / "books")
-    result = run_main(root / "run", books=books, cache=root / "cache")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root
 
 
 def finetune_config(pretrained, name="custom", **task):

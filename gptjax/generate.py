@@ -1,0 +1,262 @@
+"""Sampling text from a trained GPT: batched prompts, a key/value cache, a jitted loop.
+
+    python -m gptjax.main --config=configs/gpt1.py --workdir=RUN --mode=generate \
+        --config.generate.prompt="It was a dark and stormy night"
+
+The prompts go through the model once, filling each layer's key/value cache; each new
+token then costs one position's worth of work (`GPT.decode`), never a pass over the whole
+prefix. Tokens are drawn on the device in jitted chunks of `chunk` steps; between chunks
+the host checks stop strings, so a long sample stops soon after its stop string and the
+loop never waits on the device per token. Rows stop at the context length (n_ctx), after
+`max_new_tokens`, at an end-of-document token (where the tokenizer has one) or a stop
+string. Logits are restricted to the ordinary vocabulary: the fine-tuning specials are
+never drawn.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax import checkpoint
+from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
+from gptjax.model import GPT, ModelConfig, init_cache, unstack_layers
+from gptjax.pretrain import CONFIG_FILE
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How each next token is chosen (`config.generate`)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy (the most likely token)
+    top_k: int = 0  # keep the k most likely tokens; 0: all
+    top_p: float = 1.0  # keep the smallest set holding this much probability; 1: all
+    seed: int = 0
+
+    def check(self):
+        if self.max_new_tokens <= 0:
+            raise UserError(f"generate.max_new_tokens={self.max_new_tokens} must be positive")
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise UserError(
+                "generate.temperature and generate.top_k must be >= 0 and generate.top_p in "
+                f"(0, 1] (got {self.temperature}, {self.top_k}, {self.top_p})"
+            )
+
+
+def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus): excluded tokens get -inf."""
+    logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if sampling.top_p < 1.0:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # A token is kept while the probability before it is below top_p (the first
+        # always is); the threshold is the smallest kept logit.
+        kept_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < sampling.top_p
+        threshold_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), -1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def choose(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """The next token of each row [B]."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits_BxV, sampling)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+class Generator:
+    """A GPT's parameters ready to sample from. `vocab_size` is the ordinary vocabulary
+    (the logits of any rows after it, the fine-tuning specials, are never drawn)."""
+
+    def __init__(self, cfg: ModelConfig, params, vocab_size: int, chunk: int = 16):
+        cfg = dataclasses.replace(cfg, dropout=0.0)
+        self.cfg, self.vocab_size, self.chunk = cfg, vocab_size, chunk
+        self.model = GPT(cfg)
+        self.params = params
+        self._prefill = jax.jit(self._prefill_fn, static_argnames="sampling")
+        self._steps = jax.jit(self._steps_fn, static_argnames="sampling", donate_argnums=1)
+
+    def _prefill_fn(self, params, tokens_BxP, lengths_B, key, sampling):
+        caches = init_cache(self.cfg, tokens_BxP.shape[0])
+        logits_BxPxV, caches = self.model.apply(
+            {"params": params}, tokens_BxP, caches, method=GPT.decode
+        )
+        # Rows are right-padded: each continues after its own last prompt token, and
+        # the cache entries past it are overwritten as it goes (and masked until then).
+        last_BxV = logits_BxPxV[jnp.arange(tokens_BxP.shape[0]), lengths_B - 1]
+        caches = [{**c, "pos": lengths_B} for c in caches]
+        return choose(last_BxV[:, : self.vocab_size], key, sampling), caches
+
+    def _steps_fn(self, params, caches, token_B, key, sampling):
+        """`chunk` more tokens for every row: [B, chunk]."""
+
+        def step(carry, step_key):
+            caches, token_B = carry
+            logits_Bx1xV, caches = self.model.apply(
+                {"params": params}, token_B[:, None], caches, method=GPT.decode
+            )
+            token_B = choose(logits_Bx1xV[:, 0, : self.vocab_size], step_key, sampling)
+            return (caches, token_B), token_B
+
+        (caches, token_B), tokens_TxB = jax.lax.scan(
+            step, (caches, token_B), jax.random.split(key, self.chunk)
+        )
+        return caches, token_B, tokens_TxB.T
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: Sampling,
+        stop_ids: tuple[int, ...] = (),
+        is_done=None,
+    ) -> list[list[int]]:
+        """The new tokens of each prompt (at most `max_new_tokens`, and no more than
+        fit in n_ctx), each cut before the first of `stop_ids`. `is_done(tokens)`,
+        checked on the host after every chunk, ends a row early (stop strings)."""
+        sampling.check()
+        n_ctx = self.cfg.n_ctx
+        if not prompts or any(not p for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        if lengths.max() >= n_ctx:
+            raise UserError(
+                f"a prompt of {lengths.max()} tokens leaves no room in the {n_ctx}-token "
+                "context; shorten it"
+            )
+        # Padded to a multiple of 16 tokens so that similar prompts share one compilation.
+        padded = min(n_ctx, -(-int(lengths.max()) // 16) * 16)
+        tokens = np.zeros((len(prompts), padded), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        budget = np.minimum(sampling.max_new_tokens, n_ctx - lengths)
+        key = jax.random.PRNGKey(sampling.seed)
+        token_B, caches = self._prefill(
+            self.params, tokens, lengths, jax.random.fold_in(key, 0), sampling=sampling
+        )
+        out = [[t] for t in np.asarray(token_B).tolist()]
+        done = self._finished(out, budget, stop_ids, is_done)
+        chunk_index = 1
+        while not done.all():
+            caches, token_B, new_BxT = self._steps(
+                self.params,
+                caches,
+                token_B,
+                jax.random.fold_in(key, chunk_index),
+                sampling=sampling,
+            )
+            chunk_index += 1
+            for i, row in enumerate(np.asarray(new_BxT).tolist()):
+                if not done[i]:
+                    out[i].extend(row)
+            done = self._finished(out, budget, stop_ids, is_done) | done
+        return [self._cut(row, n, stop_ids) for row, n in zip(out, budget, strict=True)]
+
+    @staticmethod
+    def _finished(out, budget, stop_ids, is_done) -> np.ndarray:
+        return np.array(
+            [
+                len(row) >= n
+                or any(t in stop_ids for t in row)
+                or (is_done is not None and is_done(row))
+                for row, n in zip(out, budget, strict=True)
+            ]
+        )
+
+    @staticmethod
+    def _cut(row: list[int], budget: int, stop_ids) -> list[int]:
+        row = row[:budget]
+        for i, t in enumerate(row):
+            if t in stop_ids:
+                return row[:i]
+        return row
+
+
+def generate_text(
+    generator: Generator,
+    tokenizer,
+    prompts: list[str],
+    sampling: Sampling,
+    stop: tuple[str, ...] = (),
+) -> list[str]:
+    """Continuations of text prompts, each cut before its first stop string."""
+    stop = tuple(s for s in stop if s)
+    stop_ids = ()
+    if getattr(tokenizer, "eos_id", None) not in (None, tokenizer.newline_id):
+        stop_ids = (tokenizer.eos_id,)  # the end of a document (SentencePiece's </s>)
+
+    def is_done(tokens):
+        return any(s in tokenizer.decode(tokens) for s in stop)
+
+    ids = generator.generate(
+        tokenizer.encode_texts(prompts), sampling, stop_ids, is_done if stop else None
+    )
+    texts = []
+    for row in ids:
+        text = tokenizer.decode(row)
+        cuts = [text.index(s) for s in stop if s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    return texts
+
+
+def load(workdir: str, step: int | None = None) -> tuple[Generator, object]:
+    """The generator and tokenizer of a workdir (pretrained, converted or fine-tuned:
+    its GPT), from its latest checkpoint or `step`."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise UserError(f"{workdir} is not a gptjax workdir (no {CONFIG_FILE})")
+    with open(path) as f:
+        model = json.load(f)["model"]
+    tokenizer = tokenizer_lib.load_dir(workdir)
+    params = checkpoint.read_params(workdir, step)
+    params = params.get("transformer", params)  # a fine-tuned model's GPT
+    if "h" in params:  # trained with train.scan_layers
+        params = unstack_layers(params)
+    rows = params["tokens_embed"]["embedding"].shape[0]
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dtype", "attention"}
+    cfg = ModelConfig(**{**{k: model[k] for k in fields}, "vocab_size": rows})
+    logging.info("generating from %s (%s)", workdir, describe(cfg))
+    return Generator(cfg, params, tokenizer.vocab_size), tokenizer
+
+
+def describe(cfg: ModelConfig) -> str:
+    return f"{cfg.n_layer} layers, width {cfg.d_model}, context {cfg.n_ctx}"
+
+
+def run(config, workdir: str):
+    """`--mode=generate`: prints a continuation of each prompt of `config.generate`."""
+    g = config.generate
+    prompts = [g.prompt] if g.prompt else []
+    if g.prompts_file:
+        try:
+            with open(g.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read generate.prompts_file: {e}") from None
+    if not prompts:
+        raise UserError(
+            "nothing to continue: set --config.generate.prompt=TEXT or "
+            "--config.generate.prompts_file=PATH (one prompt per line)"
+        )
+    sampling = Sampling(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_k=g.top_k,
+        top_p=g.top_p,
+        seed=g.seed,
+    )
+    generator, tokenizer = load(workdir, g.step)
+    stop = tuple(s.replace("\\n", "\n") for s in g.stop.split(",") if s)
+    texts = generate_text(generator, tokenizer, prompts, sampling, stop)
+    for prompt, text in zip(prompts, texts, strict=True):
+        print(json.dumps({"prompt": prompt, "continuation": text}, ensure_ascii=False))
+    return texts

@@ -1,0 +1,121 @@
+"""Generation: the key/value cache reproduces full recomputation, sampling is seeded and
+filtered as configured, and `--mode=generate` continues prompts from a workdir."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cli import main_in_process
+
+from gptjax import generate
+from gptjax.generate import Generator, Sampling
+from gptjax.model import GPT, ModelConfig, init_cache
+
+CFG = ModelConfig(vocab_size=50, n_ctx=24, n_layer=2, n_head=2, d_model=32, d_mlp=64, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return GPT(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+@jax.jit
+def _full(params, tokens_BxC):
+    return GPT(CFG).apply({"params": params}, tokens_BxC)
+
+
+def full_logits(params, rows):
+    """Next-token logits of each row's last token, recomputing the whole prefix (padded
+    to n_ctx, which a causal model ignores, so that one compilation serves every step)."""
+    tokens = np.zeros((len(rows), CFG.n_ctx), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    logits = _full(params, tokens)
+    return [logits[i, len(r) - 1] for i, r in enumerate(rows)]
+
+
+def test_cached_decoding_equals_full_recomputation_at_every_step(params):
+    rows = [[3, 7, 1, 4, 9], [2, 8]]  # different lengths, right-padded in one batch
+    tokens = np.zeros((2, 5), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    lengths = jnp.array([len(r) for r in rows])
+    decode = jax.jit(lambda p, t, c: GPT(CFG).apply({"params": p}, t, c, method=GPT.decode))
+    logits, caches = decode(params, tokens, init_cache(CFG, 2))
+    caches = [{**c, "pos": lengths} for c in caches]
+    last = logits[jnp.arange(2), lengths - 1]
+    for _ in range(CFG.n_ctx - 5):
+        expected = full_logits(params, rows)
+        np.testing.assert_allclose(last, np.stack(expected), atol=2e-5, rtol=1e-5)
+        nxt = np.asarray(jnp.argmax(last, -1))
+        rows = [r + [int(t)] for r, t in zip(rows, nxt, strict=True)]
+        logits, caches = decode(params, jnp.asarray(nxt)[:, None], caches)
+        last = logits[:, 0]
+
+
+def test_greedy_generation_is_the_argmax_path_and_deterministic(params):
+    gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4)
+    prompts = [[5, 6, 7], [1]]
+    greedy = Sampling(max_new_tokens=9, temperature=0.0)
+    out = gen.generate(prompts, greedy)
+    assert out == gen.generate(prompts, greedy)
+    for prompt, new in zip(prompts, out, strict=True):
+        row = list(prompt)
+        for _ in range(9):
+            row.append(int(jnp.argmax(full_logits(params, [row])[0])))
+        assert new == row[len(prompt) :]
+
+
+def test_rows_stop_at_the_context_length_and_at_stop_ids(params):
+    gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4)
+    long_prompt = list(range(1, 21))  # 20 of 24 positions: room for 4 new tokens
+    greedy = Sampling(max_new_tokens=100, temperature=0.0)
+    short, near_full = gen.generate([[1, 2], long_prompt], greedy)
+    assert len(near_full) == CFG.n_ctx - 20 and len(short) == CFG.n_ctx - 2
+    stop = short[3]
+    [cut] = gen.generate([[1, 2]], greedy, stop_ids=(stop,))
+    assert cut == short[: short.index(stop)]
+    with pytest.raises(Exception, match="no room"):
+        gen.generate([list(range(24))], greedy)
+
+
+def test_sampling_is_seeded_and_never_draws_outside_the_vocabulary(params):
+    gen = Generator(CFG, params, vocab_size=7, chunk=8)  # rows 7.. are like the specials
+    prompts = [[1, 2, 3]] * 4
+    hot = Sampling(max_new_tokens=16, temperature=5.0, seed=1)
+    a, b = gen.generate(prompts, hot), gen.generate(prompts, hot)
+    assert a == b
+    assert a != gen.generate(prompts, Sampling(max_new_tokens=16, temperature=5.0, seed=2))
+    assert {t for row in a for t in row} <= set(range(7))
+    assert len({tuple(row) for row in a}) > 1  # rows draw independently
+
+
+def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda s: np.isfinite(np.asarray(generate.filter_logits(logits, s)))[0].tolist()  # noqa: E731
+    assert kept(Sampling(top_k=2)) == [True, True, False, False, False]
+    # 0.5 + 0.2 = 0.7 < 0.8, so the smallest set reaching 0.8 also holds 0.15.
+    assert kept(Sampling(top_p=0.8)) == [True, True, True, False, False]
+    assert kept(Sampling(top_p=0.5)) == [True, False, False, False, False]
+    assert kept(Sampling(top_k=3, top_p=0.6)) == [True, True, False, False, False]
+
+
+def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_path):
+    run = pretrained / "run"
+    flags = ["--mode=generate", "--config.generate.temperature=0"]
+    flags += ["--config.generate.max_new_tokens=6"]
+    status, _ = main_in_process(run, *flags, "--config.generate.prompt=The king")
+    assert status == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    row = json.loads(line)
+    gen, tok = generate.load(str(run))
+    [expected] = generate.generate_text(gen, tok, ["The king"], Sampling(6, temperature=0.0))
+    assert row == {"prompt": "The king", "continuation": expected} and expected
+    # A stop string cuts the continuation before it.
+    stop = expected.strip()[1:3]
+    [cut] = generate.generate_text(gen, tok, ["The king"], Sampling(6, temperature=0.0), (stop,))
+    assert cut == expected[: expected.index(stop)]
+    status, last = main_in_process(run, "--mode=generate", capsys=capsys)
+    assert status == 2 and "generate.prompt" in last, last
