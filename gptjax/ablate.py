@@ -16,16 +16,21 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import UserError, fail
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config (PATH[:ARG]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per variant goes here.")
-_VARIANTS = flags.DEFINE_list(
-    "variants", ["pretrained", "scratch"], "Any of pretrained, scratch, no_aux_lm."
-)
-flags.mark_flags_as_required(["config", "workdir"])
+from gptjax.errors import UserError, fail, parse_flags
 
 VARIANTS = ("pretrained", "scratch", "no_aux_lm")
+
+
+def define_flags():
+    """The command line's flags: defined only when run as a program, so that importing
+    this module beside `gptjax.main` (which defines --config too) is harmless."""
+    global _CONFIG, _WORKDIR, _VARIANTS
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config (PATH[:ARG]).")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "One subdirectory per variant goes here.")
+    _VARIANTS = flags.DEFINE_list(
+        "variants", ["pretrained", "scratch"], "Any of pretrained, scratch, no_aux_lm."
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def variant_config(config, variant: str):
@@ -92,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -42,3 +42,27 @@ def fail(message: str, at_once: bool = False):
         sys.stderr.flush()
         os._exit(2)
     sys.exit(2)
+
+
+def one_line(error: Exception) -> str:
+    """The message without embedded tracebacks or line breaks."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = [lines[0].split("Traceback")[0], lines[-1]]
+    return " ".join(" ".join(lines).split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with every bad flag or config override reported as one line."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: a key that does not exist
+        name = str(e).strip("\"'")
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a]
+        fail(f"{(bad or ['--config'])[0]}: no such config key {name!r}; see the config file")
+    except flags.Error as e:
+        fail(f"{one_line(e).rstrip('.')}; see --helpfull")
+    except (OSError, TypeError, ValueError) as e:
+        fail(f"could not load the config: {one_line(e)}")

@@ -19,7 +19,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import EXIT_PREEMPTED, Preempted, UserError, WriteFailed, fail
+from gptjax.errors import (
+    EXIT_PREEMPTED,
+    Preempted,
+    UserError,
+    WriteFailed,
+    fail,
+    one_line,
+    parse_flags,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
@@ -35,28 +43,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _one_line(error: Exception) -> str:
-    """The message without embedded tracebacks or line breaks."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if any(line.startswith("Traceback") for line in lines):
-        lines = [lines[0].split("Traceback")[0], lines[-1]]
-    return " ".join(" ".join(lines).split())
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with every bad flag or config override reported as one line."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:  # ml_collections: a key that does not exist
-        name = str(e).strip("\"'")
-        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a]
-        fail(f"{(bad or ['--config'])[0]}: no such config key {name!r}; see the config file")
-    except flags.Error as e:
-        fail(f"{_one_line(e)}; see --helpfull")
-    except (OSError, TypeError, ValueError) as e:
-        fail(f"could not load the config: {_one_line(e)}")
 
 
 def enable_compilation_cache(config):
@@ -84,7 +70,7 @@ def main(argv):
         config = _CONFIG.value
         config.model  # noqa: B018 (a config file that failed to load raises on first use)
     except OSError as e:
-        fail(f"could not load the config: {_one_line(e)}")
+        fail(f"could not load the config: {one_line(e)}")
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)

@@ -67,3 +67,41 @@ def test_bad_process_flags_are_one_line_errors(tmp_path):
         tmp_path / "run", "--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"
     )
     assert_one_line_error(result, "--process_id=2")
+
+
+@pytest.mark.slow
+def test_a_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM to one worker is what a TPU VM gets before maintenance: JAX's preemption
+    service tells every process, and all stop at one step, checkpoint it and exit 75."""
+    import os
+    import signal
+    import time
+
+    books, cache, workdir = write_books(tmp_path / "books"), tmp_path / "cache", tmp_path / "run"
+    port = free_port()
+    procs = [
+        start_main(
+            workdir,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            "--config.train.num_steps=100000",
+            "--config.train.ckpt_every=100000",
+            books=books,
+            cache=cache,
+        )
+        for i in range(2)
+    ]
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        rows = read_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []
+        if len([r for r in rows if "loss" in r]) >= 3:
+            break
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # the worker, not the coordinator
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], [err[-2000:] for _, err in outputs]
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints"))
+    assert len(steps) == 1 and steps[0] >= 3
+    for _, err in outputs:
+        assert f"at step {steps[0]}; checkpoint saved" in err, err[-2000:]
