@@ -31,6 +31,8 @@ setup(
         # Fine-tuning metrics: F1, Matthews correlation, Pearson and Spearman.
         "scikit-learn>=1.5",
         "scipy>=1.11",
+        # The zero-shot curve (zeroshot.png).
+        "matplotlib>=3.8",
     ],
     extras_require={
         # `python -m gptjax.convert` reads and writes HuggingFace's safetensors files.

@@ -76,6 +76,20 @@ def get_config() -> config_dict.ConfigDict:
     config.generate.stop = ""  # comma-separated stop strings; "\n" is a line break
     config.generate.step = config_dict.placeholder(int)  # unset: the latest checkpoint
 
+    # --mode=zeroshot: the paper's zero-shot heuristics (Section 5, Figure 2 right) on the
+    # workdir's LM alone; see gptjax/zeroshot.py for the heuristics and the file formats.
+    config.zeroshot = config_dict.ConfigDict()
+    config.zeroshot.tasks = "sst2,cola,race"  # comma-separated: sst2, cola, race, dprd
+    config.zeroshot.all_checkpoints = False  # True: every checkpoint (the Figure 2 curve)
+    config.zeroshot.max_examples = 0  # per split, a fixed random sample (not the paper's); 0: all
+    config.zeroshot.batch_size = 16  # sequences per forward pass
+    # Your JSON-lines files instead of TFDS's validation splits; DPRD has no TFDS source.
+    config.zeroshot.sst2_path = ""
+    config.zeroshot.cola_path = ""
+    config.zeroshot.cola_train_path = ""  # labelled sentences CoLA's threshold is chosen on
+    config.zeroshot.race_path = ""
+    config.zeroshot.dprd_path = ""  # the pronoun marked by "_", two candidates, a label
+
     # Data parallelism over every device; -1 means "all the devices left".
     config.mesh = config_dict.ConfigDict()
     config.mesh.data = -1

@@ -5,7 +5,8 @@ configs/finetune.py:TASK. Modes: `train` (default; resumes from the workdir's la
 checkpoint), `eval` (restores a checkpoint: pretraining reports held-out perplexity,
 fine-tuning the task's metrics next to the paper's, in results.json and results.md) and
 `generate` (continues the prompts of `config.generate` with the workdir's model, one JSON
-line per prompt on stdout).
+line per prompt on stdout) and `zeroshot` (scores the workdir's LM with the paper's
+zero-shot heuristics, `config.zeroshot`, into zeroshot.json and zeroshot.png).
 Exit status: 0 done, 2 bad input (one line `error: ...`), 75 stopped by SIGTERM/SIGINT or
 a preemption notice after writing a checkpoint (run the same command to resume). Any
 config value can be overridden with `--config.section.name=value`; unknown names and
@@ -34,8 +35,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "generate"],
-    "train: train (or resume); eval: score a checkpoint; generate: sample text from one.",
+    ["train", "eval", "generate", "zeroshot"],
+    "train: train (or resume); eval: score a checkpoint; generate: sample text from one; "
+    "zeroshot: the paper's zero-shot heuristics on the latest (or every) checkpoint.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run."
@@ -78,6 +80,10 @@ def main(argv):
             from gptjax import generate
 
             generate.run(config, _WORKDIR.value)
+        elif _MODE.value == "zeroshot":  # likewise
+            from gptjax import zeroshot
+
+            zeroshot.run(config, _WORKDIR.value)
         elif "task" in config:  # configs/finetune.py
             from gptjax import finetune
 

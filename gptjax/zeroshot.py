@@ -1,0 +1,485 @@
+"""Zero-shot behaviour of a pretrained LM: the paper's Section 5 heuristics and Figure 2 (right).
+
+    python -m gptjax.main --config=configs/gpt1.py --workdir=runs/gpt1 --mode=zeroshot \
+        --config.zeroshot.all_checkpoints=True
+
+GPT-1 asks why generative pretraining helps by solving tasks with the language model
+alone, with no fine-tuning, and tracking the result over pretraining updates:
+
+* SST-2: append "very" to the sentence; predict the label word, "positive" or "negative",
+  that the LM finds more likely next. Accuracy.
+* CoLA: the sentence's average token log-probability, thresholded. Matthews correlation.
+* RACE: the answer with the highest average token log-probability given the article and
+  question. Accuracy.
+* DPRD (Winograd schemas): substitute each candidate for the pronoun; the substitution
+  under which the rest of the sentence (only the words after the pronoun: Trinh & Le's
+  2018 "partial scoring") is more likely wins. Accuracy.
+
+Everything rests on one number, `Scorer.sequence_logprob`: the log-probability of a
+continuation after a prefix, and its token count. Choices the paper leaves open:
+
+* Texts: the prefix and the continuation are encoded separately and concatenated, so the
+  continuation starts a new word. Every sequence starts with the tokenizer's
+  end-of-document id (SentencePiece's </s>; GPT-1's BPE has none and uses its line
+  break), so a text's first token is predicted too, as at the start of a pretraining book.
+* Truncation to n_ctx: the prefix loses its beginning (RACE keeps the end of the article,
+  next to the question); a continuation longer than n_ctx - 1 tokens keeps its first
+  n_ctx - 1 (the prefix then keeps its last token).
+* Log-probabilities are over the ordinary vocabulary (the first `tokenizer.vocab_size`
+  logits), never the fine-tuning specials. An empty continuation averages to -inf.
+* CoLA's threshold is chosen per checkpoint on labelled *training* sentences (TFDS's
+  train split, or `cola_train_path`), as the one maximising their MCC (`fit_threshold`);
+  the evaluated sentences never choose it.
+* `max_examples` keeps a fixed random sample (seed 0) of each split, in its order.
+
+Tasks come from the fine-tuning task registry (TFDS, validation splits, prepared under
+the data cache) or from your JSON-lines files, one object per line (`FILE_FIELDS`):
+
+    sst2  {"sentence": "a gripping film", "label": 1}       1 positive, 0 negative (GLUE's)
+    cola  {"sentence": "The book was read.", "label": 1}    1 acceptable, 0 unacceptable
+    race  {"context": "ARTICLE QUESTION", "choices": ["A", "B", ...], "label": 0}
+    dprd  {"sentence": "The trophy doesn't fit in the suitcase because _ is too big.",
+           "candidates": ["the trophy", "the suitcase"], "label": 0}
+
+DPRD (Rahman & Ng's Definite Pronoun Resolution Dataset) is not in TFDS: it needs its
+file. Its sentence marks the pronoun with one `_` (MARKER); labels index the candidates.
+
+Writes WORKDIR/zeroshot.json (one row per checkpoint and task: step, task, metric, value
+in percent, examples, chance, and CoLA's threshold) and WORKDIR/zeroshot.png, the curve
+of each task against pretraining updates, normalised as (value - chance) / (100 - chance):
+0 is random guessing and 1 a perfect score (the paper normalises between random guessing
+and the 2018 state of the art instead).
+"""
+
+import functools
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gptjax import checkpoint, generate
+from gptjax.data.corpus import cache_dir
+from gptjax.errors import UserError
+from gptjax.model import GPT
+from gptjax.tasks import metrics as task_metrics
+from gptjax.tasks import registry
+from gptjax.tasks.spec import Example
+
+TASKS = ("sst2", "cola", "race", "dprd")
+METRIC = {"sst2": "accuracy", "cola": "mcc", "race": "accuracy", "dprd": "accuracy"}
+# The paper's SST-2 heuristic: "very", then the two label words (label 0, label 1).
+SST2_CUE = "very"
+SST2_WORDS = ("negative", "positive")
+# What stands for the pronoun in a DPRD sentence.
+MARKER = "_"
+# Each task's fields in a user file: its text field(s), then the label.
+FILE_FIELDS = {
+    "sst2": ("sentence", "label"),
+    "cola": ("sentence", "label"),
+    "race": ("context", "choices", "label"),
+    "dprd": ("sentence", "candidates", "label"),
+}
+RESULTS_FILE = "zeroshot.json"
+PLOT_FILE = "zeroshot.png"
+# Sequences are padded to a power of two of at least this many tokens (at most n_ctx):
+# a handful of compiled shapes serves every length.
+_MIN_BUCKET = 16
+_OPTION = "--config.zeroshot."
+
+# (prefixes, continuations) -> (sum of log-probabilities, token count), one per pair.
+LogProb = Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray]]
+
+
+# ----------------------------------------------------------------------------------------
+# The scoring core.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def span_logprob(model: GPT, vocab_size: int, params, tokens_BxL, start_B, end_B):
+    """Per row, the sum of log p(token_j | tokens before j) over start <= j < end, and the
+    number of those tokens. Log-softmax over the first `vocab_size` logits only. Rows
+    are right-padded; a causal model's predictions before `end` ignore the padding."""
+    logits_BxTxV = model.apply({"params": params}, tokens_BxL)[:, :-1, :vocab_size]
+    next_BxT = tokens_BxL[:, 1:]  # T = L - 1 predicted tokens, at positions 1 .. L-1
+    chosen_BxT = jnp.take_along_axis(logits_BxTxV, next_BxT[..., None], axis=-1)[..., 0]
+    logp_BxT = chosen_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    pos_T = jnp.arange(1, tokens_BxL.shape[1])
+    in_span_BxT = (pos_T >= start_B[:, None]) & (pos_T < end_B[:, None])
+    return jnp.where(in_span_BxT, logp_BxT, 0.0).sum(-1), in_span_BxT.sum(-1)
+
+
+def _bucket(length: int, n_ctx: int) -> int:
+    size = _MIN_BUCKET
+    while size < length:
+        size *= 2
+    return min(size, n_ctx)
+
+
+class Scorer:
+    """Log-probabilities of continuations under one GPT's parameters."""
+
+    def __init__(self, model: GPT, params, tokenizer, batch_size: int):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.batch_size = batch_size
+        self.vocab_size = tokenizer.vocab_size  # the ordinary vocabulary: no specials
+
+    def sequence_logprob(
+        self, prefixes: Sequence[str], continuations: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per pair, log p(continuation | eos + prefix) summed over the continuation's
+        tokens, and their number (texts encoded as the module docstring says)."""
+        eos = self.tokenizer.eos_id
+        prefix_ids = [[eos, *ids] for ids in self.tokenizer.encode_texts(list(prefixes))]
+        return self.ids_logprob(prefix_ids, self.tokenizer.encode_texts(list(continuations)))
+
+    def ids_logprob(
+        self, prefixes: Sequence[list[int]], continuations: Sequence[list[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`sequence_logprob` of token ids; each prefix needs at least one token."""
+        n_ctx = self.model.cfg.n_ctx
+        rows, starts = [], []
+        for prefix, continuation in zip(prefixes, continuations, strict=True):
+            if not prefix:
+                raise ValueError("every prefix needs a token to predict the continuation from")
+            continuation = list(continuation[: n_ctx - 1])
+            prefix = list(prefix[max(0, len(prefix) - (n_ctx - len(continuation))) :])
+            rows.append(prefix + continuation)
+            starts.append(len(prefix))
+        # Similar lengths share a batch; batches are padded to batch_size rows.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        pending = []
+        for first in range(0, len(order), self.batch_size):
+            indices = order[first : first + self.batch_size]
+            length = _bucket(max(len(rows[i]) for i in indices), n_ctx)
+            tokens = np.zeros((self.batch_size, length), np.int32)
+            start = np.zeros(self.batch_size, np.int32)
+            end = np.zeros(self.batch_size, np.int32)
+            for r, i in enumerate(indices):
+                tokens[r, : len(rows[i])] = rows[i]
+                start[r], end[r] = starts[i], len(rows[i])
+            out = span_logprob(self.model, self.vocab_size, self.params, tokens, start, end)
+            pending.append((indices, out))
+        sums, counts = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
+        for indices, (sum_B, count_B) in pending:  # dispatched all, now read back
+            sums[indices] = np.asarray(sum_B)[: len(indices)]
+            counts[indices] = np.asarray(count_B)[: len(indices)]
+        return sums, counts
+
+
+def average(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Average token log-probabilities; -inf where there is no token."""
+    return np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
+
+
+# ----------------------------------------------------------------------------------------
+# The heuristics (Section 5, "Zero-shot Behaviors"). Each takes a `LogProb`.
+
+
+def sst2_predict(logprob: LogProb, sentences: Sequence[str]) -> np.ndarray:
+    """SST-2 (Section 5): append "very" to each sentence and restrict the LM's next-word
+    distribution to "positive" and "negative"; the likelier word is the prediction. A
+    word's probability is that of all its tokens (log-probabilities summed), so the two
+    compare fairly whatever their token counts. Labels: 1 positive, 0 negative."""
+    prefixes = [f"{s.strip()} {SST2_CUE}" for s in sentences]
+    n = len(prefixes)
+    sums, _ = logprob(prefixes * 2, [SST2_WORDS[0]] * n + [SST2_WORDS[1]] * n)
+    return (sums[n:] > sums[:n]).astype(np.int64)
+
+
+def cola_scores(logprob: LogProb, sentences: Sequence[str]) -> np.ndarray:
+    """CoLA (Section 5): each sentence's average token log-probability under the LM."""
+    sums, counts = logprob([""] * len(sentences), [s.strip() for s in sentences])
+    return average(sums, counts)
+
+
+def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """CoLA (Section 5) predicts by thresholding the score; the paper does not say how the
+    threshold is set. Here: the one maximising the MCC of labelled sentences (acceptable,
+    label 1, above it), the midpoint of two consecutive distinct scores, the highest of
+    equally good ones. Fit it on training sentences, never the evaluated ones."""
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order].astype(np.float64)
+    n, positives = len(scores), sorted_labels.sum()
+    if n < 2 or not np.any(sorted_scores[:-1] > sorted_scores[1:]):
+        return float(sorted_scores[0]) if n else 0.0  # nothing to separate
+    # Predicting the top k acceptable, for k = 1 .. n-1.
+    k = np.arange(1, n, dtype=np.float64)
+    tp = np.cumsum(sorted_labels)[:-1]
+    fp, fn = k - tp, positives - tp
+    tn = n - positives - fp
+    denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    mcc = np.where(denominator > 0, (tp * tn - fp * fn) / np.maximum(denominator, 1e-300), 0.0)
+    mcc = np.where(sorted_scores[:-1] > sorted_scores[1:], mcc, -np.inf)  # real boundaries
+    best = int(np.argmax(mcc))
+    return float((sorted_scores[best] + sorted_scores[best + 1]) / 2)
+
+
+def choice_predict(
+    logprob: LogProb, contexts: Sequence[str], choices: Sequence[Sequence[str]]
+) -> np.ndarray:
+    """RACE (Section 5): the answer with the highest average token log-probability given
+    the document and question (the first of ties). Any multiple choice works alike."""
+    prefixes = [c for c, options in zip(contexts, choices, strict=True) for _ in options]
+    averages = average(*logprob(prefixes, [o for options in choices for o in options]))
+    predictions, first = [], 0
+    for options in choices:
+        predictions.append(int(np.argmax(averages[first : first + len(options)])))
+        first += len(options)
+    return np.array(predictions, np.int64)
+
+
+def dprd_predict(
+    logprob: LogProb, sentences: Sequence[str], candidates: Sequence[Sequence[str]]
+) -> np.ndarray:
+    """DPRD (Section 5): replace the definite pronoun (MARKER) with each referent and
+    predict the one under which the rest of the sentence, after the substitution, has the
+    higher average token log-probability (Trinh & Le's partial scoring: only the words
+    after the pronoun are scored, given the sentence up to the referent)."""
+    contexts, rests = [], []
+    for sentence in sentences:
+        before, after = sentence.split(MARKER)
+        contexts.append(before)
+        rests.append(after.strip())
+    prefixes = [f"{b}{c}" for b, cands in zip(contexts, candidates, strict=True) for c in cands]
+    conts = [r for r, cands in zip(rests, candidates, strict=True) for _ in cands]
+    averages = average(*logprob(prefixes, conts))
+    predictions, first = [], 0
+    for cands in candidates:
+        predictions.append(int(np.argmax(averages[first : first + len(cands)])))
+        first += len(cands)
+    return np.array(predictions, np.int64)
+
+
+def score_task(
+    name: str, logprob: LogProb, examples: Sequence[Example], fit: Sequence[Example] = ()
+) -> dict:
+    """One task's metric in percent, its number of examples, the metric's value for random
+    guessing and, for CoLA, the threshold chosen on the `fit` examples."""
+    labels = np.array([ex.label for ex in examples], np.int64)
+    texts = [ex.texts[0] for ex in examples]
+    extra = {}
+    if name == "sst2":
+        predictions, chance = sst2_predict(logprob, texts), 50.0
+    elif name == "cola":
+        fit_labels = np.array([ex.label for ex in fit], np.int64)
+        threshold = fit_threshold(cola_scores(logprob, [ex.texts[0] for ex in fit]), fit_labels)
+        predictions = (cola_scores(logprob, texts) > threshold).astype(np.int64)
+        chance, extra = 0.0, {"threshold": threshold}
+    else:
+        choices = [ex.choices for ex in examples]
+        predict = choice_predict if name == "race" else dprd_predict
+        predictions = predict(logprob, texts, choices)
+        chance = float(np.mean([100.0 / len(c) for c in choices]))
+    metric = METRIC[name]
+    value = task_metrics.compute([metric], predictions, labels)[metric]
+    return {
+        "task": name,
+        "metric": metric,
+        "value": value,
+        "examples": len(examples),
+        "chance": chance,
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Examples: TFDS through the task registry, or the user's files.
+
+
+def task_names(zs: ml_collections.ConfigDict) -> list[str]:
+    """The tasks of `zeroshot.tasks`, checked against the settings."""
+    names = list(dict.fromkeys(n.strip() for n in zs.tasks.split(",") if n.strip()))
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise UserError(
+            f"unknown zero-shot task(s) {unknown or zs.tasks!r}; set {_OPTION}tasks to a "
+            f"comma-separated list of {', '.join(TASKS)}"
+        )
+    for name in TASKS:
+        if zs[f"{name}_path"] and name not in names:
+            raise UserError(
+                f"{_OPTION}{name}_path is set but {name} is not in zeroshot.tasks; add it: "
+                f"{_OPTION}tasks={','.join([*names, name])}"
+            )
+    if "dprd" in names and not zs.dprd_path:
+        raise UserError(
+            f"DPRD is not in TFDS: set {_OPTION}dprd_path to its JSON-lines file (fields "
+            f"sentence with the pronoun as {MARKER}, candidates, label)"
+        )
+    if zs.max_examples < 0 or zs.batch_size <= 0:
+        raise UserError(
+            f"zeroshot.max_examples must be >= 0 and zeroshot.batch_size positive (got "
+            f"{zs.max_examples}, {zs.batch_size})"
+        )
+    return names
+
+
+def read_file(name: str, path: str, option: str) -> list[Example]:
+    """The examples of a user's JSON-lines file for task `name` (fields: FILE_FIELDS)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().split("\n")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check {_OPTION}{option}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8 JSON lines") from None
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            examples.append(_file_example(name, path, number, line))
+    if not examples:
+        raise UserError(f"{path} has no examples; check {_OPTION}{option}")
+    return examples
+
+
+def _file_example(name: str, path: str, number: int, line: str) -> Example:
+    where = f"line {number} of {path}"
+    fields = FILE_FIELDS[name]
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON ({e.msg}); write one object per line") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where} is a JSON {type(row).__name__}; write one object per line")
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise UserError(
+            f"{where} lacks field(s) {', '.join(missing)}; {name} rows need {', '.join(fields)}"
+        )
+    text, label = row[fields[0]], row["label"]
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: {fields[0]!r} must be a non-empty string")
+    choices: tuple[str, ...] = ()
+    if len(fields) == 3:
+        choices = row[fields[1]]
+        if not (isinstance(choices, list) and len(choices) >= 2):
+            raise UserError(f"{where}: {fields[1]!r} must be a list of at least 2 strings")
+        if not all(isinstance(c, str) and c.strip() for c in choices):
+            raise UserError(f"{where}: {fields[1]!r} must hold non-empty strings")
+        choices = tuple(c.strip() for c in choices)
+    count = len(choices) or 2
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < count:
+        raise UserError(f"{where}: label {label!r} must be an integer from 0 to {count - 1}")
+    if name == "dprd" and text.count(MARKER) != 1:
+        raise UserError(
+            f"{where}: mark the pronoun with exactly one {MARKER!r} (found {text.count(MARKER)})"
+        )
+    if name == "dprd" and not text.split(MARKER)[1].strip():
+        raise UserError(f"{where}: nothing follows the pronoun {MARKER!r} to score")
+    return Example(texts=(text.strip(),), label=label, choices=choices, uid=number)
+
+
+def sample(examples: Sequence[Example], limit: int) -> list[Example]:
+    """At most `limit` labelled examples (0: all): a fixed random sample, in order."""
+    examples = [ex for ex in examples if ex.label is not None]
+    if not limit or len(examples) <= limit:
+        return examples
+    return [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), limit))]
+
+
+def load_examples(config, name: str) -> tuple[list[Example], list[Example]]:
+    """Task `name`'s evaluated examples and (CoLA) the training ones its threshold is fit on."""
+    zs = config.zeroshot
+    data_dir = os.path.join(cache_dir(config.data), "tfds")  # as fine-tuning prepares them
+    task = None
+    if zs[f"{name}_path"]:
+        examples = read_file(name, zs[f"{name}_path"], f"{name}_path")
+    else:
+        task = registry.get_task(ml_collections.ConfigDict({"name": name}))
+        examples = task.load(task.eval_splits[0], data_dir)
+    fit: Sequence[Example] = ()
+    if name == "cola":
+        if zs.cola_train_path:
+            fit = read_file(name, zs.cola_train_path, "cola_train_path")
+        elif zs.cola_path:
+            raise UserError(
+                f"CoLA's threshold is chosen on labelled training sentences, never the evaluated "
+                f"ones: set {_OPTION}cola_train_path (same format as cola_path)"
+            )
+        else:
+            task = task or registry.get_task(ml_collections.ConfigDict({"name": name}))
+            fit = task.load(task.train_split, data_dir)
+    return sample(examples, zs.max_examples), sample(fit, zs.max_examples)
+
+
+# ----------------------------------------------------------------------------------------
+# The run: every checkpoint, every task, the table and the figure.
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """`--mode=zeroshot`: scores the workdir's latest checkpoint (or, with
+    `zeroshot.all_checkpoints`, every one) on each task; writes and returns the rows."""
+    zs = config.zeroshot
+    names = task_names(zs)
+    data = {name: load_examples(config, name) for name in names}
+    steps = checkpoint.all_steps(workdir)
+    if not steps:
+        raise UserError(
+            f"no checkpoint in {workdir}: pretrain there first, or point --workdir at a run"
+        )
+    steps = steps if zs.all_checkpoints else steps[-1:]
+    rows: list[dict] = []
+    for step in steps:
+        generator, tokenizer = generate.load(workdir, step)
+        scorer = Scorer(generator.model, generator.params, tokenizer, zs.batch_size)
+        for name in names:
+            started = time.time()
+            row = {"step": step, **score_task(name, scorer.sequence_logprob, *data[name])}
+            rows.append(row)
+            logging.info(
+                "zero-shot step %d %s: %s %.2f (%d examples, chance %.1f, %.1f s)",
+                step,
+                name,
+                row["metric"],
+                row["value"],
+                row["examples"],
+                row["chance"],
+                time.time() - started,
+            )
+        write_results(rows, workdir)  # after every checkpoint: a long run shows progress
+    logging.info("wrote %s and %s", *(os.path.join(workdir, f) for f in (RESULTS_FILE, PLOT_FILE)))
+    return rows
+
+
+def write_results(rows: list[dict], workdir: str):
+    """zeroshot.json and zeroshot.png, each written whole under a temporary name first."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(tmp, path)
+    plot(rows, os.path.join(workdir, PLOT_FILE))
+
+
+def normalised(row: dict) -> float:
+    """0 for random guessing, 1 for a perfect score."""
+    return (row["value"] - row["chance"]) / (100.0 - row["chance"])
+
+
+def plot(rows: list[dict], path: str):
+    """Figure 2 (right): each task's normalised score against pretraining updates."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    for name in dict.fromkeys(row["task"] for row in rows):
+        points = sorted((r["step"], normalised(r)) for r in rows if r["task"] == name)
+        axes.plot(*zip(*points, strict=True), marker="o", label=f"{name} ({METRIC[name]})")
+    axes.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("pretraining updates")
+    axes.set_ylabel("(score - chance) / (100 - chance)")
+    axes.set_title("Zero-shot performance over pretraining (GPT-1, Figure 2 right)")
+    axes.legend()
+    figure.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}"
+    figure.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, path)
