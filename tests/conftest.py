@@ -88,3 +88,13 @@ def pretrained(tmp_path_factory):
     result = run_main(root / "run", books=books, cache=root / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return root
+
+
+@pytest.fixture
+def quick_compiles():
+    """For tests that check values, not speed: XLA's cheapest compilation."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)

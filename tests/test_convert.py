@@ -291,3 +291,41 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
 
     assert "config.json is missing" in run(capsys, "to-hf", tmp_path, tmp_path / "c")
     assert not list(tmp_path.glob("*.tmp*")) and not list(root.glob("*.tmp*"))
+
+
+def test_a_converted_model_generates_and_fine_tunes_with_its_bpe(tmp_path, quick_compiles):
+    """The whole path a user of the released model takes, at toy size: HF directory ->
+    workdir with GPT-1's BPE -> generation and a fine-tune through the command line."""
+    from cli import main_in_process
+    from test_bpe import learn_bpe
+
+    from gptjax import generate
+    from gptjax.bpe import BPETokenizer
+
+    text = "the king sees the queen. the knight follows the old dog by the river.\n"
+    vocab, merges = learn_bpe(text * 3, 25)
+    hf = tmp_path / "hf"
+    hf_model(transformers.OpenAIGPTLMHeadModel, vocab_size=len(vocab)).save_pretrained(hf)
+    (hf / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (hf / "merges.txt").write_text(
+        "\n".join(["#version: 0.2"] + [f"{a} {b}" for a, b in merges]) + "\n", encoding="utf-8"
+    )
+    convert.from_hf(str(hf), str(tmp_path / "ours"))
+
+    generator, tokenizer = generate.load(str(tmp_path / "ours"))
+    assert isinstance(tokenizer, BPETokenizer) and tokenizer.vocab_size == len(vocab)
+    greedy = generate.Sampling(max_new_tokens=5, temperature=0.0)
+    [ids] = generator.generate([tokenizer.encode_text("the king")], greedy)
+    assert len(ids) == 5 and max(ids) < len(vocab)
+
+    rows = [{"text": "the king sees the river", "label": i % 2} for i in range(8)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    flags = [f"--config.init_from={tmp_path / 'ours'}", "--config.train.batch_size=4"]
+    flags += [f"--config.task.train_path={data}", f"--config.task.eval_path={data}"]
+    flags += ["--config.train.num_steps=2"]
+    ft = tmp_path / "ft"
+    status, _ = main_in_process(ft, *flags, cache=tmp_path / "cache", config="configs/finetune.py")
+    assert status == 0
+    assert json.loads((ft / "results.json").read_text())["results"][0]["accuracy"] >= 0
+    assert (ft / "vocab.json").read_bytes() == (hf / "vocab.json").read_bytes()
