@@ -44,18 +44,13 @@ def command(workdir, *flags, books=None, cache=None, devices=1, config="configs/
 
 
 def run_main(
-    workdir, *flags, books=None, cache=None, devices=1, config="configs/gpt1.py", preexec_fn=None
+    workdir, *flags, books=None, cache=None, devices=1, config="configs/gpt1.py", wrapper=()
 ):
-    """Runs the CLI to completion and returns the CompletedProcess."""
+    """Runs the CLI to completion and returns the CompletedProcess; `wrapper` is a
+    command line prefix it runs under (e.g. one that sets resource limits)."""
     args, env = command(workdir, *flags, books=books, cache=cache, devices=devices, config=config)
     return subprocess.run(
-        args,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=preexec_fn,
+        [*wrapper, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
 
 
@@ -81,7 +76,7 @@ def assert_one_line_error(result, *words, workdir=None):
     return last
 
 
-def main_in_process(workdir, *flags, cache=None, config="configs/gpt1.py", capsys=None):
+def main_in_process(workdir, *flags, books=None, cache=None, config="configs/gpt1.py", capsys=None):
     """The same command line, parsed and run by `gptjax.main` in this process (no new
     interpreter, and compiled steps are shared with the other in-process tests).
     Returns (exit status, the last line of stderr when `capsys` is given)."""
@@ -90,7 +85,7 @@ def main_in_process(workdir, *flags, cache=None, config="configs/gpt1.py", capsy
 
     from gptjax import main as main_lib
 
-    args, _ = command(workdir, *flags, cache=cache, config=config)
+    args, _ = command(workdir, *flags, books=books, cache=cache, config=config)
     argv = ["gptjax.main", *args[3:]]
     cache_dir, sys_argv = jax.config.jax_compilation_cache_dir, sys.argv
     absl_flags.FLAGS.unparse_flags()
@@ -110,3 +105,16 @@ def main_in_process(workdir, *flags, cache=None, config="configs/gpt1.py", capsy
         return status, None
     lines = capsys.readouterr().err.strip().splitlines()
     return status, lines[-1] if lines else ""
+
+
+def error_in_process(capsys, workdir, *flags, words=(), fresh=True, **kwargs):
+    """`main_in_process` that must end with exit status 2 and one line `error: ...`
+    naming `words`, leaving a `fresh` workdir empty. Returns that line."""
+    status, last = main_in_process(workdir, *flags, capsys=capsys, **kwargs)
+    assert status == 2, last
+    assert last.startswith("error: "), last
+    for word in words:
+        assert word in last, last
+    if fresh:
+        assert not workdir.exists() or not list(workdir.iterdir())
+    return last

@@ -5,7 +5,7 @@ import json
 import socket
 
 import pytest
-from cli import assert_one_line_error, run_main, start_main
+from cli import error_in_process, run_main, start_main
 
 from gptjax.metrics import read_metrics
 
@@ -60,13 +60,11 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
     assert restored["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
 
 
-def test_bad_process_flags_are_one_line_errors(tmp_path):
-    result = run_main(tmp_path / "run", "--num_processes=2")
-    assert_one_line_error(result, "--coordinator_address")
-    result = run_main(
-        tmp_path / "run", "--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"
-    )
-    assert_one_line_error(result, "--process_id=2")
+def test_bad_process_flags_are_one_line_errors(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    error_in_process(capsys, workdir, "--num_processes=2", words=["--coordinator_address"])
+    flags = ["--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"]
+    error_in_process(capsys, workdir, *flags, words=["--process_id=2"])
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from cli import assert_one_line_error, run_main
+from cli import assert_one_line_error, error_in_process, run_main
 
 from gptjax.metrics import read_metrics
 
@@ -83,51 +83,58 @@ def test_eight_devices_give_the_same_losses_as_one(trained, tmp_path):
     np.testing.assert_allclose(many, one, rtol=2e-5)
 
 
-def test_missing_corpus(tmp_path):
-    result = run_main(tmp_path / "run", books=tmp_path / "nowhere", cache=tmp_path / "cache")
-    assert_one_line_error(result, "nowhere", "--config.data.books", workdir=tmp_path / "run")
+def test_missing_corpus(tmp_path, capsys):
+    error_in_process(
+        capsys,
+        tmp_path / "run",
+        books=tmp_path / "nowhere",
+        cache=tmp_path / "cache",
+        words=["nowhere", "--config.data.books"],
+    )
 
 
-def test_empty_corpus(tmp_path):
+def test_empty_corpus(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    result = run_main(tmp_path / "run", books=tmp_path / "empty", cache=tmp_path / "cache")
-    assert_one_line_error(result, "empty", workdir=tmp_path / "run")
+    books, cache = tmp_path / "empty", tmp_path / "cache"
+    error_in_process(capsys, tmp_path / "run", books=books, cache=cache, words=["empty"])
 
 
-def test_non_utf8_book(tmp_path):
+def test_non_utf8_book(tmp_path, capsys):
     books = write_books(tmp_path / "books")
     (books / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
-    result = run_main(tmp_path / "run", books=books, cache=tmp_path / "cache")
-    assert_one_line_error(result, "latin1.txt", "--config.data.encoding", workdir=tmp_path / "run")
+    words = ["latin1.txt", "--config.data.encoding"]
+    error_in_process(capsys, tmp_path / "run", books=books, cache=tmp_path / "cache", words=words)
 
 
-def test_corpus_shorter_than_a_window(tmp_path):
+def test_corpus_shorter_than_a_window(tmp_path, capsys):
     books = write_books(tmp_path / "books", num_books=2, words_per_book=300)
-    result = run_main(
-        tmp_path / "run", "--config.model.n_ctx=512", books=books, cache=tmp_path / "cache"
+    error_in_process(
+        capsys,
+        tmp_path / "run",
+        "--config.model.n_ctx=512",
+        books=books,
+        cache=tmp_path / "cache",
+        words=["fewer than one window", "n_ctx"],
     )
-    assert_one_line_error(result, "fewer than one window", "n_ctx", workdir=tmp_path / "run")
 
 
-def test_unknown_override(tmp_path):
-    result = run_main(tmp_path / "run", "--config.train.nonsense=3")
-    assert_one_line_error(result, "--config.train.nonsense", "no such config key")
+def test_unknown_override(tmp_path, capsys):
+    words = ["--config.train.nonsense", "no such config key"]
+    error_in_process(capsys, tmp_path / "run", "--config.train.nonsense=3", words=words)
 
 
-def test_wrongly_typed_override(tmp_path):
-    result = run_main(tmp_path / "run", "--config.train.batch_size=many")
-    assert_one_line_error(result, "batch_size", "many")
+def test_wrongly_typed_override(tmp_path, capsys):
+    words = ["batch_size", "many"]
+    error_in_process(capsys, tmp_path / "run", "--config.train.batch_size=many", words=words)
 
 
-def test_missing_config_file(tmp_path):
-    result = run_main(tmp_path / "run", "--config=configs/nope.py")
-    assert_one_line_error(result, "configs/nope.py")
+def test_missing_config_file(tmp_path, capsys):
+    error_in_process(capsys, tmp_path / "run", "--config=configs/nope.py", words=["nope.py"])
 
 
-def test_inconsistent_config(tmp_path):
-    result = run_main(tmp_path / "run", "--config.model.n_head=3")
-    assert_one_line_error(result, "model.n_head", workdir=tmp_path / "run")
+def test_inconsistent_config(tmp_path, capsys):
+    error_in_process(capsys, tmp_path / "run", "--config.model.n_head=3", words=["model.n_head"])
 
 
 def test_other_model_in_workdir_is_refused(trained, tmp_path):

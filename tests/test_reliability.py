@@ -3,13 +3,13 @@ interval, never resumes from something half-written, and never saves a non-finit
 
 import os
 import random
-import resource
+import shutil
 import signal
 import time
 
 import numpy as np
 import pytest
-from cli import assert_one_line_error, run_main, start_main
+from cli import assert_one_line_error, error_in_process, run_main, start_main
 
 from gptjax import pretrain, sharding
 from gptjax.errors import UserError
@@ -140,11 +140,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert {p: p.read_bytes() for p in older} == older  # the good one untouched
 
 
-def test_unwritable_workdir(tmp_path):
+def test_unwritable_workdir(tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
-    books = write_books(tmp_path / "books")
-    result = run_main(tmp_path / "file" / "run", books=books, cache=tmp_path / "cache")
-    assert_one_line_error(result, "not writable", "file/run")
+    books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
+    words = ["not writable", "file/run"]
+    error_in_process(capsys, tmp_path / "file" / "run", books=books, cache=cache, words=words)
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
@@ -161,34 +161,29 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert (workdir / "metrics.jsonl").read_bytes() == metrics  # the history is kept
 
 
-def small_files_only(max_bytes):
-    """For a child process: writing past `max_bytes` into any file fails with an OS error
-    (EFBIG), as on a full disk, instead of killing the process with SIGXFSZ."""
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-
-    return limit
+def small_files_only(kib: int) -> tuple[str, ...]:
+    """A command prefix under which writing past `kib` KiB into any file fails with an OS
+    error (EFBIG), as on a full disk (Python ignores the SIGXFSZ that comes with it)."""
+    return ("bash", "-c", f'ulimit -f {kib} && exec "$@"', "bash")
 
 
-def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
-    books, cache, workdir = write_books(tmp_path / "books"), tmp_path / "cache", tmp_path / "run"
-    result = run_main(workdir, "--config.train.num_steps=2", books=books, cache=cache)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(pretrained, tmp_path):
+    books, cache, workdir = pretrained / "books", pretrained / "cache", tmp_path / "run"
+    shutil.copytree(pretrained / "run", workdir)  # trained to step 4, checkpoints 2 and 4
     before = tree_bytes(workdir / "checkpoints")
-    # The step-4 checkpoint's larger files cannot be written; the logs still can.
-    result = run_main(workdir, books=books, cache=cache, preexec_fn=small_files_only(24_000))
+    # Two more steps; the step-6 checkpoint's larger files cannot be written, the logs can.
+    longer = "--config.train.num_steps=6"
+    limited = small_files_only(24)
+    result = run_main(workdir, longer, books=books, cache=cache, wrapper=limited)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2, result.stderr[-3000:]
     assert last.startswith("error: could not write a checkpoint"), last
-    assert "File too large" in last and "checkpoint 2 is intact" in last, last
+    assert "File too large" in last and "checkpoint 4 is intact" in last, last
     after = tree_bytes(workdir / "checkpoints")
-    assert {p: after[p] for p in before} == before  # checkpoint 2 untouched
-    assert sorted(os.listdir(workdir / "checkpoints"))[0] == "2"
-    assert not (workdir / "checkpoints" / "4").exists()  # only a temporary leftover
-    # With room again, the same command resumes from step 2 and finishes.
-    result = run_main(workdir, books=books, cache=cache)
+    assert {p: after[p] for p in before} == before  # checkpoints 2 and 4 untouched
+    assert not (workdir / "checkpoints" / "6").exists()  # only a temporary leftover
+    # With room again, the same command resumes from step 4 and finishes.
+    result = run_main(workdir, longer, books=books, cache=cache)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from the checkpoint at step 2" in result.stderr
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert "resumed from the checkpoint at step 4" in result.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]

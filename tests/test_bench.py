@@ -1,0 +1,169 @@
+"""The benchmark and the estimator on a tiny configuration (no speed is asserted)."""
+
+import importlib.util
+import json
+
+import jax
+import ml_collections
+import pytest
+
+from gptjax import bench, estimate
+from gptjax.errors import UserError
+from gptjax.model import ModelConfig, flops_per_token
+
+from conftest import ROOT, gpt1_config
+
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+ON_CPU = jax.default_backend() == "cpu"
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    """One benchmark of `--config=tiny` through the command's entry point, with
+    --vs-torch where transformers is installed, as read back from its --json file."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    returned = bench.main(["--config=tiny", f"--json={path}"] + ["--vs-torch"] * HAS_TORCH)
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(returned))
+    return written
+
+
+def test_every_documented_key_is_written_and_measured(result):
+    assert list(result) == list(bench.KEYS)
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert [k for k in bench.KEYS if f"`{k}`" not in docs] == []
+    # device_peak_bytes: accelerators only; the torch keys: --vs-torch only.
+    unmeasured = {"device_peak_bytes"} if ON_CPU else set()
+    unmeasured |= set() if HAS_TORCH else set(bench.TORCH_KEYS)
+    assert {k for k, v in result.items() if v is None} == unmeasured
+
+
+def test_figures_follow_from_their_definitions(result):
+    r = result
+    d, t, f, v = r["d_model"], r["n_ctx"], 4 * r["d_model"], r["vocab_size"]
+    # Embeddings, then per layer: QKV, attention output, 2 LayerNorms, MLP in and out.
+    per_layer = (3 * d * d + 3 * d) + (d * d + d) + 4 * d + (d * f + f) + (f * d + d)
+    assert r["num_params"] == v * d + t * d + r["n_layer"] * per_layer
+    assert r["flops_per_token"] == 6 * r["num_params"] + 12 * r["n_layer"] * d * t
+    assert len(r["step_times_s"]) == r["timed_steps"]
+    assert r["train_tokens_per_s"] == pytest.approx(r["batch_size"] * t / r["step_time_s"])
+    assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["peak_flops_per_s"])
+    if ON_CPU:  # the peak is the matmul measured in the same run
+        assert r["peak_flops_per_s"] == r["matmul_flops_per_s"]
+    # The second compilation is read back from the persistent cache.
+    assert 0 < r["compile_cached_s"] < r["compile_cold_s"]
+    xla = [r[f"xla_{k}_bytes"] for k in ("argument", "output", "alias", "temp")]
+    assert min(xla) > 0 and r["xla_peak_bytes"] == xla[0] + xla[1] - xla[2] + xla[3]
+    # The state is donated: parameters and both Adam moments are aliased in place.
+    assert r["xla_alias_bytes"] >= 3 * 4 * r["num_params"]
+    assert r["peak_rss_bytes"] > r["xla_peak_bytes"]
+    pipeline = r["pipeline_tokens_per_s"]
+    assert r["pipeline_ratio"] == pytest.approx(pipeline / r["train_tokens_per_s"])
+    assert (r["generate_prompt_tokens"], r["generate_new_tokens"]) == (8, 8)
+    assert r["generate_param_bytes_per_token"] == 4 * (r["num_params"] - (t - 1) * d)
+    assert r["generate_kv_bytes_per_token"] == 2 * r["n_layer"] * t * d * 4
+    assert r["checkpoint_bytes"] > 3 * 4 * r["num_params"]
+    assert 0 < r["checkpoint_blocking_s"] <= r["checkpoint_total_s"]
+
+
+def test_vs_torch_times_the_same_steps(result):
+    pytest.importorskip("transformers")
+    r = result
+    assert len(r["torch_step_times_s"]) == r["timed_steps"]
+    assert r["torch_threads"] == r["threads"]
+    assert r["train_speedup_vs_torch"] == pytest.approx(r["torch_step_time_s"] / r["step_time_s"])
+    assert len(r["train_speedup_by_round"]) == bench.TINY_SETTINGS.rounds
+    assert r["generate_speedup_vs_gpt2"] == pytest.approx(
+        r["generate_tokens_per_s"] / r["torch_gpt2_generate_tokens_per_s"]
+    )
+
+
+def test_flops_per_token_by_hand():
+    gpt1 = ModelConfig(
+        vocab_size=40478, n_ctx=512, n_layer=12, n_head=12, d_model=768, d_mlp=3072, dropout=0.1
+    )
+    # 6 x 116,534,784 = 699,208,704 for the weights; 12 x 12 x 768 x 512 = 56,623,104
+    # for attention scores and values: 0.756 GFLOP per token.
+    assert flops_per_token(gpt1, 116_534_784) == 755_831_808
+
+
+def test_named_configs():
+    cpu = bench.load_config("bench-cpu")
+    m = cpu.model
+    assert (m.n_layer, m.n_head, m.d_model, m.n_ctx, m.vocab_size) == (6, 6, 384, 256, 8192)
+    assert (cpu.train.batch_size, cpu.train.compute_dtype, m.dropout) == (8, "float32", 0.1)
+    assert (cpu.train.lr, cpu.train.b2, cpu.train.weight_decay) == (2.5e-4, 0.999, 0.01)
+    gpt1 = bench.load_config("gpt1")
+    assert gpt1.model.to_dict() == gpt1_config().model.to_dict()
+    assert gpt1.train.batch_size == (1 if jax.default_backend() == "cpu" else 64)
+    tiny = bench.load_config("tiny", ("train.compute_dtype=bfloat16", "model.n_layer=2"))
+    assert (tiny.train.compute_dtype, tiny.model.n_layer) == ("bfloat16", 2)
+    with pytest.raises(UserError, match="model.n_layers"):
+        bench.load_config("tiny", ("model.n_layers=2",))
+
+
+@pytest.fixture(scope="module")
+def estimated():
+    config = bench.load_config("tiny")
+    return config, estimate.estimate(config)
+
+
+def test_estimate_counts_the_models_parameters(estimated, result):
+    config, r = estimated
+    # The benchmark's count is `count_params` of the state `train.create_state` initialised.
+    assert r["num_params"] == result["num_params"]
+    cfg = ModelConfig.from_config(config.model, config.train)
+    assert r["flops_per_token"] == flops_per_token(cfg, result["num_params"])
+
+
+def test_estimate_memory_analysis_and_time(estimated, result):
+    config, r = estimated
+    mem = r["memory_per_device"]
+    assert min(mem.values()) > 0
+    # From shapes alone, as much as the step the benchmark compiled from arrays and ran.
+    assert mem == {k: result[f"xla_{k}"] for k in mem}
+    assert mem["argument_bytes"] >= 3 * 4 * r["num_params"]  # parameters, Adam's mu, nu
+    assert (r["steps"], r["tokens"]) == (10, 10 * 4 * 32)  # train.num_steps x batch x n_ctx
+    throughput = r["mfu"] * r["accelerator_peak_flops"] * r["devices"]
+    assert r["train_seconds"] == pytest.approx(r["tokens"] * r["flops_per_token"] / throughput)
+    # configs/bench_cpu.py's estimate section (the tiny config is derived from it).
+    assert (r["accelerator"], r["devices"], r["mfu"]) == ("H100", 1, 0.4)
+
+
+def test_estimate_run_prints_a_table_and_writes_json(estimated, tmp_path, capsys, monkeypatch):
+    config, r = estimated
+    monkeypatch.setattr(estimate, "estimate", lambda _: r)
+    assert estimate.run(config, str(tmp_path)) == r
+    assert "time to train" in capsys.readouterr().out
+    assert json.loads((tmp_path / "estimate.json").read_text()) == json.loads(json.dumps(r))
+
+
+def test_estimate_length_of_an_epoch_run():
+    config = gpt1_config()  # 100 epochs of 64 x 512
+    steps, tokens = estimate.training_length(config, estimate.BOOKCORPUS_TOKENS)
+    assert steps == 100 * estimate.BOOKCORPUS_TOKENS // (64 * 512) and tokens == steps * 64 * 512
+    assert estimate.settings(config) == estimate.DEFAULTS  # the defaults are gpt1.py's
+    partial = ml_collections.ConfigDict({"estimate": {"mfu": 0.5}})
+    assert estimate.settings(partial) == {**estimate.DEFAULTS, "mfu": 0.5}
+    with pytest.raises(UserError, match="accelerators"):
+        estimate.settings(ml_collections.ConfigDict({"estimate": {"accelerators": 8}}))
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-40GB", "A100"),
+        ("TPU v4", "v4"),
+        ("TPU v5 lite", "v5e"),
+        ("TPU v5", "v5p"),
+        ("TPU v6 lite", "v6e"),
+        ("v5e", "v5e"),
+        ("h100", "H100"),
+        ("cpu", None),
+    ],
+)
+def test_find_accelerator(kind, name):
+    found = estimate.find_accelerator(kind)
+    assert (found and found.name) == name
