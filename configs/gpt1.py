@@ -90,6 +90,14 @@ def get_config() -> config_dict.ConfigDict:
     config.zeroshot.race_path = ""
     config.zeroshot.dprd_path = ""  # the pronoun marked by "_", two candidates, a label
 
+    # --mode=estimate (not from the paper): what this run costs, computed without running it.
+    config.estimate = config_dict.ConfigDict()
+    config.estimate.accelerator = "H100"  # H100, H200, A100, v4, v5e, v5p, v6e (or a device_kind)
+    config.estimate.devices = 8  # the paper trained on 8 GPUs
+    config.estimate.mfu = 0.4  # model FLOP utilisation against the bf16 peak
+    # Tokens per epoch for runs set by train.epochs: BookCorpus, ~985M words x ~1.3 BPE tokens.
+    config.estimate.tokens_per_epoch = 1_280_000_000
+
     # Data parallelism over every device; -1 means "all the devices left".
     config.mesh = config_dict.ConfigDict()
     config.mesh.data = -1

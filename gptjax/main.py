@@ -6,7 +6,9 @@ checkpoint), `eval` (restores a checkpoint: pretraining reports held-out perplex
 fine-tuning the task's metrics next to the paper's, in results.json and results.md) and
 `generate` (continues the prompts of `config.generate` with the workdir's model, one JSON
 line per prompt on stdout) and `zeroshot` (scores the workdir's LM with the paper's
-zero-shot heuristics, `config.zeroshot`, into zeroshot.json and zeroshot.png).
+zero-shot heuristics, `config.zeroshot`, into zeroshot.json and zeroshot.png) and
+`estimate` (a pretraining config's parameters, FLOPs, memory per device from the compiled
+step, and time to train on `config.estimate`'s accelerator; nothing is trained).
 Exit status: 0 done, 2 bad input (one line `error: ...`), 75 stopped by SIGTERM/SIGINT or
 a preemption notice after writing a checkpoint (run the same command to resume). Any
 config value can be overridden with `--config.section.name=value`; unknown names and
@@ -35,9 +37,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "generate", "zeroshot"],
+    ["train", "eval", "generate", "zeroshot", "estimate"],
     "train: train (or resume); eval: score a checkpoint; generate: sample text from one; "
-    "zeroshot: the paper's zero-shot heuristics on the latest (or every) checkpoint.",
+    "zeroshot: the paper's zero-shot heuristics on the latest (or every) checkpoint; "
+    "estimate: parameters, FLOPs, memory per device and training time, without training.",
 )
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "HOST:PORT of process 0, for an explicit multi-process run."
@@ -87,6 +90,11 @@ def main(argv):
         elif "task" in config:  # configs/finetune.py
             from gptjax import finetune
 
+            if _MODE.value == "estimate":
+                raise UserError(
+                    "--mode=estimate takes a pretraining config (configs/gpt1.py, "
+                    "configs/demo.py): fine-tuning costs a fraction of it"
+                )
             finetune.resolve_model(config)
             config_lib.validate(config)
             if _MODE.value == "train":
@@ -95,7 +103,11 @@ def main(argv):
                 finetune.evaluate_checkpoint(config, _WORKDIR.value)
         else:
             config_lib.validate(config)
-            if _MODE.value == "train":
+            if _MODE.value == "estimate":
+                from gptjax import estimate
+
+                estimate.run(config, _WORKDIR.value)
+            elif _MODE.value == "train":
                 pretrain.train_and_evaluate(config, _WORKDIR.value)
             else:
                 pretrain.evaluate_checkpoint(config, _WORKDIR.value)

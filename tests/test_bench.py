@@ -167,3 +167,21 @@ def test_estimate_length_of_an_epoch_run():
 def test_find_accelerator(kind, name):
     found = estimate.find_accelerator(kind)
     assert (found and found.name) == name
+
+
+def test_estimate_mode_through_the_command_line(tmp_path, capsys):
+    from cli import main_in_process
+
+    from gptjax.model import GPT, count_params
+
+    status, _ = main_in_process(tmp_path / "est", "--mode=estimate")
+    assert status == 0
+    report = json.loads((tmp_path / "est" / "estimate.json").read_text())
+    # The tiny config of tests/cli.py: vocab 96, n_ctx 16, 2 blocks, width 32, MLP 64.
+    cfg = ModelConfig(96, 16, 2, 2, 32, 64, 0.0)
+    params = GPT(cfg).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 16), "int32"))
+    assert report["num_params"] == count_params(params["params"])
+    status, last = main_in_process(
+        tmp_path / "ft", "--mode=estimate", config="configs/finetune.py", capsys=capsys
+    )
+    assert status == 2 and "pretraining config" in last, last

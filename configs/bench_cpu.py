@@ -1,0 +1,37 @@
+"""A GPT-1-architecture model sized for benchmarking on a CPU.
+
+    python -m gptjax.bench --config=bench-cpu [--vs-torch] [--json=PATH]
+
+A full config (it also trains: `python -m gptjax.main --config=configs/bench_cpu.py`).
+Everything not set here is the paper's (configs/gpt1.py), dropout 0.1 included; the
+sizes are a 6-layer, 384-wide model whose step takes a fraction of a second on two cores.
+"""
+
+import pathlib
+import runpy
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+    gpt1 = runpy.run_path(str(pathlib.Path(__file__).with_name("gpt1.py")))
+    config = gpt1["get_config"]()
+
+    config.model.vocab_size = 8192
+    config.model.n_ctx = 256
+    config.model.n_layer = 6
+    config.model.n_head = 6
+    config.model.d_model = 384
+    config.model.d_mlp = 1536  # 4 x d_model, as in the paper
+
+    config.train.batch_size = 8
+    config.train.num_steps = 1000
+    config.train.warmup_steps = 100
+    config.train.compute_dtype = "float32"
+
+    # --mode=estimate: what this run would cost on one accelerator.
+    config.estimate = config_dict.ConfigDict()
+    config.estimate.accelerator = "H100"
+    config.estimate.devices = 1
+    config.estimate.mfu = 0.4
+    return config

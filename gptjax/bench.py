@@ -1,0 +1,660 @@
+"""Benchmarks of one configuration on this machine.
+
+    python -m gptjax.bench --config=bench-cpu [--vs-torch] [--json=PATH]
+
+Measures the train step (tokens/s, model FLOP/s, MFU, cold and cached compile time,
+memory), the input pipeline (tokenize + pack + batch) against the step's consumption,
+generation with the key/value cache, and how long an asynchronous checkpoint save blocks
+the loop. `--vs-torch` runs the same architecture, batch and optimiser in HuggingFace
+transformers on PyTorch, alternating with gptjax. Every figure is printed and, with
+`--json`, written under the keys of `KEYS` (documented in docs/benchmarks.md).
+
+Timings are medians of individually timed calls after warm-up, each ended by
+`block_until_ready`. Model FLOPs per token are `model.flops_per_token`: 6N (N all
+parameters, embeddings included) + 12 * n_layer * d_model * n_ctx for attention.
+"""
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import resource
+import runpy
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+
+from gptjax import checkpoint, optim, sharding, train
+from gptjax import config as config_lib
+from gptjax import tokenizer as tokenizer_lib
+from gptjax.data.pipeline import PackedWindows, tokenize_books, train_iterator
+from gptjax.errors import UserError, fail
+from gptjax.estimate import compile_step, find_accelerator, memory
+from gptjax.generate import Generator, Sampling
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, unstack_layers
+from gptjax.pretrain import check_batch
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+NAMED_CONFIGS = {"bench-cpu": "bench_cpu.py", "gpt1": "gpt1.py"}
+# The learning-rate schedule's length for a config that counts epochs (its value does
+# not change the step's cost).
+SCHEDULE_STEPS = 10_000
+
+# The keys of --vs-torch (null without it).
+TORCH_KEYS = (
+    *("torch_version", "transformers_version", "torch_threads", "torch_compile"),
+    *("torch_step_time_s", "torch_step_times_s", "torch_train_tokens_per_s"),
+    *("train_speedup_vs_torch", "train_speedup_by_round"),
+    *("torch_gpt2_generate_tokens_per_s", "torch_openai_generate_tokens_per_s"),
+    *("generate_speedup_vs_gpt2", "generate_speedup_vs_openai"),
+)
+# The JSON output: every key, always present (null where not measured).
+KEYS = (
+    # what ran, and where
+    *("config", "backend", "device_kind", "num_devices", "threads", "jax_version"),
+    *("num_params", "n_layer", "d_model", "n_ctx", "vocab_size", "batch_size"),
+    *("compute_dtype", "dropout", "warmup_steps", "timed_steps"),
+    # the train step
+    *("step_time_s", "step_times_s", "train_tokens_per_s", "flops_per_token"),
+    *("model_flops_per_s", "peak_flops_per_s", "peak_source", "mfu"),
+    *("matmul_size", "matmul_flops_per_s", "compile_cold_s", "compile_cached_s"),
+    *("peak_rss_bytes", "device_peak_bytes"),
+    *("xla_argument_bytes", "xla_output_bytes", "xla_alias_bytes", "xla_temp_bytes"),
+    "xla_peak_bytes",
+    # the input pipeline
+    *("pipeline_tokens", "tokenize_tokens_per_s", "batch_tokens_per_s"),
+    *("pipeline_tokens_per_s", "pipeline_ratio", "batch_ratio"),
+    # generation
+    *("generate_prompt_tokens", "generate_new_tokens", "generate_s"),
+    *("generate_tokens_per_s", "generate_param_bytes_per_token"),
+    *("generate_kv_bytes_per_token", "generate_bandwidth_bytes_per_s"),
+    # checkpoints
+    *("checkpoint_bytes", "checkpoint_blocking_s", "checkpoint_total_s"),
+    *TORCH_KEYS,
+)
+
+
+def _setting(default: int, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How much to measure; each is a flag (--warmup, --steps, ...)."""
+
+    warmup: int = _setting(3, "untimed train steps after compiling")
+    steps: int = _setting(10, "timed train steps per round")
+    rounds: int = _setting(3, "rounds of --steps (with --vs-torch, gptjax and torch take turns)")
+    matmul_size: int = _setting(2048, "n of the n x n x n float32 matmul giving a CPU's peak")
+    text_chars: int = _setting(2_000_000, "characters of synthetic text for the input pipeline")
+    tokenizer_vocab: int = _setting(4096, "pieces of the input pipeline's tokenizer")
+    prompt_tokens: int = _setting(32, "generation: the prompt")
+    new_tokens: int = _setting(128, "generation: tokens to generate")
+    generate_repeats: int = _setting(3, "generation: timed calls")
+    checkpoint_saves: int = _setting(3, "checkpoint saves timed")
+
+
+# `--config=tiny` (tests): a 1-layer model, and as little measuring as gives every key.
+TINY_SETTINGS = Settings(
+    warmup=1,
+    steps=2,
+    rounds=1,
+    matmul_size=64,
+    text_chars=60_000,
+    tokenizer_vocab=128,
+    prompt_tokens=8,
+    new_tokens=8,
+    generate_repeats=1,
+    checkpoint_saves=1,
+)
+
+
+def load_config(name: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """`tiny`, `bench-cpu`, `gpt1` (batch 1 on a CPU, the paper's 64 elsewhere) or the
+    path of a config file; then `overrides`, each "section.key=value"."""
+    named = name == "tiny" or name in NAMED_CONFIGS
+    path = CONFIGS / NAMED_CONFIGS.get(name, "bench_cpu.py") if named else pathlib.Path(name)
+    if not path.is_file():
+        raise UserError(f"--config={name}: use tiny, {', '.join(NAMED_CONFIGS)} or a config file")
+    config = runpy.run_path(str(path))["get_config"]()
+    if name == "tiny":
+        config.model.update(vocab_size=64, n_ctx=32, n_layer=1, n_head=2, d_model=16, d_mlp=64)
+        config.train.update(batch_size=4, num_steps=10, warmup_steps=2)
+    if name == "gpt1" and jax.default_backend() == "cpu":
+        config.train.batch_size = 1
+    for item in overrides:
+        key, _, text = item.partition("=")
+        section, _, field = key.partition(".")
+        if section not in config or field not in config[section]:
+            raise UserError(f"--set {item}: no such config key {key!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: bfloat16, fused, ...
+        try:
+            config[section][field] = value
+        except TypeError as e:
+            raise UserError(f"--set {item}: {e}") from None
+    config_lib.validate(config)
+    return config
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def take_turns(runners: dict[str, Callable], rounds: int, calls: int, lead: bool = True):
+    """{name: seconds of each timed call}: each runner `calls` times per round, the
+    runners in turn; with `lead`, each turn begins with an untimed call (the previous
+    runner's threads may still hold the cores)."""
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            if lead:
+                fn()
+            times[name] += [timed(fn) for _ in range(calls)]
+    return times
+
+
+def round_ratios(ours: list[float], theirs: list[float], rounds: int) -> list[float]:
+    """Per round: their median time / ours (above 1: gptjax is faster)."""
+    a, b = np.array_split(ours, rounds), np.array_split(theirs, rounds)
+    return [float(np.median(y) / np.median(x)) for x, y in zip(a, b, strict=True)]
+
+
+def threads() -> int:
+    """The cores this process may run on: XLA's CPU thread pool uses that many."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux counts KiB
+
+
+@contextlib.contextmanager
+def fresh_compilation_cache():
+    """JAX's persistent compilation cache in an empty temporary directory, storing every
+    executable; the previous settings are back afterwards."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+        "jax_enable_compilation_cache",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    with tempfile.TemporaryDirectory() as directory:
+        compilation_cache.reset_cache()  # the cache binds to its directory once
+        for name, value in zip(names, (directory, 0.0, 0, True), strict=True):
+            jax.config.update(name, value)
+        try:
+            yield directory
+        finally:
+            for name, value in saved.items():
+                jax.config.update(name, value)
+            compilation_cache.reset_cache()
+
+
+def matmul_flops_per_s(n: int, repeats: int = 5) -> float:
+    """The best of `repeats` n x n by n x n float32 matmuls, in FLOP/s (2 n^3 each)."""
+    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    best = min(timed(lambda: jax.block_until_ready(matmul(a, b))) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+class TrainStep:
+    """A run's train step on one fixed random batch, built as `pretrain.Run` builds it;
+    each call is one optimiser update, waited for."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.mesh = sharding.make_mesh(config.mesh)
+        check_batch(config, self.mesh)
+        self.model_cfg = ModelConfig.from_config(config.model, config.train)
+        model = GPT(self.model_cfg, remat=config.train.remat, scan_layers=config.train.scan_layers)
+        steps = config.train.num_steps or SCHEDULE_STEPS
+        tx = optim.make_optimizer(config.train, steps)
+        self.state, shardings = train.create_state(
+            model, tx, config.train.seed, config.model.n_ctx, self.mesh
+        )
+        self.p_train = train.compile_train_step(
+            train.lm_objective(model),
+            optim.lr_schedule(config.train, steps),
+            self.mesh,
+            shardings,
+            config.train.microbatches,
+        )
+        rng = np.random.default_rng(0)
+        shape = (config.train.batch_size, config.model.n_ctx)
+        self.tokens = rng.integers(0, config.model.vocab_size, (shape[0], shape[1] + 1), np.int32)
+        self.batch = sharding.global_batch(
+            self.mesh, {"tokens": self.tokens, "weights": np.ones(shape, np.float32)}
+        )
+        self.compiled = None
+
+    def compile(self) -> tuple[float, float]:
+        """(cold, cached) compile seconds: a fresh persistent cache filled by a first
+        compilation, then in-memory caches cleared and compiled again."""
+        with fresh_compilation_cache():
+            cold = timed(lambda: compile_step(self.p_train, self.mesh, self.state, self.batch))
+            jax.clear_caches()
+            start = time.perf_counter()
+            self.compiled = compile_step(self.p_train, self.mesh, self.state, self.batch)
+            return cold, time.perf_counter() - start
+
+    def __call__(self):
+        self.state, metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+
+
+def synthetic_books(num_chars: int, num_books: int = 8, seed: int = 0) -> list[str]:
+    """Made-up English-like books: Zipf-distributed words of 2-9 letters, 12 to a line."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    words = ["".join(rng.choice(letters, n)) for n in rng.integers(2, 10, 5000)]
+    p = 1.0 / np.arange(1, len(words) + 1)
+    drawn = [words[i] for i in rng.choice(len(words), num_chars // 6, p=p / p.sum())]
+    lines = [" ".join(drawn[i : i + 12]).capitalize() + "." for i in range(0, len(drawn), 12)]
+    return ["\n".join(part) + "\n" for part in np.array_split(lines, num_books)]
+
+
+def bench_pipeline(config, settings: Settings) -> dict:
+    """Tokens per second through the pipeline of `lm_data` / `pipeline`: tokenize the
+    books, pack them into windows, draw shuffled batches (the tokenizer is trained
+    first, untimed). Serially, the two stages give `pipeline_tokens_per_s`."""
+    books = synthetic_books(settings.text_chars)
+    tokenizer = tokenizer_lib.train_sentencepiece(books, settings.tokenizer_vocab, 20_000)
+    batch_size, n_ctx = config.train.batch_size, config.model.n_ctx
+    start = time.perf_counter()
+    tokens = tokenize_books(books, tokenizer)
+    tokenize_s = time.perf_counter() - start
+    start = time.perf_counter()
+    windows = PackedWindows(tokens, n_ctx, tokenizer.pad_id)
+    num_batches = len(windows) // batch_size
+    if num_batches == 0:
+        raise UserError(f"--text-chars={settings.text_chars} makes less than one batch")
+    batches = train_iterator(windows, batch_size, seed=0)
+    for _ in range(num_batches):
+        next(batches)
+    batch_s = time.perf_counter() - start
+    tokenize_rate = tokens.size / tokenize_s
+    batch_rate = num_batches * batch_size * n_ctx / batch_s
+    return {
+        "pipeline_tokens": int(tokens.size),
+        "tokenize_tokens_per_s": tokenize_rate,
+        "batch_tokens_per_s": batch_rate,
+        "pipeline_tokens_per_s": 1.0 / (1.0 / tokenize_rate + 1.0 / batch_rate),
+    }
+
+
+def decode_bytes_per_token(model_cfg: ModelConfig, params) -> tuple[int, int]:
+    """(parameter bytes, key/value cache bytes) read per generated token: every
+    parameter but the position rows not used, and each layer's keys and values over the
+    whole n_ctx cache (`GPT.decode` attends over all of it, masked)."""
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    unused = (model_cfg.n_ctx - 1) * params["positions_embed"]["embedding"][0].nbytes
+    itemsize = jnp.dtype(model_cfg.dtype).itemsize
+    kv_bytes = 2 * model_cfg.n_layer * model_cfg.n_ctx * model_cfg.d_model * itemsize
+    return param_bytes - unused, kv_bytes
+
+
+def bench_checkpoint(state, saves: int) -> dict:
+    """Seconds until `checkpoint.save` returns (the loop's wait) and until the
+    background write is done, each the median of `saves` saves of the train state."""
+    blocking, total = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        mngr = checkpoint.manager(workdir, keep=1)
+        for i in range(saves):
+            step_state = state.replace(step=state.step + 1 + i)
+            jax.block_until_ready(step_state)
+            start = time.perf_counter()
+            checkpoint.save(mngr, step_state, {"next_index": i}, force=True)
+            blocking.append(time.perf_counter() - start)
+            mngr.wait_until_finished()
+            total.append(time.perf_counter() - start)
+        checkpoint.finish(mngr)
+    return {
+        "checkpoint_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
+        "checkpoint_blocking_s": statistics.median(blocking),
+        "checkpoint_total_s": statistics.median(total),
+    }
+
+
+class TorchReference:
+    """The same architecture, batch and optimiser in HuggingFace transformers on
+    PyTorch: `OpenAIGPTLMHeadModel` (GPT-1's port; tanh GELU, dropout, train mode) with
+    AdamW, decaying matrices only as optim.decay_mask does, and global-norm clipping.
+    torch and transformers are imported only here."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tokens: np.ndarray, compile_model: bool):
+        import torch
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        torch.set_num_threads(threads())
+        torch.manual_seed(0)
+        m, t = config.model, config.train
+        if m.d_mlp != 4 * m.d_model:
+            raise UserError("--vs-torch needs model.d_mlp = 4 x d_model (HF openai-gpt's MLP)")
+        self.shape = {
+            "vocab_size": m.vocab_size,
+            "n_positions": m.n_ctx,
+            "n_embd": m.d_model,
+            "n_layer": m.n_layer,
+            "n_head": m.n_head,
+        }
+        dropout = {k: m.dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        self.openai_config = transformers.OpenAIGPTConfig(**self.shape, **dropout, afn="gelu")
+        self.model = transformers.OpenAIGPTLMHeadModel(self.openai_config).train()
+        params = list(self.model.parameters())  # the tied LM head counted once
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.b1, t.b2), eps=t.eps)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.grad_clip = t.grad_clip
+        ids = torch.from_numpy(tokens).long()
+        self.inputs, self.targets = ids[:, :-1], ids[:, 1:].reshape(-1)
+        self.torch, self.transformers = torch, transformers
+
+    def train_step(self):
+        logits = self.forward(input_ids=self.inputs).logits
+        loss = self.torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), self.targets
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+
+    def generators(self, prompt: list[int], new_tokens: int) -> dict[str, Callable]:
+        """Greedy generation of `new_tokens` after `prompt` with `GPT2LMHeadModel` of the
+        same shape (a key/value cache) and `OpenAIGPTLMHeadModel` (none: every token
+        reruns the whole prefix)."""
+        torch, transformers = self.torch, self.transformers
+        gpt2_config = transformers.GPT2Config(
+            **self.shape, activation_function="gelu_new", bos_token_id=None, eos_token_id=None
+        )
+        models = {
+            "gpt2": transformers.GPT2LMHeadModel(gpt2_config).eval(),
+            "openai": transformers.OpenAIGPTLMHeadModel(self.openai_config).eval(),
+        }
+        ids = torch.tensor([prompt])
+
+        def generate(model):
+            def call():
+                with torch.inference_mode():
+                    out = model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+                assert out.shape[1] == len(prompt) + new_tokens, out.shape
+
+            return call
+
+        return {name: generate(model) for name, model in models.items()}
+
+
+def bench_generate(step: TrainStep, settings: Settings, torch_ref: TorchReference | None):
+    """Greedy generation with the key/value cache (batch 1), in turns with the torch
+    models under --vs-torch; each figure the median of `generate_repeats` calls."""
+    cfg = step.model_cfg
+    params = step.state.params
+    params = unstack_layers(params) if "h" in params else params
+    prompt_len = min(settings.prompt_tokens, cfg.n_ctx // 2)
+    new = min(settings.new_tokens, cfg.n_ctx - prompt_len)
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, prompt_len).tolist()
+    generator = Generator(cfg, params, cfg.vocab_size)
+    sampling = Sampling(max_new_tokens=new, temperature=0.0)
+
+    def ours():
+        (row,) = generator.generate([prompt], sampling)
+        assert len(row) == new, len(row)
+
+    runners = {"gptjax": ours} | (torch_ref.generators(prompt, new) if torch_ref else {})
+    for fn in runners.values():
+        fn()  # compilation, caches
+    times = take_turns(runners, settings.generate_repeats, 1, lead=False)
+    rate = {name: new / statistics.median(t) for name, t in times.items()}
+    param_bytes, kv_bytes = decode_bytes_per_token(cfg, params)
+    r = {
+        "generate_prompt_tokens": prompt_len,
+        "generate_new_tokens": new,
+        "generate_s": statistics.median(times["gptjax"]),
+        "generate_tokens_per_s": rate["gptjax"],
+        "generate_param_bytes_per_token": param_bytes,
+        "generate_kv_bytes_per_token": kv_bytes,
+        "generate_bandwidth_bytes_per_s": (param_bytes + kv_bytes) * rate["gptjax"],
+    }
+    if torch_ref:
+        r["torch_gpt2_generate_tokens_per_s"] = rate["gpt2"]
+        r["torch_openai_generate_tokens_per_s"] = rate["openai"]
+        r["generate_speedup_vs_gpt2"] = rate["gptjax"] / rate["gpt2"]
+        r["generate_speedup_vs_openai"] = rate["gptjax"] / rate["openai"]
+    return r
+
+
+def peak_flops(device_kind: str, matmul: float, given_tflops: float | None):
+    """(peak FLOP/s for the MFU, its source): `given_tflops`, else the published bf16
+    dense peak of estimate.ACCELERATORS times the device count, else (a CPU) the
+    measured matmul, which already uses every core."""
+    if given_tflops:
+        return given_tflops * 1e12, "--peak-tflops"
+    if jax.default_backend() == "cpu":
+        return matmul, "measured float32 matmul"
+    acc = find_accelerator(device_kind)
+    if acc is None:
+        return None, f"unknown device {device_kind!r}: give --peak-tflops"
+    return acc.peak_flops * jax.device_count(), f"published bf16 dense peak of {acc.name}"
+
+
+def run(
+    config_name: str,
+    settings: Settings = Settings(),
+    overrides: tuple[str, ...] = (),
+    vs_torch: bool = False,
+    torch_compile: bool = False,
+    peak_tflops: float | None = None,
+) -> dict:
+    """Every measurement of one configuration: a dict with exactly the keys of KEYS."""
+    config = load_config(config_name, overrides)
+    step = TrainStep(config)
+    cfg, device = step.model_cfg, jax.devices()[0]
+    r = dict.fromkeys(KEYS)
+    r.update(
+        config=config_name,
+        backend=jax.default_backend(),
+        device_kind=device.device_kind,
+        num_devices=jax.device_count(),
+        threads=threads(),
+        jax_version=jax.__version__,
+        num_params=count_params(step.state.params),
+        **{k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_ctx", "vocab_size", "dropout")},
+        batch_size=config.train.batch_size,
+        compute_dtype=cfg.dtype,
+        warmup_steps=settings.warmup,
+        timed_steps=settings.steps * settings.rounds,
+    )
+    logging.info("%s: %s parameters on %s; compiling", config_name, f"{r['num_params']:,}", device)
+    r["compile_cold_s"], r["compile_cached_s"] = step.compile()
+    r.update({f"xla_{k}": v for k, v in memory(step.compiled).items()})
+
+    logging.info("timing %d train steps", r["timed_steps"])
+    torch_ref = TorchReference(config, step.tokens, torch_compile) if vs_torch else None
+    runners = {"gptjax": step} | ({"torch": torch_ref.train_step} if torch_ref else {})
+    for fn in runners.values():
+        for _ in range(settings.warmup):
+            fn()
+    r["matmul_size"] = settings.matmul_size
+    r["matmul_flops_per_s"] = matmul_flops_per_s(settings.matmul_size)
+    times = take_turns(runners, settings.rounds, settings.steps)
+    tokens_per_step = config.train.batch_size * cfg.n_ctx
+    r["step_times_s"] = times["gptjax"]
+    r["step_time_s"] = statistics.median(times["gptjax"])
+    r["train_tokens_per_s"] = tokens_per_step / r["step_time_s"]
+    r["flops_per_token"] = flops_per_token(cfg, r["num_params"])
+    r["model_flops_per_s"] = r["flops_per_token"] * r["train_tokens_per_s"]
+    r["peak_flops_per_s"], r["peak_source"] = peak_flops(
+        device.device_kind, r["matmul_flops_per_s"], peak_tflops
+    )
+    if r["peak_flops_per_s"]:
+        r["mfu"] = r["model_flops_per_s"] / r["peak_flops_per_s"]
+    r["peak_rss_bytes"] = peak_rss_bytes()  # after the steps, before anything else grows
+    r["device_peak_bytes"] = (device.memory_stats() or {}).get("peak_bytes_in_use")
+    if torch_ref:
+        r.update(
+            torch_version=torch_ref.torch.__version__,
+            transformers_version=torch_ref.transformers.__version__,
+            torch_threads=torch_ref.torch.get_num_threads(),
+            torch_compile=torch_compile,
+            torch_step_times_s=times["torch"],
+            torch_step_time_s=statistics.median(times["torch"]),
+            train_speedup_by_round=round_ratios(times["gptjax"], times["torch"], settings.rounds),
+        )
+        r["torch_train_tokens_per_s"] = tokens_per_step / r["torch_step_time_s"]
+        r["train_speedup_vs_torch"] = r["torch_step_time_s"] / r["step_time_s"]
+
+    logging.info("input pipeline, generation, checkpoints")
+    r.update(bench_pipeline(config, settings))
+    r["pipeline_ratio"] = r["pipeline_tokens_per_s"] / r["train_tokens_per_s"]
+    r["batch_ratio"] = r["batch_tokens_per_s"] / r["train_tokens_per_s"]
+    r.update(bench_generate(step, settings, torch_ref))
+    r.update(bench_checkpoint(step.state, settings.checkpoint_saves))
+    return r
+
+
+_PREFIXES = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3))
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    """3 significant digits and an SI prefix: 1.23 GFLOP/s."""
+    if x is None:
+        return "-"
+    prefix, scale = next(((p, s) for p, s in _PREFIXES if abs(x) >= s), ("", 1.0))
+    return f"{x / scale:.3g} {prefix}{unit}"
+
+
+def report(r: dict) -> str:
+    """The result as an aligned table for a terminal."""
+    mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    rows = {
+        "configuration": f"{r['config']}: {r['n_layer']} layers, width {r['d_model']}, "
+        f"context {r['n_ctx']}, vocab {r['vocab_size']}, {r['num_params']:,} parameters; "
+        f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}",
+        "machine": f"{r['num_devices']} x {r['device_kind']} ({r['backend']}), "
+        f"{r['threads']} threads, jax {r['jax_version']}",
+        "train step": f"{r['step_time_s'] * 1e3:.1f} ms (median of {r['timed_steps']} after "
+        f"{r['warmup_steps']} warm-up) = {_si(r['train_tokens_per_s'], 'tokens/s')}",
+        "model FLOPs": f"{_si(r['flops_per_token'], 'FLOP')}/token "
+        f"(6N + 12 * n_layer * d_model * n_ctx) = {_si(r['model_flops_per_s'], 'FLOP/s')}",
+        "MFU": f"{mfu} of {_si(r['peak_flops_per_s'], 'FLOP/s')} ({r['peak_source']}); "
+        f"{r['matmul_size']}^3 float32 matmul: {_si(r['matmul_flops_per_s'], 'FLOP/s')}",
+        "compile": f"cold {r['compile_cold_s']:.2f} s, "
+        f"from the persistent cache {r['compile_cached_s']:.2f} s",
+        "memory": f"peak RSS {_si(r['peak_rss_bytes'], 'B')}; XLA: arguments "
+        f"{_si(r['xla_argument_bytes'], 'B')}, temporaries {_si(r['xla_temp_bytes'], 'B')}, "
+        f"peak {_si(r['xla_peak_bytes'], 'B')}; device peak {_si(r['device_peak_bytes'], 'B')}",
+        "input pipeline": f"tokenize {_si(r['tokenize_tokens_per_s'])}, pack + batch "
+        f"{_si(r['batch_tokens_per_s'])}, both {_si(r['pipeline_tokens_per_s'], 'tokens/s')}: "
+        f"{r['pipeline_ratio']:.3g}x the step's need (batching alone {r['batch_ratio']:.3g}x)",
+        "generation": f"{r['generate_new_tokens']} tokens after {r['generate_prompt_tokens']} "
+        f"in {r['generate_s']:.3f} s = {_si(r['generate_tokens_per_s'], 'tokens/s')}; "
+        f"{_si(r['generate_param_bytes_per_token'], 'B')} parameters + "
+        f"{_si(r['generate_kv_bytes_per_token'], 'B')} cache per token: "
+        f"{_si(r['generate_bandwidth_bytes_per_s'], 'B/s')}",
+        "checkpoint": f"{_si(r['checkpoint_bytes'], 'B')}: save() blocks "
+        f"{r['checkpoint_blocking_s'] * 1e3:.1f} ms, written in {r['checkpoint_total_s']:.2f} s",
+    }
+    if r["torch_version"]:
+        by_round = ", ".join(f"{x:.2f}" for x in r["train_speedup_by_round"])
+        rows["vs torch: train"] = (
+            f"{_si(r['torch_train_tokens_per_s'], 'tokens/s')} (torch {r['torch_version']}, "
+            f"{'torch.compile' if r['torch_compile'] else 'eager'}, {r['torch_threads']} "
+            f"threads): gptjax {r['train_speedup_vs_torch']:.2f}x (by round: {by_round})"
+        )
+        rows["vs torch: generation"] = (
+            f"GPT2LMHeadModel {_si(r['torch_gpt2_generate_tokens_per_s'], 'tokens/s')}: gptjax "
+            f"{r['generate_speedup_vs_gpt2']:.2f}x; OpenAIGPTLMHeadModel (no cache) "
+            f"{_si(r['torch_openai_generate_tokens_per_s'], 'tokens/s')}: gptjax "
+            f"{r['generate_speedup_vs_openai']:.2f}x"
+        )
+    width = max(map(len, rows))
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as every gptjax command
+        fail(f"{message}; see {self.prog} --help")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _Parser(prog="python -m gptjax.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="tiny, bench-cpu, gpt1 or a config file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. train.compute_dtype=bfloat16 (repeatable)",
+    )
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--vs-torch", action="store_true", help="compare with transformers")
+    parser.add_argument("--torch-compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--peak-tflops", type=float, help="the peak for the MFU")
+    fields = dataclasses.fields(Settings)
+    for f in fields:
+        help_text = f"{f.metadata['help']} (default {f.default})"
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, help=help_text)
+    args = parser.parse_args(argv)
+    if args.torch_compile and not args.vs_torch:
+        fail("--torch-compile needs --vs-torch")
+    given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
+    for name, value in given.items():
+        if value <= 0:
+            fail(f"--{name.replace('_', '-')}={value}: it must be positive")
+    settings = dataclasses.replace(TINY_SETTINGS if args.config == "tiny" else Settings(), **given)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on every save
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backends not found, cache resets
+    try:
+        result = run(
+            args.config,
+            settings,
+            overrides=tuple(args.set),
+            vs_torch=args.vs_torch,
+            torch_compile=args.torch_compile,
+            peak_tflops=args.peak_tflops,
+        )
+    except UserError as e:
+        fail(str(e))
+    print(report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        logging.info("wrote %s", args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

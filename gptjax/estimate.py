@@ -1,0 +1,259 @@
+"""What a configured run will cost, without running it: parameters, FLOPs per token,
+per-device memory of the compiled train step, and the time to train on a named accelerator.
+
+    python -m gptjax.main --config=configs/gpt1.py --workdir=runs/gpt1 --mode=estimate
+
+The train step is compiled for the configured mesh and batch from shapes alone
+(`jax.eval_shape` for the state, `jax.ShapeDtypeStruct` for the batch), so nothing of the
+model's size is allocated; XLA's memory analysis of that compiled step gives the memory.
+The time is FLOPs / (MFU x published peak x devices), read from `config.estimate`
+(defaults below when the config has no such section).
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gptjax import optim, sharding, train
+from gptjax.errors import UserError
+from gptjax.model import GPT, ModelConfig, flops_per_token
+from gptjax.pretrain import check_batch
+
+PETAFLOP_S_DAY = 1e15 * 86400
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """A chip's published dense bfloat16 peak and its memory."""
+
+    name: str
+    peak_flops: float  # per chip, dense bfloat16 (no sparsity)
+    memory_bytes: float  # per chip
+    kinds: tuple[str, ...]  # substrings of `jax.Device.device_kind` that name it
+
+
+# Vendors' datasheets (SXM parts for NVIDIA: an H100 PCIe peaks at 756 TFLOP/s). Earlier
+# entries win when several match a device_kind ("TPU v5 lite" is a v5e, "TPU v5" a v5p).
+ACCELERATORS = (
+    Accelerator("H200", 989e12, 141e9, ("H200",)),
+    Accelerator("H100", 989e12, 80e9, ("H100",)),
+    Accelerator("A100", 312e12, 80e9, ("A100",)),
+    Accelerator("v4", 275e12, 32e9, ("TPU v4",)),
+    Accelerator("v5e", 197e12, 16e9, ("TPU v5 lite", "TPU v5e")),
+    Accelerator("v5p", 459e12, 95e9, ("TPU v5p", "TPU v5")),
+    Accelerator("v6e", 918e12, 32e9, ("TPU v6 lite", "TPU v6e")),
+)
+
+# BookCorpus (the paper's data): ~985M words (Zhu et al., 2015); at ~1.3 BPE tokens per
+# English word, ~1.28B tokens per epoch. 100 epochs of it at 0.76 GFLOP per token is
+# ~1.1 petaflop/s-days, the original run's reported compute.
+BOOKCORPUS_TOKENS = 1_280_000_000
+
+# `config.estimate`, when the config has none. See docs/benchmarks.md.
+DEFAULTS = {
+    "accelerator": "H100",  # a name or device_kind of ACCELERATORS
+    "devices": 8,  # the paper trained on 8 GPUs
+    "mfu": 0.4,  # model FLOP utilisation against the bfloat16 peak
+    "tokens_per_epoch": BOOKCORPUS_TOKENS,  # for a run set by train.epochs
+}
+
+
+def find_accelerator(name: str) -> Accelerator | None:
+    """The table's entry for a short name ("H100", "v5e") or a device_kind
+    ("NVIDIA H100 80GB HBM3", "TPU v5 lite"); None if unknown."""
+    lowered = name.lower().strip()
+    for acc in ACCELERATORS:
+        if lowered in (acc.name.lower(), f"tpu {acc.name.lower()}"):
+            return acc
+    for acc in ACCELERATORS:
+        if any(kind.lower() in lowered for kind in acc.kinds):
+            return acc
+    return None
+
+
+def settings(config: ml_collections.ConfigDict) -> dict:
+    """`config.estimate` over DEFAULTS."""
+    section = config.get("estimate")
+    given = section.to_dict() if section is not None else {}
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise UserError(f"unknown config.estimate keys {sorted(unknown)}; use {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **given}
+
+
+def training_length(config: ml_collections.ConfigDict, tokens_per_epoch: int) -> tuple[int, int]:
+    """(steps, tokens) of the configured run: `train.num_steps` if set, else
+    `train.epochs` passes over `tokens_per_epoch` tokens. A step trains on
+    batch_size x n_ctx tokens (each window predicts n_ctx targets)."""
+    tokens_per_step = config.train.batch_size * config.model.n_ctx
+    if config.train.num_steps is not None:
+        steps = config.train.num_steps
+    else:
+        steps = max(1, config.train.epochs * tokens_per_epoch // tokens_per_step)
+    return steps, steps * tokens_per_step
+
+
+def abstract_train_state(model: GPT, tx, n_ctx: int, mesh):
+    """The train state as ShapeDtypeStructs with their shardings, as `train.create_state`
+    would lay it out, without allocating it."""
+
+    def init(rng):
+        params = model.init({"params": rng}, jnp.zeros((1, n_ctx), jnp.int32))["params"]
+        return train.TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
+    return train.abstract_state(nn.unbox(boxed), shardings), shardings
+
+
+def abstract_batch(batch_size: int, n_ctx: int, mesh) -> dict:
+    """A batch of `train_step` as shapes: windows of n_ctx + 1 ids and n_ctx weights."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    return {
+        "tokens": jax.ShapeDtypeStruct((batch_size, n_ctx + 1), jnp.int32, sharding=batch_sharding),
+        "weights": jax.ShapeDtypeStruct((batch_size, n_ctx), jnp.float32, sharding=batch_sharding),
+    }
+
+
+def compile_step(p_train, mesh, state, batch, compiler_options: dict | None = None):
+    """Ahead-of-time compilation of a `train.compile_train_step` step for these
+    arguments (arrays or ShapeDtypeStructs), traced under the mesh's axis rules."""
+    with sharding.axis_rules(mesh):
+        lowered = p_train.__wrapped__.lower(state, batch)
+    return lowered.compile(compiler_options)
+
+
+# An executable compiled only for its memory analysis is never run: on a CPU, skip
+# LLVM's optimisations (buffer assignment, and so the analysis, comes before them;
+# the figures are identical and the compilation 2-4 times faster).
+ANALYSIS_ONLY_CPU_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+
+def memory(compiled) -> dict[str, int]:
+    """XLA's per-device memory analysis of a compiled step. The peak is arguments +
+    outputs - aliased (donated) buffers + temporaries."""
+    stats = compiled.memory_analysis()
+    out = {
+        "argument_bytes": stats.argument_size_in_bytes,
+        "output_bytes": stats.output_size_in_bytes,
+        "alias_bytes": stats.alias_size_in_bytes,
+        "temp_bytes": stats.temp_size_in_bytes,
+    }
+    out["peak_bytes"] = (
+        out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    )
+    return out
+
+
+def estimate(config: ml_collections.ConfigDict) -> dict:
+    """The numbers of `run`, as a dict (see docs/benchmarks.md for the keys)."""
+    est = settings(config)
+    acc = find_accelerator(est["accelerator"])
+    if acc is None:
+        names = ", ".join(a.name for a in ACCELERATORS)
+        raise UserError(
+            f"estimate.accelerator={est['accelerator']!r} is unknown; use one of {names}"
+        )
+    if not 0.0 < est["mfu"] <= 1.0 or est["devices"] <= 0:
+        raise UserError("estimate.mfu must be in (0, 1] and estimate.devices positive")
+    mesh = sharding.make_mesh(config.mesh)
+    check_batch(config, mesh)
+    model_cfg = ModelConfig.from_config(config.model, config.train)
+    model = GPT(model_cfg, remat=config.train.remat, scan_layers=config.train.scan_layers)
+    steps, tokens = training_length(config, est["tokens_per_epoch"])
+    schedule = optim.lr_schedule(config.train, steps)
+    tx = optim.make_optimizer(config.train, steps)
+    state, shardings = abstract_train_state(model, tx, config.model.n_ctx, mesh)
+    p_train = train.compile_train_step(
+        train.lm_objective(model), schedule, mesh, shardings, config.train.microbatches
+    )
+    batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
+    options = ANALYSIS_ONLY_CPU_OPTIONS if jax.default_backend() == "cpu" else None
+    mem = memory(compile_step(p_train, mesh, state, batch, options))
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    per_token = flops_per_token(model_cfg, num_params)
+    total_flops = per_token * tokens
+    seconds = total_flops / (est["mfu"] * acc.peak_flops * est["devices"])
+    return {
+        "num_params": num_params,
+        "flops_per_token": per_token,
+        "batch_size": config.train.batch_size,
+        "n_ctx": config.model.n_ctx,
+        "steps": steps,
+        "tokens": tokens,
+        "tokens_from": "train.num_steps" if config.train.num_steps is not None else "train.epochs",
+        "tokens_per_epoch": est["tokens_per_epoch"],
+        "total_flops": total_flops,
+        "petaflop_s_days": total_flops / PETAFLOP_S_DAY,
+        "mesh": dict(mesh.shape),
+        "compiled_on": jax.devices()[0].device_kind,
+        "memory_per_device": mem,
+        "accelerator": acc.name,
+        "accelerator_peak_flops": acc.peak_flops,
+        "accelerator_memory_bytes": acc.memory_bytes,
+        "fits_in_memory": mem["peak_bytes"] <= acc.memory_bytes,
+        "devices": est["devices"],
+        "mfu": est["mfu"],
+        "train_seconds": seconds,
+        "train_days": seconds / 86400,
+    }
+
+
+def table(result: dict) -> str:
+    """`estimate`'s result as aligned lines for a terminal."""
+    r, mem = result, result["memory_per_device"]
+    gib = 2.0**30
+    if r["tokens_from"] == "train.num_steps":
+        source = f"{r['steps']:,} steps (train.num_steps)"
+    else:
+        epochs = r["tokens"] / r["tokens_per_epoch"]
+        source = f"{epochs:g} epochs x {r['tokens_per_epoch']:,} tokens = {r['steps']:,} steps"
+    mesh_devices = math.prod(r["mesh"].values())
+    mesh = f"{r['mesh']}, compiled for {mesh_devices} {r['compiled_on']} device(s)"
+    if mesh_devices != r["devices"]:
+        mesh += (
+            f"; for {r['devices']}, run with JAX_PLATFORMS=cpu "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={r['devices']}"
+        )
+    fits = "fits" if r["fits_in_memory"] else "does NOT fit"
+    peak_tflops = r["accelerator_peak_flops"] / 1e12
+    rows = {
+        "parameters": f"{r['num_params']:,}",
+        "FLOPs per token": f"{r['flops_per_token'] / 1e9:.3f} G (6N + 12 * n_layer * d_model * "
+        "n_ctx)",
+        "tokens": f"{r['tokens']:,} ({source} of {r['batch_size']} x {r['n_ctx']})",
+        "total compute": f"{r['total_flops']:.3g} FLOP = {r['petaflop_s_days']:.3g} "
+        "petaflop/s-days",
+        "mesh": mesh,
+        "memory per device": f"state + batch {mem['argument_bytes'] / gib:.2f} GiB, temporaries "
+        f"{mem['temp_bytes'] / gib:.2f} GiB, peak {mem['peak_bytes'] / gib:.2f} GiB",
+        "accelerator": f"{r['devices']} x {r['accelerator']} ({peak_tflops:.0f} TFLOP/s bf16, "
+        f"{r['accelerator_memory_bytes'] / 1e9:.0f} GB: {fits})",
+        "time to train": f"{r['train_days']:.2f} days at {r['mfu']:.0%} MFU",
+    }
+    width = max(map(len, rows))
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """`--mode=estimate`: prints the estimate's table and writes `estimate.json` to the
+    workdir (when given). Returns the estimate."""
+    result = estimate(config)
+    print(table(result))
+    if workdir and jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "estimate.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        logging.info("wrote %s", path)
+    return result
