@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs that exercise every code path quickly on a CPU."""
 
+import os
 import pathlib
 import random
 import runpy
@@ -7,6 +8,11 @@ import runpy
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The tests check values, not speed: XLA's cheapest compilation, here and in every
+# command they start (which inherit this environment). Compiling dominates the time of
+# these tiny models; the benchmark (`python -m gptjax.bench`) measures speed instead.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 def gpt1_config():
@@ -88,13 +94,3 @@ def pretrained(tmp_path_factory):
     result = run_main(root / "run", books=books, cache=root / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return root
-
-
-@pytest.fixture
-def quick_compiles():
-    """For tests that check values, not speed: XLA's cheapest compilation."""
-    import jax
-
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)

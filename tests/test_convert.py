@@ -293,7 +293,7 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
     assert not list(tmp_path.glob("*.tmp*")) and not list(root.glob("*.tmp*"))
 
 
-def test_a_converted_model_generates_and_fine_tunes_with_its_bpe(tmp_path, quick_compiles):
+def test_a_converted_model_generates_and_fine_tunes_with_its_bpe(tmp_path):
     """The whole path a user of the released model takes, at toy size: HF directory ->
     workdir with GPT-1's BPE -> generation and a fine-tune through the command line."""
     from cli import main_in_process

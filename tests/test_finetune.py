@@ -24,15 +24,6 @@ from gptjax.tasks.tfds_tasks import TFDS_TASKS
 
 from conftest import ROOT, tree_bytes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def quick_compiles():
-    """These tests check values, not speed: XLA's cheapest compilation."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
 # ----------------------------------------------------------------------------------------
 # The transformations, with a tokenizer whose ids are easy to read.
 

@@ -27,14 +27,6 @@ CFG = ModelConfig(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """Tiny models: compile time, not run time, dominates."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
 class IdTokenizer:
     """Just what Scorer reads: text "3 4 5" is ids [3, 4, 5]."""
 
