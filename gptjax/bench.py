@@ -14,7 +14,6 @@ Timings are medians of individually timed calls after warm-up, each ended by
 parameters, embeddings included) + 12 * n_layer * d_model * n_ctx for attention.
 """
 
-import argparse
 import ast
 import contextlib
 import dataclasses
@@ -40,7 +39,7 @@ from gptjax import checkpoint, optim, sharding, train
 from gptjax import config as config_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.data.pipeline import PackedWindows, tokenize_books, train_iterator
-from gptjax.errors import UserError, fail
+from gptjax.errors import UserError, argument_parser, fail
 from gptjax.estimate import compile_step, find_accelerator, memory
 from gptjax.generate import Generator, Sampling
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, unstack_layers
@@ -602,13 +601,8 @@ def report(r: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, as every gptjax command
-        fail(f"{message}; see {self.prog} --help")
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = _Parser(prog="python -m gptjax.bench", description=__doc__.split("\n")[0])
+    parser = argument_parser(prog="python -m gptjax.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="tiny, bench-cpu, gpt1 or a config file")
     parser.add_argument(
         "--set",

@@ -26,7 +26,6 @@ GELU "gelu" (its own activation table), so `afn` must be "gelu". Nothing is writ
 DST until the source has been read and checked.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ import sys
 
 import numpy as np
 
-from gptjax.errors import UserError, fail
+from gptjax.errors import UserError, argument_parser, fail
 from gptjax.hf_format import (
     HF_AFN,
     LN_EPSILON,
@@ -417,13 +416,8 @@ def to_hf(src: str, dst: str, step: int | None = None):
     return architecture
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, as every gptjax command
-        fail(f"{message}; see {self.prog} --help")
-
-
 def main(argv: list[str] | None = None):
-    parser = _Parser(
+    parser = argument_parser(
         prog="python -m gptjax.convert",
         description="Convert GPT-1 weights between the OpenAI release, HuggingFace and gptjax.",
     )

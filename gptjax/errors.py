@@ -66,3 +66,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{one_line(e).rstrip('.')}; see --helpfull")
     except (OSError, TypeError, ValueError) as e:
         fail(f"could not load the config: {one_line(e)}")
+
+
+def argument_parser(**kwargs):
+    """An argparse parser whose usage errors end like every gptjax error: one line on
+    stderr and exit status 2 (for the commands that take sub-commands or plain flags)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            fail(f"{message}; see {self.prog} --help")
+
+    return Parser(**kwargs)

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -104,13 +103,8 @@ def abstract_train_state(model: GPT, tx, n_ctx: int, mesh):
     """The train state as ShapeDtypeStructs with their shardings, as `train.create_state`
     would lay it out, without allocating it."""
 
-    def init(rng):
-        params = model.init({"params": rng}, jnp.zeros((1, n_ctx), jnp.int32))["params"]
-        return train.TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
-
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
-    return train.abstract_state(nn.unbox(boxed), shardings), shardings
+    shapes, shardings = train.state_layout(model, tx, n_ctx, mesh)
+    return train.abstract_state(shapes, shardings), shardings
 
 
 def abstract_batch(batch_size: int, n_ctx: int, mesh) -> dict:

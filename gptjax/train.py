@@ -157,15 +157,24 @@ def create_state(
         return nn.unbox(model.init({"params": rng}, *inputs)["params"])
 
     init_rng = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    # Shapes and logical axis names (boxed) of the state in the model's own layout.
-    boxed = jax.eval_shape(
-        lambda r: make_state(model.init({"params": r}, *inputs)["params"]), init_rng
-    )
-    shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
+    _, shardings = state_layout(model, tx, n_ctx, mesh, init_inputs)
     # Parameters are placed by `out_shardings` (initialisation is not traced under the
     # axis rules: the parameters' own constraints would bind to the unrolled layout).
     state = jax.jit(lambda r: make_state(init_params(r)), out_shardings=shardings)(init_rng)
     return state, shardings
+
+
+def state_layout(model: nn.Module, tx, n_ctx: int, mesh, init_inputs: tuple | None = None):
+    """The train state `create_state` makes, as shapes (`jax.ShapeDtypeStruct`), and its
+    shardings (from the parameters' logical axis names), without allocating anything."""
+    inputs = init_inputs or (jnp.zeros((1, n_ctx), jnp.int32),)
+
+    def make_state(rng):
+        params = model.init({"params": rng}, *inputs)["params"]
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
+
+    boxed = jax.eval_shape(make_state, jax.random.PRNGKey(0))
+    return nn.unbox(boxed), sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
 
 
 def abstract_state(state: TrainState, shardings) -> TrainState:

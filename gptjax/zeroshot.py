@@ -228,11 +228,7 @@ def choice_predict(
     the document and question (the first of ties). Any multiple choice works alike."""
     prefixes = [c for c, options in zip(contexts, choices, strict=True) for _ in options]
     averages = average(*logprob(prefixes, [o for options in choices for o in options]))
-    predictions, first = [], 0
-    for options in choices:
-        predictions.append(int(np.argmax(averages[first : first + len(options)])))
-        first += len(options)
-    return np.array(predictions, np.int64)
+    return _best_of_each(averages, [len(options) for options in choices])
 
 
 def dprd_predict(
@@ -250,11 +246,16 @@ def dprd_predict(
     prefixes = [f"{b}{c}" for b, cands in zip(contexts, candidates, strict=True) for c in cands]
     conts = [r for r, cands in zip(rests, candidates, strict=True) for _ in cands]
     averages = average(*logprob(prefixes, conts))
-    predictions, first = [], 0
-    for cands in candidates:
-        predictions.append(int(np.argmax(averages[first : first + len(cands)])))
-        first += len(cands)
-    return np.array(predictions, np.int64)
+    return _best_of_each(averages, [len(cands) for cands in candidates])
+
+
+def _best_of_each(scores: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """The index of the highest score within each consecutive group of `sizes` scores
+    (the first of ties)."""
+    starts = np.cumsum([0, *sizes[:-1]])
+    return np.array(
+        [int(np.argmax(scores[i : i + n])) for i, n in zip(starts, sizes, strict=True)], np.int64
+    )
 
 
 def score_task(
