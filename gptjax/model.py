@@ -10,11 +10,14 @@ D d_model, H heads, K head dim, F d_mlp, V vocabulary.
 """
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from gptjax.dropout import Dropout
 
 # The paper and the original release initialise every weight from N(0, 0.02).
 INIT_STD = 0.02
@@ -81,6 +84,23 @@ def _layer_norm(name: str, dtype: str) -> nn.LayerNorm:
     )
 
 
+def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask, dtype: str, drop=None) -> jax.Array:
+    """softmax(Q K^T / sqrt(K), masked) V over S keys, with `drop` (a function, e.g. a
+    bound Dropout) applied to the probabilities. `mask` (broadcast to [B, H, L, S]) is
+    True where a query may see a key. Scores and softmax are float32; both matmuls run
+    in `dtype`, the probabilities cast back before P V (Flax's attention keeps them in
+    float32 there, which makes a bfloat16 model's P V a float32 matmul)."""
+    q_BxLxHxK = q_BxLxHxK * jnp.asarray(q_BxLxHxK.shape[-1] ** -0.5, dtype)
+    s_BxHxLxS = jnp.einsum(
+        "blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=jnp.float32
+    )
+    s_BxHxLxS = jnp.where(mask, s_BxHxLxS, jnp.finfo(jnp.float32).min)
+    p_BxHxLxS = jax.nn.softmax(s_BxHxLxS, axis=-1)
+    if drop is not None:
+        p_BxHxLxS = drop(p_BxHxLxS)
+    return jnp.einsum("bhls,bshk->blhk", p_BxHxLxS.astype(dtype), v_BxSxHxK)
+
+
 class Projection(nn.Module):
     """An affine map from the last `n_in` axes of its input to `out_shape`.
 
@@ -138,19 +158,11 @@ class CausalSelfAttention(nn.Module):
                 implementation="cudnn" if cudnn else None,
             )
             return self._project(out_BxLxHxK)
-        mask_Bx1xLxL = nn.make_causal_mask(x_BxLxD[..., 0], dtype=jnp.bool_)
-        # Scaled by 1/sqrt(K), softmax in float32, dropout on the attention probabilities.
-        out_BxLxHxK = nn.dot_product_attention(
-            q_BxLxHxK,
-            k_BxLxHxK,
-            v_BxLxHxK,
-            mask=mask_Bx1xLxL,
-            dropout_rng=None if deterministic else self.make_rng("dropout"),
-            dropout_rate=cfg.dropout,
-            broadcast_dropout=False,  # an independent mask per example and head
-            deterministic=deterministic,
-            force_fp32_for_softmax=True,
-        )
+        length = x_BxLxD.shape[1]
+        causal_LxL = jnp.tril(jnp.ones((length, length), jnp.bool_))
+        # An independent dropout mask per example and head.
+        drop = functools.partial(Dropout(cfg.dropout), deterministic=deterministic)
+        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal_LxL, cfg.dtype, drop)
         return self._project(out_BxLxHxK)
 
     def _attend_cached(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cache: dict):
@@ -169,9 +181,7 @@ class CausalSelfAttention(nn.Module):
         length, context = q_BxLxHxK.shape[1], k_BxCxHxK.shape[1]
         query_pos_BxL = pos_B[:, None] + jnp.arange(length)
         mask_Bx1xLxC = (jnp.arange(context) <= query_pos_BxL[:, :, None])[:, None]
-        out_BxLxHxK = nn.dot_product_attention(
-            q_BxLxHxK, k_BxCxHxK, v_BxCxHxK, mask=mask_Bx1xLxC, force_fp32_for_softmax=True
-        )
+        out_BxLxHxK = attend(q_BxLxHxK, k_BxCxHxK, v_BxCxHxK, mask_Bx1xLxC, self.cfg.dtype)
         return self._project(out_BxLxHxK), {"k": k_BxCxHxK, "v": v_BxCxHxK, "pos": pos_B}
 
     def _project(self, out_BxLxHxK: jax.Array) -> jax.Array:
@@ -219,7 +229,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool, cache: dict | None = None):
         """The block's output; with a `cache`, (output, updated cache)."""
-        dropout = nn.Dropout(self.cfg.dropout, deterministic=deterministic)
+        dropout = functools.partial(Dropout(self.cfg.dropout), deterministic=deterministic)
         a_BxLxD = CausalSelfAttention(self.cfg, name="attn")(x_BxLxD, deterministic, cache)
         if cache is not None:
             a_BxLxD, cache = a_BxLxD
@@ -260,7 +270,7 @@ class GPT(nn.Module):
         )
         # Dropout after summing token and position embeddings (as HuggingFace does; the
         # original dropped rows of the embedding matrix instead).
-        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.embed_dropout = Dropout(cfg.dropout)
         block = ScanBlock if self.scan_layers else Block
         if self.remat != "none":
             # static_argnums counts the module itself as 0: `deterministic` is 2.
@@ -348,7 +358,7 @@ class TaskModel(nn.Module):
     def setup(self):
         self.transformer = GPT(self.cfg, remat=self.remat, scan_layers=self.scan_layers)
         # One dropout mask over the choices of an example, as in the original code.
-        self.dropout = nn.Dropout(self.clf_dropout, broadcast_dims=(1,))
+        self.dropout = Dropout(self.clf_dropout, broadcast_dims=(1,))
         self.head = nn.Dense(
             self.num_outputs, kernel_init=_init("embed", None), bias_init=_zeros(None)
         )

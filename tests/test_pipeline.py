@@ -99,3 +99,36 @@ def test_unigram_perplexity():
     train = np.array([0, 0, 1, 1])
     # add-one smoothing over 2 symbols: p = 3/6 each -> perplexity 2
     assert unigram_perplexity(train, np.array([5, 0, 1, 0]), vocab_size=2) == pytest.approx(2)
+
+
+def test_batched_reads_give_the_batches_of_one_window_at_a_time():
+    """train_iterator reads PackedWindows a batch at a time (`gather`); a source read a
+    window at a time through grain must give the same batches in the same order."""
+
+    class OneAtATime:  # PackedWindows without its `gather`
+        def __init__(self, windows):
+            self.windows = windows
+
+        def __len__(self):
+            return len(self.windows)
+
+        def __getitem__(self, i):
+            return self.windows[i]
+
+    windows = PackedWindows(np.arange(23 * 4 + 2), n_ctx=4, pad_id=9)  # a padded last window
+    fast = train_iterator(windows, global_batch_size=6, seed=5)
+    slow = train_iterator(OneAtATime(windows), global_batch_size=6, seed=5)
+    for _ in range(10):  # crosses epoch boundaries
+        a, b = next(fast), next(slow)
+        for k in ("tokens", "weights"):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            np.testing.assert_array_equal(a[k], b[k])
+    assert fast.get_state() == slow.get_state()
+
+
+def test_gather_checks_its_indices():
+    windows = PackedWindows(np.arange(9), n_ctx=4, pad_id=0)
+    assert windows.gather(np.array([], np.int64))["tokens"].shape == (0, 5)
+    for bad in ([-1], [2]):
+        with pytest.raises(IndexError):
+            windows.gather(np.array(bad))

@@ -1,0 +1,110 @@
+"""Dropout whose random bits are cheap to draw on every backend.
+
+GPT-1 drops 10% of the embeddings, the residual branches and the attention
+probabilities (B x H x L x L per layer, the largest of them), so a train step draws
+tens of millions of random numbers. `jax.random.bits` lowers Threefry-2x32 on CPUs as a
+loop of five passes over the whole array, and that costs a CPU more than the softmax it
+feeds (about 50 ms against 5 ms for the 3.1M probabilities of `bench-cpu`'s layer, on 2
+cores). `threefry_bits` computes the same hash (Salmon et al., 2011), with JAX's own
+counter layout, as one unrolled elementwise expression that XLA fuses into a single
+loop, bit for bit the same as `jax.random.bits` (tests/test_dropout.py) and about 12x
+faster there. Each element's counter is its flat index, built from per-axis iotas, so
+the bits do not depend on how the array is sharded.
+"""
+
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Threefry-2x32's rotation distances, alternating by group of four rounds, and the
+# constant of its key schedule.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_KEY_PARITY = 0x1BD11BDA
+
+
+def _rotate_left(x: jax.Array, distance: int) -> jax.Array:
+    return (x << jnp.uint32(distance)) | (x >> jnp.uint32(32 - distance))
+
+
+def _threefry2x32(k0, k1, x0, x1):
+    """Threefry-2x32 with 20 rounds: the pair of words (x0, x1) hashed under (k0, k1)."""
+    keys = (k0, k1, k0 ^ k1 ^ jnp.uint32(_KEY_PARITY))
+    x0, x1 = x0 + keys[0], x1 + keys[1]
+    for group in range(5):
+        for distance in _ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = _rotate_left(x1, distance) ^ x0
+        x0 = x0 + keys[(group + 1) % 3]
+        x1 = x1 + keys[(group + 2) % 3] + jnp.uint32(group + 1)
+    return x0, x1
+
+
+def _optimisations_off() -> bool:
+    """Whether XLA compiles without its optimisations (JAX's environment switch)."""
+    value = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS", "")
+    return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+
+
+def threefry_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`jax.random.bits(key, shape, jnp.uint32)`: the same bits, drawn by
+    `unrolled_threefry_bits` where that is faster (a CPU compiling with XLA's
+    optimisations) and by `jax.random.bits` itself elsewhere. GPUs have JAX's own
+    Threefry kernel (the unrolled form measured 1.5% slower in a GPT-1 step on an H200);
+    without optimisations (the tests) the bigger unrolled expression only adds compile
+    time."""
+    if jax.default_backend() != "cpu" or _optimisations_off():
+        return jax.random.bits(key, shape, jnp.uint32)
+    return unrolled_threefry_bits(key, shape)
+
+
+def unrolled_threefry_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`jax.random.bits(key, shape, jnp.uint32)` for a Threefry key, as one fusible
+    expression. Other key kinds, and arrays of 2**32 elements or more, go to
+    `jax.random.bits`."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if jax.random.key_impl(key) != "threefry2x32":
+            return jax.random.bits(key, shape, jnp.uint32)
+        key = jax.random.key_data(key)
+    if key.shape != (2,) or math.prod(shape) >= 2**32:
+        return jax.random.bits(key, shape, jnp.uint32)
+    # JAX counts elements by their flat index as a 64-bit number split in two words;
+    # below 2**32 elements the high word is zero.
+    strides = np.cumprod((*shape[1:], 1)[::-1])[::-1]
+    index = sum(
+        jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        for axis, stride in enumerate(strides)
+    )
+    high, low = _threefry2x32(key[0], key[1], jnp.zeros(shape, jnp.uint32), index)
+    return high ^ low
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array, broadcast_dims=()) -> jax.Array:
+    """Inverted dropout: each element kept with probability 1 - rate (to within 2**-32)
+    and scaled by 1 / (1 - rate), one mask shared along `broadcast_dims`. The mask
+    compares the raw 32-bit integers with a threshold, and the scale is a product (no
+    uniform floats, no division)."""
+    shape = tuple(1 if axis in broadcast_dims else n for axis, n in enumerate(x.shape))
+    threshold = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+    keep = threefry_bits(key, shape) >= threshold
+    scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
+    return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+    """`dropout` as a Flax layer drawing from the "dropout" key stream; the identity
+    when `deterministic` or the rate is 0."""
+
+    rate: float
+    broadcast_dims: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"dropout rate {self.rate} is not in [0, 1)")
+        return dropout(x, self.rate, self.make_rng("dropout"), self.broadcast_dims)
