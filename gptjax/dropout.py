@@ -1,15 +1,17 @@
-"""Dropout whose random bits are cheap to draw on every backend.
+"""Dropout whose random bits are cheap to draw on a CPU.
 
 GPT-1 drops 10% of the embeddings, the residual branches and the attention
 probabilities (B x H x L x L per layer, the largest of them), so a train step draws
 tens of millions of random numbers. `jax.random.bits` lowers Threefry-2x32 on CPUs as a
 loop of five passes over the whole array, and that costs a CPU more than the softmax it
 feeds (about 50 ms against 5 ms for the 3.1M probabilities of `bench-cpu`'s layer, on 2
-cores). `threefry_bits` computes the same hash (Salmon et al., 2011), with JAX's own
-counter layout, as one unrolled elementwise expression that XLA fuses into a single
-loop, bit for bit the same as `jax.random.bits` (tests/test_dropout.py) and about 12x
-faster there. Each element's counter is its flat index, built from per-axis iotas, so
-the bits do not depend on how the array is sharded.
+cores). `unrolled_threefry_bits` computes the same hash (Salmon et al., 2011), with
+JAX's own counter layout, as one unrolled elementwise expression that XLA fuses into a
+single loop: bit for bit the same as `jax.random.bits` (tests/test_dropout.py) and
+about 12x faster there (the whole `bench-cpu` step: 1.12x). Each element's counter is
+its flat index, built from per-axis iotas, so the bits do not depend on how the array
+is sharded. `threefry_bits` picks whichever of the two is faster where it runs; the
+masks are the same either way.
 """
 
 import math
