@@ -38,6 +38,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from gptjax import checkpoint, optim, sharding, train
 from gptjax import config as config_lib
 from gptjax import tokenizer as tokenizer_lib
+from gptjax.bench_torch import TorchReference
 from gptjax.data.pipeline import PackedWindows, tokenize_books, train_iterator
 from gptjax.errors import UserError, argument_parser, fail
 from gptjax.estimate import compile_step, find_accelerator, memory
@@ -334,86 +335,6 @@ def bench_checkpoint(state, saves: int) -> dict:
     }
 
 
-class TorchReference:
-    """The same architecture, batch and optimiser in HuggingFace transformers on
-    PyTorch: `OpenAIGPTLMHeadModel` (GPT-1's port; tanh GELU, dropout, train mode) with
-    AdamW, decaying matrices only as optim.decay_mask does, and global-norm clipping.
-    torch and transformers are imported only here."""
-
-    def __init__(self, config: ml_collections.ConfigDict, tokens: np.ndarray, compile_model: bool):
-        import torch
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        torch.set_num_threads(threads())
-        torch.manual_seed(0)
-        m, t = config.model, config.train
-        if m.d_mlp != 4 * m.d_model:
-            raise UserError("--vs-torch needs model.d_mlp = 4 x d_model (HF openai-gpt's MLP)")
-        self.shape = {
-            "vocab_size": m.vocab_size,
-            "n_positions": m.n_ctx,
-            "n_embd": m.d_model,
-            "n_layer": m.n_layer,
-            "n_head": m.n_head,
-        }
-        dropout = {k: m.dropout for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-        self.openai_config = transformers.OpenAIGPTConfig(**self.shape, **dropout, afn="gelu")
-        self.model = transformers.OpenAIGPTLMHeadModel(self.openai_config).train()
-        params = list(self.model.parameters())  # the tied LM head counted once
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.b1, t.b2), eps=t.eps)
-        self.forward = torch.compile(self.model) if compile_model else self.model
-        self.grad_clip = t.grad_clip
-        ids = torch.from_numpy(tokens).long()
-        self.inputs, self.targets = ids[:, :-1], ids[:, 1:].reshape(-1)
-        self.torch, self.transformers = torch, transformers
-
-    def train_step(self):
-        logits = self.forward(input_ids=self.inputs).logits
-        loss = self.torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), self.targets
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-
-    def generators(self, prompt: list[int], new_tokens: int) -> dict[str, Callable]:
-        """Greedy generation of `new_tokens` after `prompt` with `GPT2LMHeadModel` of the
-        same shape (a key/value cache) and `OpenAIGPTLMHeadModel` (none: every token
-        reruns the whole prefix)."""
-        torch, transformers = self.torch, self.transformers
-        gpt2_config = transformers.GPT2Config(
-            **self.shape, activation_function="gelu_new", bos_token_id=None, eos_token_id=None
-        )
-        models = {
-            "gpt2": transformers.GPT2LMHeadModel(gpt2_config).eval(),
-            "openai": transformers.OpenAIGPTLMHeadModel(self.openai_config).eval(),
-        }
-        ids = torch.tensor([prompt])
-
-        def generate(model):
-            def call():
-                with torch.inference_mode():
-                    out = model.generate(
-                        ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-                assert out.shape[1] == len(prompt) + new_tokens, out.shape
-
-            return call
-
-        return {name: generate(model) for name, model in models.items()}
-
-
 def bench_generate(step: TrainStep, settings: Settings, torch_ref: TorchReference | None):
     """Greedy generation with the key/value cache (batch 1), in turns with the torch
     models under --vs-torch; each figure the median of `generate_repeats` calls."""
@@ -499,7 +420,7 @@ def run(
     r.update({f"xla_{k}": v for k, v in memory(step.compiled).items()})
 
     logging.info("timing %d train steps", r["timed_steps"])
-    torch_ref = TorchReference(config, step.tokens, torch_compile) if vs_torch else None
+    torch_ref = TorchReference(config, step.tokens, torch_compile, threads()) if vs_torch else None
     runners = {"gptjax": step} | ({"torch": torch_ref.train_step} if torch_ref else {})
     for fn in runners.values():
         for _ in range(settings.warmup):
