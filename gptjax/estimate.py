@@ -22,7 +22,7 @@ import ml_collections
 
 from gptjax import optim, sharding, train
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, flops_per_token
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
 from gptjax.pretrain import check_batch
 
 PETAFLOP_S_DAY = 1e15 * 86400
@@ -174,7 +174,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
     batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
     options = ANALYSIS_ONLY_CPU_OPTIONS if jax.default_backend() == "cpu" else None
     mem = memory(compile_step(p_train, mesh, state, batch, options))
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    num_params = count_params(state.params)
     per_token = flops_per_token(model_cfg, num_params)
     total_flops = per_token * tokens
     seconds = total_flops / (est["mfu"] * acc.peak_flops * est["devices"])
