@@ -15,25 +15,20 @@ parameters, embeddings included) + 12 * n_layer * d_model * n_ctx for attention.
 """
 
 import ast
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import pathlib
-import resource
 import runpy
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental.compilation_cache import compilation_cache
 
 from gptjax import checkpoint, optim, sharding, train
 from gptjax import config as config_lib
@@ -41,8 +36,19 @@ from gptjax import tokenizer as tokenizer_lib
 from gptjax.bench_torch import TorchReference
 from gptjax.data.pipeline import PackedWindows, tokenize_books, train_iterator
 from gptjax.errors import UserError, argument_parser, fail
-from gptjax.estimate import compile_step, find_accelerator, memory
+from gptjax.estimate import compile_step, memory
 from gptjax.generate import Generator, Sampling
+from gptjax.measure import (
+    fresh_compilation_cache,
+    matmul_flops_per_s,
+    peak_flops,
+    peak_rss_bytes,
+    read_bytes_per_s,
+    round_ratios,
+    take_turns,
+    threads,
+    timed,
+)
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, unstack_layers
 from gptjax.pretrain import check_batch
 
@@ -80,6 +86,7 @@ KEYS = (
     *("generate_prompt_tokens", "generate_new_tokens", "generate_s"),
     *("generate_tokens_per_s", "generate_param_bytes_per_token"),
     *("generate_kv_bytes_per_token", "generate_bandwidth_bytes_per_s"),
+    *("bandwidth_array_bytes", "memory_bandwidth_bytes_per_s", "generate_bandwidth_fraction"),
     # checkpoints
     *("checkpoint_bytes", "checkpoint_blocking_s", "checkpoint_total_s"),
     *TORCH_KEYS,
@@ -103,6 +110,7 @@ class Settings:
     prompt_tokens: int = _setting(32, "generation: the prompt")
     new_tokens: int = _setting(128, "generation: tokens to generate")
     generate_repeats: int = _setting(3, "generation: timed calls")
+    bandwidth_mb: int = _setting(512, "MB of float32 summed to measure the memory bandwidth")
     checkpoint_saves: int = _setting(3, "checkpoint saves timed")
 
 
@@ -117,6 +125,7 @@ TINY_SETTINGS = Settings(
     prompt_tokens=8,
     new_tokens=8,
     generate_repeats=1,
+    bandwidth_mb=4,
     checkpoint_saves=1,
 )
 
@@ -149,73 +158,6 @@ def load_config(name: str, overrides: tuple[str, ...] = ()) -> ml_collections.Co
             raise UserError(f"--set {item}: {e}") from None
     config_lib.validate(config)
     return config
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def take_turns(runners: dict[str, Callable], rounds: int, calls: int, lead: bool = True):
-    """{name: seconds of each timed call}: each runner `calls` times per round, the
-    runners in turn; with `lead`, each turn begins with an untimed call (the previous
-    runner's threads may still hold the cores)."""
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, fn in runners.items():
-            if lead:
-                fn()
-            times[name] += [timed(fn) for _ in range(calls)]
-    return times
-
-
-def round_ratios(ours: list[float], theirs: list[float], rounds: int) -> list[float]:
-    """Per round: their median time / ours (above 1: gptjax is faster)."""
-    a, b = np.array_split(ours, rounds), np.array_split(theirs, rounds)
-    return [float(np.median(y) / np.median(x)) for x, y in zip(a, b, strict=True)]
-
-
-def threads() -> int:
-    """The cores this process may run on: XLA's CPU thread pool uses that many."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux counts KiB
-
-
-@contextlib.contextmanager
-def fresh_compilation_cache():
-    """JAX's persistent compilation cache in an empty temporary directory, storing every
-    executable; the previous settings are back afterwards."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-        "jax_enable_compilation_cache",
-    )
-    saved = {name: getattr(jax.config, name) for name in names}
-    with tempfile.TemporaryDirectory() as directory:
-        compilation_cache.reset_cache()  # the cache binds to its directory once
-        for name, value in zip(names, (directory, 0.0, 0, True), strict=True):
-            jax.config.update(name, value)
-        try:
-            yield directory
-        finally:
-            for name, value in saved.items():
-                jax.config.update(name, value)
-            compilation_cache.reset_cache()
-
-
-def matmul_flops_per_s(n: int, repeats: int = 5) -> float:
-    """The best of `repeats` n x n by n x n float32 matmuls, in FLOP/s (2 n^3 each)."""
-    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    jax.block_until_ready(matmul(a, b))
-    best = min(timed(lambda: jax.block_until_ready(matmul(a, b))) for _ in range(repeats))
-    return 2 * n**3 / best
 
 
 class TrainStep:
@@ -357,6 +299,8 @@ def bench_generate(step: TrainStep, settings: Settings, torch_ref: TorchReferenc
     times = take_turns(runners, settings.generate_repeats, 1, lead=False)
     rate = {name: new / statistics.median(t) for name, t in times.items()}
     param_bytes, kv_bytes = decode_bytes_per_token(cfg, params)
+    bandwidth_bytes = settings.bandwidth_mb * 2**20
+    bandwidth = read_bytes_per_s(bandwidth_bytes)
     r = {
         "generate_prompt_tokens": prompt_len,
         "generate_new_tokens": new,
@@ -365,6 +309,9 @@ def bench_generate(step: TrainStep, settings: Settings, torch_ref: TorchReferenc
         "generate_param_bytes_per_token": param_bytes,
         "generate_kv_bytes_per_token": kv_bytes,
         "generate_bandwidth_bytes_per_s": (param_bytes + kv_bytes) * rate["gptjax"],
+        "bandwidth_array_bytes": bandwidth_bytes,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "generate_bandwidth_fraction": (param_bytes + kv_bytes) * rate["gptjax"] / bandwidth,
     }
     if torch_ref:
         r["torch_gpt2_generate_tokens_per_s"] = rate["gpt2"]
@@ -372,20 +319,6 @@ def bench_generate(step: TrainStep, settings: Settings, torch_ref: TorchReferenc
         r["generate_speedup_vs_gpt2"] = rate["gptjax"] / rate["gpt2"]
         r["generate_speedup_vs_openai"] = rate["gptjax"] / rate["openai"]
     return r
-
-
-def peak_flops(device_kind: str, matmul: float, given_tflops: float | None):
-    """(peak FLOP/s for the MFU, its source): `given_tflops`, else the published bf16
-    dense peak of estimate.ACCELERATORS times the device count, else (a CPU) the
-    measured matmul, which already uses every core."""
-    if given_tflops:
-        return given_tflops * 1e12, "--peak-tflops"
-    if jax.default_backend() == "cpu":
-        return matmul, "measured float32 matmul"
-    acc = find_accelerator(device_kind)
-    if acc is None:
-        return None, f"unknown device {device_kind!r}: give --peak-tflops"
-    return acc.peak_flops * jax.device_count(), f"published bf16 dense peak of {acc.name}"
 
 
 def run(
@@ -501,7 +434,10 @@ def report(r: dict) -> str:
         f"in {r['generate_s']:.3f} s = {_si(r['generate_tokens_per_s'], 'tokens/s')}; "
         f"{_si(r['generate_param_bytes_per_token'], 'B')} parameters + "
         f"{_si(r['generate_kv_bytes_per_token'], 'B')} cache per token: "
-        f"{_si(r['generate_bandwidth_bytes_per_s'], 'B/s')}",
+        f"{_si(r['generate_bandwidth_bytes_per_s'], 'B/s')}, "
+        f"{r['generate_bandwidth_fraction']:.0%} of the "
+        f"{_si(r['memory_bandwidth_bytes_per_s'], 'B/s')} measured (summing "
+        f"{_si(r['bandwidth_array_bytes'], 'B')})",
         "checkpoint": f"{_si(r['checkpoint_bytes'], 'B')}: save() blocks "
         f"{r['checkpoint_blocking_s'] * 1e3:.1f} ms, written in {r['checkpoint_total_s']:.2f} s",
     }

@@ -62,6 +62,11 @@ def test_figures_follow_from_their_definitions(result):
     assert (r["generate_prompt_tokens"], r["generate_new_tokens"]) == (8, 8)
     assert r["generate_param_bytes_per_token"] == 4 * (r["num_params"] - (t - 1) * d)
     assert r["generate_kv_bytes_per_token"] == 2 * r["n_layer"] * t * d * 4
+    read = r["generate_param_bytes_per_token"] + r["generate_kv_bytes_per_token"]
+    assert r["generate_bandwidth_bytes_per_s"] == pytest.approx(read * r["generate_tokens_per_s"])
+    assert r["bandwidth_array_bytes"] == 4 * 2**20 and r["memory_bandwidth_bytes_per_s"] > 0
+    bandwidth = r["generate_bandwidth_bytes_per_s"] / r["memory_bandwidth_bytes_per_s"]
+    assert r["generate_bandwidth_fraction"] == pytest.approx(bandwidth)
     assert r["checkpoint_bytes"] > 3 * 4 * r["num_params"]
     assert 0 < r["checkpoint_blocking_s"] <= r["checkpoint_total_s"]
 

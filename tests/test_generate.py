@@ -2,6 +2,8 @@
 filtered as configured, and `--mode=generate` continues prompts from a workdir."""
 
 import json
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,28 @@ def test_cached_decoding_equals_full_recomputation_at_every_step(params):
         rows = [r + [int(t)] for r, t in zip(rows, nxt, strict=True)]
         logits, caches = decode(params, jnp.asarray(nxt)[:, None], caches)
         last = logits[:, 0]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decoding_never_copies_a_whole_cache(params, batch):
+    """Each token writes its keys and values into the caches in place: the compiled
+    decoding loop holds no copy the size of a layer's cache (XLA on CPUs made one per
+    layer and token when the cache was [B, C, H, K] and written by a vmapped update)."""
+    gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4)
+    sampling = Sampling(max_new_tokens=4, temperature=0.0)
+    tokens, lengths = np.ones((batch, 8), np.int32), np.array([8, 3][:batch], np.int32)
+    key = jax.random.PRNGKey(0)
+    token_B, caches = gen._prefill(params, tokens, lengths, key, sampling=sampling)
+    hlo = gen._steps.lower(params, caches, token_B, key, sampling=sampling)
+    cache_size = caches[0]["k"].size
+    copies = [
+        line
+        for line in hlo.compile().as_text().splitlines()
+        if (m := re.search(r"%copy\S* = f32\[([\d,]+)\]", line))
+        and math.prod(map(int, m.group(1).split(","))) == cache_size
+    ]
+    assert caches[0]["k"].size == batch * CFG.n_ctx * CFG.d_model
+    assert not copies, copies[:2]
 
 
 def test_greedy_generation_is_the_argmax_path_and_deterministic(params):

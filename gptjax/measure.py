@@ -1,0 +1,111 @@
+"""What the benchmark measures about the machine and how it times things: timed calls
+taken in turns, the cores, the process's peak memory, a fresh persistent compilation
+cache, a large matmul's FLOP/s (a CPU's peak for the MFU), the memory bandwidth (the
+bound of generating one token at a time) and the published accelerator peaks."""
+
+import contextlib
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+
+from gptjax.estimate import find_accelerator
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def take_turns(runners: dict[str, Callable], rounds: int, calls: int, lead: bool = True):
+    """{name: seconds of each timed call}: each runner `calls` times per round, the
+    runners in turn; with `lead`, each turn begins with an untimed call (the previous
+    runner's threads may still hold the cores)."""
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            if lead:
+                fn()
+            times[name] += [timed(fn) for _ in range(calls)]
+    return times
+
+
+def round_ratios(ours: list[float], theirs: list[float], rounds: int) -> list[float]:
+    """Per round: their median time / ours (above 1: gptjax is faster)."""
+    a, b = np.array_split(ours, rounds), np.array_split(theirs, rounds)
+    return [float(np.median(y) / np.median(x)) for x, y in zip(a, b, strict=True)]
+
+
+def threads() -> int:
+    """The cores this process may run on: XLA's CPU thread pool uses that many."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux counts KiB
+
+
+@contextlib.contextmanager
+def fresh_compilation_cache():
+    """JAX's persistent compilation cache in an empty temporary directory, storing every
+    executable; the previous settings are back afterwards."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+        "jax_enable_compilation_cache",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    with tempfile.TemporaryDirectory() as directory:
+        compilation_cache.reset_cache()  # the cache binds to its directory once
+        for name, value in zip(names, (directory, 0.0, 0, True), strict=True):
+            jax.config.update(name, value)
+        try:
+            yield directory
+        finally:
+            for name, value in saved.items():
+                jax.config.update(name, value)
+            compilation_cache.reset_cache()
+
+
+def matmul_flops_per_s(n: int, repeats: int = 5) -> float:
+    """The best of `repeats` n x n by n x n float32 matmuls, in FLOP/s (2 n^3 each)."""
+    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    best = min(timed(lambda: jax.block_until_ready(matmul(a, b))) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def read_bytes_per_s(num_bytes: int, repeats: int = 5) -> float:
+    """The best of `repeats` sums of a `num_bytes` float32 array, in bytes read per
+    second: the memory bandwidth that bounds decoding, which reads every parameter once
+    per token. Make the array far larger than the caches (the default 512 MB is)."""
+    x = jnp.ones((num_bytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    best = min(timed(lambda: jax.block_until_ready(total(x))) for _ in range(repeats))
+    return x.nbytes / best
+
+
+def peak_flops(device_kind: str, matmul: float, given_tflops: float | None):
+    """(peak FLOP/s for the MFU, its source): `given_tflops`, else the published bf16
+    dense peak of estimate.ACCELERATORS times the device count, else (a CPU) the
+    measured matmul, which already uses every core."""
+    if given_tflops:
+        return given_tflops * 1e12, "--peak-tflops"
+    if jax.default_backend() == "cpu":
+        return matmul, "measured float32 matmul"
+    acc = find_accelerator(device_kind)
+    if acc is None:
+        return None, f"unknown device {device_kind!r}: give --peak-tflops"
+    return acc.peak_flops * jax.device_count(), f"published bf16 dense peak of {acc.name}"
