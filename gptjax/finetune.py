@@ -21,23 +21,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import checkpoint, losses, optim, sharding, train
+from gptjax import adapt, checkpoint, losses, optim, results, sharding, train
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.data.corpus import cache_dir
-from gptjax.data.pipeline import PackedWindows, eval_batches, train_iterator
+from gptjax.data.pipeline import eval_batches, train_iterator
 from gptjax.errors import UserError
-from gptjax.metrics import read_metrics
 from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers, unstack_layers
 from gptjax.pretrain import CONFIG_FILE, agreed_resume_step, check_batch, check_workdir
-from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.pretrain import write_config as write_run_config
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks import registry, transforms
 from gptjax.tasks.spec import TaskSpec
 
 ARCHITECTURE = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
-RESULTS_JSON = "results.json"
-RESULTS_MD = "results.md"
 
 
 def _read_run_config(workdir: str) -> dict:
@@ -300,105 +296,6 @@ class FineTune:
         )
         return state.replace(params=params)
 
-    def adapt(self) -> str:
-        """Phase 1, domain adaptation: continues LM training (the pretraining objective)
-        on the task's own texts, in `workdir/adapt` with its own checkpoints; resumes or,
-        when complete, does nothing. Returns that directory (the next phase starts from
-        its latest checkpoint)."""
-        cfg, a = self.config, self.config.adapt
-        workdir = os.path.join(self.workdir, "adapt")
-
-        def windows(split):
-            examples = self.task.load(split, self.data_dir)
-            docs = self.tokenizer.encode_texts(
-                ["\n".join(ex.texts + ex.choices) for ex in examples]
-            )
-            stream = np.concatenate(
-                [np.asarray(d + [self.tokenizer.eos_id], np.int32) for d in docs]
-            )
-            return PackedWindows(stream, cfg.model.n_ctx, self.tokenizer.pad_id)
-
-        train_windows, eval_windows = (
-            windows(self.task.train_split),
-            windows(self.task.eval_splits[0]),
-        )
-        phase_cfg = cfg.train.copy_and_resolve_references()
-        with phase_cfg.unlocked():
-            phase_cfg.update(epochs=a.epochs, num_steps=a.num_steps, lr=a.lr or cfg.train.lr)
-        total = pretrain_total_steps(phase_cfg, len(train_windows))
-        per_epoch = max(1, len(train_windows) // phase_cfg.batch_size)
-        with phase_cfg.unlocked():
-            phase_cfg.eval_every = phase_cfg.eval_every or per_epoch
-            phase_cfg.ckpt_every = phase_cfg.ckpt_every or per_epoch
-        resume = agreed_resume_step(workdir)
-        if resume is not None and resume >= total:
-            return workdir
-        model = GPT(
-            ModelConfig.from_config(cfg.model, cfg.train),
-            remat=cfg.train.remat,
-            scan_layers=cfg.train.scan_layers,
-        )
-        schedule = optim.lr_schedule(phase_cfg, total)
-        state, shardings = train.create_state(
-            model,
-            optim.make_optimizer(phase_cfg, total),
-            cfg.train.seed,
-            cfg.model.n_ctx,
-            self.mesh,
-        )
-        if resume is None and cfg.init_from:
-            params = self.restore_lm(cfg.init_from)
-            if cfg.train.scan_layers:
-                params = stack_layers(params, cfg.model.n_layer)
-            state = state.replace(params=jax.device_put(params, shardings.params))
-        p_train, p_eval = train.compile_steps(
-            model, schedule, self.mesh, shardings, cfg.train.microbatches
-        )
-        os.makedirs(workdir, exist_ok=True)
-        write_run_config(workdir, cfg)
-        logging.info(
-            "domain adaptation: %d steps of LM training on %s's texts (%d windows of %d)",
-            total,
-            self.task.name,
-            len(train_windows),
-            cfg.model.n_ctx,
-        )
-
-        def evaluate(params):
-            batches = eval_batches(
-                eval_windows,
-                phase_cfg.batch_size // phase_cfg.microbatches,
-                phase_cfg.eval_batches,
-                jax.process_index(),
-                jax.process_count(),
-            )
-            return train.evaluate(p_eval, params, batches, self.mesh)
-
-        data_iter = train_iterator(
-            train_windows,
-            phase_cfg.batch_size,
-            cfg.train.seed,
-            jax.process_index(),
-            jax.process_count(),
-        )
-        holder = [state]
-        del state
-        train.run_phase(
-            holder.pop(),
-            shardings,
-            p_train,
-            evaluate,
-            data_iter,
-            self.mesh,
-            phase_cfg,
-            total,
-            phase_cfg.batch_size * cfg.model.n_ctx,
-            workdir,
-            checkpoint.manager(workdir, phase_cfg.keep_checkpoints),
-            resume,
-        )
-        return workdir
-
     def predict(self, params, split: Split) -> dict[str, np.ndarray]:
         """Outputs of every example of `split`, in example order (padding rows dropped)."""
         batches = eval_batches(
@@ -467,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     write_run_config(workdir, config)
     source = config.init_from
     if config.adapt.enabled and run.resume_step is None:
-        source = run.adapt()
+        source = adapt.adapt(run)
     run.build(total_steps)
     if run.resume_step is None and source:
         run.state = run.load_pretrained(run.state, source)
@@ -497,103 +394,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run.resume_step,
     )
     del state
-    return evaluate_checkpoint(config, workdir, run=run, splits=run.task.eval_splits)
-
-
-def choose_step(workdir: str, key: str, which: str) -> int:
-    """The checkpoint to evaluate: the latest, or the best by the eval row `key`."""
-    steps = checkpoint.all_steps(workdir)
-    if not steps:
-        raise UserError(f"no checkpoint in {workdir}: fine-tune there first (--mode=train)")
-    if which == "latest":
-        return steps[-1]
-    scored = {r["step"]: r[key] for r in read_metrics(workdir) if key in r and r["step"] in steps}
-    if not scored:
-        logging.warning("no evaluated checkpoint in %s: using the latest", workdir)
-        return steps[-1]
-    return max(scored, key=lambda s: (scored[s], s))
-
-
-def evaluate_checkpoint(config, workdir: str, run: FineTune | None = None, splits=None) -> dict:
-    """Restores the best (or latest: `eval.checkpoint`) checkpoint, scores the eval
-    splits, predicts the test splits, and writes results.json, results.md and, for GLUE
-    test splits, the submission TSVs."""
-    run = run or FineTune(config, workdir, read_only=True)
-    if not hasattr(run, "p_predict"):
-        run.build(1)
-        run.state = None  # restored below
-    step = choose_step(workdir, run.selection_key, config.eval.checkpoint)
-    abstract = run.abstract
-    with checkpoint.manager(workdir, read_only=True) as mngr:
-        try:
-            state, _ = checkpoint.restore(mngr, abstract, step)
-        except Exception as e:
-            raise UserError(
-                f"checkpoint {step} in {workdir} cannot be read ({str(e)[:150]}); choose "
-                "another with --config.eval.checkpoint=latest or re-run training"
-            ) from None
-    splits = splits or (*run.task.eval_splits, *run.task.test_splits)
-    results = []
-    for name in splits:
-        scores = run.evaluate(state.params, [name])
-        scores = {k[len(name) + 1 :]: v for k, v in scores.items()}
-        if scores:
-            results.append({"split": name, **scores})
-        if name in run.task.submission:
-            write_submission(run, state.params, name)
-    report = {
-        "task": run.task.name,
-        "checkpoint_step": step,
-        "selected_by": config.eval.checkpoint,
-        "init_from": config.init_from,
-        "lm_coef": config.finetune.lm_coef,
-        "results": results,
-        "paper": run.task.paper,
-    }
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, RESULTS_JSON), "w") as f:
-            json.dump(report, f, indent=2)
-        table = results_table(report)
-        with open(os.path.join(workdir, RESULTS_MD), "w") as f:
-            f.write(table)
-        logging.info("results of checkpoint %d:\n%s", step, table)
-    return report
-
-
-def results_table(report: dict) -> str:
-    """Markdown: each split and metric next to the paper's (test-set) number."""
-    lines = [
-        f"Task `{report['task']}`, checkpoint {report['checkpoint_step']} "
-        f"({report['selected_by']}); the paper's numbers are on the test sets.",
-        "",
-        "| split | metric | gptjax | paper |",
-        "|---|---|---|---|",
-    ]
-    for row in report["results"]:
-        for metric, value in row.items():
-            if metric == "split":
-                continue
-            paper = report["paper"].get(f"{row['split']}/{metric}", report["paper"].get(metric))
-            paper = "" if paper is None else f"{paper:.1f}"
-            lines.append(f"| {row['split']} | {metric} | {value:.1f} | {paper} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_submission(run: FineTune, params, split: str):
-    """A GLUE submission file: `index<TAB>prediction`, labels by name (numbers for STS-B
-    and the binary tasks GLUE scores as 0/1)."""
-    examples = run.split(split).examples
-    out = run.predict(params, run.split(split))
-    preds = run.predictions(out["output"])
-    numeric = run.task.regression or run.task.name in ("cola", "sst2", "mrpc", "qqp")
-    path = os.path.join(run.workdir, run.task.submission[split])
-    if jax.process_index() != 0:
-        return
-    with open(path + ".tmp", "w") as f:
-        f.write("index\tprediction\n")
-        for ex, p in zip(examples, preds, strict=True):
-            value = f"{p:.3f}" if run.task.regression else p
-            value = value if numeric else run.task.label_names[int(p)]
-            f.write(f"{ex.uid}\t{value}\n")
-    os.replace(path + ".tmp", path)
-    logging.info("wrote the GLUE submission file %s", path)
+    return results.evaluate_checkpoint(run, splits=run.task.eval_splits)

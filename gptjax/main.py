@@ -88,7 +88,7 @@ def main(argv):
 
             zeroshot.run(config, _WORKDIR.value)
         elif "task" in config:  # configs/finetune.py
-            from gptjax import finetune
+            from gptjax import finetune, results
 
             if _MODE.value == "estimate":
                 raise UserError(
@@ -100,7 +100,8 @@ def main(argv):
             if _MODE.value == "train":
                 finetune.train_and_evaluate(config, _WORKDIR.value)
             else:
-                finetune.evaluate_checkpoint(config, _WORKDIR.value)
+                run = finetune.FineTune(config, _WORKDIR.value, read_only=True)
+                results.evaluate_checkpoint(run)
         else:
             config_lib.validate(config)
             if _MODE.value == "estimate":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from cli import main_in_process
 
-from gptjax import generate, zeroshot
+from gptjax import generate, zeroshot, zeroshot_data
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig
 from gptjax.tasks.spec import Example, TaskSpec
@@ -275,7 +275,7 @@ def test_run_scores_every_checkpoint_and_draws_the_curve(pretrained, tmp_path):
         return np.array(sums), np.array(counts)
 
     for name in tasks:
-        data = zeroshot.load_examples(zeroshot_config(paths), name)
+        data = zeroshot_data.load_examples(zeroshot_config(paths), name)
         expected = zeroshot.score_task(name, reference, *data)
         [row] = [r for r in written if r["step"] == 4 and r["task"] == name]
         assert row["value"] == pytest.approx(expected["value"]), name
@@ -339,12 +339,12 @@ def test_tasks_without_files_come_from_the_registry(tmp_path, monkeypatch):
 
         return TaskSpec(task_cfg.name, "classification", load, ("mcc",))
 
-    monkeypatch.setattr(zeroshot.registry, "get_task", get_task)
+    monkeypatch.setattr(zeroshot_data.registry, "get_task", get_task)
     config = zeroshot_config({}, max_examples=4)
     config.data.cache_dir = str(tmp_path)
-    evaluated, fit = zeroshot.load_examples(config, "cola")
+    evaluated, fit = zeroshot_data.load_examples(config, "cola")
     tfds_dir = str(tmp_path / "tfds")
     assert calls == [("cola", "validation", tfds_dir), ("cola", "train", tfds_dir)]
     assert len(evaluated) == len(fit) == 4
     assert {ex.texts[0].split()[0] for ex in evaluated} == {"validation"}
-    assert zeroshot.load_examples(config, "cola") == (evaluated, fit)  # the same sample
+    assert zeroshot_data.load_examples(config, "cola") == (evaluated, fit)  # the same sample

@@ -1,0 +1,119 @@
+"""Domain adaptation (`config.adapt`): before fine-tuning, the pretrained GPT continues
+language-model training on the target task's own texts, each example's fields joined
+into one document, packed into n_ctx windows like pretraining's books. The phase runs in
+`workdir/adapt` with its own checkpoints and resumes like any run; fine-tuning then
+starts from its latest checkpoint instead of `init_from`.
+"""
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from gptjax import checkpoint, optim, train
+from gptjax.data.pipeline import PackedWindows, eval_batches, train_iterator
+from gptjax.model import GPT, ModelConfig, stack_layers
+from gptjax.pretrain import agreed_resume_step
+from gptjax.pretrain import total_steps as pretrain_total_steps
+from gptjax.pretrain import write_config as write_run_config
+
+if TYPE_CHECKING:
+    from gptjax.finetune import FineTune
+
+
+def adapt(run: "FineTune") -> str:
+    """Phase 1 of `run`: continues LM training (the pretraining objective) on the task's
+    own texts, in `workdir/adapt` with its own checkpoints; resumes or, when complete,
+    does nothing. Returns that directory (the next phase starts from its latest
+    checkpoint)."""
+    cfg, a = run.config, run.config.adapt
+    workdir = os.path.join(run.workdir, "adapt")
+
+    def windows(split):
+        examples = run.task.load(split, run.data_dir)
+        docs = run.tokenizer.encode_texts(["\n".join(ex.texts + ex.choices) for ex in examples])
+        stream = np.concatenate([np.asarray(d + [run.tokenizer.eos_id], np.int32) for d in docs])
+        return PackedWindows(stream, cfg.model.n_ctx, run.tokenizer.pad_id)
+
+    train_windows, eval_windows = (
+        windows(run.task.train_split),
+        windows(run.task.eval_splits[0]),
+    )
+    phase_cfg = cfg.train.copy_and_resolve_references()
+    with phase_cfg.unlocked():
+        phase_cfg.update(epochs=a.epochs, num_steps=a.num_steps, lr=a.lr or cfg.train.lr)
+    total = pretrain_total_steps(phase_cfg, len(train_windows))
+    per_epoch = max(1, len(train_windows) // phase_cfg.batch_size)
+    with phase_cfg.unlocked():
+        phase_cfg.eval_every = phase_cfg.eval_every or per_epoch
+        phase_cfg.ckpt_every = phase_cfg.ckpt_every or per_epoch
+    resume = agreed_resume_step(workdir)
+    if resume is not None and resume >= total:
+        return workdir
+    model = GPT(
+        ModelConfig.from_config(cfg.model, cfg.train),
+        remat=cfg.train.remat,
+        scan_layers=cfg.train.scan_layers,
+    )
+    schedule = optim.lr_schedule(phase_cfg, total)
+    state, shardings = train.create_state(
+        model,
+        optim.make_optimizer(phase_cfg, total),
+        cfg.train.seed,
+        cfg.model.n_ctx,
+        run.mesh,
+    )
+    if resume is None and cfg.init_from:
+        params = run.restore_lm(cfg.init_from)
+        if cfg.train.scan_layers:
+            params = stack_layers(params, cfg.model.n_layer)
+        state = state.replace(params=jax.device_put(params, shardings.params))
+    p_train, p_eval = train.compile_steps(
+        model, schedule, run.mesh, shardings, cfg.train.microbatches
+    )
+    os.makedirs(workdir, exist_ok=True)
+    write_run_config(workdir, cfg)
+    logging.info(
+        "domain adaptation: %d steps of LM training on %s's texts (%d windows of %d)",
+        total,
+        run.task.name,
+        len(train_windows),
+        cfg.model.n_ctx,
+    )
+
+    def evaluate(params):
+        batches = eval_batches(
+            eval_windows,
+            phase_cfg.batch_size // phase_cfg.microbatches,
+            phase_cfg.eval_batches,
+            jax.process_index(),
+            jax.process_count(),
+        )
+        return train.evaluate(p_eval, params, batches, run.mesh)
+
+    data_iter = train_iterator(
+        train_windows,
+        phase_cfg.batch_size,
+        cfg.train.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    holder = [state]
+    del state
+    train.run_phase(
+        holder.pop(),
+        shardings,
+        p_train,
+        evaluate,
+        data_iter,
+        run.mesh,
+        phase_cfg,
+        total,
+        phase_cfg.batch_size * cfg.model.n_ctx,
+        workdir,
+        checkpoint.manager(workdir, phase_cfg.keep_checkpoints),
+        resume,
+    )
+    return workdir

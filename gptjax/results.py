@@ -1,0 +1,119 @@
+"""A fine-tuned run's results: which checkpoint to score (the best by the first eval
+metric, or the latest), its scores next to the paper's in results.json and results.md,
+and the GLUE submission files of the test splits."""
+
+import json
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import jax
+
+from gptjax import checkpoint
+from gptjax.errors import UserError
+from gptjax.metrics import read_metrics
+
+if TYPE_CHECKING:
+    from gptjax.finetune import FineTune
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+
+
+def choose_step(workdir: str, key: str, which: str) -> int:
+    """The checkpoint to evaluate: the latest, or the best by the eval row `key`."""
+    steps = checkpoint.all_steps(workdir)
+    if not steps:
+        raise UserError(f"no checkpoint in {workdir}: fine-tune there first (--mode=train)")
+    if which == "latest":
+        return steps[-1]
+    scored = {r["step"]: r[key] for r in read_metrics(workdir) if key in r and r["step"] in steps}
+    if not scored:
+        logging.warning("no evaluated checkpoint in %s: using the latest", workdir)
+        return steps[-1]
+    return max(scored, key=lambda s: (scored[s], s))
+
+
+def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
+    """Restores the run's best (or latest: `eval.checkpoint`) checkpoint, scores the
+    eval splits, predicts the test splits, and writes results.json, results.md and, for
+    GLUE test splits, the submission TSVs."""
+    config, workdir = run.config, run.workdir
+    if not hasattr(run, "p_predict"):
+        run.build(1)
+        run.state = None  # restored below
+    step = choose_step(workdir, run.selection_key, config.eval.checkpoint)
+    abstract = run.abstract
+    with checkpoint.manager(workdir, read_only=True) as mngr:
+        try:
+            state, _ = checkpoint.restore(mngr, abstract, step)
+        except Exception as e:
+            raise UserError(
+                f"checkpoint {step} in {workdir} cannot be read ({str(e)[:150]}); choose "
+                "another with --config.eval.checkpoint=latest or re-run training"
+            ) from None
+    splits = splits or (*run.task.eval_splits, *run.task.test_splits)
+    results = []
+    for name in splits:
+        scores = run.evaluate(state.params, [name])
+        scores = {k[len(name) + 1 :]: v for k, v in scores.items()}
+        if scores:
+            results.append({"split": name, **scores})
+        if name in run.task.submission:
+            write_submission(run, state.params, name)
+    report = {
+        "task": run.task.name,
+        "checkpoint_step": step,
+        "selected_by": config.eval.checkpoint,
+        "init_from": config.init_from,
+        "lm_coef": config.finetune.lm_coef,
+        "results": results,
+        "paper": run.task.paper,
+    }
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RESULTS_JSON), "w") as f:
+            json.dump(report, f, indent=2)
+        table = results_table(report)
+        with open(os.path.join(workdir, RESULTS_MD), "w") as f:
+            f.write(table)
+        logging.info("results of checkpoint %d:\n%s", step, table)
+    return report
+
+
+def results_table(report: dict) -> str:
+    """Markdown: each split and metric next to the paper's (test-set) number."""
+    lines = [
+        f"Task `{report['task']}`, checkpoint {report['checkpoint_step']} "
+        f"({report['selected_by']}); the paper's numbers are on the test sets.",
+        "",
+        "| split | metric | gptjax | paper |",
+        "|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        for metric, value in row.items():
+            if metric == "split":
+                continue
+            paper = report["paper"].get(f"{row['split']}/{metric}", report["paper"].get(metric))
+            paper = "" if paper is None else f"{paper:.1f}"
+            lines.append(f"| {row['split']} | {metric} | {value:.1f} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_submission(run: "FineTune", params, split: str):
+    """A GLUE submission file: `index<TAB>prediction`, labels by name (numbers for STS-B
+    and the binary tasks GLUE scores as 0/1)."""
+    examples = run.split(split).examples
+    out = run.predict(params, run.split(split))
+    preds = run.predictions(out["output"])
+    numeric = run.task.regression or run.task.name in ("cola", "sst2", "mrpc", "qqp")
+    path = os.path.join(run.workdir, run.task.submission[split])
+    if jax.process_index() != 0:
+        return
+    with open(path + ".tmp", "w") as f:
+        f.write("index\tprediction\n")
+        for ex, p in zip(examples, preds, strict=True):
+            value = f"{p:.3f}" if run.task.regression else p
+            value = value if numeric else run.task.label_names[int(p)]
+            f.write(f"{ex.uid}\t{value}\n")
+    os.replace(path + ".tmp", path)
+    logging.info("wrote the GLUE submission file %s", path)
