@@ -34,8 +34,10 @@ def get_config() -> config_dict.ConfigDict:
     config.train.eps = 1e-8
     config.train.weight_decay = 0.01  # decoupled, rank > 1 tensors only
     config.train.grad_clip = 1.0  # global norm
-    # A NaN/Inf loss or gradient: "skip" the update (counted and logged) or "stop".
+    # A NaN/Inf loss or gradient: "skip" the update (counted and logged) or "stop"; when
+    # skipping, this many non-finite steps in a row stop the run (it has diverged).
     config.train.nonfinite = "skip"
+    config.train.nonfinite_limit = 100
     config.train.seed = 0
     # Memory levers (change no value): gradient accumulation over this many slices of
     # each batch, and rematerialisation of each block: "none", "full" or "save_dots".

@@ -56,6 +56,8 @@ def validate(config: ml_collections.ConfigDict):
         )
     if t.nonfinite not in ("skip", "stop"):
         raise UserError(f"train.nonfinite is {t.nonfinite!r}; use 'skip' or 'stop'")
+    if t.nonfinite_limit < 1:
+        raise UserError(f"train.nonfinite_limit is {t.nonfinite_limit}; it must be at least 1")
     if t.eval_batches is not None and t.eval_batches <= 0:
         raise UserError(f"train.eval_batches is {t.eval_batches}; it must be positive or unset")
     if not 0.0 <= m.dropout < 1.0:

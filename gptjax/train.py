@@ -113,6 +113,7 @@ def train_step(
         # Whether the optimiser's apply_if_finite (optim.make_optimizer) skipped this
         # update: read from its state, so the loop reports exactly what it did.
         "nonfinite": ~new_state.opt_state.last_finite,
+        "nonfinite_run": new_state.opt_state.notfinite_count,  # in a row, up to this one
     }
     if len(means) > 1:  # each term of a combined loss, e.g. task_loss and lm_loss
         metrics.update({f"{k}_loss": v for k, v in means.items()})
@@ -221,24 +222,33 @@ def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh) -> dict[st
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss))}
 
 
-def summarize(pending: list[tuple[int, dict]], policy: str) -> dict[str, float]:
+def summarize(pending: list[tuple[int, dict]], train_cfg) -> dict[str, float]:
     """One log row from the steps since the last one (a single device sync): loss and
     gradient norm averaged over the finite steps, the learning rate of the last step, and
-    the number of skipped non-finite steps. With `policy="stop"` a non-finite step is an
-    error naming it."""
+    the number of skipped non-finite steps. A non-finite step is an error naming it with
+    `train.nonfinite="stop"`, and so are `train.nonfinite_limit` of them in a row with
+    "skip" (every update skipped: the run has diverged and would only burn time)."""
     steps = [step for step, _ in pending]
     host = jax.device_get([m for _, m in pending])
     bad = [step for step, m in zip(steps, host, strict=True) if m["nonfinite"]]
     for step in bad:
         logging.warning("step %d: non-finite loss or gradients; the update was skipped", step)
-    if bad and policy == "stop":
+    if bad and train_cfg.nonfinite == "stop":
         raise UserError(
             f"non-finite loss or gradients at step {bad[0]} (the update was not applied and "
             "no later state was saved); lower --config.train.lr, or set "
             "--config.train.nonfinite=skip to skip such steps"
         )
+    limit = train_cfg.nonfinite_limit
+    diverged = [s for s, m in zip(steps, host, strict=True) if m["nonfinite_run"] >= limit]
+    if diverged:
+        raise UserError(
+            f"{limit} non-finite steps in a row up to step {diverged[0]}, every update "
+            "skipped: the run has diverged. Resume from an earlier checkpoint with a lower "
+            "--config.train.lr, or allow more with --config.train.nonfinite_limit"
+        )
     good = [m for m in host if not m["nonfinite"]] or host
-    averaged = [k for k in host[-1] if k not in ("lr", "nonfinite")]
+    averaged = [k for k in host[-1] if k not in ("lr", "nonfinite", "nonfinite_run")]
     row = {k: float(np.mean([m[k] for m in good])) for k in averaged}
     row["lr"] = float(host[-1]["lr"])
     row["skipped_steps"] = len(bad)
@@ -313,7 +323,7 @@ def fit(
         stop = guard.should_stop(step)
         save = step % train_cfg.ckpt_every == 0 or last or stop
         if step % train_cfg.log_every == 0 or save:
-            row = summarize(pending, train_cfg.nonfinite)
+            row = summarize(pending, train_cfg)
             pending = []
             row["tokens_per_sec"], eta = throughput.update(step, total_steps)
             writer.write(step, row)

@@ -48,6 +48,7 @@ def test_demo_config_is_gpt1_architecture_on_shakespeare():
         ("train", "microbatches", 3, "train.microbatches"),
         ("train", "remat", "some", "train.remat"),
         ("train", "nonfinite", "ignore", "train.nonfinite"),
+        ("train", "nonfinite_limit", 0, "train.nonfinite_limit"),
     ],
 )
 def test_validate_names_the_bad_setting(section, key, value, word):

@@ -83,14 +83,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
 
 
 def run_with_nan_at(config, workdir, monkeypatch, nan_step):
-    """Trains with the loss weights of batch `nan_step` made NaN (so its loss and
-    gradients are NaN)."""
+    """Trains with the loss weights of batch `nan_step` (a number or a range) made NaN
+    (so its loss and gradients are NaN)."""
+    nan_steps = nan_step if isinstance(nan_step, range) else (nan_step,)
     real = sharding.global_batch
     calls = {"n": 0}
 
     def poisoned(mesh, batch):
         calls["n"] += 1
-        if calls["n"] == nan_step:
+        if calls["n"] in nan_steps:
             batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
         return real(mesh, batch)
 
@@ -107,6 +108,16 @@ def test_nonfinite_step_is_skipped_and_counted(books, tmp_path, monkeypatch):
     assert all(rows[s]["skipped_steps"] == 0 for s in (1, 2, 3, 5, 6))
     assert all(np.isfinite(rows[s]["loss"]) for s in (5, 6))
     assert np.isfinite(metrics["eval_loss"])
+
+
+def test_a_diverged_run_stops_after_nonfinite_limit_skipped_steps(books, tmp_path, monkeypatch):
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=12, ckpt_every=2, log_every=1, eval_every=100)
+    config.train.update(nonfinite="skip", nonfinite_limit=3)
+    with pytest.raises(UserError, match="3 non-finite steps in a row up to step 6"):
+        run_with_nan_at(config, tmp_path / "run", monkeypatch, nan_step=range(4, 13))
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run") if "loss" in r}
+    assert [rows[s]["skipped_steps"] for s in sorted(rows)] == [0, 0, 0, 1, 1]
 
 
 def test_nonfinite_step_stops_the_run_under_stop(books, tmp_path, monkeypatch):
