@@ -25,7 +25,8 @@ import numpy as np
 from gptjax import checkpoint
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, init_cache, unstack_layers
+from gptjax.kv_cache import init_cache
+from gptjax.model import GPT, ModelConfig, unstack_layers
 from gptjax.pretrain import CONFIG_FILE
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from gptjax import kv_cache
 from gptjax.dropout import Dropout
 
 # The paper and the original release initialise every weight from N(0, 0.02).
@@ -145,8 +146,9 @@ class CausalSelfAttention(nn.Module):
             name="c_attn",
         )(x_BxLxD)
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
-        if cache is not None:
-            return self._attend_cached(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cache)
+        if cache is not None:  # generation: write this step's keys and values, attend
+            out_BxLxHxK, cache = kv_cache.attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cache, cfg.dtype)
+            return self._project(out_BxLxHxK), cache
         if cfg.attention == "fused":
             # cuDNN's flash attention needs a GPU and 16-bit inputs; elsewhere XLA's.
             cudnn = jax.default_backend() == "gpu" and cfg.dtype == "bfloat16"
@@ -164,41 +166,6 @@ class CausalSelfAttention(nn.Module):
         drop = functools.partial(Dropout(cfg.dropout), deterministic=deterministic)
         out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal_LxL, cfg.dtype, drop)
         return self._project(out_BxLxHxK)
-
-    def _attend_cached(self, q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cache: dict):
-        """Writes this step's keys and values into the cache at each row's positions
-        (`cache["pos"]` [B], the first of the L new tokens), then attends over the
-        whole cache (C = n_ctx positions) with every key at or before the query's
-        position. See `init_cache` for the cache's layout (N = B x H)."""
-        batch, length, n_head, head_dim = q_BxLxHxK.shape
-        pos_B = cache["pos"]
-        k_NxKxL = _heads_first(k_BxLxHxK).swapaxes(1, 2).astype(cache["k"].dtype)
-        v_NxLxK = _heads_first(v_BxLxHxK).astype(cache["v"].dtype)
-
-        def write(row, kv):
-            # One in-place update per row (a loop, not vmap: vmap makes it a scatter,
-            # which XLA on CPUs answers with a copy of the whole cache per token).
-            k_NxKxC, v_NxCxK = kv
-            first = row * n_head
-            k_HxKxL = jax.lax.dynamic_slice_in_dim(k_NxKxL, first, n_head)
-            v_HxLxK = jax.lax.dynamic_slice_in_dim(v_NxLxK, first, n_head)
-            k_NxKxC = jax.lax.dynamic_update_slice(k_NxKxC, k_HxKxL, (first, 0, pos_B[row]))
-            v_NxCxK = jax.lax.dynamic_update_slice(v_NxCxK, v_HxLxK, (first, pos_B[row], 0))
-            return k_NxKxC, v_NxCxK
-
-        k_NxKxC, v_NxCxK = jax.lax.fori_loop(0, batch, write, (cache["k"], cache["v"]))
-        context = k_NxKxC.shape[-1]
-        query_pos_BxL = pos_B[:, None] + jnp.arange(length)
-        mask_Bx1xLxC = (jnp.arange(context) <= query_pos_BxL[:, :, None])[:, None]
-        dtype = self.cfg.dtype
-        q_NxLxK = _heads_first(q_BxLxHxK * jnp.asarray(head_dim**-0.5, dtype))
-        s_NxLxC = jnp.einsum("nlk,nkc->nlc", q_NxLxK, k_NxKxC, preferred_element_type=jnp.float32)
-        s_BxHxLxC = s_NxLxC.reshape(batch, n_head, length, context)
-        s_BxHxLxC = jnp.where(mask_Bx1xLxC, s_BxHxLxC, jnp.finfo(jnp.float32).min)
-        p_NxLxC = jax.nn.softmax(s_BxHxLxC, axis=-1).reshape(s_NxLxC.shape).astype(dtype)
-        out_NxLxK = jnp.einsum("nlc,nck->nlk", p_NxLxC, v_NxCxK)
-        out_BxLxHxK = out_NxLxK.reshape(batch, n_head, length, head_dim).swapaxes(1, 2)
-        return self._project(out_BxLxHxK), {"k": k_NxKxC, "v": v_NxCxK, "pos": pos_B}
 
     def _project(self, out_BxLxHxK: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -324,7 +291,7 @@ class GPT(nn.Module):
         layer), attending to the keys and values cached before them. Returns the logits
         and the caches with these keys and values written in and `pos` advanced by L.
         One pass over the prompts fills the caches; each later call adds a token. The
-        caches come from `init_cache`; parameters must be per layer (not scanned)."""
+        caches come from `kv_cache.init_cache`; parameters must be per layer (not scanned)."""
         pos_B = caches[0]["pos"]
         length = tokens_BxL.shape[1]
         positions_BxL = pos_B[:, None] + jnp.arange(length)
@@ -395,26 +362,6 @@ class TaskModel(nn.Module):
             return out_BxSxC[..., 0], lm_logits_NxLxV
         out_BxC = out_BxSxC[:, 0]
         return (out_BxC[:, 0] if self.regression else out_BxC), lm_logits_NxLxV
-
-
-def init_cache(cfg: ModelConfig, batch: int) -> list[dict]:
-    """Empty key/value caches for `GPT.decode`, one per layer, in the compute dtype,
-    with every row at position 0: keys [B x H, K, C] and values [B x H, C, K] (C =
-    n_ctx). Rows and heads share one axis and keys are stored transposed, so that both
-    attention matmuls read the cache as it is: any reshape or transpose between the
-    cache and a matmul made XLA on CPUs copy each layer's cache at every token, which
-    cost a third of a `gpt1` token's time."""
-    n = batch * cfg.n_head
-    k = jnp.zeros((n, cfg.head_dim, cfg.n_ctx), cfg.dtype)
-    v = jnp.zeros((n, cfg.n_ctx, cfg.head_dim), cfg.dtype)
-    pos = jnp.zeros((batch,), jnp.int32)
-    return [{"k": k, "v": v, "pos": pos} for _ in range(cfg.n_layer)]
-
-
-def _heads_first(x_BxLxHxK: jax.Array) -> jax.Array:
-    """[B, L, H, K] -> [B x H, L, K], the layout of `init_cache`."""
-    batch, length, n_head, head_dim = x_BxLxHxK.shape
-    return x_BxLxHxK.swapaxes(1, 2).reshape(batch * n_head, length, head_dim)
 
 
 def stack_layers(params: dict, n_layer: int) -> dict:

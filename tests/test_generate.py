@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from cli import main_in_process
 
-from gptjax import generate
+from gptjax import generate, kv_cache
 from gptjax.generate import Generator, Sampling
-from gptjax.model import GPT, ModelConfig, init_cache
+from gptjax.kv_cache import init_cache
+from gptjax.model import GPT, ModelConfig
 
 CFG = ModelConfig(vocab_size=50, n_ctx=24, n_layer=2, n_head=2, d_model=32, d_mlp=64, dropout=0.0)
 
@@ -55,6 +56,28 @@ def test_cached_decoding_equals_full_recomputation_at_every_step(params):
         rows = [r + [int(t)] for r, t in zip(rows, nxt, strict=True)]
         logits, caches = decode(params, jnp.asarray(nxt)[:, None], caches)
         last = logits[:, 0]
+
+
+@pytest.mark.parametrize("loop", [True, False])  # CPUs' per-row loop; the scatter elsewhere
+@pytest.mark.parametrize("axis", [1, 2])
+def test_write_rows_puts_each_rows_entries_at_its_position(loop, axis):
+    batch, n_head, length = 3, 2, 2
+    shape = (batch * n_head, 5, 7)
+    cache = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    new_shape = list(shape)
+    new_shape[axis] = length
+    new = -1.0 - jnp.arange(np.prod(new_shape), dtype=jnp.float32).reshape(new_shape)
+    pos = jnp.array([0, 3, 2])
+    out = np.asarray(
+        jax.jit(kv_cache.write_rows, static_argnums=(3, 4))(cache, new, pos, axis, loop)
+    )
+    expected = np.array(cache)
+    for row in range(batch):
+        for h in range(row * n_head, (row + 1) * n_head):
+            index = [h, slice(None), slice(None)]
+            index[axis] = slice(int(pos[row]), int(pos[row]) + length)
+            expected[tuple(index)] = np.asarray(new)[h]
+    np.testing.assert_array_equal(out, expected)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
