@@ -22,34 +22,29 @@ import pathlib
 import runpy
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import checkpoint, optim, sharding, train
 from gptjax import config as config_lib
-from gptjax import tokenizer as tokenizer_lib
+from gptjax import optim, sharding, train
+from gptjax.bench_parts import bench_checkpoint, bench_generate, bench_pipeline
 from gptjax.bench_torch import TorchReference
-from gptjax.data.pipeline import PackedWindows, tokenize_books, train_iterator
 from gptjax.errors import UserError, argument_parser, fail
 from gptjax.estimate import compile_step, memory
-from gptjax.generate import Generator, Sampling
 from gptjax.measure import (
     fresh_compilation_cache,
     matmul_flops_per_s,
     peak_flops,
     peak_rss_bytes,
-    read_bytes_per_s,
     round_ratios,
     take_turns,
     threads,
     timed,
 )
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, unstack_layers
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
 from gptjax.pretrain import check_batch
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -203,123 +198,6 @@ class TrainStep:
     def __call__(self):
         self.state, metrics = self.compiled(self.state, self.batch)
         jax.block_until_ready((self.state, metrics))
-
-
-def synthetic_books(num_chars: int, num_books: int = 8, seed: int = 0) -> list[str]:
-    """Made-up English-like books: Zipf-distributed words of 2-9 letters, 12 to a line."""
-    rng = np.random.default_rng(seed)
-    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
-    words = ["".join(rng.choice(letters, n)) for n in rng.integers(2, 10, 5000)]
-    p = 1.0 / np.arange(1, len(words) + 1)
-    drawn = [words[i] for i in rng.choice(len(words), num_chars // 6, p=p / p.sum())]
-    lines = [" ".join(drawn[i : i + 12]).capitalize() + "." for i in range(0, len(drawn), 12)]
-    return ["\n".join(part) + "\n" for part in np.array_split(lines, num_books)]
-
-
-def bench_pipeline(config, settings: Settings) -> dict:
-    """Tokens per second through the pipeline of `lm_data` / `pipeline`: tokenize the
-    books, pack them into windows, draw shuffled batches (the tokenizer is trained
-    first, untimed). Serially, the two stages give `pipeline_tokens_per_s`."""
-    books = synthetic_books(settings.text_chars)
-    tokenizer = tokenizer_lib.train_sentencepiece(books, settings.tokenizer_vocab, 20_000)
-    batch_size, n_ctx = config.train.batch_size, config.model.n_ctx
-    start = time.perf_counter()
-    tokens = tokenize_books(books, tokenizer)
-    tokenize_s = time.perf_counter() - start
-    start = time.perf_counter()
-    windows = PackedWindows(tokens, n_ctx, tokenizer.pad_id)
-    num_batches = len(windows) // batch_size
-    if num_batches == 0:
-        raise UserError(f"--text-chars={settings.text_chars} makes less than one batch")
-    batches = train_iterator(windows, batch_size, seed=0)
-    for _ in range(num_batches):
-        next(batches)
-    batch_s = time.perf_counter() - start
-    tokenize_rate = tokens.size / tokenize_s
-    batch_rate = num_batches * batch_size * n_ctx / batch_s
-    return {
-        "pipeline_tokens": int(tokens.size),
-        "tokenize_tokens_per_s": tokenize_rate,
-        "batch_tokens_per_s": batch_rate,
-        "pipeline_tokens_per_s": 1.0 / (1.0 / tokenize_rate + 1.0 / batch_rate),
-    }
-
-
-def decode_bytes_per_token(model_cfg: ModelConfig, params) -> tuple[int, int]:
-    """(parameter bytes, key/value cache bytes) read per generated token: every
-    parameter but the position rows not used, and each layer's keys and values over the
-    whole n_ctx cache (`GPT.decode` attends over all of it, masked)."""
-    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    unused = (model_cfg.n_ctx - 1) * params["positions_embed"]["embedding"][0].nbytes
-    itemsize = jnp.dtype(model_cfg.dtype).itemsize
-    kv_bytes = 2 * model_cfg.n_layer * model_cfg.n_ctx * model_cfg.d_model * itemsize
-    return param_bytes - unused, kv_bytes
-
-
-def bench_checkpoint(state, saves: int) -> dict:
-    """Seconds until `checkpoint.save` returns (the loop's wait) and until the
-    background write is done, each the median of `saves` saves of the train state."""
-    blocking, total = [], []
-    with tempfile.TemporaryDirectory() as workdir:
-        mngr = checkpoint.manager(workdir, keep=1)
-        for i in range(saves):
-            step_state = state.replace(step=state.step + 1 + i)
-            jax.block_until_ready(step_state)
-            start = time.perf_counter()
-            checkpoint.save(mngr, step_state, {"next_index": i}, force=True)
-            blocking.append(time.perf_counter() - start)
-            mngr.wait_until_finished()
-            total.append(time.perf_counter() - start)
-        checkpoint.finish(mngr)
-    return {
-        "checkpoint_bytes": sum(x.nbytes for x in jax.tree.leaves(state)),
-        "checkpoint_blocking_s": statistics.median(blocking),
-        "checkpoint_total_s": statistics.median(total),
-    }
-
-
-def bench_generate(step: TrainStep, settings: Settings, torch_ref: TorchReference | None):
-    """Greedy generation with the key/value cache (batch 1), in turns with the torch
-    models under --vs-torch; each figure the median of `generate_repeats` calls."""
-    cfg = step.model_cfg
-    params = step.state.params
-    params = unstack_layers(params) if "h" in params else params
-    prompt_len = min(settings.prompt_tokens, cfg.n_ctx // 2)
-    new = min(settings.new_tokens, cfg.n_ctx - prompt_len)
-    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, prompt_len).tolist()
-    generator = Generator(cfg, params, cfg.vocab_size)
-    sampling = Sampling(max_new_tokens=new, temperature=0.0)
-
-    def ours():
-        (row,) = generator.generate([prompt], sampling)
-        assert len(row) == new, len(row)
-
-    runners = {"gptjax": ours} | (torch_ref.generators(prompt, new) if torch_ref else {})
-    for fn in runners.values():
-        fn()  # compilation, caches
-    times = take_turns(runners, settings.generate_repeats, 1, lead=False)
-    rate = {name: new / statistics.median(t) for name, t in times.items()}
-    param_bytes, kv_bytes = decode_bytes_per_token(cfg, params)
-    bandwidth_bytes = settings.bandwidth_mb * 2**20
-    bandwidth = read_bytes_per_s(bandwidth_bytes)
-    r = {
-        "generate_prompt_tokens": prompt_len,
-        "generate_new_tokens": new,
-        "generate_s": statistics.median(times["gptjax"]),
-        "generate_tokens_per_s": rate["gptjax"],
-        "generate_param_bytes_per_token": param_bytes,
-        "generate_kv_bytes_per_token": kv_bytes,
-        "generate_bandwidth_bytes_per_s": (param_bytes + kv_bytes) * rate["gptjax"],
-        "bandwidth_array_bytes": bandwidth_bytes,
-        "memory_bandwidth_bytes_per_s": bandwidth,
-        "generate_bandwidth_fraction": (param_bytes + kv_bytes) * rate["gptjax"] / bandwidth,
-    }
-    if torch_ref:
-        r["torch_gpt2_generate_tokens_per_s"] = rate["gpt2"]
-        r["torch_openai_generate_tokens_per_s"] = rate["openai"]
-        r["generate_speedup_vs_gpt2"] = rate["gptjax"] / rate["gpt2"]
-        r["generate_speedup_vs_openai"] = rate["gptjax"] / rate["openai"]
-    return r
 
 
 def run(
