@@ -16,7 +16,7 @@ from tensorflow_datasets.core.data_sources import base as data_sources_base
 from tensorflow_datasets.text.glue import Glue
 
 from gptjax.errors import UserError
-from gptjax.tasks import tfds_tasks
+from gptjax.tasks import tfds_records, tfds_tasks
 from gptjax.tasks.spec import KINDS, Example
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
 
@@ -149,14 +149,14 @@ def test_import_is_cheap():
 
 def test_glue_test_record_has_no_label_and_keeps_idx():
     record = {"sentence1": b"A caf\xc3\xa9.", "sentence2": b"B", "label": -1, "idx": np.int32(41)}
-    assert tfds_tasks.glue_examples(record, ("sentence1", "sentence2")) == [
+    assert tfds_records.glue_examples(record, ("sentence1", "sentence2")) == [
         Example(texts=("A café.", "B"), label=None, uid=41)
     ]
     record["label"] = np.float32(-1.0)  # STS-B's test split.
-    [example] = tfds_tasks.glue_examples(record, ("sentence1", "sentence2"), regression=True)
+    [example] = tfds_records.glue_examples(record, ("sentence1", "sentence2"), regression=True)
     assert example.label is None and example.uid == 41
     record["label"] = np.float32(3.8)
-    [example] = tfds_tasks.glue_examples(record, ("sentence1", "sentence2"), regression=True)
+    [example] = tfds_records.glue_examples(record, ("sentence1", "sentence2"), regression=True)
     assert type(example.label) is float and math.isclose(example.label, 3.8, rel_tol=1e-6)
 
 
@@ -187,9 +187,9 @@ def test_texts_are_the_fields_in_order(name, fields):
 
 def test_snli_pairs_without_gold_label_are_dropped():
     record = {"premise": b"P", "hypothesis": b"H", "label": -1}
-    assert tfds_tasks.nli_examples(record) == []
+    assert tfds_records.nli_examples(record) == []
     record["label"] = 2
-    assert tfds_tasks.nli_examples(record) == [Example(texts=("P", "H"), label=2)]
+    assert tfds_records.nli_examples(record) == [Example(texts=("P", "H"), label=2)]
 
 
 def race_record(article="The article.", example_id="middle7.txt"):
@@ -203,26 +203,26 @@ def race_record(article="The article.", example_id="middle7.txt"):
 
 
 def test_race_record_is_one_example_per_question():
-    assert tfds_tasks.race_examples(race_record()) == [
+    assert tfds_records.race_examples(race_record()) == [
         Example(texts=("The article. Who came?",), label=2, choices=("Ann", "Bob", "Cid", "Dee")),
         Example(texts=("The article. The man _ .",), label=0, choices=("ran", "sat", "ate", "hid")),
     ]
     bad = race_record()
     bad["answers"][1] = "E"
     with pytest.raises(ValueError, match="answer 'E'"):
-        tfds_tasks.race_examples(bad)
+        tfds_records.race_examples(bad)
 
 
 def test_story_cloze_answer_1_or_2_is_choice_0_or_1():
     record = {"context": b"a b c d", "endings": [b"x", b"y"], "label": np.int32(2)}
-    assert tfds_tasks.story_cloze_examples(record) == [
+    assert tfds_records.story_cloze_examples(record) == [
         Example(texts=("a b c d",), label=1, choices=("x", "y"))
     ]
     record["label"] = -1
-    assert tfds_tasks.story_cloze_examples(record)[0].label is None
+    assert tfds_records.story_cloze_examples(record)[0].label is None
     record["label"] = 0
     with pytest.raises(ValueError, match="expected 1 or 2"):
-        tfds_tasks.story_cloze_examples(record)
+        tfds_records.story_cloze_examples(record)
 
 
 # ----------------------------------------------------------------------------------------
