@@ -21,36 +21,19 @@ evaluation. Examples keep their row's 0-based index in its file as ``uid``.
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from gptjax.errors import UserError
+from gptjax.tasks.file_tables import EXTENSIONS, ROLES, Table, codec_for, opt, read_table
 from gptjax.tasks.spec import KINDS, Example, TaskSpec
 
 __all__ = ["EXTENSIONS", "load_file_task"]
 
-EXTENSIONS = (".jsonl", ".csv", ".tsv")
-
-# Messages name the settings as command-line overrides of the task config.
-_OPTION = "--config.task."
-# The roles of the files: split, the words for it in messages, its setting.
-_ROLES = {
-    "train": ("training", "train_path"),
-    "validation": ("evaluation", "eval_path"),
-    "test": ("test", "test_path"),
-}
 _INTEGER = re.compile(r"[+-]?\d+")
-
-
-def _opt(name: str) -> str:
-    return _OPTION + name
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -81,11 +64,11 @@ def load_file_task(
     """
     fields = _text_fields(text_fields)
     _check_settings(kind, fields, label_field, choices_field, regression, train_path, eval_path)
-    codec = _codec(encoding)
+    codec = codec_for(encoding)
     paths = {"train": train_path, "validation": eval_path}
     if test_path:
         paths["test"] = test_path
-    tables = {split: _read_table(split, path, codec, encoding) for split, path in paths.items()}
+    tables = {split: read_table(split, path, codec, encoding) for split, path in paths.items()}
 
     reader = _ExampleReader(kind, fields, label_field, choices_field, regression)
     label_names: tuple[str, ...] = ()
@@ -103,13 +86,13 @@ def load_file_task(
     def load(split: str, data_dir: str) -> Sequence[Example]:
         del data_dir  # The examples were read from the user's files above.
         if split not in examples:
-            hint = f"; set {_opt('test_path')} for a test split" if split == "test" else ""
+            hint = f"; set {opt('test_path')} for a test split" if split == "test" else ""
             raise UserError(
                 f"the custom task has no {split!r} split ({_listing(list(examples))}){hint}"
             )
         return examples[split]
 
-    described = ", ".join(f"{_ROLES[s][0]} {p}" for s, p in paths.items())
+    described = ", ".join(f"{ROLES[s][0]} {p}" for s, p in paths.items())
     return TaskSpec(
         name="custom",
         kind=kind,
@@ -136,7 +119,7 @@ def _text_fields(text_fields: str | Sequence[str]) -> tuple[str, ...]:
 def _check_settings(kind, fields, label_field, choices_field, regression, train_path, eval_path):
     if kind not in KINDS:
         raise UserError(
-            f"unknown task kind {kind!r}; set {_opt('kind')} to one of {', '.join(KINDS)}"
+            f"unknown task kind {kind!r}; set {opt('kind')} to one of {', '.join(KINDS)}"
         )
     if kind == "multiple_choice":
         fits, wanted, example = bool(fields), "1 or more", "context"
@@ -147,24 +130,24 @@ def _check_settings(kind, fields, label_field, choices_field, regression, train_
     if not fits:
         raise UserError(
             f"a {kind} task reads {wanted} text field(s) but text_fields names {len(fields)} "
-            f"({_listing(fields) or 'none'}); set {_opt('text_fields')}={example} (comma-separated)"
+            f"({_listing(fields) or 'none'}); set {opt('text_fields')}={example} (comma-separated)"
         )
     if not label_field:
-        raise UserError(f"no label field given; set {_opt('label_field')} to the label's column")
+        raise UserError(f"no label field given; set {opt('label_field')} to the label's column")
     if kind == "multiple_choice" and not choices_field:
         raise UserError(
             f"a multiple_choice task needs the field holding each row's list of answers; set "
-            f"{_opt('choices_field')}"
+            f"{opt('choices_field')}"
         )
     if kind != "multiple_choice" and choices_field:
         raise UserError(
             f"choices_field is only for multiple_choice tasks, not {kind}; unset "
-            f"{_opt('choices_field')} or set {_opt('kind')}=multiple_choice"
+            f"{opt('choices_field')} or set {opt('kind')}=multiple_choice"
         )
     if regression and kind != "similarity":
         raise UserError(
             f"regression (a score per example) is only for similarity tasks, not {kind}; set "
-            f"{_opt('regression')}=False or {_opt('kind')}=similarity"
+            f"{opt('regression')}=False or {opt('kind')}=similarity"
         )
     named = [*fields, label_field] + ([choices_field] if choices_field else [])
     repeated = sorted({f for f in named if named.count(f) > 1})
@@ -176,115 +159,8 @@ def _check_settings(kind, fields, label_field, choices_field, regression, train_
     for path, option in ((train_path, "train_path"), (eval_path, "eval_path")):
         if not path:
             raise UserError(
-                f"a custom task needs a training and an evaluation file; set {_opt(option)}"
+                f"a custom task needs a training and an evaluation file; set {opt(option)}"
             )
-
-
-def _codec(encoding: str) -> str:
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        raise UserError(
-            f"unknown text encoding {encoding!r}; set {_opt('encoding')} to a Python codec name "
-            "such as utf-8 or latin-1"
-        ) from None
-    # utf-8-sig reads files with and without a byte order mark (Excel writes one).
-    return "utf-8-sig" if name == "utf-8" else name
-
-
-# ----------------------------------------------------------------------------------------
-# Reading files into rows.
-
-
-class _Table:
-    """The rows of one file: (line number, {field: value}) and, for CSV/TSV, the header."""
-
-    def __init__(self, split: str, path: str, rows: list, columns: list[str] | None):
-        self.split, self.path, self.rows, self.columns = split, path, rows, columns
-        self.role = _ROLES[split][0]
-
-
-def _read_table(split: str, path: str, codec: str, encoding: str) -> _Table:
-    role, option = _ROLES[split]
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in EXTENSIONS:
-        raise UserError(
-            f"the {role} file {path} has an unsupported extension {extension or '(none)'!r}; "
-            f"use one of {', '.join(EXTENSIONS)} (JSON lines, comma- or tab-separated)"
-        )
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise UserError(f"the {role} file {path} does not exist; check {_opt(option)}") from None
-    except IsADirectoryError:
-        raise UserError(
-            f"the {role} file {path} is a directory; set {_opt(option)} to a file"
-        ) from None
-    except OSError as e:
-        raise UserError(
-            f"cannot read the {role} file {path} ({e.strerror}); check {_opt(option)}"
-        ) from None
-    try:
-        text = data.decode(codec)
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(
-            f"line {line} of {path} is not valid {encoding} (byte 0x{data[e.start]:02x}); set "
-            f"{_opt('encoding')} to the file's encoding, e.g. latin-1 or cp1252"
-        ) from None
-    if extension == ".jsonl":
-        rows, columns = _jsonl_rows(path, text), None
-    else:
-        rows, columns = _csv_rows(path, text, "excel-tab" if extension == ".tsv" else "excel")
-    if not rows:
-        raise UserError(f"the {role} file {path} has no examples; check {_opt(option)}")
-    return _Table(split, path, rows, columns)
-
-
-def _jsonl_rows(path: str, text: str) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    # Not splitlines(): JSON strings may hold U+2028 and other line breaks of Unicode's.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"line {number} of {path} is not valid JSON ({e.msg}, column {e.colno}); write "
-                "one JSON object per line"
-            ) from None
-        if not isinstance(value, dict):
-            raise UserError(
-                f"line {number} of {path} is a JSON {type(value).__name__}, not an object; write "
-                'one object per line, e.g. {"sentence": "...", "label": 1}'
-            )
-        rows.append((number, value))
-    return rows
-
-
-def _csv_rows(path: str, text: str, dialect: str) -> tuple[list, list[str]]:
-    reader = csv.reader(io.StringIO(text, newline=""), dialect=dialect)
-    kind = "tab" if dialect == "excel-tab" else "comma"
-    try:
-        header = [name.strip() for name in next(reader, [])]
-        rows, end = [], reader.line_num
-        for values in reader:
-            start, end = end + 1, reader.line_num  # A quoted field may span several lines.
-            if not values:  # A blank line.
-                continue
-            if len(values) != len(header):
-                raise UserError(
-                    f"line {start} of {path} has {len(values)} {kind}-separated fields but the "
-                    f"header has {len(header)}; quote fields that contain the separator"
-                )
-            rows.append((start, dict(zip(header, values, strict=True))))
-    except csv.Error as e:
-        raise UserError(
-            f"line {reader.line_num} of {path} is malformed ({e}); fix its quoting"
-        ) from None
-    return rows, header
 
 
 # ----------------------------------------------------------------------------------------
@@ -309,7 +185,7 @@ class _ExampleReader:
 
     # -- Classes --------------------------------------------------------------------------
 
-    def set_classes(self, table: _Table) -> tuple[str, ...]:
+    def set_classes(self, table: Table) -> tuple[str, ...]:
         """The sorted distinct labels of the training file, which become the classes."""
         self._check_columns(table)
         self.train_path = table.path
@@ -325,7 +201,7 @@ class _ExampleReader:
             if len(numbers) == len(names):
                 raise UserError(
                     f"the labels of {table.path} look like scores (e.g. {numbers[0]!r}), not "
-                    f"classes; for a similarity score set {_opt('regression')}=True, else use "
+                    f"classes; for a similarity score set {opt('regression')}=True, else use "
                     "integer or string class labels"
                 )
         if len(names) < 2:
@@ -336,7 +212,7 @@ class _ExampleReader:
         self.classes = {name: i for i, name in enumerate(names)}
         return tuple(names)
 
-    def _class_key(self, table: _Table, line: int, value: Any) -> str:
+    def _class_key(self, table: Table, line: int, value: Any) -> str:
         if isinstance(value, bool):  # E.g. BoolQ's true/false, spelled as JSON does.
             return "true" if value else "false"
         if isinstance(value, int):
@@ -352,7 +228,7 @@ class _ExampleReader:
 
     # -- Examples -------------------------------------------------------------------------
 
-    def examples(self, table: _Table):
+    def examples(self, table: Table):
         self._check_columns(table)
         for index, (line, row) in enumerate(table.rows):
             texts = self._texts(table, line, row)
@@ -366,7 +242,7 @@ class _ExampleReader:
                 label = self._class(table, line, row)
             yield Example(texts=texts, label=label, choices=choices, uid=index)
 
-    def _check_columns(self, table: _Table) -> None:
+    def _check_columns(self, table: Table) -> None:
         if table.columns is None:  # JSON lines: checked row by row.
             return
         required = [*self.fields] + ([self.choices_field] if self.choices_field else [])
@@ -381,12 +257,12 @@ class _ExampleReader:
 
     def _setting_of(self, name: str) -> str:
         if name == self.label_field:
-            return f"set {_opt('label_field')}"
+            return f"set {opt('label_field')}"
         if name == self.choices_field:
-            return f"set {_opt('choices_field')}"
-        return f"set {_opt('text_fields')}"
+            return f"set {opt('choices_field')}"
+        return f"set {opt('text_fields')}"
 
-    def _field(self, table: _Table, line: int, row: dict, name: str) -> Any:
+    def _field(self, table: Table, line: int, row: dict, name: str) -> Any:
         if name not in row:
             raise UserError(
                 f"line {line} of {table.path} has no field {name!r} (its fields: "
@@ -394,7 +270,7 @@ class _ExampleReader:
             )
         return row[name]
 
-    def _texts(self, table: _Table, line: int, row: dict) -> tuple[str, ...]:
+    def _texts(self, table: Table, line: int, row: dict) -> tuple[str, ...]:
         texts = []
         for name in self.fields:
             value = self._field(table, line, row, name)
@@ -417,7 +293,7 @@ class _ExampleReader:
             )
         return tuple(texts)
 
-    def _label_value(self, table: _Table, line: int, row: dict) -> Any:
+    def _label_value(self, table: Table, line: int, row: dict) -> Any:
         """The raw label, or None on a test split without one."""
         if table.split == "test" and self.label_field not in row:
             return None
@@ -431,7 +307,7 @@ class _ExampleReader:
             )
         return value
 
-    def _class(self, table: _Table, line: int, row: dict) -> int | None:
+    def _class(self, table: Table, line: int, row: dict) -> int | None:
         value = self._label_value(table, line, row)
         if value is None:
             return None
@@ -444,7 +320,7 @@ class _ExampleReader:
             )
         return self.classes[key]
 
-    def _score(self, table: _Table, line: int, row: dict) -> float | None:
+    def _score(self, table: Table, line: int, row: dict) -> float | None:
         value = self._label_value(table, line, row)
         if value is None:
             return None
@@ -453,12 +329,12 @@ class _ExampleReader:
         if score is None or not math.isfinite(score):
             raise UserError(
                 f"label {value!r} on line {line} of {table.path} is not a finite number; a "
-                f"regression task needs numeric scores (or set {_opt('regression')}=False for "
+                f"regression task needs numeric scores (or set {opt('regression')}=False for "
                 "class labels)"
             )
         return score
 
-    def _choices(self, table: _Table, line: int, row: dict) -> tuple[str, ...]:
+    def _choices(self, table: Table, line: int, row: dict) -> tuple[str, ...]:
         value = self._field(table, line, row, self.choices_field)
         if isinstance(value, str):  # CSV/TSV, or a JSON string holding the list.
             try:
@@ -487,7 +363,7 @@ class _ExampleReader:
             )
         return choices
 
-    def _choice_label(self, table: _Table, line: int, row: dict, count: int) -> int | None:
+    def _choice_label(self, table: Table, line: int, row: dict, count: int) -> int | None:
         value = self._label_value(table, line, row)
         if value is None:
             return None
