@@ -6,11 +6,31 @@ written with tensorboardX, so TensorFlow is not needed to record curves.
 
 import json
 import os
+import sys
 
 import jax
-from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def _summary_writer_class():
+    """tensorboardX's `SummaryWriter`, imported without importing torch.
+
+    tensorboardX's writer module tries `import torch` when it is imported, only to accept
+    torch tensors (gptjax logs Python floats). Where torch is installed (the test and
+    bench extras) that import costs 2-3 s in every process that writes metrics, so
+    unless torch is already loaded it is hidden for the moment of the import: a `None`
+    entry in `sys.modules` makes `import torch` raise ImportError, which tensorboardX
+    handles."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricsWriter:
@@ -23,7 +43,8 @@ class MetricsWriter:
         self.path = os.path.join(workdir, METRICS_FILE)
         _drop_rows_after(self.path, resume_step)
         # purge_step hides the events a killed run wrote past its last checkpoint.
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        writer = _summary_writer_class()
+        self.tb = writer(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:

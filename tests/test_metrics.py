@@ -1,6 +1,29 @@
+import importlib.util
 import json
+import struct
+import subprocess
+import sys
+
+import pytest
 
 from gptjax.metrics import MetricsWriter, read_metrics
+
+
+def _scalars(tensorboard_dir) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in the directory's event files, read as
+    TensorBoard reads them: records of a length, its checksum, an Event proto, a checksum."""
+    from tensorboardX.proto import event_pb2
+
+    found = []
+    for path in sorted(tensorboard_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4
+            found += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    return found
 
 
 def test_rows_tensorboard_and_resume_truncation(tmp_path):
@@ -9,7 +32,11 @@ def test_rows_tensorboard_and_resume_truncation(tmp_path):
         writer.write(step, {"loss": float(step)})
     writer.close()
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert _scalars(tmp_path / "tensorboard") == [
+        (1, "loss", 1.0),
+        (2, "loss", 2.0),
+        (3, "loss", 3.0),
+    ]
 
     # A run killed mid-write leaves a torn line; resuming from step 2 drops it and the
     # rows after the checkpoint, which the resumed run writes again.
@@ -20,3 +47,16 @@ def test_rows_tensorboard_and_resume_truncation(tmp_path):
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
+def test_writing_metrics_and_importing_the_trainers_load_neither_torch_nor_scipy(tmp_path):
+    # tensorboardX imports torch if it can (2-3 s) and scipy.stats takes 1-2 s: neither is
+    # needed to train, and every run's start would pay for them.
+    code = (
+        "import sys, gptjax.pretrain, gptjax.finetune, gptjax.metrics as m\n"
+        f"w = m.MetricsWriter({str(tmp_path)!r}); w.write(1, {{'loss': 1.0}}); w.close()\n"
+        "print(sorted({'torch', 'scipy', 'sklearn'} & {n.split('.')[0] for n in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

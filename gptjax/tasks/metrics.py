@@ -17,6 +17,10 @@ score:
 * ``pearson`` and ``spearman`` are 0 when the predictions or the labels are constant, or
   there are fewer than 2 examples (the correlation is undefined: no linear or monotonic
   relation can be measured). Non-finite predictions (a diverged model) give nan.
+
+scikit-learn and scipy are imported when a score is first computed, not with this module:
+`scipy.stats` alone takes 1-2 s to import, which every process that merely imports the
+fine-tuning code would pay.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import scipy.stats
-import sklearn.metrics
 
 __all__ = ["METRICS", "compute"]
 
 
 def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    import sklearn.metrics
+
     return float(sklearn.metrics.accuracy_score(labels, predictions))
 
 
@@ -39,6 +43,8 @@ def _f1(predictions: np.ndarray, labels: np.ndarray) -> float:
         extra = set(np.unique(values).tolist()) - {0, 1}
         if extra:
             raise ValueError(f"f1 is binary (classes 0 and 1) but the {what} include {extra}")
+    import sklearn.metrics
+
     # With no positive among labels and predictions, precision and recall are 0/0;
     # zero_division=0 makes that an F1 of 0 without a warning.
     return float(
@@ -56,10 +62,14 @@ def _mcc(predictions: np.ndarray, labels: np.ndarray) -> float:
     # Checked here rather than left to scikit-learn, which warns about a single label.
     if _one_value(predictions) or _one_value(labels):
         return 0.0
+    import sklearn.metrics
+
     return float(sklearn.metrics.matthews_corrcoef(labels, predictions))
 
 
-def _correlation(statistic: Callable) -> Callable[[np.ndarray, np.ndarray], float]:
+def _correlation(statistic: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    """The correlation `scipy.stats.<statistic>` of predictions and labels."""
+
     def correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
         predictions = predictions.astype(np.float64)
         labels = labels.astype(np.float64)
@@ -68,7 +78,9 @@ def _correlation(statistic: Callable) -> Callable[[np.ndarray, np.ndarray], floa
         # scipy returns nan with a ConstantInputWarning (or raises for n < 2) here.
         if predictions.size < 2 or _one_value(predictions) or _one_value(labels):
             return 0.0
-        return float(statistic(predictions, labels).statistic)
+        import scipy.stats
+
+        return float(getattr(scipy.stats, statistic)(predictions, labels).statistic)
 
     return correlation
 
@@ -78,8 +90,8 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": _accuracy,
     "f1": _f1,
     "mcc": _mcc,
-    "pearson": _correlation(scipy.stats.pearsonr),
-    "spearman": _correlation(scipy.stats.spearmanr),
+    "pearson": _correlation("pearsonr"),
+    "spearman": _correlation("spearmanr"),
 }
 
 
