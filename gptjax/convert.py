@@ -21,7 +21,8 @@ has no bias; similarity adds two orderings), so other fine-tuned workdirs become
 `OpenAIGPTLMHeadModel` (specials' rows included) plus `task_head.safetensors`: `kernel`
 [D, C] and `bias` [C], applied to the final hidden state at `_classify_`.
 
-The tensor maps are in `gptjax.hf_format`. HF's openai-gpt calls the tanh-approximated
+The tensor maps are in `gptjax.hf_format`, the reading of HF directories in
+`gptjax.hf_source`. HF's openai-gpt calls the tanh-approximated
 GELU "gelu" (its own activation table), so `afn` must be "gelu". Nothing is written to
 DST until the source has been read and checked.
 """
@@ -35,10 +36,9 @@ import sys
 
 import numpy as np
 
+from gptjax import hf_source
 from gptjax.errors import UserError, argument_parser, fail
 from gptjax.hf_format import (
-    HF_AFN,
-    LN_EPSILON,
     OPENAI_SHAPES,
     PAPER_DROPOUT,
     hf_config,
@@ -48,138 +48,13 @@ from gptjax.hf_format import (
     params_to_hf,
     split_openai,
 )
+from gptjax.hf_source import HF_CONFIG, HF_WEIGHTS, MERGES_FILE, VOCAB_FILE
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
-VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"  # HF's names, and gptjax.bpe's
-HF_CONFIG, HF_WEIGHTS, HF_PICKLE = "config.json", "model.safetensors", "pytorch_model.bin"
 TASK_HEAD_FILE = "task_head.safetensors"
 OPENAI_SHARDS = 10
 OPENAI_VOCAB, OPENAI_MERGES = "encoder_bpe_40000.json", "vocab_40000.bpe"
 NUM_SPECIALS = 3  # _start_, _delimiter_, _classify_ (gptjax.tokenizer.SPECIAL_TOKENS)
-
-
-# ---------------------------------------------------------------- reading sources
-
-
-def read_hf_tensors(src: str) -> dict[str, np.ndarray]:
-    """The tensors of an HF save_pretrained directory, with `transformer.` stripped:
-    safetensors through its numpy API, pytorch_model.bin through PyTorch when installed."""
-    path = os.path.join(src, HF_WEIGHTS)
-    if os.path.exists(path):
-        from safetensors.numpy import load_file
-
-        try:
-            tensors = load_file(path)
-        except Exception as e:  # a truncated file, or a dtype numpy lacks (bfloat16)
-            raise UserError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
-    elif os.path.exists(os.path.join(src, HF_PICKLE)):
-        tensors = _read_torch_pickle(os.path.join(src, HF_PICKLE))
-    else:
-        raise UserError(
-            f"{src} has neither {HF_WEIGHTS} nor {HF_PICKLE}; point at a directory that "
-            "save_pretrained wrote (sharded checkpoints are not supported)"
-        )
-    prefix = "transformer."
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in tensors.items()}
-
-
-def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise UserError(
-            f"{path} is a PyTorch pickle: reading it needs PyTorch (pip install torch), or "
-            "re-save the model as safetensors (save_pretrained's default)"
-        ) from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
-    return {
-        k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-        for k, v in state.items()
-        if torch.is_tensor(v)
-    }
-
-
-def _check_hf_config(hf: dict, path: str):
-    if hf.get("model_type") != "openai-gpt":
-        raise UserError(f"{path}: model_type is {hf.get('model_type')!r}, not 'openai-gpt'")
-    if hf.get("afn", HF_AFN) != HF_AFN:
-        raise UserError(
-            f"{path}: activation afn={hf['afn']!r} is not supported; gptjax implements the "
-            f"tanh-approximated GELU only (HF openai-gpt's afn={HF_AFN!r})"
-        )
-    eps = hf.get("layer_norm_epsilon", LN_EPSILON)
-    if not np.isclose(eps, LN_EPSILON, rtol=1e-6, atol=0):
-        raise UserError(f"{path}: layer_norm_epsilon={eps} is not supported (only {LN_EPSILON})")
-
-
-def _check_hf_heads(hf: dict, tensors: dict, path: str) -> bool:
-    """Whether the checkpoint has a multiple-choice head we can carry; rejects tensors
-    that would otherwise be dropped silently."""
-    known = ("tokens_embed.", "positions_embed.", "h.", "lm_head.", "multiple_choice_head.")
-    unknown = sorted(k for k in tensors if k != "position_ids" and not k.startswith(known))
-    if unknown:
-        raise UserError(
-            f"{path}: tensors {', '.join(unknown[:3])} belong to a head gptjax does not "
-            "convert (only OpenAIGPTLMHeadModel and OpenAIGPTDoubleHeadsModel are)"
-        )
-    if "multiple_choice_head.summary.weight" not in tensors:
-        return False
-    summary = {
-        "summary_type": ("cls_index", hf.get("summary_type", "cls_index")),
-        "summary_use_proj": (True, hf.get("summary_use_proj", True)),
-        "summary_activation": (None, hf.get("summary_activation")),
-    }
-    wrong = [f"{k}={v!r} (need {want!r})" for k, (want, v) in summary.items() if v != want]
-    if wrong:
-        raise UserError(f"{path}: a multiple-choice head other than ours: {', '.join(wrong)}")
-    return True
-
-
-def _hf_dropout(hf: dict) -> float:
-    """Our one dropout rate from HF's three (they agree in every released model)."""
-    rates = {hf.get(k, PAPER_DROPOUT) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    if len(rates) > 1:
-        logging.warning("HF's dropout rates differ (%s); using resid_pdrop", sorted(rates))
-    return float(hf.get("resid_pdrop", PAPER_DROPOUT))
-
-
-def _hf_tokenizer_files(src: str) -> dict[str, bytes]:
-    """vocab.json + merges.txt as saved, or rebuilt from a tokenizers tokenizer.json
-    (what transformers 5 writes)."""
-    vocab, merges = os.path.join(src, VOCAB_FILE), os.path.join(src, MERGES_FILE)
-    if os.path.exists(vocab) and os.path.exists(merges):
-        return {VOCAB_FILE: _read_bytes(vocab), MERGES_FILE: _read_bytes(merges)}
-    path = os.path.join(src, "tokenizer.json")
-    if not os.path.exists(path):
-        logging.warning("%s has no tokenizer files: the workdir gets none", src)
-        return {}
-    with open(path, encoding="utf-8") as f:
-        model = json.load(f).get("model", {})
-    if model.get("type") != "BPE":
-        raise UserError(f"{path} is not a BPE tokenizer (model type {model.get('type')!r})")
-    pairs = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return {
-        VOCAB_FILE: json.dumps(model["vocab"], ensure_ascii=False).encode(),
-        MERGES_FILE: "\n".join(["#version: 0.2", *pairs, ""]).encode(),
-    }
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _load_json(path: str, what: str):
-    if not os.path.exists(path):
-        raise UserError(f"{path} is missing: {what}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
 
 
 # ---------------------------------------------------------------- gptjax workdirs
@@ -267,7 +142,7 @@ def read_workdir(src: str, step: int | None = None) -> tuple[dict, dict]:
     from gptjax import checkpoint
     from gptjax.pretrain import CONFIG_FILE
 
-    config = _load_json(os.path.join(src, CONFIG_FILE), "SRC must be a gptjax workdir")
+    config = hf_source.load_json(os.path.join(src, CONFIG_FILE), "SRC must be a gptjax workdir")
     return config, jax.tree.map(np.asarray, checkpoint.read_params(src, step))
 
 
@@ -289,7 +164,7 @@ def _task_kind(config: dict) -> tuple[str, bool]:
 def from_openai(src: str, dst: str, n_head: int = 12):
     """The original release (params_shapes.json, params_0..9.npy, encoder_bpe_40000.json,
     vocab_40000.bpe) -> a gptjax workdir. The release does not record n_head (12)."""
-    shapes = _load_json(os.path.join(src, OPENAI_SHAPES), "SRC must be the OpenAI release")
+    shapes = hf_source.load_json(os.path.join(src, OPENAI_SHAPES), "SRC must be the OpenAI release")
     files = [os.path.join(src, f"params_{n}.npy") for n in range(OPENAI_SHARDS)]
     tokenizer = {}
     for path, name in ((OPENAI_VOCAB, VOCAB_FILE), (OPENAI_MERGES, MERGES_FILE)):
@@ -311,7 +186,9 @@ def from_openai(src: str, dst: str, n_head: int = 12):
     params = hf_to_params(tensors, n_head)
     source = {"format": "openai", "source": os.path.abspath(src)}
     config_json = run_config(_sizes(params, n_head), PAPER_DROPOUT, source)
-    write_workdir(dst, params, config_json, {k: _read_bytes(p) for k, p in tokenizer.items()})
+    write_workdir(
+        dst, params, config_json, {k: hf_source.read_bytes(p) for k, p in tokenizer.items()}
+    )
     return params
 
 
@@ -319,15 +196,15 @@ def from_hf(src: str, dst: str):
     """An HF openai-gpt save_pretrained directory -> a gptjax workdir (pretrained, or
     fine-tuned multiple choice for OpenAIGPTDoubleHeadsModel)."""
     config_path = os.path.join(src, HF_CONFIG)
-    hf = _load_json(config_path, "SRC must be a directory written by save_pretrained")
-    _check_hf_config(hf, config_path)
-    tensors = read_hf_tensors(src)
+    hf = hf_source.load_json(config_path, "SRC must be a directory written by save_pretrained")
+    hf_source.check_config(hf, config_path)
+    tensors = hf_source.read_hf_tensors(src)
     if "tokens_embed.weight" not in tensors and "lm_head.weight" in tensors:
         tensors["tokens_embed.weight"] = tensors["lm_head.weight"]  # DoubleHeads saves this
     lm_head = tensors.get("lm_head.weight")
     if lm_head is not None and not np.array_equal(lm_head, tensors["tokens_embed.weight"]):
         raise UserError(f"{src}: lm_head.weight is not tied to the token embedding")
-    mc = _check_hf_heads(hf, tensors, config_path)
+    mc = hf_source.check_heads(hf, tensors, config_path)
     params = hf_to_params(tensors, hf.get("n_head", 12))
     sizes = _sizes(params, hf.get("n_head", 12))
     expected = {
@@ -349,8 +226,8 @@ def from_hf(src: str, dst: str):
         sizes["vocab_size"] -= NUM_SPECIALS  # config.model.vocab_size excludes the specials
         source["specials"] = "the last 3 token rows: _start_, _delimiter_, _classify_"
         clf_dropout = float(hf.get("summary_first_dropout", PAPER_DROPOUT))
-    config_json = run_config(sizes, _hf_dropout(hf), source, clf_dropout)
-    write_workdir(dst, params, config_json, _hf_tokenizer_files(src))
+    config_json = run_config(sizes, hf_source.dropout_rate(hf), source, clf_dropout)
+    write_workdir(dst, params, config_json, hf_source.tokenizer_files(src))
     return params
 
 
@@ -397,7 +274,7 @@ def to_hf(src: str, dst: str, step: int | None = None):
     files = {}
     for name in (VOCAB_FILE, MERGES_FILE):
         if os.path.exists(os.path.join(src, name)):
-            files[name] = _read_bytes(os.path.join(src, name))
+            files[name] = hf_source.read_bytes(os.path.join(src, name))
     if not files:  # a SentencePiece tokenizer.model has no openai-gpt equivalent
         logging.warning("%s has no vocab.json + merges.txt: no tokenizer written", src)
     hf = hf_config(sizes, dropout, architecture, clf_dropout)

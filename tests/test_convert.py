@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, convert, finetune
+from gptjax import checkpoint, convert, finetune, hf_source
 from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers
 
 from conftest import ROOT
@@ -120,8 +120,8 @@ def test_from_hf_matches_transformers(lm):
     torch.save(model.state_dict(), root / "hf_bin.bin")
     (root / "hf_bin").mkdir()
     os.replace(root / "hf_bin.bin", root / "hf_bin" / "pytorch_model.bin")
-    from_bin = convert.read_hf_tensors(str(root / "hf_bin"))
-    from_safetensors = convert.read_hf_tensors(str(root / "hf"))
+    from_bin = hf_source.read_hf_tensors(str(root / "hf_bin"))
+    from_safetensors = hf_source.read_hf_tensors(str(root / "hf"))
     for name, x in from_safetensors.items():
         np.testing.assert_array_equal(from_bin[name], x)
 
