@@ -29,8 +29,8 @@ from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers, unstack_layers
 from gptjax.pretrain import CONFIG_FILE, agreed_resume_step, check_batch, check_workdir
 from gptjax.pretrain import write_config as write_run_config
+from gptjax.tasks import encoded, registry, transforms
 from gptjax.tasks import metrics as task_metrics
-from gptjax.tasks import registry, transforms
 from gptjax.tasks.spec import TaskSpec
 
 ARCHITECTURE = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
@@ -198,21 +198,17 @@ class FineTune:
         self.splits: dict[str, Split] = {}
 
     def split(self, name: str) -> Split:
-        """A split's examples, transformed and encoded (once per run)."""
+        """A split's examples, transformed and encoded (once per run, and once for all
+        runs on this data and tokenizer: `tasks.encoded` keeps the arrays)."""
         if name not in self.splits:
             examples = self.task.load(name, self.data_dir)
             if not examples:
                 raise UserError(f"task {self.task.name}: split {name!r} has no examples")
-            arrays = transforms.encode(self.task, examples, self.tokenizer, self.config.model.n_ctx)
-            rows = transforms.Rows(arrays)
-            self.splits[name] = Split(name, examples, rows, arrays["tokens"].shape[-1])
-            logging.info(
-                "%s %s: %d examples, padded to %d tokens",
-                self.task.name,
-                name,
-                len(rows),
-                self.splits[name].length,
-            )
+            n_ctx, cache = self.config.model.n_ctx, cache_dir(self.config.data)
+            arrays = encoded.encode(self.task, name, examples, self.tokenizer, n_ctx, cache)
+            length = arrays["tokens"].shape[-1]
+            self.splits[name] = Split(name, examples, transforms.Rows(arrays), length)
+            logging.info(f"{self.task.name} {name}: {len(examples)} examples, padded to {length}")
         return self.splits[name]
 
     def take_state(self):

@@ -1,0 +1,85 @@
+"""Encoded task splits kept on disk, so that a task is tokenized once for all its runs.
+
+Every fine-tuning run on a task (seeds, ablations, a resumed run, `--mode=eval`) encodes
+the same examples with the same tokenizer, and with GPT-1's BPE (pure Python) that is
+minutes for MNLI or QQP. `encode` keeps `transforms.encode`'s arrays in
+`<cache>/encoded/<task>/<split>-<key>.npz`, where the key hashes everything the arrays
+depend on: the examples (texts, choices, labels, in order), the tokenizer's digest and
+special ids, n_ctx, the task's kind and label type, and the source of
+`gptjax.tasks.transforms` (a change to the input transformations is a new key). So a file
+is never reused for other inputs; old ones are just left behind (delete the directory
+freely).
+
+The file is written to a temporary name and renamed, so a killed run leaves no torn file;
+a file that cannot be read is encoded again and replaced, and a cache that cannot be
+written costs a warning, not the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Sequence
+
+import numpy as np
+
+from gptjax.tasks import transforms
+from gptjax.tasks.spec import Example, TaskSpec
+
+
+def path(cache: str, task: TaskSpec, split: str, key: str) -> str:
+    return os.path.join(cache, "encoded", task.name, f"{split}-{key[:20]}.npz")
+
+
+def key(task: TaskSpec, examples: Sequence[Example], tokenizer, n_ctx: int) -> str:
+    """The hash of everything `transforms.encode`'s arrays depend on."""
+    h = hashlib.sha256()
+    inputs = {
+        "task": [task.name, task.kind, task.regression],
+        "n_ctx": n_ctx,
+        "tokenizer": [tokenizer.digest(), tokenizer.vocab_size, tokenizer.pad_id],
+        "specials": tokenizer.special_ids,
+        "transforms": hashlib.sha256(inspect.getsource(transforms).encode()).hexdigest(),
+    }
+    h.update(json.dumps(inputs, default=repr).encode())
+    for ex in examples:
+        h.update(json.dumps([ex.texts, ex.choices, ex.label], default=repr).encode())
+    return h.hexdigest()
+
+
+def encode(
+    task: TaskSpec,
+    split: str,
+    examples: Sequence[Example],
+    tokenizer,
+    n_ctx: int,
+    cache: str | None,
+) -> dict[str, np.ndarray]:
+    """`transforms.encode(task, examples, tokenizer, n_ctx)`, from `cache` when it holds
+    this split's arrays and saved there when not (no cache: `cache=None`)."""
+    if cache is None:
+        return transforms.encode(task, examples, tokenizer, n_ctx)
+    file = path(cache, task, split, key(task, examples, tokenizer, n_ctx))
+    try:
+        with np.load(file) as saved:
+            return {name: saved[name] for name in saved.files}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        logging.warning("cannot read %s (%s); encoding %s again", file, e, split)
+    arrays = transforms.encode(task, examples, tokenizer, n_ctx)
+    tmp = f"{file}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, file)
+    except OSError as e:
+        logging.warning("cannot cache the encoded %s split in %s: %s", split, file, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return arrays
