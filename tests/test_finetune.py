@@ -237,6 +237,23 @@ def test_transfer_copies_exactly_the_pretrained_weights(pretrained, tmp_path, n_
     np.testing.assert_array_equal(params["head"]["kernel"], fresh["head"]["kernel"])
 
 
+def test_a_second_run_on_a_task_reads_its_encoded_splits(pretrained, tmp_path, monkeypatch):
+    config = finetune_config(pretrained, **classification_files(tmp_path))
+    config.data.cache_dir = str(tmp_path / "cache")
+    finetune.resolve_model(config)
+    first = finetune.FineTune(config, str(tmp_path / "a")).split("train")
+    assert list((tmp_path / "cache" / "encoded" / "custom").glob("train-*.npz"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(transforms, "encode", fail)
+    second = finetune.FineTune(config, str(tmp_path / "b")).split("train")
+    assert first.examples == second.examples and first.length == second.length
+    for name, array in first.rows.arrays.items():
+        np.testing.assert_array_equal(second.rows.arrays[name], array)
+
+
 FT = "configs/finetune.py:custom"
 
 

@@ -21,7 +21,8 @@ class Tokenizer:
         self.special_ids["_classify_"] = vocab_size + 2
         self.calls = 0
 
-    def digest(self):
+    @property
+    def digest(self):  # a property, as on gptjax's tokenizers
         return f"words-{self.vocab_size}"
 
     def encode_texts(self, texts):

@@ -41,7 +41,7 @@ def key(task: TaskSpec, examples: Sequence[Example], tokenizer, n_ctx: int) -> s
     inputs = {
         "task": [task.name, task.kind, task.regression],
         "n_ctx": n_ctx,
-        "tokenizer": [tokenizer.digest(), tokenizer.vocab_size, tokenizer.pad_id],
+        "tokenizer": [tokenizer.digest, tokenizer.vocab_size, tokenizer.pad_id],
         "specials": tokenizer.special_ids,
         "transforms": hashlib.sha256(inspect.getsource(transforms).encode()).hexdigest(),
     }
