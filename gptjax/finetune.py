@@ -338,6 +338,7 @@ class FineTune:
                 f"task: {self.task.name} ({self.task.kind}; {self.task.description})",
                 f"init: {self.config.init_from or 'random (no pretraining)'}; "
                 f"lm_coef {self.config.finetune.lm_coef}",
+                sharding.describe(self.mesh),
                 f"train: {len(train_split.rows):,} examples of up to {train_split.length} "
                 f"tokens; {total_steps:,} steps of {self.batch_size} "
                 f"({total_steps * self.batch_size / len(train_split.rows):.2f} epochs)",

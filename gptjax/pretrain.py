@@ -142,8 +142,7 @@ class Run:
             [
                 f"model: {n:,} parameters, {flops_per_token(self.model_cfg, n) / 1e9:.3f} "
                 "GFLOP per trained token (6N + 12 * n_layer * d_model * n_ctx)",
-                f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} on "
-                f"{jax.process_count()} process(es); mesh {dict(self.mesh.shape)}",
+                sharding.describe(self.mesh),
                 f"data: {d.description}; train {d.num_books['train']} books, "
                 f"{d.tokens['train'].size:,} tokens, {len(d.windows['train']):,} windows; "
                 f"validation {d.num_books['validation']} books, "

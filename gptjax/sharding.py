@@ -109,6 +109,14 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def describe(mesh: Mesh) -> str:
+    """The run summary's line on where it runs."""
+    return (
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} on "
+        f"{jax.process_count()} process(es); mesh {dict(mesh.shape)}"
+    )
+
+
 def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles each process's slice of the batch into one globally sharded array."""
     sharding = batch_sharding(mesh)

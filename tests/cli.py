@@ -54,9 +54,9 @@ def run_main(
     )
 
 
-def start_main(workdir, *flags, books=None, cache=None, devices=1):
+def start_main(workdir, *flags, books=None, cache=None, devices=1, config="configs/gpt1.py"):
     """Starts the CLI and returns the Popen (stdout and stderr piped)."""
-    args, env = command(workdir, *flags, books=books, cache=cache, devices=devices)
+    args, env = command(workdir, *flags, books=books, cache=cache, devices=devices, config=config)
     return subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

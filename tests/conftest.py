@@ -86,7 +86,8 @@ def tree_bytes(directory: pathlib.Path) -> dict:
 def pretrained(tmp_path_factory):
     """A tiny pretraining run through the CLI, shared by every test that starts from one:
     `pretrained / "run"` is the workdir (2 blocks, vocab 96, n_ctx 16), `pretrained /
-    "cache"` its data cache. Tests read it and never write into it."""
+    "cache"` its data cache. Tests never change the run; fine-tuning tests add their
+    encoded task splits to the cache (each under a key of its inputs)."""
     from cli import run_main
 
     root = tmp_path_factory.mktemp("pre")

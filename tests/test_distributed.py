@@ -11,6 +11,8 @@ from gptjax.metrics import read_metrics
 
 from conftest import write_books
 
+FT = "configs/finetune.py:custom"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -58,6 +60,57 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
     final = [r for r in read_metrics(tmp_path / "two") if "eval_ppl" in r][-1]
     assert restored["step"] == 4
     assert restored["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_like_one(pretrained, tmp_path):
+    """Fine-tuning as on a TPU slice's hosts: each process reads its half of every batch
+    (data parallel over both), and process 0 alone writes the scores, equal to one
+    process's."""
+    rows = [
+        {"text": f"the king is {'good' if i % 3 else 'bad'}", "label": i % 2} for i in range(12)
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    flags = [
+        f"--config.init_from={pretrained / 'run'}",
+        f"--config.task.train_path={path}",
+        f"--config.task.eval_path={path}",
+        "--config.train.batch_size=4",
+        "--config.train.num_steps=3",
+        "--config.train.log_every=1",
+    ]
+    cache = pretrained / "cache"
+    single = run_main(tmp_path / "one", *flags, cache=cache, config=FT)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = free_port()
+    procs = [
+        start_main(
+            tmp_path / "two",
+            *flags,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            cache=cache,
+            config=FT,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "on 2 process(es); mesh {'data': 2" in outputs[0][1]  # one mesh over both
+
+    def losses(workdir):
+        return [(r["step"], r["loss"]) for r in read_metrics(workdir) if "loss" in r]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in two] == [s for s, _ in one] == [1, 2, 3]
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=2e-5)
+    scores = [json.loads((tmp_path / w / "results.json").read_text()) for w in ("one", "two")]
+    assert scores[1]["results"] == scores[0]["results"]
 
 
 def test_bad_process_flags_are_one_line_errors(tmp_path, capsys):
