@@ -20,30 +20,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_two(workdir, *flags, **kw):
+    """Two processes of one run (the CLI with `flags`), met through a local coordinator."""
+    port = free_port()
+    join = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+    return [start_main(workdir, *join, f"--process_id={i}", *flags, **kw) for i in range(2)]
+
+
+def finish(procs) -> list[tuple[str, str]]:
+    """Waits for the processes; each must succeed. Their (stdout, stderr)."""
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outputs
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path):
     books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
     single = run_main(tmp_path / "one", books=books, cache=cache)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    port = free_port()
-    procs = [
-        start_main(
-            tmp_path / "two",
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            # FSDP across the processes: each holds, and checkpoints, half of every array.
-            "--config.mesh.data=1",
-            "--config.mesh.fsdp=2",
-            books=books,
-            cache=cache,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    # FSDP across the processes: each holds, and checkpoints, half of every array.
+    fsdp = ["--config.mesh.data=1", "--config.mesh.fsdp=2"]
+    outputs = finish(start_two(tmp_path / "two", *fsdp, books=books, cache=cache))
     assert "process 0 of 2" in outputs[0][1] and "process 1 of 2" in outputs[1][1]
     assert "'fsdp': 2" in outputs[0][1]  # one mesh over both processes' devices
 
@@ -84,22 +84,7 @@ def test_two_processes_fine_tune_like_one(pretrained, tmp_path):
     single = run_main(tmp_path / "one", *flags, cache=cache, config=FT)
     assert single.returncode == 0, single.stderr[-3000:]
 
-    port = free_port()
-    procs = [
-        start_main(
-            tmp_path / "two",
-            *flags,
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            cache=cache,
-            config=FT,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    outputs = finish(start_two(tmp_path / "two", *flags, cache=cache, config=FT))
     assert "on 2 process(es); mesh {'data': 2" in outputs[0][1]  # one mesh over both
 
     def losses(workdir):
@@ -129,20 +114,8 @@ def test_a_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path
     import time
 
     books, cache, workdir = write_books(tmp_path / "books"), tmp_path / "cache", tmp_path / "run"
-    port = free_port()
-    procs = [
-        start_main(
-            workdir,
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            "--config.train.num_steps=100000",
-            "--config.train.ckpt_every=100000",
-            books=books,
-            cache=cache,
-        )
-        for i in range(2)
-    ]
+    long_run = ["--config.train.num_steps=100000", "--config.train.ckpt_every=100000"]
+    procs = start_two(workdir, *long_run, books=books, cache=cache)
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in procs):
         rows = read_metrics(workdir) if (workdir / "metrics.jsonl").exists() else []
