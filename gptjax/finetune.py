@@ -208,7 +208,7 @@ class FineTune:
             arrays = encoded.encode(self.task, name, examples, self.tokenizer, n_ctx, cache)
             length = arrays["tokens"].shape[-1]
             self.splits[name] = Split(name, examples, transforms.Rows(arrays), length)
-            logging.info(f"{self.task.name} {name}: {len(examples)} examples, padded to {length}")
+            logging.info(f"{self.task.name} {name}: {len(examples)} examples of {length} tokens")
         return self.splits[name]
 
     def take_state(self):

@@ -5,10 +5,10 @@ the same examples with the same tokenizer, and with GPT-1's BPE (pure Python) th
 minutes for MNLI or QQP. `encode` keeps `transforms.encode`'s arrays in
 `<cache>/encoded/<task>/<split>-<key>.npz`, where the key hashes everything the arrays
 depend on: the examples (texts, choices, labels, in order), the tokenizer's digest and
-special ids, n_ctx, the task's kind and label type, and the source of
-`gptjax.tasks.transforms` (a change to the input transformations is a new key). So a file
-is never reused for other inputs; old ones are just left behind (delete the directory
-freely).
+special ids, n_ctx, the task's kind and label type, and the source code of
+`gptjax.tasks.transforms` and of the tokenizer's module (a change to the input
+transformations or to tokenizing is a new key). So a file is never reused for other
+inputs; old ones are just left behind (delete the directory freely).
 
 The file is written to a temporary name and renamed, so a killed run leaves no torn file;
 a file that cannot be read is encoded again and replaced, and a cache that cannot be
@@ -43,12 +43,17 @@ def key(task: TaskSpec, examples: Sequence[Example], tokenizer, n_ctx: int) -> s
         "n_ctx": n_ctx,
         "tokenizer": [tokenizer.digest, tokenizer.vocab_size, tokenizer.pad_id],
         "specials": tokenizer.special_ids,
-        "transforms": hashlib.sha256(inspect.getsource(transforms).encode()).hexdigest(),
+        # The code that makes the ids: a fix there must not meet arrays made before it.
+        "code": [_source_digest(transforms), _source_digest(type(tokenizer))],
     }
     h.update(json.dumps(inputs, default=repr).encode())
     for ex in examples:
         h.update(json.dumps([ex.texts, ex.choices, ex.label], default=repr).encode())
     return h.hexdigest()
+
+
+def _source_digest(obj) -> str:
+    return hashlib.sha256(inspect.getsource(inspect.getmodule(obj)).encode()).hexdigest()
 
 
 def encode(
