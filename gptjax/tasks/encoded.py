@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import os
+import socket
 import zipfile
 from collections.abc import Sequence
 
@@ -77,7 +78,7 @@ def encode(
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         logging.warning("cannot read %s (%s); encoding %s again", file, e, split)
     arrays = transforms.encode(task, examples, tokenizer, n_ctx)
-    tmp = f"{file}.tmp{os.getpid()}"
+    tmp = f"{file}.{socket.gethostname()}-{os.getpid()}.tmp"  # hosts may share the cache
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
         with open(tmp, "wb") as f:
