@@ -1,6 +1,7 @@
 """Reading a HuggingFace `openai-gpt` directory (what `save_pretrained` writes) for
 `gptjax.convert`: its tensors, the config checks that refuse what gptjax cannot
-represent, and its tokenizer files. Every problem is a `UserError` naming the file."""
+represent, and its tokenizer files; also the two small readers every `convert` command
+uses (`load_json`, `read_bytes`). Every problem is a `UserError` naming the file."""
 
 import json
 import logging
