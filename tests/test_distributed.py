@@ -65,7 +65,7 @@ def test_two_processes_train_like_one_and_one_restores_their_checkpoint(tmp_path
 @pytest.mark.slow
 def test_two_processes_fine_tune_like_one(pretrained, tmp_path):
     """Fine-tuning as on a TPU slice's hosts: each process reads its half of every batch
-    (data parallel over both), and process 0 alone writes the scores, equal to one
+    (data parallel over both); the losses and the scores (process 0 writes them) equal one
     process's."""
     rows = [
         {"text": f"the king is {'good' if i % 3 else 'bad'}", "label": i % 2} for i in range(12)
