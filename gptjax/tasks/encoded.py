@@ -1,14 +1,15 @@
 """Encoded task splits kept on disk, so that a task is tokenized once for all its runs.
 
 Every fine-tuning run on a task (seeds, ablations, a resumed run, `--mode=eval`) encodes
-the same examples with the same tokenizer, and with GPT-1's BPE (pure Python) that is
-minutes for MNLI or QQP. `encode` keeps `transforms.encode`'s arrays in
-`<cache>/encoded/<task>/<split>-<key>.npz`, where the key hashes everything the arrays
-depend on: the examples (texts, choices, labels, in order), the tokenizer's digest and
-special ids, n_ctx, the task's kind and label type, and the source code of
-`gptjax.tasks.transforms` and of the tokenizer's module (a change to the input
-transformations or to tokenizing is a new key). So a file is never reused for other
-inputs; old ones are just left behind (delete the directory freely).
+the same examples with the same tokenizer: on 2 CPU cores 100k sentence pairs took 3.5 s
+with GPT-1's BPE (BERT pre-tokenizer) and 5 s with SentencePiece, and the original spaCy
+pre-tokenizer is slower; read back, 0.4 s (mostly hashing them). `encode` keeps
+`transforms.encode`'s arrays in `<cache>/encoded/<task>/<split>-<key>.npz`, where the key
+hashes everything the arrays depend on: the examples (texts, choices, labels, in order),
+the tokenizer's digest and special ids, n_ctx, the task's kind and label type, and the
+source code of `gptjax.tasks.transforms` and of the tokenizer's module (a change to the
+input transformations or to tokenizing is a new key). So a file is never reused for
+other inputs; old ones are just left behind (delete the directory freely).
 
 The file is written to a temporary name and renamed, so a killed run leaves no torn file;
 a file that cannot be read is encoded again and replaced, and a cache that cannot be
