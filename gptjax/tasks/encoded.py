@@ -2,8 +2,8 @@
 
 Every fine-tuning run on a task (seeds, ablations, a resumed run, `--mode=eval`) encodes
 the same examples with the same tokenizer: on 2 CPU cores 100k sentence pairs took 3.5 s
-with GPT-1's BPE (BERT pre-tokenizer) and 5 s with SentencePiece, and the original spaCy
-pre-tokenizer is slower; read back, 0.4 s (mostly hashing them). `encode` keeps
+with GPT-1's BPE (BERT pre-tokenizer; the original ftfy + spaCy one was not measured)
+and 5 s with SentencePiece; read back, 0.4 s (mostly hashing them). `encode` keeps
 `transforms.encode`'s arrays in `<cache>/encoded/<task>/<split>-<key>.npz`, where the key
 hashes everything the arrays depend on: the examples (texts, choices, labels, in order),
 the tokenizer's digest and special ids, n_ctx, the task's kind and label type, and the
