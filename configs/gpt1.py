@@ -43,8 +43,11 @@ def get_config() -> config_dict.ConfigDict:
     # each batch, and rematerialisation of each block: "none", "full" or "save_dots".
     config.train.microbatches = 1
     config.train.remat = "none"
-    # Compile one block and loop over the layers (parameters stacked; see docs/scaling.md).
-    config.train.scan_layers = False
+    # Parameters stacked per kind of layer (under `h`) and the blocks applied by nn.scan,
+    # with scan_unroll blocks per loop iteration: 0 = all of them, no loop (see
+    # docs/scaling.md and docs/benchmarks.md for what each setting costs).
+    config.train.scan_layers = True
+    config.train.scan_unroll = 0
     # Compute levers: "float32" or "bfloat16" matmuls (parameters stay float32), and the
     # attention kernel: "xla" or "fused" (cuDNN flash attention on GPUs in bfloat16;
     # needs dropout 0).

@@ -14,7 +14,7 @@ import numpy as np
 
 from gptjax import checkpoint, optim, train
 from gptjax.data.pipeline import PackedWindows, eval_batches, train_iterator
-from gptjax.model import GPT, ModelConfig, stack_layers
+from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
 from gptjax.pretrain import agreed_resume_step
 from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.pretrain import write_config as write_run_config
@@ -52,11 +52,7 @@ def adapt(run: "FineTune") -> str:
     resume = agreed_resume_step(workdir)
     if resume is not None and resume >= total:
         return workdir
-    model = GPT(
-        ModelConfig.from_config(cfg.model, cfg.train),
-        remat=cfg.train.remat,
-        scan_layers=cfg.train.scan_layers,
-    )
+    model = GPT(ModelConfig.from_config(cfg.model, cfg.train), **layer_options(cfg.train))
     schedule = optim.lr_schedule(phase_cfg, total)
     state, shardings = train.create_state(
         model,

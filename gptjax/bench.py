@@ -44,7 +44,7 @@ from gptjax.measure import (
     threads,
     timed,
 )
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.pretrain import check_batch
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -163,7 +163,7 @@ class TrainStep:
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh)
         self.model_cfg = ModelConfig.from_config(config.model, config.train)
-        model = GPT(self.model_cfg, remat=config.train.remat, scan_layers=config.train.scan_layers)
+        model = GPT(self.model_cfg, **layer_options(config.train))
         steps = config.train.num_steps or SCHEDULE_STEPS
         tx = optim.make_optimizer(config.train, steps)
         self.state, shardings = train.create_state(

@@ -45,6 +45,11 @@ def validate(config: ml_collections.ConfigDict):
         )
     if t.remat not in ("none", "full", "save_dots"):
         raise UserError(f"train.remat is {t.remat!r}; use 'none', 'full' or 'save_dots'")
+    if not 0 <= t.scan_unroll <= m.n_layer:
+        raise UserError(
+            f"train.scan_unroll={t.scan_unroll} must be between 0 (all {m.n_layer} layers, no "
+            "loop) and model.n_layer (blocks per loop iteration with train.scan_layers)"
+        )
     if t.compute_dtype not in ("float32", "bfloat16"):
         raise UserError(f"train.compute_dtype is {t.compute_dtype!r}; use float32 or bfloat16")
     if t.attention not in ("xla", "fused"):

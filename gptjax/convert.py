@@ -116,11 +116,18 @@ def _write_dir(dst: str, write):
 
 
 def write_workdir(dst: str, params: dict, config_json: str, files: dict[str, bytes]):
-    """A gptjax workdir: config.json, `params` at step 0, and the tokenizer files."""
+    """A gptjax workdir: config.json, `params` (per layer) at step 0 in the layout the
+    config names (stacked under `h` with train.scan_layers, the default), and the
+    tokenizer files."""
     import orbax.checkpoint as ocp
 
     from gptjax import checkpoint
+    from gptjax.model import stack_layers
     from gptjax.pretrain import CONFIG_FILE
+
+    config = json.loads(config_json)
+    if config["train"]["scan_layers"]:
+        params = stack_layers(params, config["model"]["n_layer"])
 
     def write(tmp):
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

@@ -22,7 +22,7 @@ import ml_collections
 
 from gptjax import optim, sharding, train
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.pretrain import check_batch
 
 PETAFLOP_S_DAY = 1e15 * 86400
@@ -163,7 +163,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
     mesh = sharding.make_mesh(config.mesh)
     check_batch(config, mesh)
     model_cfg = ModelConfig.from_config(config.model, config.train)
-    model = GPT(model_cfg, remat=config.train.remat, scan_layers=config.train.scan_layers)
+    model = GPT(model_cfg, **layer_options(config.train))
     steps, tokens = training_length(config, est["tokens_per_epoch"])
     schedule = optim.lr_schedule(config.train, steps)
     tx = optim.make_optimizer(config.train, steps)

@@ -26,7 +26,14 @@ from gptjax import tokenizer as tokenizer_lib
 from gptjax.data.corpus import cache_dir
 from gptjax.data.pipeline import eval_batches, train_iterator
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers, unstack_layers
+from gptjax.model import (
+    GPT,
+    ModelConfig,
+    TaskModel,
+    layer_options,
+    stack_layers,
+    unstack_layers,
+)
 from gptjax.pretrain import CONFIG_FILE, agreed_resume_step, check_batch, check_workdir
 from gptjax.pretrain import write_config as write_run_config
 from gptjax.tasks import encoded, registry, transforms
@@ -192,8 +199,7 @@ class FineTune:
             num_outputs=self.task.num_outputs,
             regression=self.task.regression,
             clf_dropout=config.finetune.clf_dropout,
-            remat=config.train.remat,
-            scan_layers=config.train.scan_layers,
+            **layer_options(config.train),
         )
         self.splits: dict[str, Split] = {}
 

@@ -234,14 +234,19 @@ class GPT(nn.Module):
     """The GPT-1 decoder: `encode` gives final hidden states, `__call__` LM logits.
 
     `remat` is "none" or a key of REMAT_POLICIES; it changes memory use, not values.
-    `scan_layers` compiles one block and loops over the layers (compile time does not grow
-    with depth); its parameters are the per-layer ones stacked under `h` with a leading
-    `layers` axis instead of `h_0` ... `h_{n-1}` (see stack_layers / unstack_layers).
+    `scan_layers` applies the blocks with `nn.scan`: their parameters are the per-layer
+    ones stacked under `h` with a leading `layers` axis instead of `h_0` ... `h_{n-1}`
+    (see stack_layers / unstack_layers). `scan_unroll` is how many blocks each iteration
+    of that loop runs: 0 (or n_layer) unrolls it, no loop, so the step computes as the
+    per-layer model does but one block is traced and the optimiser sees one array per
+    kind of parameter (both cut compile time); 1 compiles a single block (compile time
+    stops growing with depth, at some cost in step time). None of these change values.
     """
 
     cfg: ModelConfig
     remat: str = "none"
     scan_layers: bool = False
+    scan_unroll: int = 0
 
     def setup(self):
         cfg = self.cfg
@@ -265,6 +270,7 @@ class GPT(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=nn.broadcast,
                 length=cfg.n_layer,
+                unroll=self.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg)
         else:
@@ -277,6 +283,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {length} exceeds n_ctx={self.cfg.n_ctx}")
         x_BxLxD = self.tokens_embed(tokens_BxL) + self.positions_embed(jnp.arange(length))
         x_BxLxD = self.embed_dropout(x_BxLxD, deterministic=deterministic)
+        # The blocks carry the residual stream in the compute dtype (a scan's carry keeps
+        # one dtype; the blocks output theirs).
+        x_BxLxD = x_BxLxD.astype(self.cfg.dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         if self.scan_layers:
             x_BxLxD, _ = self.h(x_BxLxD, deterministic)
@@ -337,9 +346,12 @@ class TaskModel(nn.Module):
     clf_dropout: float = 0.1
     remat: str = "none"
     scan_layers: bool = False
+    scan_unroll: int = 0
 
     def setup(self):
-        self.transformer = GPT(self.cfg, remat=self.remat, scan_layers=self.scan_layers)
+        self.transformer = GPT(
+            self.cfg, remat=self.remat, scan_layers=self.scan_layers, scan_unroll=self.scan_unroll
+        )
         # One dropout mask over the choices of an example, as in the original code.
         self.dropout = Dropout(self.clf_dropout, broadcast_dims=(1,))
         self.head = nn.Dense(
@@ -362,6 +374,16 @@ class TaskModel(nn.Module):
             return out_BxSxC[..., 0], lm_logits_NxLxV
         out_BxC = out_BxSxC[:, 0]
         return (out_BxC[:, 0] if self.regression else out_BxC), lm_logits_NxLxV
+
+
+def layer_options(train_cfg: ml_collections.ConfigDict) -> dict:
+    """GPT's (and TaskModel's) keyword arguments from `config.train`: how the blocks are
+    compiled, not what they compute."""
+    return {
+        "remat": train_cfg.remat,
+        "scan_layers": train_cfg.scan_layers,
+        "scan_unroll": train_cfg.scan_unroll,
+    }
 
 
 def stack_layers(params: dict, n_layer: int) -> dict:

@@ -13,7 +13,7 @@ from gptjax import checkpoint, optim, sharding, train
 from gptjax.data import lm_data
 from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexity
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 
 CONFIG_FILE = "config.json"
 
@@ -100,9 +100,7 @@ class Run:
         check_batch(config, self.mesh)
         self.data = lm_data.prepare(config, workdir, resuming=self.resume_step is not None)
         self.model_cfg = ModelConfig.from_config(config.model, config.train)
-        self.model = GPT(
-            self.model_cfg, remat=config.train.remat, scan_layers=config.train.scan_layers
-        )
+        self.model = GPT(self.model_cfg, **layer_options(config.train))
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
         self.schedule = optim.lr_schedule(config.train, self.total_steps)
         tx = optim.make_optimizer(config.train, self.total_steps)

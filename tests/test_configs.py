@@ -47,6 +47,8 @@ def test_demo_config_is_gpt1_architecture_on_shakespeare():
         ("train", "compute_dtype", "float16", "train.compute_dtype"),
         ("train", "microbatches", 3, "train.microbatches"),
         ("train", "remat", "some", "train.remat"),
+        ("train", "scan_unroll", 13, "train.scan_unroll"),
+        ("train", "scan_unroll", -1, "train.scan_unroll"),
         ("train", "nonfinite", "ignore", "train.nonfinite"),
         ("train", "nonfinite_limit", 0, "train.nonfinite_limit"),
     ],

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gptjax import checkpoint, convert, finetune, hf_source
-from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers
+from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
 
 from conftest import ROOT
 
@@ -109,7 +109,8 @@ def test_from_hf_matches_transformers(lm):
     assert (workdir / "merges.txt").read_text() == "#version: 0.2\na b\n"
 
     ids_BxL = tokens(3, 16)
-    ours = GPT(ModelConfig(**OURS))
+    assert saved["train"]["scan_layers"]  # the default layout: stacked under `h`
+    ours = GPT(ModelConfig(**OURS), scan_layers=True)
     params = restore(workdir, ours, (jnp.zeros((1, 16), jnp.int32),))
     logits = np.asarray(forward(ours, params, ids_BxL))
     with torch.no_grad():
@@ -138,9 +139,10 @@ def test_to_hf_round_trip(lm, tmp_path):
         )
     assert back.config.afn == "gelu" and back.config.resid_pdrop == pytest.approx(0.1)
     # A run trained with train.scan_layers exports the same tensors.
+    # A run with per-layer parameters (train.scan_layers=False) exports the same tensors.
     _, params = convert.read_workdir(str(root / "ours"))
-    unrolled = convert.params_to_hf(params)
-    scanned = convert.params_to_hf(jax.tree.map(np.asarray, stack_layers(params, 2)))
+    scanned = convert.params_to_hf(params)
+    unrolled = convert.params_to_hf(jax.tree.map(np.asarray, unstack_layers(params)))
     assert unrolled.keys() == scanned.keys()
     for name, x in unrolled.items():
         np.testing.assert_array_equal(scanned[name], x)
@@ -169,7 +171,8 @@ def test_multiple_choice_head(tmp_path):
 
     ids_BxSxL = tokens(2, 3, 12, vocab=vocab)
     clf_BxS = np.array([[11, 7, 9], [4, 11, 0]], np.int32)
-    ours = TaskModel(ModelConfig(**{**OURS, "vocab_size": vocab}), "multiple_choice", 1)
+    cfg = ModelConfig(**{**OURS, "vocab_size": vocab})
+    ours = TaskModel(cfg, "multiple_choice", 1, scan_layers=True)
     params = restore(tmp_path / "ours", ours, (ids_BxSxL[:1], clf_BxS[:1]))
     scores_BxS, lm_NxLxV = forward(ours, params, ids_BxSxL, clf_BxS)
 
@@ -195,6 +198,7 @@ def test_other_heads_export_as_lm_plus_head_file(lm, tmp_path):
     from safetensors.numpy import load_file
 
     _, gpt = convert.read_workdir(str(lm[1] / "ours"))
+    gpt = jax.tree.map(np.asarray, unstack_layers(gpt))  # write_workdir takes per-layer ones
     rng = np.random.default_rng(6)
     embedding = gpt["tokens_embed"]["embedding"]
     gpt["tokens_embed"]["embedding"] = np.concatenate([embedding, embedding[:3]])
@@ -252,7 +256,7 @@ def test_from_openai_matches_transformers(tmp_path):
     assert not unexpected and all(".attn.bias" in m for m in missing), (missing, unexpected)
 
     ids_BxL = tokens(2, 16)
-    ours = GPT(ModelConfig(**OURS))
+    ours = GPT(ModelConfig(**OURS), scan_layers=True)
     params = restore(tmp_path / "ours", ours, (jnp.zeros((1, 16), jnp.int32),))
     with torch.no_grad():
         expected = model(torch.tensor(ids_BxL).long()).logits.numpy()

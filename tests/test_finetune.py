@@ -17,7 +17,7 @@ from test_tfds_tasks import story_cloze_source, write_story_cloze
 
 from gptjax import checkpoint, finetune, results
 from gptjax.metrics import read_metrics
-from gptjax.model import GPT, ModelConfig, TaskModel
+from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
 from gptjax.tasks import transforms
 from gptjax.tasks.spec import Example, TaskSpec
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
@@ -212,12 +212,14 @@ def test_transfer_copies_exactly_the_pretrained_weights(pretrained, tmp_path, n_
     finetune.resolve_model(config)
     run = finetune.FineTune(config, str(tmp_path / "ft"))
     run.build(2)
-    fresh = jax.device_get(run.state.params)
+    # Both runs use the default layout (train.scan_layers: stacked); compared per layer.
+    fresh = unstack_layers(jax.device_get(run.state.params))
     params = jax.device_get(run.load_pretrained(run.state, str(pretrained / "run")).params)
-    lm = GPT(dataclasses.replace(run.model_cfg, vocab_size=96))
+    params = unstack_layers(params)
+    lm = GPT(dataclasses.replace(run.model_cfg, vocab_size=96), scan_layers=True)
     shapes = lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
     target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(shapes))
-    pre = checkpoint.restore_params(str(pretrained / "run"), target)
+    pre = unstack_layers(checkpoint.restore_params(str(pretrained / "run"), target))
     gpt = params["transformer"]
     np.testing.assert_array_equal(
         gpt["tokens_embed"]["embedding"][:96], pre["tokens_embed"]["embedding"]

@@ -153,9 +153,9 @@ def test_other_parameter_layout_in_workdir_is_refused(trained, tmp_path):
     copy = tmp_path / "run"
     subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
     result = run_main(
-        copy, "--config.train.scan_layers=True", books=root / "books", cache=root / "cache"
+        copy, "--config.train.scan_layers=False", books=root / "books", cache=root / "cache"
     )
-    assert_one_line_error(result, "train.scan_layers=False")
+    assert_one_line_error(result, "train.scan_layers=True")
 
 
 def test_help_lists_the_flags():

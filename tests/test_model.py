@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token
+from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, stack_layers
 
 from conftest import gpt1_config, tiny_config
 
@@ -182,3 +182,21 @@ def test_fused_attention_equals_xla_attention_without_dropout():
     xla = GPT(cfg).apply({"params": params}, tokens)
     fused = GPT(dataclasses.replace(cfg, attention="fused")).apply({"params": params}, tokens)
     np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_unroll, loops", [(0, False), (1, True), (2, False)])
+def test_scan_unroll_decides_whether_the_layers_loop(scan_unroll, loops):
+    # scan_unroll=0 (or n_layer) runs the stacked blocks without a loop: the compiled
+    # step is the per-layer model's, traced from one block.
+    cfg = ModelConfig.from_config(tiny_config().model)
+    stacked = stack_layers(init(cfg), cfg.n_layer)
+    model = GPT(cfg, scan_layers=True, scan_unroll=scan_unroll)
+    tokens = jnp.zeros((1, cfg.n_ctx), jnp.int32)
+    hlo = jax.jit(model.apply).lower({"params": stacked}, tokens).as_text()
+    assert ("stablehlo.while" in hlo) == loops
+    np.testing.assert_allclose(
+        model.apply({"params": stacked}, tokens),
+        GPT(cfg).apply({"params": init(cfg)}, tokens),
+        rtol=1e-5,
+        atol=1e-5,
+    )

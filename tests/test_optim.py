@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from gptjax import optim
-from gptjax.model import GPT, ModelConfig
+from gptjax.model import GPT, ModelConfig, stack_layers
 
 from conftest import gpt1_config, tiny_config
 
@@ -52,6 +52,13 @@ def test_decay_mask_excludes_biases_and_layernorm():
     assert not flat["h_0/ln_1/scale"] and not flat["h_0/ln_2/bias"]
     decayed = {k for k, v in flat.items() if v}
     assert decayed == {k for k in flat if k.endswith(("kernel", "embedding"))}
+
+
+def test_decay_mask_is_the_same_in_the_stacked_layout():
+    # Stacked (train.scan_layers), biases and LayerNorm parameters are rank 2: the mask
+    # goes by name, so they still get no decay.
+    params = tiny_params()
+    assert optim.decay_mask(stack_layers(params, 2))["h"] == optim.decay_mask(params)["h_0"]
 
 
 def test_decoupled_weight_decay_only_on_masked_tensors():

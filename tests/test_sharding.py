@@ -41,9 +41,16 @@ def batches(config, count=3):
     ]
 
 
-def run_steps(config, devices=None, remat="none", microbatches=1, scan_layers=False):
+def run_steps(
+    config, devices=None, remat="none", microbatches=1, scan_layers=False, scan_unroll=0
+):
     mesh = sharding.make_mesh(config.mesh, devices)
-    model = GPT(ModelConfig.from_config(config.model), remat=remat, scan_layers=scan_layers)
+    model = GPT(
+        ModelConfig.from_config(config.model),
+        remat=remat,
+        scan_layers=scan_layers,
+        scan_unroll=scan_unroll,
+    )
     tx = optim.make_optimizer(config.train, 100)
     state, shardings = train.create_state(model, tx, 0, config.model.n_ctx, mesh)
     p_train, _ = train.compile_steps(
@@ -213,12 +220,14 @@ def test_rematerialisation_changes_no_value(plain_run, remat):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_scan_over_layers_changes_no_value(remat):
+@pytest.mark.parametrize("remat, scan_unroll", [("none", 0), ("full", 0), ("none", 1)])
+def test_scan_over_layers_changes_no_value(remat, scan_unroll):
     # Dropout off: the scanned stack draws its per-layer dropout keys differently.
     config = config_for_mesh((1, 1, 1), dropout=0.0)
     state_plain, plain = run_steps(config)
-    state_scan, scanned = run_steps(config, remat=remat, scan_layers=True)
+    state_scan, scanned = run_steps(
+        config, remat=remat, scan_layers=True, scan_unroll=scan_unroll
+    )
     for a, b in zip(plain, scanned, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     # Same initial values too: stacking the unrolled parameters gives the scanned ones.
