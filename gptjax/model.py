@@ -283,8 +283,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {length} exceeds n_ctx={self.cfg.n_ctx}")
         x_BxLxD = self.tokens_embed(tokens_BxL) + self.positions_embed(jnp.arange(length))
         x_BxLxD = self.embed_dropout(x_BxLxD, deterministic=deterministic)
-        # The blocks carry the residual stream in the compute dtype (a scan's carry keeps
-        # one dtype; the blocks output theirs).
+        # The residual stream enters the blocks in the compute dtype, the dtype they
+        # output: a scan's carry must keep one dtype from layer to layer.
         x_BxLxD = x_BxLxD.astype(self.cfg.dtype)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
         if self.scan_layers:
