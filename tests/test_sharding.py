@@ -41,9 +41,7 @@ def batches(config, count=3):
     ]
 
 
-def run_steps(
-    config, devices=None, remat="none", microbatches=1, scan_layers=False, scan_unroll=0
-):
+def run_steps(config, devices=None, remat="none", microbatches=1, scan_layers=False, scan_unroll=0):
     mesh = sharding.make_mesh(config.mesh, devices)
     model = GPT(
         ModelConfig.from_config(config.model),
@@ -225,9 +223,7 @@ def test_scan_over_layers_changes_no_value(remat, scan_unroll):
     # Dropout off: the scanned stack draws its per-layer dropout keys differently.
     config = config_for_mesh((1, 1, 1), dropout=0.0)
     state_plain, plain = run_steps(config)
-    state_scan, scanned = run_steps(
-        config, remat=remat, scan_layers=True, scan_unroll=scan_unroll
-    )
+    state_scan, scanned = run_steps(config, remat=remat, scan_layers=True, scan_unroll=scan_unroll)
     for a, b in zip(plain, scanned, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     # Same initial values too: stacking the unrolled parameters gives the scanned ones.
