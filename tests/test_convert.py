@@ -138,7 +138,6 @@ def test_to_hf_round_trip(lm, tmp_path):
             back(ids_BxL).logits.numpy(), model(ids_BxL).logits.numpy(), atol=TOL, rtol=0
         )
     assert back.config.afn == "gelu" and back.config.resid_pdrop == pytest.approx(0.1)
-    # A run trained with train.scan_layers exports the same tensors.
     # A run with per-layer parameters (train.scan_layers=False) exports the same tensors.
     _, params = convert.read_workdir(str(root / "ours"))
     scanned = convert.params_to_hf(params)

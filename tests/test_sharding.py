@@ -110,6 +110,20 @@ def worker(out_dir):
         }
         with open(os.path.join(out_dir, f"report_{shape}.json"), "w") as f:
             json.dump(report, f)
+    # The default layout (stacked, unrolled) on a mesh with all three axes, against the
+    # per-layer model on one device; dropout off (the two draw their masks differently).
+    _, per_layer = run_steps(config_for_mesh((1, 1, 1), dropout=0.0), jax.devices()[:1])
+    stacked, history = run_steps(config_for_mesh((2, 2, 2), dropout=0.0), scan_layers=True)
+    kernel = stacked.params["h"]["attn"]["c_attn"]["kernel"]
+    with open(os.path.join(out_dir, "stacked.json"), "w") as f:
+        json.dump(
+            {
+                "per_layer": per_layer,
+                "stacked": history,
+                "c_attn_shard": kernel.addressable_shards[0].data.shape,
+            },
+            f,
+        )
     for source, target in RESTORES:
         config = config_for_mesh(target)
         mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(target))])
@@ -180,6 +194,17 @@ def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
     assert mesh_runs[(2, 2, 2)]["c_fc_mu_shard"] == [16, 32]
     # The token embedding (vocab, embed) = (96, 32): vocab over tensor, embed over fsdp.
     assert mesh_runs[(2, 2, 2)]["embedding_shard"] == [48, 16]
+
+
+def test_stacked_layers_on_a_mesh_equal_per_layer_on_one_device(mesh_runs):
+    with open(mesh_runs["dir"] / "stacked.json") as f:
+        report = json.load(f)
+    for a, b in zip(report["per_layer"], report["stacked"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    # The stacked c_attn kernel (layers, embed, qkv, heads, kv): layers unsplit, the rest
+    # as per layer.
+    assert report["c_attn_shard"] == [2, 16, 3, 4, 4]
 
 
 def test_fsdp_shrinks_per_device_memory(mesh_runs):
