@@ -100,9 +100,3 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(tmp_path, ca
         out = encoded.encode(TASK, "train", EXAMPLES, Tokenizer(), 16, str(blocked))
     assert "cannot cache" in caplog.text
     assert_same(out, transforms.encode(TASK, EXAMPLES, Tokenizer(), 16))
-
-
-def test_no_cache_writes_nothing(tmp_path):
-    out = encoded.encode(TASK, "train", EXAMPLES, Tokenizer(), 16, None)
-    assert_same(out, transforms.encode(TASK, EXAMPLES, Tokenizer(), 16))
-    assert not list(tmp_path.iterdir())

@@ -64,12 +64,10 @@ def encode(
     examples: Sequence[Example],
     tokenizer,
     n_ctx: int,
-    cache: str | None,
+    cache: str,
 ) -> dict[str, np.ndarray]:
     """`transforms.encode(task, examples, tokenizer, n_ctx)`, from `cache` when it holds
-    this split's arrays and saved there when not (no cache: `cache=None`)."""
-    if cache is None:
-        return transforms.encode(task, examples, tokenizer, n_ctx)
+    this split's arrays and saved there when not."""
     file = path(cache, task, split, key(task, examples, tokenizer, n_ctx))
     try:
         with np.load(file) as saved:
