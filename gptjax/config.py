@@ -54,6 +54,16 @@ def validate(config: ml_collections.ConfigDict):
         raise UserError(f"train.compute_dtype is {t.compute_dtype!r}; use float32 or bfloat16")
     if t.attention not in ("xla", "fused"):
         raise UserError(f"train.attention is {t.attention!r}; use 'xla' or 'fused'")
+    if not isinstance(t.attention_blocks, int) or not 1 <= t.attention_blocks <= m.n_ctx:
+        raise UserError(
+            f"train.attention_blocks={t.attention_blocks} must be a whole number from 1 "
+            f"(one L x L attention) to model.n_ctx={m.n_ctx}"
+        )
+    if t.attention_blocks > 1 and t.attention != "xla":
+        raise UserError(
+            "train.attention_blocks splits the 'xla' attention; with train.attention="
+            f"{t.attention} set it to 1"
+        )
     if t.attention == "fused" and m.dropout > 0:
         raise UserError(
             "train.attention=fused has no attention dropout; set --config.model.dropout=0.0 "

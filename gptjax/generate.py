@@ -223,8 +223,7 @@ def load(workdir: str, step: int | None = None) -> tuple[Generator, object]:
     if "h" in params:  # trained with train.scan_layers
         params = unstack_layers(params)
     rows = params["tokens_embed"]["embedding"].shape[0]
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"dtype", "attention"}
-    cfg = ModelConfig(**{**{k: model[k] for k in fields}, "vocab_size": rows})
+    cfg = ModelConfig(**{**{k: model[k] for k in ModelConfig.architecture()}, "vocab_size": rows})
     logging.info("generating from %s (%s)", workdir, describe(cfg))
     return Generator(cfg, params, tokenizer.vocab_size), tokenizer
 

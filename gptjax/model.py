@@ -11,6 +11,7 @@ D d_model, H heads, K head dim, F d_mlp, V vocabulary.
 
 import dataclasses
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
@@ -47,20 +48,33 @@ class ModelConfig:
     # How to compute, not what: parameters stay float32 whatever `dtype` is; "bfloat16"
     # runs the matmuls in bfloat16 with float32 softmax, LayerNorm statistics, logits and
     # loss. `attention` is "xla" (any dropout) or "fused" (jax.nn.dot_product_attention,
-    # cuDNN flash attention on GPUs with bfloat16; no attention dropout).
+    # cuDNN flash attention on GPUs with bfloat16; no attention dropout); "xla" splits
+    # the queries into `attention_blocks` blocks (see `attend_causal`).
     dtype: str = "float32"
     attention: str = "xla"
+    attention_blocks: int = 1
+
+    # The fields above set from `config.train` rather than `config.model`.
+    LEVERS = {
+        "dtype": "compute_dtype",
+        "attention": "attention",
+        "attention_blocks": "attention_blocks",
+    }
 
     @classmethod
     def from_config(
         cls, model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict = None
     ) -> "ModelConfig":
         """From `config.model`, plus the compute levers of `config.train` when given."""
-        fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "attention")]
         levers = {}
         if train_cfg is not None:
-            levers = {"dtype": train_cfg.compute_dtype, "attention": train_cfg.attention}
-        return cls(**{name: model_cfg[name] for name in fields}, **levers)
+            levers = {field: train_cfg[key] for field, key in cls.LEVERS.items()}
+        return cls(**{name: model_cfg[name] for name in cls.architecture()}, **levers)
+
+    @classmethod
+    def architecture(cls) -> list[str]:
+        """The fields that define the network (what a checkpoint's `config.model` holds)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in cls.LEVERS]
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +114,28 @@ def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask, dtype: str, drop=None) -> jax.
     if drop is not None:
         p_BxHxLxS = drop(p_BxHxLxS)
     return jnp.einsum("bhls,bshk->blhk", p_BxHxLxS.astype(dtype), v_BxSxHxK)
+
+
+def attend_causal(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, dtype: str, drop=None, blocks: int = 1):
+    """Causal `attend` of a sequence over itself, with its queries split into `blocks`
+    consecutive blocks that each see only the keys up to their own last position.
+
+    The values are those of one masked L x L attention; what changes is the work. A
+    single block computes every score, half of which the mask then discards; n blocks
+    compute (n + 1) / 2n of them (5/8 for 4), in more, smaller matmuls and a bigger
+    program to compile. docs/benchmarks.md has what that buys on a CPU. With dropout,
+    each block draws its own mask, so the random bits differ from one block's.
+    """
+    length = q_BxLxHxK.shape[1]
+    edges = sorted({(i * length) // blocks for i in range(blocks + 1)})
+    outs = []
+    for start, end in itertools.pairwise(edges):
+        mask_QxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        q_BxQxHxK = q_BxLxHxK[:, start:end]
+        outs.append(
+            attend(q_BxQxHxK, k_BxLxHxK[:, :end], v_BxLxHxK[:, :end], mask_QxS, dtype, drop)
+        )
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 class Projection(nn.Module):
@@ -160,11 +196,11 @@ class CausalSelfAttention(nn.Module):
                 implementation="cudnn" if cudnn else None,
             )
             return self._project(out_BxLxHxK)
-        length = x_BxLxD.shape[1]
-        causal_LxL = jnp.tril(jnp.ones((length, length), jnp.bool_))
         # An independent dropout mask per example and head.
         drop = functools.partial(Dropout(cfg.dropout), deterministic=deterministic)
-        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, causal_LxL, cfg.dtype, drop)
+        out_BxLxHxK = attend_causal(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, drop, cfg.attention_blocks
+        )
         return self._project(out_BxLxHxK)
 
     def _project(self, out_BxLxHxK: jax.Array) -> jax.Array:

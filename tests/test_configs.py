@@ -45,6 +45,8 @@ def test_demo_config_is_gpt1_architecture_on_shakespeare():
         ("data", "validation_fraction", 0.0, "data.validation_fraction"),
         ("train", "attention", "fused", "model.dropout=0.0"),
         ("train", "compute_dtype", "float16", "train.compute_dtype"),
+        ("train", "attention_blocks", 0, "train.attention_blocks"),
+        ("train", "attention_blocks", 513, "model.n_ctx=512"),
         ("train", "microbatches", 3, "train.microbatches"),
         ("train", "remat", "some", "train.remat"),
         ("train", "scan_unroll", 13, "train.scan_unroll"),
@@ -57,4 +59,12 @@ def test_validate_names_the_bad_setting(section, key, value, word):
     c = gpt1_config()
     c[section][key] = value
     with pytest.raises(UserError, match=word):
+        config_lib.validate(c)
+
+
+def test_attention_blocks_only_split_the_xla_attention():
+    c = gpt1_config()
+    c.model.dropout = 0.0
+    c.train.update(attention="fused", attention_blocks=4)
+    with pytest.raises(UserError, match="train.attention=fused set it to 1"):
         config_lib.validate(c)

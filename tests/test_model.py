@@ -58,15 +58,18 @@ def test_init_statistics():
     assert np.all(np.asarray(params["h_0"]["ln_1"]["scale"]) == 1)
 
 
-def test_causal():
+@pytest.mark.parametrize("blocks, dropout", [(1, False), (1, True), (3, True)])
+def test_causal(blocks, dropout):
+    # With dropout, both passes draw the same masks from the same key.
     cfg = ModelConfig.from_config(tiny_config().model)
     params = init(cfg)
-    model = GPT(cfg)
+    model = GPT(dataclasses.replace(cfg, attention_blocks=blocks))
+    rngs = {"dropout": jax.random.PRNGKey(2)}
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, cfg.n_ctx), 0, cfg.vocab_size)
-    base = model.apply({"params": params}, tokens)
+    base = model.apply({"params": params}, tokens, not dropout, rngs=rngs)
     for t in (0, 5, cfg.n_ctx - 1):
         changed = tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size)
-        out = model.apply({"params": params}, changed)
+        out = model.apply({"params": params}, changed, not dropout, rngs=rngs)
         np.testing.assert_array_equal(out[:, :t], base[:, :t])
         assert not np.allclose(out[:, t], base[:, t])
 
@@ -182,6 +185,28 @@ def test_fused_attention_equals_xla_attention_without_dropout():
     xla = GPT(cfg).apply({"params": params}, tokens)
     fused = GPT(dataclasses.replace(cfg, attention="fused")).apply({"params": params}, tokens)
     np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks, length", [(2, 16), (3, 16), (4, 5), (16, 16), (16, 3)])
+def test_attention_blocks_change_no_value(blocks, length):
+    # Blocks of queries that see only the keys up to their own end give one L x L
+    # attention's logits and gradients, whether or not they divide the length.
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, length))
+
+    def loss_and_grads(model_cfg):
+        def loss(params):
+            logits = GPT(model_cfg).apply({"params": params}, tokens)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (_, one), one_grads = loss_and_grads(cfg)
+    (_, split), split_grads = loss_and_grads(dataclasses.replace(cfg, attention_blocks=blocks))
+    np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(split_grads), jax.tree.leaves(one_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("scan_unroll, loops", [(0, False), (1, True), (2, False)])
