@@ -52,55 +52,78 @@ def _optimisations_off() -> bool:
     return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
 
 
-def threefry_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+Block = tuple[tuple[int, ...], tuple[int, ...]]  # (start, size) in each axis
+
+
+def threefry_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None = None):
     """`jax.random.bits(key, shape, jnp.uint32)`: the same bits, drawn by
     `unrolled_threefry_bits` where that is faster (a CPU compiling with XLA's
     optimisations) and by `jax.random.bits` itself elsewhere. GPUs have JAX's own
     Threefry kernel (the unrolled form measured 1.5% slower in a GPT-1 step on an H200);
     without optimisations (the tests) the bigger unrolled expression only adds compile
-    time."""
+    time. With `block` = (start, size), only that block of the bits (see
+    `unrolled_threefry_bits`)."""
     if jax.default_backend() != "cpu" or _optimisations_off():
-        return jax.random.bits(key, shape, jnp.uint32)
-    return unrolled_threefry_bits(key, shape)
+        return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
+    return unrolled_threefry_bits(key, shape, block)
 
 
-def unrolled_threefry_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def unrolled_threefry_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None = None):
     """`jax.random.bits(key, shape, jnp.uint32)` for a Threefry key, as one fusible
-    expression. Other key kinds, and arrays of 2**32 elements or more, go to
+    expression. With `block` = (start, size), the block of those bits of that size
+    starting at that index, computed without the rest (each element's bits depend
+    only on its index). Other key kinds, and arrays of 2**32 elements or more, go to
     `jax.random.bits`."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if jax.random.key_impl(key) != "threefry2x32":
-            return jax.random.bits(key, shape, jnp.uint32)
+            return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
         key = jax.random.key_data(key)
     if key.shape != (2,) or math.prod(shape) >= 2**32:
-        return jax.random.bits(key, shape, jnp.uint32)
-    return _counter_bits(key, tuple(shape))
+        return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
+    return _counter_bits(key, tuple(shape), block)
+
+
+def _block_of(bits: jax.Array, block: Block | None) -> jax.Array:
+    if block is None:
+        return bits
+    start, size = block
+    return jax.lax.slice(bits, start, tuple(s + n for s, n in zip(start, size, strict=True)))
 
 
 # Jitted so that tracing a model builds the expression once per shape, not once per
 # layer: its ~200 operations, traced at each of a 12-layer model's 37 dropout sites,
 # were about a third of the train step's tracing time (the compiled step is the same).
-@functools.partial(jax.jit, static_argnums=1)
-def _counter_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _counter_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None) -> jax.Array:
     # JAX counts elements by their flat index as a 64-bit number split in two words;
     # below 2**32 elements the high word is zero.
+    start, size = block or ((0,) * len(shape), shape)
     strides = np.cumprod((*shape[1:], 1)[::-1])[::-1]
     index = sum(
-        jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-        for axis, stride in enumerate(strides)
+        (jax.lax.broadcasted_iota(jnp.uint32, size, axis) + jnp.uint32(first)) * jnp.uint32(stride)
+        for axis, (first, stride) in enumerate(zip(start, strides, strict=True))
     )
-    high, low = _threefry2x32(key[0], key[1], jnp.zeros(shape, jnp.uint32), index)
+    high, low = _threefry2x32(key[0], key[1], jnp.zeros(size, jnp.uint32), index)
     return high ^ low
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array, broadcast_dims=()) -> jax.Array:
+def dropout(
+    x: jax.Array, rate: float, key: jax.Array, broadcast_dims=(), within: Block | None = None
+) -> jax.Array:
     """Inverted dropout: each element kept with probability 1 - rate (to within 2**-32)
     and scaled by 1 / (1 - rate), one mask shared along `broadcast_dims`. The mask
     compares the raw 32-bit integers with a threshold, and the scale is a product (no
-    uniform floats, no division)."""
+    uniform floats, no division). With `within` = (shape, start), `x` is the block of a
+    larger array of that shape starting there, and gets that block of its mask."""
     shape = tuple(1 if axis in broadcast_dims else n for axis, n in enumerate(x.shape))
     threshold = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
-    keep = threefry_bits(key, shape) >= threshold
+    if within is None:
+        keep = threefry_bits(key, shape) >= threshold
+    else:
+        if broadcast_dims:
+            raise ValueError("dropout of a block (within=...) shares no mask along axes")
+        full_shape, start = within
+        keep = threefry_bits(key, full_shape, (start, shape)) >= threshold
     scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 

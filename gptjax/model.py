@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gptjax import kv_cache
-from gptjax.dropout import Dropout
+from gptjax.dropout import Dropout, dropout
 
 # The paper and the original release initialise every weight from N(0, 0.02).
 INIT_STD = 0.02
@@ -116,21 +116,28 @@ def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask, dtype: str, drop=None) -> jax.
     return jnp.einsum("bhls,bshk->blhk", p_BxHxLxS.astype(dtype), v_BxSxHxK)
 
 
-def attend_causal(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, dtype: str, drop=None, blocks: int = 1):
+def attend_causal(
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, dtype: str, dropout_key=None, rate=0.0, blocks: int = 1
+) -> jax.Array:
     """Causal `attend` of a sequence over itself, with its queries split into `blocks`
-    consecutive blocks that each see only the keys up to their own last position.
+    consecutive blocks that each see only the keys up to their own last position, and
+    dropout at `rate` on the probabilities (given a `dropout_key`).
 
-    The values are those of one masked L x L attention; what changes is the work. A
-    single block computes every score, half of which the mask then discards; n blocks
-    compute (n + 1) / 2n of them (5/8 for 4), in more, smaller matmuls and a bigger
-    program to compile. docs/benchmarks.md has what that buys on a CPU. With dropout,
-    each block draws its own mask, so the random bits differ from one block's.
+    The values are those of one masked L x L attention, dropout included (each block
+    draws its part of the whole [B, H, L, L] mask); what changes is the work. A single
+    block computes every score, half of which the mask then discards; n blocks compute
+    (n + 1) / 2n of them (5/8 for 4), in more, smaller matmuls and a bigger program to
+    compile. docs/benchmarks.md has what that buys on a CPU.
     """
-    length = q_BxLxHxK.shape[1]
+    batch, length, heads, _ = q_BxLxHxK.shape
     edges = sorted({(i * length) // blocks for i in range(blocks + 1)})
     outs = []
     for start, end in itertools.pairwise(edges):
         mask_QxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+        drop = None
+        if dropout_key is not None and rate > 0:
+            within = ((batch, heads, length, length), (0, 0, start, 0))
+            drop = functools.partial(dropout, rate=rate, key=dropout_key, within=within)
         q_BxQxHxK = q_BxLxHxK[:, start:end]
         outs.append(
             attend(q_BxQxHxK, k_BxLxHxK[:, :end], v_BxLxHxK[:, :end], mask_QxS, dtype, drop)
@@ -197,9 +204,9 @@ class CausalSelfAttention(nn.Module):
             )
             return self._project(out_BxLxHxK)
         # An independent dropout mask per example and head.
-        drop = functools.partial(Dropout(cfg.dropout), deterministic=deterministic)
+        key = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
         out_BxLxHxK = attend_causal(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, drop, cfg.attention_blocks
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout, cfg.attention_blocks
         )
         return self._project(out_BxLxHxK)
 
@@ -248,13 +255,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array, deterministic: bool, cache: dict | None = None):
         """The block's output; with a `cache`, (output, updated cache)."""
-        dropout = functools.partial(Dropout(self.cfg.dropout), deterministic=deterministic)
+        drop = functools.partial(Dropout(self.cfg.dropout), deterministic=deterministic)
         a_BxLxD = CausalSelfAttention(self.cfg, name="attn")(x_BxLxD, deterministic, cache)
         if cache is not None:
             a_BxLxD, cache = a_BxLxD
-        n_BxLxD = _layer_norm("ln_1", self.cfg.dtype)(x_BxLxD + dropout(a_BxLxD))
+        n_BxLxD = _layer_norm("ln_1", self.cfg.dtype)(x_BxLxD + drop(a_BxLxD))
         m_BxLxD = MLP(self.cfg, name="mlp")(n_BxLxD)
-        h_BxLxD = _layer_norm("ln_2", self.cfg.dtype)(n_BxLxD + dropout(m_BxLxD))
+        h_BxLxD = _layer_norm("ln_2", self.cfg.dtype)(n_BxLxD + drop(m_BxLxD))
         h_BxLxD = nn.with_logical_constraint(h_BxLxD, ("batch", "length", "embed"))
         return h_BxLxD if cache is None else (h_BxLxD, cache)
 

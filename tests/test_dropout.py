@@ -23,6 +23,21 @@ def test_bits_equal_jax_random_bits(shape, key):
         np.testing.assert_array_equal(mine, want)
 
 
+@pytest.mark.parametrize("key", KEYS.values(), ids=KEYS.keys())
+def test_a_block_of_the_bits_is_that_slice_of_jax_random_bits(key):
+    # What blocked attention draws: its block of the [B, H, L, L] probabilities' mask.
+    shape, start, size = (2, 3, 12, 12), (0, 0, 4, 0), (2, 3, 4, 8)
+    want = jax.random.bits(key, shape, jnp.uint32)[:, :, 4:8, :8]
+    for bits in (unrolled_threefry_bits, threefry_bits):
+        mine = jax.jit(bits, static_argnums=(1, 2))(key, shape, (start, size))
+        np.testing.assert_array_equal(mine, want)
+    x = jnp.ones(size)
+    np.testing.assert_array_equal(
+        dropout(x, 0.5, key, within=(shape, start)),
+        dropout(jnp.ones(shape), 0.5, key)[:, :, 4:8, :8],
+    )
+
+
 def test_other_key_kinds_use_jax_random_bits():
     key = jax.random.key(0, impl="rbg")
     np.testing.assert_array_equal(

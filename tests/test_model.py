@@ -187,17 +187,22 @@ def test_fused_attention_equals_xla_attention_without_dropout():
     np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("blocks, length", [(2, 16), (3, 16), (4, 5), (16, 16), (16, 3)])
-def test_attention_blocks_change_no_value(blocks, length):
+@pytest.mark.parametrize(
+    "blocks, length, train",
+    [(2, 16, False), (3, 16, True), (4, 5, True), (16, 16, False), (16, 3, True)],
+)
+def test_attention_blocks_change_no_value(blocks, length, train):
     # Blocks of queries that see only the keys up to their own end give one L x L
-    # attention's logits and gradients, whether or not they divide the length.
+    # attention's logits and gradients, whether or not they divide the length, and
+    # with dropout each block draws its part of the same mask.
     cfg = ModelConfig.from_config(tiny_config().model)
     params = init(cfg)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, length))
+    rngs = {"dropout": jax.random.PRNGKey(3)}
 
     def loss_and_grads(model_cfg):
         def loss(params):
-            logits = GPT(model_cfg).apply({"params": params}, tokens)
+            logits = GPT(model_cfg).apply({"params": params}, tokens, not train, rngs=rngs)
             return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
 
         return jax.value_and_grad(loss, has_aux=True)(params)
