@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -187,28 +188,27 @@ def test_fused_attention_equals_xla_attention_without_dropout():
     np.testing.assert_allclose(fused, xla, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "blocks, length, train",
-    [(2, 16, False), (3, 16, True), (4, 5, True), (16, 16, False), (16, 3, True)],
-)
+@pytest.mark.parametrize("blocks, length, train", [(3, 16, True), (4, 5, True), (16, 3, False)])
 def test_attention_blocks_change_no_value(blocks, length, train):
     # Blocks of queries that see only the keys up to their own end give one L x L
     # attention's logits and gradients, whether or not they divide the length, and
     # with dropout each block draws its part of the same mask.
-    cfg = ModelConfig.from_config(tiny_config().model)
+    cfg = dataclasses.replace(ModelConfig.from_config(tiny_config().model), n_layer=1)
     params = init(cfg)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, length))
     rngs = {"dropout": jax.random.PRNGKey(3)}
 
-    def loss_and_grads(model_cfg):
+    @functools.partial(jax.jit, static_argnums=0)
+    def loss_and_grads(model_cfg, params):
         def loss(params):
             logits = GPT(model_cfg).apply({"params": params}, tokens, not train, rngs=rngs)
             return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
 
         return jax.value_and_grad(loss, has_aux=True)(params)
 
-    (_, one), one_grads = loss_and_grads(cfg)
-    (_, split), split_grads = loss_and_grads(dataclasses.replace(cfg, attention_blocks=blocks))
+    (_, one), one_grads = loss_and_grads(cfg, params)
+    blocked = dataclasses.replace(cfg, attention_blocks=blocks)
+    (_, split), split_grads = loss_and_grads(blocked, params)
     np.testing.assert_allclose(split, one, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(split_grads), jax.tree.leaves(one_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
