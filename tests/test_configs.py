@@ -1,3 +1,4 @@
+import re
 import runpy
 
 import pytest
@@ -34,6 +35,25 @@ def test_demo_config_is_gpt1_architecture_on_shakespeare():
     # Everything but the sizes and schedule length is inherited from the paper's config.
     assert demo.train.weight_decay == 0.01 and demo.train.b2 == 0.999
     config_lib.validate(demo)
+
+
+def test_readme_config_table_names_every_setting():
+    # A row names its keys in backticks: `train.lr` / `warmup_steps` is train.lr and
+    # train.warmup_steps. The generation, zero-shot and estimate sections have their
+    # own README sections.
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Configs") : readme.index("### The workdir")]
+    documented = set()
+    for row in table.splitlines():
+        if row.startswith("| `"):
+            section = None
+            for name in re.findall(r"`([^`]+)`", row.split("|")[1]):
+                if "." in name:
+                    section, _, name = name.partition(".")
+                documented.add(f"{section}.{name}")
+    c = gpt1_config()
+    settings = {f"{s}.{k}" for s in ("model", "train", "data", "mesh") for k in c[s]}
+    assert settings - documented == set()
 
 
 @pytest.mark.parametrize(
