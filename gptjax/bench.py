@@ -66,7 +66,8 @@ KEYS = (
     # what ran, and where
     *("config", "backend", "device_kind", "num_devices", "threads", "jax_version"),
     *("num_params", "n_layer", "d_model", "n_ctx", "vocab_size", "batch_size"),
-    *("compute_dtype", "dropout", "warmup_steps", "timed_steps"),
+    *("compute_dtype", "attention", "attention_blocks", "dropout"),
+    *("warmup_steps", "timed_steps"),
     # the train step
     *("step_time_s", "step_times_s", "train_tokens_per_s", "flops_per_token"),
     *("model_flops_per_s", "peak_flops_per_s", "peak_source", "mfu"),
@@ -224,6 +225,8 @@ def run(
         **{k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_ctx", "vocab_size", "dropout")},
         batch_size=config.train.batch_size,
         compute_dtype=cfg.dtype,
+        attention=cfg.attention,
+        attention_blocks=cfg.attention_blocks,
         warmup_steps=settings.warmup,
         timed_steps=settings.steps * settings.rounds,
     )
@@ -292,7 +295,8 @@ def report(r: dict) -> str:
     rows = {
         "configuration": f"{r['config']}: {r['n_layer']} layers, width {r['d_model']}, "
         f"context {r['n_ctx']}, vocab {r['vocab_size']}, {r['num_params']:,} parameters; "
-        f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}",
+        f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}, "
+        f"{r['attention']} attention in {r['attention_blocks']} block(s)",
         "machine": f"{r['num_devices']} x {r['device_kind']} ({r['backend']}), "
         f"{r['threads']} threads, jax {r['jax_version']}",
         "train step": f"{r['step_time_s'] * 1e3:.1f} ms (median of {r['timed_steps']} after "
