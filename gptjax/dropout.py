@@ -55,7 +55,7 @@ def _optimisations_off() -> bool:
 Block = tuple[tuple[int, ...], tuple[int, ...]]  # (start, size) in each axis
 
 
-def threefry_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None = None):
+def threefry_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None = None) -> jax.Array:
     """`jax.random.bits(key, shape, jnp.uint32)`: the same bits, drawn by
     `unrolled_threefry_bits` where that is faster (a CPU compiling with XLA's
     optimisations) and by `jax.random.bits` itself elsewhere. GPUs have JAX's own
@@ -68,7 +68,9 @@ def threefry_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None = 
     return unrolled_threefry_bits(key, shape, block)
 
 
-def unrolled_threefry_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None = None):
+def unrolled_threefry_bits(
+    key: jax.Array, shape: tuple[int, ...], block: Block | None = None
+) -> jax.Array:
     """`jax.random.bits(key, shape, jnp.uint32)` for a Threefry key, as one fusible
     expression. With `block` = (start, size), the block of those bits of that size
     starting at that index, computed without the rest (each element's bits depend
