@@ -97,5 +97,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from gptjax import host_memory
+
+    host_memory.at_start()
     define_flags()
     app.run(main, flags_parser=parse_flags)

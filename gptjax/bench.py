@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import config as config_lib
-from gptjax import optim, sharding, train
+from gptjax import host_memory, optim, sharding, train
 from gptjax.bench_parts import bench_checkpoint, bench_generate, bench_pipeline
 from gptjax.bench_torch import TorchReference
 from gptjax.errors import UserError, argument_parser, fail
@@ -37,6 +37,7 @@ from gptjax.estimate import compile_step, memory
 from gptjax.measure import (
     fresh_compilation_cache,
     matmul_flops_per_s,
+    minor_page_faults,
     peak_flops,
     peak_rss_bytes,
     round_ratios,
@@ -72,7 +73,7 @@ KEYS = (
     *("step_time_s", "step_times_s", "train_tokens_per_s", "flops_per_token"),
     *("model_flops_per_s", "peak_flops_per_s", "peak_source", "mfu"),
     *("matmul_size", "matmul_flops_per_s", "compile_cold_s", "compile_cached_s"),
-    *("peak_rss_bytes", "device_peak_bytes"),
+    *("peak_rss_bytes", "device_peak_bytes", "host_memory_kept", "page_faults_per_step"),
     *("xla_argument_bytes", "xla_output_bytes", "xla_alias_bytes", "xla_temp_bytes"),
     "xla_peak_bytes",
     # the input pipeline
@@ -184,6 +185,7 @@ class TrainStep:
             self.mesh, {"tokens": self.tokens, "weights": np.ones(shape, np.float32)}
         )
         self.compiled = None
+        self.page_faults = []  # the process's minor page faults during each call
 
     def compile(self) -> tuple[float, float]:
         """(cold, cached) compile seconds: a fresh persistent cache filled by a first
@@ -197,8 +199,10 @@ class TrainStep:
             return cold, time.perf_counter() - start
 
     def __call__(self):
+        before = minor_page_faults()
         self.state, metrics = self.compiled(self.state, self.batch)
         jax.block_until_ready((self.state, metrics))
+        self.page_faults.append(minor_page_faults() - before)
 
 
 def run(
@@ -242,7 +246,10 @@ def run(
             fn()
     r["matmul_size"] = settings.matmul_size
     r["matmul_flops_per_s"] = matmul_flops_per_s(settings.matmul_size)
+    step.page_faults.clear()
     times = take_turns(runners, settings.rounds, settings.steps)
+    r["host_memory_kept"] = host_memory.kept()
+    r["page_faults_per_step"] = statistics.median(step.page_faults)
     tokens_per_step = config.train.batch_size * cfg.n_ctx
     r["step_times_s"] = times["gptjax"]
     r["step_time_s"] = statistics.median(times["gptjax"])
@@ -310,6 +317,8 @@ def report(r: dict) -> str:
         "memory": f"peak RSS {_si(r['peak_rss_bytes'], 'B')}; XLA: arguments "
         f"{_si(r['xla_argument_bytes'], 'B')}, temporaries {_si(r['xla_temp_bytes'], 'B')}, "
         f"peak {_si(r['xla_peak_bytes'], 'B')}; device peak {_si(r['device_peak_bytes'], 'B')}",
+        "host memory": f"{r['page_faults_per_step']:,.0f} page faults a step; freed blocks "
+        f"{'kept for reuse' if r['host_memory_kept'] else 'returned (malloc defaults)'}",
         "input pipeline": f"tokenize {_si(r['tokenize_tokens_per_s'])}, pack + batch "
         f"{_si(r['batch_tokens_per_s'])}, both {_si(r['pipeline_tokens_per_s'], 'tokens/s')}: "
         f"{r['pipeline_ratio']:.3g}x the step's need (batching alone {r['batch_ratio']:.3g}x)",
@@ -391,4 +400,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    host_memory.at_start()
     main(sys.argv[1:])

@@ -69,7 +69,9 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     # Imported here so that `--help` and flag errors answer without loading JAX.
     from gptjax import config as config_lib
-    from gptjax import distributed, pretrain
+    from gptjax import distributed, host_memory, pretrain
+
+    logging.info(host_memory.describe())
 
     try:
         config = _CONFIG.value
@@ -120,4 +122,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from gptjax import host_memory
+
+    host_memory.at_start()
     app.run(main, flags_parser=parse_flags)

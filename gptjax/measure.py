@@ -54,6 +54,12 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux counts KiB
 
 
+def minor_page_faults() -> int:
+    """The process's minor page faults so far (all threads): each is a page the kernel
+    mapped in, zeroed if fresh, on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 @contextlib.contextmanager
 def fresh_compilation_cache():
     """JAX's persistent compilation cache in an empty temporary directory, storing every
