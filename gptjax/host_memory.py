@@ -1,21 +1,22 @@
 """Host memory kept by the process between steps, instead of handed back to the kernel.
 
 XLA's CPU runtime allocates the temporaries of every execution of a compiled step
-(0.78 GB at `bench-cpu`, 1.3 GB at `gpt1` batch 1) and frees them when it returns.
+(0.78 GB at `bench-cpu`, 1.4 GB at `gpt1` batch 1) and frees them when it returns.
 glibc's malloc serves blocks that large with `mmap` and returns them with `munmap`, so
 each step the kernel maps, zeroes and faults in ~200,000 fresh pages again (one minor
 page fault each: `getrusage`'s `ru_minflt` counts them). Telling malloc to keep what is
 freed (no `mmap` for large blocks, no trimming of the heap's top, and one arena, since
 glibc's per-thread arenas `mmap` any block larger than their 64 MB heaps whatever the
 settings) makes a step reuse the previous step's pages: no faults in a steady step, and
-the `bench-cpu` train step 1.14-1.28x faster on 2 cores (docs/benchmarks.md).
+the `bench-cpu` train step 1.12-1.28x faster on 2 cores (docs/benchmarks.md).
 
 The price: the process keeps its heap at its peak, all threads share one malloc arena,
-and a cold XLA compile took ~10% longer in that measurement. The settings only hold for
-threads that have not allocated yet (a thread keeps its arena), so the commands apply
-them at start (`at_start`), before JAX starts its runtime. `GPTJAX_HOST_MEMORY` chooses: `auto` (the
-default: on when JAX can only run on the CPU, where the step's temporaries are host
-memory), `keep` or `release` (glibc's defaults). Elsewhere than glibc it does nothing.
+and a cold XLA compile took 10-20% longer in those measurements. The settings only hold
+for threads that have not allocated yet (a thread keeps its arena), so the commands
+apply them first (`at_start`), before JAX starts its runtime. `GPTJAX_HOST_MEMORY`
+chooses: `auto` (the default: on when JAX can only run on the CPU, where the step's
+temporaries are host memory), `keep` or `release` (glibc's defaults). Elsewhere than
+glibc it does nothing.
 """
 
 import ctypes
