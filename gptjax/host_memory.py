@@ -52,13 +52,10 @@ def configure(choice: str | None = None) -> bool:
         choice = os.environ.get(ENV, "").strip().lower() or "auto"
     if choice not in CHOICES:
         raise UserError(f"{ENV}={choice!r}: use auto, keep or release")
-    if choice == "release" or (choice == "auto" and not cpu_only()):
-        return _kept
-    if not _keep_freed_memory():
-        if choice == "keep":
+    if choice == "keep" or (choice == "auto" and cpu_only()):
+        _kept = _keep_freed_memory()
+        if not _kept and choice == "keep":
             logging.warning("%s=keep: needs Linux with glibc; malloc left as it is", ENV)
-        return _kept
-    _kept = True
     return _kept
 
 
