@@ -67,7 +67,7 @@ KEYS = (
     # what ran, and where
     *("config", "backend", "device_kind", "num_devices", "threads", "jax_version"),
     *("num_params", "n_layer", "d_model", "n_ctx", "vocab_size", "batch_size"),
-    *("compute_dtype", "attention", "attention_blocks", "dropout"),
+    *("compute_dtype", "attention", "attention_blocks", "cpu_matmuls", "dropout"),
     *("warmup_steps", "timed_steps"),
     # the train step
     *("step_time_s", "step_times_s", "train_tokens_per_s", "flops_per_token"),
@@ -137,7 +137,8 @@ def load_config(name: str, overrides: tuple[str, ...] = ()) -> ml_collections.Co
     config = runpy.run_path(str(path))["get_config"]()
     if name == "tiny":
         config.model.update(vocab_size=64, n_ctx=32, n_layer=1, n_head=2, d_model=16, d_mlp=64)
-        config.train.update(batch_size=4, num_steps=10, warmup_steps=2)
+        # XLA's own matmuls, so that the step's second compile reads the persistent cache.
+        config.train.update(batch_size=4, num_steps=10, warmup_steps=2, cpu_matmuls="xla")
     if name == "gpt1" and jax.default_backend() == "cpu":
         config.train.batch_size = 1
     for item in overrides:
@@ -177,6 +178,7 @@ class TrainStep:
             self.mesh,
             shardings,
             config.train.microbatches,
+            train.compiler_options(config.train),
         )
         rng = np.random.default_rng(0)
         shape = (config.train.batch_size, config.model.n_ctx)
@@ -231,6 +233,7 @@ def run(
         compute_dtype=cfg.dtype,
         attention=cfg.attention,
         attention_blocks=cfg.attention_blocks,
+        cpu_matmuls=config.train.cpu_matmuls,
         warmup_steps=settings.warmup,
         timed_steps=settings.steps * settings.rounds,
     )
@@ -299,11 +302,13 @@ def _si(x: float | None, unit: str = "") -> str:
 def report(r: dict) -> str:
     """The result as an aligned table for a terminal."""
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    uncached = r["cpu_matmuls"] == "onednn" and r["backend"] == "cpu"
     rows = {
         "configuration": f"{r['config']}: {r['n_layer']} layers, width {r['d_model']}, "
         f"context {r['n_ctx']}, vocab {r['vocab_size']}, {r['num_params']:,} parameters; "
         f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}, "
-        f"{r['attention']} attention in {r['attention_blocks']} block(s)",
+        f"{r['attention']} attention in {r['attention_blocks']} block(s), "
+        f"{r['cpu_matmuls']} matmuls on CPUs",
         "machine": f"{r['num_devices']} x {r['device_kind']} ({r['backend']}), "
         f"{r['threads']} threads, jax {r['jax_version']}",
         "train step": f"{r['step_time_s'] * 1e3:.1f} ms (median of {r['timed_steps']} after "
@@ -313,7 +318,8 @@ def report(r: dict) -> str:
         "MFU": f"{mfu} of {_si(r['peak_flops_per_s'], 'FLOP/s')} ({r['peak_source']}); "
         f"{r['matmul_size']}^3 float32 matmul: {_si(r['matmul_flops_per_s'], 'FLOP/s')}",
         "compile": f"cold {r['compile_cold_s']:.2f} s, "
-        f"from the persistent cache {r['compile_cached_s']:.2f} s",
+        f"from the persistent cache {r['compile_cached_s']:.2f} s"
+        + (" (oneDNN's executables are not cached)" if uncached else ""),
         "memory": f"peak RSS {_si(r['peak_rss_bytes'], 'B')}; XLA: arguments "
         f"{_si(r['xla_argument_bytes'], 'B')}, temporaries {_si(r['xla_temp_bytes'], 'B')}, "
         f"peak {_si(r['xla_peak_bytes'], 'B')}; device peak {_si(r['device_peak_bytes'], 'B')}",

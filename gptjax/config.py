@@ -69,6 +69,8 @@ def validate(config: ml_collections.ConfigDict):
             "train.attention=fused has no attention dropout; set --config.model.dropout=0.0 "
             "or use --config.train.attention=xla"
         )
+    if t.cpu_matmuls not in ("xla", "onednn"):
+        raise UserError(f"train.cpu_matmuls is {t.cpu_matmuls!r}; use 'xla' or 'onednn'")
     if t.nonfinite not in ("skip", "stop"):
         raise UserError(f"train.nonfinite is {t.nonfinite!r}; use 'skip' or 'stop'")
     if t.nonfinite_limit < 1:

@@ -71,6 +71,7 @@ def test_readme_config_table_names_every_setting():
         ("train", "remat", "some", "train.remat"),
         ("train", "scan_unroll", 13, "train.scan_unroll"),
         ("train", "scan_unroll", -1, "train.scan_unroll"),
+        ("train", "cpu_matmuls", "mkl", "train.cpu_matmuls"),
         ("train", "nonfinite", "ignore", "train.nonfinite"),
         ("train", "nonfinite_limit", 0, "train.nonfinite_limit"),
     ],

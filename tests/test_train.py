@@ -1,10 +1,12 @@
 import math
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
 from gptjax import optim, pretrain, sharding, train
+from gptjax.estimate import compile_step
 from gptjax.metrics import read_metrics
 from gptjax.model import GPT, ModelConfig
 
@@ -18,7 +20,11 @@ def make_steps(config):
     tx = optim.make_optimizer(config.train, total)
     state, shardings = train.create_state(model, tx, config.train.seed, config.model.n_ctx, mesh)
     p_train, p_eval = train.compile_steps(
-        model, optim.lr_schedule(config.train, total), mesh, shardings
+        model,
+        optim.lr_schedule(config.train, total),
+        mesh,
+        shardings,
+        options=train.compiler_options(config.train),
     )
     return mesh, state, p_train, p_eval
 
@@ -57,6 +63,31 @@ def test_loss_falls_on_fixed_text():
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.2 * losses[0]
     assert int(state.step) == 60
+
+
+def test_onednn_matmuls_change_no_value():
+    """train.cpu_matmuls="onednn" hands the step's matmuls to oneDNN instead of XLA's
+    YNNPACK; the losses and the updated parameters stay the same."""
+    runs = {}
+    for library in ("xla", "onednn"):
+        config = tiny_config()
+        config.train.cpu_matmuls = library
+        mesh, state, p_train, _ = make_steps(config)
+        batch = sharding.global_batch(mesh, fixed_batch(config))
+        hlo = compile_step(p_train, mesh, state, batch).as_text()
+        losses = []
+        for _ in range(3):
+            state, metrics = p_train(state, batch)
+            losses.append(float(metrics["loss"]))
+        runs[library] = hlo, losses, jax.device_get(state.params)
+    assert "__onednn_fusion" not in runs["xla"][0]
+    assert "__onednn_fusion" in runs["onednn"][0]
+    np.testing.assert_allclose(runs["onednn"][1], runs["xla"][1], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        runs["onednn"][2],
+        runs["xla"][2],
+    )
 
 
 def test_train_step_metrics_and_schedule():
