@@ -34,7 +34,8 @@ def get_config() -> config_dict.ConfigDict:
     # 1.05-1.08x this config's CPU step for ~1 s more compile (docs/benchmarks.md).
     config.train.attention_blocks = 2
     # The train step's matmuls through oneDNN: 1.16x this config's step on an AVX-512
-    # Xeon (none at gpt1's sizes); compiled afresh at every start (docs/benchmarks.md).
+    # Xeon (none at gpt1's sizes); compiled afresh at every start. XLA's oneDNN path is
+    # experimental: set "xla" if a run dies in it (docs/benchmarks.md).
     config.train.cpu_matmuls = "onednn"
 
     # --mode=estimate: what this run would cost on one accelerator.
