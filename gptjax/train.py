@@ -195,7 +195,8 @@ ONEDNN_CPU_OPTIONS = {
 
 
 def compiler_options(train_cfg) -> dict | None:
-    """XLA options for the train step from `config.train` (they change no value).
+    """XLA options for the train step from `config.train` (the same values, to float32
+    rounding).
 
     `cpu_matmuls`: "xla" leaves the CPU's matmuls to XLA (YNNPACK); "onednn" runs them
     through oneDNN, 1.16x the `bench-cpu` step on an AVX-512 Xeon but no faster at
