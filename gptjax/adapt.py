@@ -66,14 +66,7 @@ def adapt(run: "FineTune") -> str:
         if cfg.train.scan_layers:
             params = stack_layers(params, cfg.model.n_layer)
         state = state.replace(params=jax.device_put(params, shardings.params))
-    p_train, p_eval = train.compile_steps(
-        model,
-        schedule,
-        run.mesh,
-        shardings,
-        cfg.train.microbatches,
-        train.compiler_options(cfg.train),
-    )
+    p_train, p_eval = train.compile_steps(model, schedule, run.mesh, shardings, cfg.train)
     os.makedirs(workdir, exist_ok=True)
     write_run_config(workdir, cfg)
     logging.info(

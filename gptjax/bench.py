@@ -177,8 +177,7 @@ class TrainStep:
             optim.lr_schedule(config.train, steps),
             self.mesh,
             shardings,
-            config.train.microbatches,
-            train.compiler_options(config.train),
+            config.train,
         )
         rng = np.random.default_rng(0)
         shape = (config.train.batch_size, config.model.n_ctx)

@@ -169,12 +169,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
     tx = optim.make_optimizer(config.train, steps)
     state, shardings = abstract_train_state(model, tx, config.model.n_ctx, mesh)
     p_train = train.compile_train_step(
-        train.lm_objective(model),
-        schedule,
-        mesh,
-        shardings,
-        config.train.microbatches,
-        train.compiler_options(config.train),
+        train.lm_objective(model), schedule, mesh, shardings, config.train
     )
     batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
     options = ANALYSIS_ONLY_CPU_OPTIONS if jax.default_backend() == "cpu" else None

@@ -251,12 +251,7 @@ class FineTune:
         self.abstract = train.abstract_state(self.state, self.shardings)
         objective = task_objective(self.model, cfg.finetune.lm_coef, self.task.regression)
         self.p_train = train.compile_train_step(
-            objective,
-            self.schedule,
-            self.mesh,
-            self.shardings,
-            cfg.train.microbatches,
-            train.compiler_options(cfg.train),
+            objective, self.schedule, self.mesh, self.shardings, cfg.train
         )
         self.p_predict = sharding.under_axis_rules(
             jax.jit(

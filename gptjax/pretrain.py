@@ -109,12 +109,7 @@ class Run:
         )
         self.num_params = count_params(self.state.params)
         self.p_train, self.p_eval = train.compile_steps(
-            self.model,
-            self.schedule,
-            self.mesh,
-            self.shardings,
-            config.train.microbatches,
-            train.compiler_options(config.train),
+            self.model, self.schedule, self.mesh, self.shardings, config.train
         )
         self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints, read_only=read_only)
         if not read_only:

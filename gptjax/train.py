@@ -215,39 +215,29 @@ def compiler_options(train_cfg) -> dict | None:
 
 
 def compile_train_step(
-    objective: Objective,
-    schedule: optax.Schedule,
-    mesh,
-    state_shardings,
-    microbatches: int = 1,
-    options: dict | None = None,
+    objective: Objective, schedule: optax.Schedule, mesh, state_shardings, train_cfg
 ):
     """The jitted train step, with shardings declared once and the train state's buffers
-    donated (updated in place); `options` are XLA's (`compiler_options`)."""
+    donated (updated in place); `train_cfg` (`config.train`) gives its gradient
+    accumulation (`microbatches`) and XLA's options (`compiler_options`)."""
     p_train = jax.jit(
         functools.partial(
-            train_step, objective=objective, schedule=schedule, microbatches=microbatches
+            train_step,
+            objective=objective,
+            schedule=schedule,
+            microbatches=train_cfg.microbatches,
         ),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
-        compiler_options=options,
+        compiler_options=compiler_options(train_cfg),
     )
     return sharding.under_axis_rules(p_train, mesh)
 
 
-def compile_steps(
-    model: GPT,
-    schedule: optax.Schedule,
-    mesh,
-    state_shardings,
-    microbatches: int = 1,
-    options: dict | None = None,
-):
+def compile_steps(model: GPT, schedule: optax.Schedule, mesh, state_shardings, train_cfg):
     """The jitted LM train and eval steps (pretraining, domain adaptation)."""
-    p_train = compile_train_step(
-        lm_objective(model), schedule, mesh, state_shardings, microbatches, options
-    )
+    p_train = compile_train_step(lm_objective(model), schedule, mesh, state_shardings, train_cfg)
     p_eval = jax.jit(
         functools.partial(eval_step, model=model),
         in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)),

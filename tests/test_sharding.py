@@ -51,8 +51,10 @@ def run_steps(config, devices=None, remat="none", microbatches=1, scan_layers=Fa
     )
     tx = optim.make_optimizer(config.train, 100)
     state, shardings = train.create_state(model, tx, 0, config.model.n_ctx, mesh)
+    train_cfg = config.train.copy_and_resolve_references()
+    train_cfg.microbatches = microbatches
     p_train, _ = train.compile_steps(
-        model, optim.lr_schedule(config.train, 100), mesh, shardings, microbatches
+        model, optim.lr_schedule(config.train, 100), mesh, shardings, train_cfg
     )
     history = []
     for batch in batches(config):

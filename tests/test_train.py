@@ -20,11 +20,7 @@ def make_steps(config):
     tx = optim.make_optimizer(config.train, total)
     state, shardings = train.create_state(model, tx, config.train.seed, config.model.n_ctx, mesh)
     p_train, p_eval = train.compile_steps(
-        model,
-        optim.lr_schedule(config.train, total),
-        mesh,
-        shardings,
-        options=train.compiler_options(config.train),
+        model, optim.lr_schedule(config.train, total), mesh, shardings, config.train
     )
     return mesh, state, p_train, p_eval
 
