@@ -20,6 +20,7 @@ import ml_collections
 
 from gptjax import kv_cache
 from gptjax.dropout import Dropout, dropout
+from gptjax.matmul import project, unembed
 
 # The paper and the original release initialise every weight from N(0, 0.02).
 INIT_STD = 0.02
@@ -165,7 +166,7 @@ class Projection(nn.Module):
         kernel = self.param("kernel", _init(*self.kernel_axes), in_shape + self.out_shape)
         bias = self.param("bias", _zeros(*self.bias_axes), self.out_shape)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return jnp.tensordot(x, kernel, axes=self.n_in) + bias
+        return project(x, kernel, self.n_in) + bias
 
 
 class CausalSelfAttention(nn.Module):
@@ -229,20 +230,22 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        h_BxLxF = nn.Dense(
-            self.cfg.d_mlp,
+        h_BxLxF = Projection(
+            out_shape=(self.cfg.d_mlp,),
+            n_in=1,
+            kernel_axes=("embed", "mlp"),
+            bias_axes=("mlp",),
             dtype=self.cfg.dtype,
-            kernel_init=_init("embed", "mlp"),
-            bias_init=_zeros("mlp"),
             name="c_fc",
         )(x_BxLxD)
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
         h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
-        return nn.Dense(
-            self.cfg.d_model,
+        return Projection(
+            out_shape=(self.cfg.d_model,),
+            n_in=1,
+            kernel_axes=("mlp", "embed"),
+            bias_axes=("embed",),
             dtype=self.cfg.dtype,
-            kernel_init=_init("mlp", "embed"),
-            bias_init=_zeros("embed"),
             name="c_proj",
         )(h_BxLxF)
 
@@ -356,14 +359,8 @@ class GPT(nn.Module):
 
     def lm_logits(self, h_BxLxD: jax.Array) -> jax.Array:
         """Next-token logits [B, L, V] from the LM head tied to the token embedding."""
-        embedding_VxD = self.tokens_embed.embedding
         # Accumulated and returned in float32 whatever the compute dtype.
-        return jnp.einsum(
-            "bld,vd->blv",
-            h_BxLxD.astype(self.cfg.dtype),
-            embedding_VxD.astype(self.cfg.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        return unembed(h_BxLxD, self.tokens_embed.embedding, self.cfg.dtype)
 
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.lm_logits(self.encode(tokens_BxL, deterministic))

@@ -1,0 +1,101 @@
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax.matmul import project, unembed
+
+
+def _normal(seed, shape):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    "x_shape, kernel_shape, n_in",
+    [
+        ((2, 5, 8), (8, 12), 1),  # an MLP layer
+        ((2, 5, 8), (8, 3, 2, 4), 1),  # the fused QKV projection, [D, 3, H, K]
+        ((2, 5, 2, 4), (2, 4, 8), 2),  # attention's output projection, [H, K, D]
+        ((7, 8), (8, 6), 1),
+    ],
+)
+def test_project_and_its_gradients_are_tensordots(x_shape, kernel_shape, n_in):
+    x, kernel = _normal(0, x_shape), _normal(1, kernel_shape)
+    weights = _normal(2, x_shape[: len(x_shape) - n_in] + kernel_shape[n_in:])
+
+    def loss(contract, x, kernel):
+        return jnp.sum(jnp.tanh(contract(x, kernel)) * weights)
+
+    ours = jax.jit(
+        jax.value_and_grad(lambda x, k: loss(lambda x, k: project(x, k, n_in), x, k), (0, 1))
+    )
+    want = jax.value_and_grad(
+        lambda x, k: loss(lambda x, k: jnp.tensordot(x, k, n_in), x, k), (0, 1)
+    )
+    (value, grads), (want_value, want_grads) = ours(x, kernel), want(x, kernel)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unembed_and_its_gradients_are_the_tied_head():
+    h, embedding = _normal(0, (2, 5, 8)), _normal(1, (11, 8))
+    targets = jax.random.randint(jax.random.PRNGKey(2), (2, 5), 0, 11)
+
+    def loss(head, h, embedding):
+        logits = head(h, embedding)
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+    ours = jax.value_and_grad(
+        lambda h, e: loss(lambda h, e: unembed(h, e, "float32"), h, e), (0, 1)
+    )
+    want = jax.value_and_grad(
+        lambda h, e: loss(lambda h, e: jnp.einsum("bld,vd->blv", h, e), h, e), (0, 1)
+    )
+    (value, grads), (want_value, want_grads) = jax.jit(ours)(h, embedding), want(h, embedding)
+    assert unembed(h, embedding, "float32").dtype == jnp.float32
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_products_keep_float32_logits():
+    h, embedding = _normal(0, (2, 3, 8)), _normal(1, (11, 8))
+    logits = unembed(h, embedding, "bfloat16")
+    assert logits.dtype == jnp.float32
+    want = jnp.einsum("bld,vd->blv", h, embedding)
+    np.testing.assert_allclose(logits, want, rtol=0.05, atol=0.05)
+
+
+def _transposed_copies(contract) -> int:
+    """Transposing copies in the optimised CPU program of the gradients of a fused-QKV
+    style projection ([D, 3, H, K] kernel) followed by an MLP layer."""
+
+    def loss(params, x):
+        a, b = params
+        h = jnp.tanh(contract(x, a, 1)).reshape(x.shape[:2] + (-1,))
+        return jnp.sum(contract(h, b, 1) ** 2)
+
+    params = (_normal(1, (64, 3, 4, 16)), _normal(2, (192, 64)))
+    x = _normal(0, (4, 128, 64))
+    # Optimised whatever the test environment says: the layout is what is tested.
+    options = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+    compiled = jax.jit(jax.grad(loss), compiler_options=options).lower(params, x).compile()
+    entry = compiled.as_text().split("ENTRY", 1)[1]
+    return len(
+        re.findall(
+            r"= f32\[[\d,]*\]\{[\d,]*\} (?:copy|transpose)\(|(?:copy|transpose)\w*fusion[.\d]* =",
+            entry,
+        )
+    )
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the layout of XLA's CPU compiler")
+def test_kernel_gradients_need_no_transposed_copies_on_cpus():
+    # As multi-axis contractions, XLA copies operands into transposed layouts for the
+    # backward pass's products; as 2-D matmuls it does not.
+    assert _transposed_copies(jnp.tensordot) > 0
+    assert _transposed_copies(project) == 0
