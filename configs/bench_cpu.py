@@ -33,10 +33,11 @@ def get_config() -> config_dict.ConfigDict:
     # Causal attention in 2 blocks of queries: the same values, 3/4 of the score work;
     # 1.05-1.08x this config's CPU step for ~1 s more compile (docs/benchmarks.md).
     config.train.attention_blocks = 2
-    # The train step's matmuls through oneDNN: 1.16x this config's step on an AVX-512
-    # Xeon (none at gpt1's sizes); compiled afresh at every start. XLA's oneDNN path is
-    # experimental: set "xla" if a run dies in it (docs/benchmarks.md).
-    config.train.cpu_matmuls = "onednn"
+    # The train step's matmuls stay XLA's (YNNPACK), compiled from the persistent
+    # cache. oneDNN's ("onednn") was 1.16x this step on an AVX-512 Xeon until the
+    # products became 2-D matmuls (gptjax/matmul.py); since then XLA's are as fast
+    # (1.005x, 1.009x oneDNN's).
+    config.train.cpu_matmuls = "xla"
 
     # --mode=estimate: what this run would cost on one accelerator.
     config.estimate = config_dict.ConfigDict()

@@ -56,8 +56,8 @@ def get_config() -> config_dict.ConfigDict:
     config.train.attention = "xla"
     config.train.attention_blocks = 1
     # The library of the train step's matmuls on CPUs: "xla" (XLA's choice, YNNPACK) or
-    # "onednn" (faster at small widths; the step is then never compiled from the
-    # persistent cache). Ignored on GPUs and TPUs.
+    # "onednn" (no faster since the model's products became 2-D matmuls on CPUs; the
+    # step is then never compiled from the persistent cache). Ignored on GPUs and TPUs.
     config.train.cpu_matmuls = "xla"
     # Bookkeeping (not from the paper).
     config.train.log_every = 100
