@@ -151,7 +151,9 @@ class Projection(nn.Module):
 
     Flax's DenseGeneral would do, but it initialises kernels in a flattened 2-D shape,
     which clashes with multi-axis logical partitioning; this stores and initialises the
-    kernel in its full logical shape.
+    kernel in its full logical shape. Every weight product of the blocks is one of
+    these (the MLP's too, with the parameters `nn.Dense` would have), so all go through
+    `matmul.project`.
     """
 
     out_shape: tuple[int, ...]
