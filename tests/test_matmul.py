@@ -70,16 +70,16 @@ def test_bfloat16_products_keep_float32_logits():
     np.testing.assert_allclose(logits, want, rtol=0.05, atol=0.05)
 
 
-def _transposed_copies(contract) -> int:
+def _transposed_copies(contract, head) -> int:
     """Transposing copies in the optimised CPU program of the gradients of a fused-QKV
-    style projection ([D, 3, H, K] kernel) followed by an MLP layer."""
+    style projection ([D, 3, H, K] kernel), an MLP layer and a tied LM head."""
 
     def loss(params, x):
-        a, b = params
+        a, b, embedding = params
         h = jnp.tanh(contract(x, a, 1)).reshape(x.shape[:2] + (-1,))
-        return jnp.sum(contract(h, b, 1) ** 2)
+        return jnp.sum(jax.nn.logsumexp(head(contract(h, b, 1), embedding), axis=-1))
 
-    params = (_normal(1, (64, 3, 4, 16)), _normal(2, (192, 64)))
+    params = (_normal(1, (64, 3, 4, 16)), _normal(2, (192, 64)), _normal(3, (512, 64)))
     x = _normal(0, (4, 128, 64))
     # Optimised whatever the test environment says: the layout is what is tested.
     options = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
@@ -94,8 +94,13 @@ def _transposed_copies(contract) -> int:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the layout of XLA's CPU compiler")
-def test_kernel_gradients_need_no_transposed_copies_on_cpus():
+def test_weight_gradients_need_no_transposed_copies_on_cpus():
     # As multi-axis contractions, XLA copies operands into transposed layouts for the
     # backward pass's products; as 2-D matmuls it does not.
-    assert _transposed_copies(jnp.tensordot) > 0
-    assert _transposed_copies(project) == 0
+    def einsum_head(h, embedding):
+        return jnp.einsum("bld,vd->blv", h, embedding)
+
+    assert _transposed_copies(jnp.tensordot, einsum_head) > 0
+    assert _transposed_copies(jnp.tensordot, lambda h, e: unembed(h, e, "float32")) > 0
+    assert _transposed_copies(project, einsum_head) > 0
+    assert _transposed_copies(project, lambda h, e: unembed(h, e, "float32")) == 0
