@@ -14,9 +14,10 @@ step 1.045-1.064x faster, `gpt1`'s 1.05-1.11x (docs/benchmarks.md, "Speed work")
 values are the same products.
 
 Elsewhere the products stay as written (`jnp.tensordot`, `jnp.einsum`): GPU and TPU
-compilers fold transposes into their matmuls, and merging a kernel's axes when one of
-them (the heads) is split over a mesh axis would make XLA gather the kernel. Not
-measured on accelerators, so not changed there.
+compilers fold transposes into their matmuls (not measured there, so not changed), and
+so do CPUs whose mesh splits the heads (tensor parallelism, also what `--mode=estimate`
+compiles for an accelerator's mesh): merging the QKV kernel's (3, H, K) axes with H
+split over devices would make XLA gather the kernel and the activations.
 """
 
 import math
@@ -24,9 +25,18 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gptjax.sharding import LOGICAL_AXIS_RULES
+
+_HEADS_AXIS = dict(LOGICAL_AXIS_RULES)["heads"]  # the mesh axis that splits heads
+
 
 def _as_matmuls() -> bool:
-    return jax.default_backend() == "cpu"
+    """Whether the products are traced as 2-D matmuls: on CPUs, unless the mesh being
+    traced for splits the heads."""
+    if jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or dict(mesh.shape).get(_HEADS_AXIS, 1) == 1
 
 
 def project(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:

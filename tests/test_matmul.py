@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gptjax.matmul import project, unembed
+from gptjax.sharding import MESH_AXES
 
 
 def _normal(seed, shape):
@@ -104,3 +105,17 @@ def test_weight_gradients_need_no_transposed_copies_on_cpus():
     assert _transposed_copies(jnp.tensordot, lambda h, e: unembed(h, e, "float32")) > 0
     assert _transposed_copies(project, einsum_head) > 0
     assert _transposed_copies(project, lambda h, e: unembed(h, e, "float32")) == 0
+
+
+@pytest.mark.parametrize("mesh_shape, as_matmuls", [((2, 1, 1), True), ((1, 2, 2), False)])
+def test_a_mesh_that_splits_heads_keeps_the_kernels_axes(mesh_shape, as_matmuls):
+    # Merging [D, 3, H, K] into [D, 3 x H x K] with H split over "tensor" would make XLA
+    # gather the kernel, so under such a mesh (and off CPUs) no reshapes are traced.
+    mesh = jax.sharding.AbstractMesh(
+        mesh_shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    )
+    x, kernel = _normal(0, (2, 5, 8)), _normal(1, (8, 3, 2, 4))
+    with jax.sharding.use_abstract_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(lambda x, k: project(x, k, 1))(x, kernel))
+    on_cpu = jax.default_backend() == "cpu"
+    assert ("reshape" in jaxpr) == (as_matmuls and on_cpu)
