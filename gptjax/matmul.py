@@ -10,7 +10,7 @@ copies of the [B x L, n] operands: 37 copies a `bench-cpu` step (12.6 MB for eac
 layer, 67 MB for the LM head's gradient). Written as one [B x L, in] x [in, out] matmul
 (reshapes are free), every product of the forward and backward passes is one oneDNN or
 YNNPACK call reading its operands as they lie, with no copies: the `bench-cpu` CPU train
-step 1.045-1.064x faster, `gpt1`'s 1.05-1.11x (docs/benchmarks.md, "Speed work"). The
+step 1.045-1.064x faster, `gpt1`'s 1.11x (docs/benchmarks.md, "Speed work"). The
 values are the same products.
 
 Elsewhere the products stay as written (`jnp.tensordot`, `jnp.einsum`): GPU and TPU
