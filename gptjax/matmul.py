@@ -8,16 +8,16 @@ the LM head's gradient contracts [B, L, V] over them too. XLA's CPU compiler
 canonicalises such multi-axis products into matrix products through physical transposed
 copies of the [B x L, n] operands: 37 copies a `bench-cpu` step (12.6 MB for each MLP
 layer, 67 MB for the LM head's gradient). Written as one [B x L, in] x [in, out] matmul
-(reshapes are free), every product of the forward and backward passes is one oneDNN or
-YNNPACK call reading its operands as they lie, with no copies: the `bench-cpu` CPU train
-step 1.045-1.064x faster, `gpt1`'s 1.11x (docs/benchmarks.md, "Speed work"). The
-values are the same products.
+(reshapes are free), every product of the forward and backward passes is one library
+call (YNNPACK, Eigen or oneDNN) reading its operands as they lie, with no copies: the
+`bench-cpu` CPU train step 1.045-1.064x faster, `gpt1`'s 1.11x (docs/benchmarks.md,
+"Speed work"). The values are the same products.
 
-Elsewhere the products stay as written (`jnp.tensordot`, `jnp.einsum`): GPU and TPU
+The products stay as written (`jnp.tensordot`, `jnp.einsum`) on GPUs and TPUs, whose
 compilers fold transposes into their matmuls (not measured there, so not changed), and
-so do CPUs whose mesh splits the heads (tensor parallelism, also what `--mode=estimate`
-compiles for an accelerator's mesh): merging the QKV kernel's (3, H, K) axes with H
-split over devices would make XLA gather the kernel and the activations.
+on CPUs under a mesh that splits the heads (tensor parallelism; also what
+`--mode=estimate` compiles for an accelerator's mesh): merging the QKV kernel's
+(3, H, K) axes with H split over devices would make XLA gather the kernel.
 """
 
 import math
