@@ -137,8 +137,7 @@ def load_config(name: str, overrides: tuple[str, ...] = ()) -> ml_collections.Co
     config = runpy.run_path(str(path))["get_config"]()
     if name == "tiny":
         config.model.update(vocab_size=64, n_ctx=32, n_layer=1, n_head=2, d_model=16, d_mlp=64)
-        # XLA's own matmuls, so that the step's second compile reads the persistent cache.
-        config.train.update(batch_size=4, num_steps=10, warmup_steps=2, cpu_matmuls="xla")
+        config.train.update(batch_size=4, num_steps=10, warmup_steps=2)
     if name == "gpt1" and jax.default_backend() == "cpu":
         config.train.batch_size = 1
     for item in overrides:

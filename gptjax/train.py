@@ -199,9 +199,10 @@ def compiler_options(train_cfg) -> dict | None:
     rounding).
 
     `cpu_matmuls`: "xla" leaves the CPU's matmuls to XLA (YNNPACK); "onednn" runs them
-    through oneDNN, 1.16x the `bench-cpu` step on an AVX-512 Xeon but no faster at
-    `gpt1`, and XLA cannot store such an executable in the persistent compilation cache,
-    so every start compiles afresh (docs/benchmarks.md). Ignored off CPUs.
+    through oneDNN, no faster since the model's products became 2-D matmuls (before,
+    1.16x the `bench-cpu` step on an AVX-512 Xeon), and XLA cannot store such an
+    executable in the persistent compilation cache, so every start compiles afresh
+    (docs/benchmarks.md). Ignored off CPUs.
     """
     if train_cfg.cpu_matmuls != "onednn" or jax.default_backend() != "cpu":
         return None
