@@ -7,8 +7,9 @@ each step the kernel maps, zeroes and faults in ~200,000 fresh pages again (one 
 page fault each: `getrusage`'s `ru_minflt` counts them). Telling malloc to keep what is
 freed (no `mmap` for large blocks, no trimming of the heap's top, and one arena, since
 glibc's per-thread arenas `mmap` any block larger than their 64 MB heaps whatever the
-settings) makes a step reuse the previous step's pages: no faults in a steady step, and
-the `bench-cpu` train step 1.12-1.28x faster on 2 cores (docs/benchmarks.md).
+settings) makes a step reuse the previous step's pages: no faults in a typical steady
+step (now and then a step's blocks do not fit the heap's free space and it grows once
+more), and the `bench-cpu` train step 1.12-1.28x faster on 2 cores (docs/benchmarks.md).
 
 The price: the process keeps its heap at its peak, all threads share one malloc arena,
 and a cold XLA compile took 10-20% longer in those measurements. The settings only hold

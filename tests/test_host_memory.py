@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -25,7 +26,7 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: (jnp.sin(x)[::-1] * jnp.cos(x)).sum())
 x = jnp.ones((1 << 24,), jnp.float32)
 faults = []
-for _ in range(20):
+for _ in range(30):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -51,12 +52,14 @@ def test_kept_memory_ends_the_page_faults_of_each_call():
     # malloc's defaults: every call maps its 128 MB of temporaries afresh (32,768 pages).
     kept, released = faults_per_call("release")
     assert not kept
-    assert min(released[-10:]) > 30_000, released
-    # Kept: once the heap has grown to hold them (a few calls; a freed block may still be
-    # in use when the next call allocates), calls reuse its pages.
+    assert min(released[-20:]) > 30_000, released
+    # Kept: once the heap has grown to hold them, most calls reuse its pages. Not all: where
+    # a call's blocks land in the heap varies (thread timing), and now and then one does
+    # not fit the free space and the heap grows by another 128 MB (measured: 0-5 of the
+    # last 20 calls of 30 fault, never a majority), so the typical call is the property.
     kept, reused = faults_per_call("keep")
     assert kept
-    assert sum(reused[-10:]) < sum(released[-10:]) / 4, reused
+    assert statistics.median(reused[-20:]) < 1_000, reused
 
 
 def test_auto_is_on_where_jax_can_only_use_the_cpu(monkeypatch):
