@@ -67,7 +67,8 @@ KEYS = (
     # what ran, and where
     *("config", "backend", "device_kind", "num_devices", "threads", "jax_version"),
     *("num_params", "n_layer", "d_model", "n_ctx", "vocab_size", "batch_size"),
-    *("compute_dtype", "attention", "attention_blocks", "cpu_matmuls", "dropout"),
+    *("compute_dtype", "attention", "attention_blocks", "cpu_matmuls", "cpu_vector_width"),
+    "dropout",
     *("warmup_steps", "timed_steps"),
     # the train step
     *("step_time_s", "step_times_s", "train_tokens_per_s", "flops_per_token"),
@@ -232,6 +233,7 @@ def run(
         attention=cfg.attention,
         attention_blocks=cfg.attention_blocks,
         cpu_matmuls=config.train.cpu_matmuls,
+        cpu_vector_width=config.train.cpu_vector_width,
         warmup_steps=settings.warmup,
         timed_steps=settings.steps * settings.rounds,
     )
@@ -306,7 +308,7 @@ def report(r: dict) -> str:
         f"context {r['n_ctx']}, vocab {r['vocab_size']}, {r['num_params']:,} parameters; "
         f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}, "
         f"{r['attention']} attention in {r['attention_blocks']} block(s), "
-        f"{r['cpu_matmuls']} matmuls on CPUs",
+        f"{r['cpu_matmuls']} matmuls and {r['cpu_vector_width']}-bit vectors on CPUs",
         "machine": f"{r['num_devices']} x {r['device_kind']} ({r['backend']}), "
         f"{r['threads']} threads, jax {r['jax_version']}",
         "train step": f"{r['step_time_s'] * 1e3:.1f} ms (median of {r['timed_steps']} after "

@@ -71,6 +71,8 @@ def validate(config: ml_collections.ConfigDict):
         )
     if t.cpu_matmuls not in ("xla", "onednn"):
         raise UserError(f"train.cpu_matmuls is {t.cpu_matmuls!r}; use 'xla' or 'onednn'")
+    if t.cpu_vector_width not in (128, 256, 512):
+        raise UserError(f"train.cpu_vector_width is {t.cpu_vector_width!r}; use 128, 256 or 512")
     if t.nonfinite not in ("skip", "stop"):
         raise UserError(f"train.nonfinite is {t.nonfinite!r}; use 'skip' or 'stop'")
     if t.nonfinite_limit < 1:

@@ -196,23 +196,29 @@ ONEDNN_CPU_OPTIONS = {
 
 def compiler_options(train_cfg) -> dict | None:
     """XLA options for the train step from `config.train` (the same values, to float32
-    rounding).
+    rounding). Ignored off CPUs.
+
+    `cpu_vector_width`: the vector width, in bits, XLA's CPU compiler prefers for
+    element-wise code; its default, 256, leaves half of AVX-512's registers unused.
 
     `cpu_matmuls`: "xla" leaves the CPU's matmuls to XLA (YNNPACK); "onednn" runs them
     through oneDNN, no faster since the model's products became 2-D matmuls (before,
     1.16x the `bench-cpu` step on an AVX-512 Xeon), and XLA cannot store such an
     executable in the persistent compilation cache, so every start compiles afresh
-    (docs/benchmarks.md). Ignored off CPUs.
+    (docs/benchmarks.md).
     """
-    if train_cfg.cpu_matmuls != "onednn" or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return None
-    # JAX warns at every compile that the cache entry could not be written; once said
-    # here is enough.
-    warnings.filterwarnings(
-        "ignore", r"Error writing persistent compilation cache entry.*onednn", UserWarning
-    )
-    logging.info("train.cpu_matmuls=onednn: the train step compiles afresh at every start")
-    return ONEDNN_CPU_OPTIONS
+    options = {"xla_cpu_prefer_vector_width": train_cfg.cpu_vector_width}
+    if train_cfg.cpu_matmuls == "onednn":
+        # JAX warns at every compile that the cache entry could not be written; once
+        # said here is enough.
+        warnings.filterwarnings(
+            "ignore", r"Error writing persistent compilation cache entry.*onednn", UserWarning
+        )
+        logging.info("train.cpu_matmuls=onednn: the train step compiles afresh at every start")
+        options.update(ONEDNN_CPU_OPTIONS)
+    return options
 
 
 def compile_train_step(

@@ -72,6 +72,7 @@ def test_readme_config_table_names_every_setting():
         ("train", "scan_unroll", 13, "train.scan_unroll"),
         ("train", "scan_unroll", -1, "train.scan_unroll"),
         ("train", "cpu_matmuls", "mkl", "train.cpu_matmuls"),
+        ("train", "cpu_vector_width", 384, "train.cpu_vector_width"),
         ("train", "nonfinite", "ignore", "train.nonfinite"),
         ("train", "nonfinite_limit", 0, "train.nonfinite_limit"),
     ],

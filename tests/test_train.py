@@ -1,4 +1,6 @@
+import collections
 import math
+import re
 import shutil
 
 import jax
@@ -84,6 +86,50 @@ def test_onednn_matmuls_change_no_value():
         runs["onednn"][2],
         runs["xla"][2],
     )
+
+
+def avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+
+
+def vector_widths(ir_dir) -> tuple[set[str], int]:
+    """The `prefer-vector-width` attributes and the most used float vector length of the
+    LLVM IR XLA dumped for a CPU compile (its fusions' kernels)."""
+    text = "".join(p.read_text() for p in ir_dir.glob("*jit_train_step*ir-with-opt.ll"))
+    preferred = set(re.findall(r'"prefer-vector-width"="(\d+)"', text))
+    lengths = collections.Counter(re.findall(r"<(\d+) x float>", text))
+    return preferred, int(lengths.most_common(1)[0][0])
+
+
+def test_cpu_vector_width_reaches_the_train_steps_code(tmp_path, monkeypatch):
+    """train.cpu_vector_width is the vector width XLA's CPU compiler prefers for the
+    train step's element-wise kernels: mostly 16 floats a vector with 512 on an AVX-512
+    CPU, 8 with XLA's default 256."""
+    real = train.compiler_options
+    widths = {}
+    for bits in (256, 512):
+        dump = tmp_path / str(bits)
+        # The step's own options, plus XLA's dump of what it compiled, optimised whatever
+        # the test environment says (LLVM's vectoriser is what is tested).
+        extra = {"xla_dump_to": str(dump), **OPTIMISED}
+        monkeypatch.setattr(train, "compiler_options", lambda cfg, e=extra: {**real(cfg), **e})
+        config = tiny_config()
+        # Rows long enough for the vectoriser to fill 16 lanes (the tiny model's are not).
+        config.model.update(n_ctx=64, d_model=128, d_mlp=512, vocab_size=512)
+        config.train.cpu_vector_width = bits
+        mesh, state, p_train, _ = make_steps(config)
+        compile_step(p_train, mesh, state, sharding.global_batch(mesh, fixed_batch(config)))
+        widths[bits] = vector_widths(dump)
+    assert widths[256][0] == {"256"} and widths[512][0] == {"512"}
+    assert widths[256][1] == 8
+    assert widths[512][1] == (16 if avx512() else 8)
 
 
 def test_train_step_metrics_and_schedule():
