@@ -1,12 +1,14 @@
 """Benchmarks of one configuration on this machine.
 
-    python -m gptjax.bench --config=bench-cpu [--vs-torch] [--json=PATH]
+    python -m gptjax.bench --config=bench-cpu [--vs-torch] [--versus=K=V,...] [--json=PATH]
 
 Measures the train step (tokens/s, model FLOP/s, MFU, cold and cached compile time,
 memory), the input pipeline (tokenize + pack + batch) against the step's consumption,
 generation with the key/value cache, and how long an asynchronous checkpoint save blocks
 the loop. `--vs-torch` runs the same architecture, batch and optimiser in HuggingFace
-transformers on PyTorch, alternating with gptjax. Every figure is printed and, with
+transformers on PyTorch, alternating with gptjax; `--versus` times variants of the
+configuration's train step (other config values) in the same turns, so that a change is
+measured against the baseline in one process. Every figure is printed and, with
 `--json`, written under the keys of `KEYS` (documented in docs/benchmarks.md).
 
 Timings are medians of individually timed calls after warm-up, each ended by
@@ -87,7 +89,14 @@ KEYS = (
     *("bandwidth_array_bytes", "memory_bandwidth_bytes_per_s", "generate_bandwidth_fraction"),
     # checkpoints
     *("checkpoint_bytes", "checkpoint_blocking_s", "checkpoint_total_s"),
+    # --versus: one entry of VERSUS_KEYS per variant (null without it)
+    "versus",
     *TORCH_KEYS,
+)
+# Each --versus variant's entry.
+VERSUS_KEYS = (
+    *("overrides", "step_time_s", "step_times_s", "train_tokens_per_s", "mfu"),
+    *("speedup", "speedup_by_round", "xla_peak_bytes"),
 )
 
 
@@ -128,9 +137,12 @@ TINY_SETTINGS = Settings(
 )
 
 
-def load_config(name: str, overrides: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+def load_config(
+    name: str, overrides: tuple[str, ...] = (), variant: tuple[str, ...] = ()
+) -> ml_collections.ConfigDict:
     """`tiny`, `bench-cpu`, `gpt1` (batch 1 on a CPU, the paper's 64 elsewhere) or the
-    path of a config file; then `overrides`, each "section.key=value"."""
+    path of a config file; then `overrides` (--set), then a --versus `variant`, each
+    "section.key=value"."""
     named = name == "tiny" or name in NAMED_CONFIGS
     path = CONFIGS / NAMED_CONFIGS.get(name, "bench_cpu.py") if named else pathlib.Path(name)
     if not path.is_file():
@@ -141,11 +153,18 @@ def load_config(name: str, overrides: tuple[str, ...] = ()) -> ml_collections.Co
         config.train.update(batch_size=4, num_steps=10, warmup_steps=2)
     if name == "gpt1" and jax.default_backend() == "cpu":
         config.train.batch_size = 1
-    for item in overrides:
+    _override(config, overrides, "--set")
+    _override(config, variant, "--versus")
+    config_lib.validate(config)
+    return config
+
+
+def _override(config: ml_collections.ConfigDict, items: tuple[str, ...], flag: str):
+    for item in items:
         key, _, text = item.partition("=")
         section, _, field = key.partition(".")
         if section not in config or field not in config[section]:
-            raise UserError(f"--set {item}: no such config key {key!r}")
+            raise UserError(f"{flag} {item}: no such config key {key!r}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -153,9 +172,7 @@ def load_config(name: str, overrides: tuple[str, ...] = ()) -> ml_collections.Co
         try:
             config[section][field] = value
         except TypeError as e:
-            raise UserError(f"--set {item}: {e}") from None
-    config_lib.validate(config)
-    return config
+            raise UserError(f"{flag} {item}: {e}") from None
 
 
 class TrainStep:
@@ -213,9 +230,13 @@ def run(
     vs_torch: bool = False,
     torch_compile: bool = False,
     peak_tflops: float | None = None,
+    versus: tuple[tuple[str, ...], ...] = (),
 ) -> dict:
-    """Every measurement of one configuration: a dict with exactly the keys of KEYS."""
+    """Every measurement of one configuration: a dict with exactly the keys of KEYS.
+    `versus`: variants, each overrides applied after `overrides`."""
     config = load_config(config_name, overrides)
+    # Every variant's config checked before anything is compiled.
+    variants = {spec: load_config(config_name, overrides, spec) for spec in versus}
     step = TrainStep(config)
     cfg, device = step.model_cfg, jax.devices()[0]
     r = dict.fromkeys(KEYS)
@@ -243,7 +264,8 @@ def run(
 
     logging.info("timing %d train steps", r["timed_steps"])
     torch_ref = TorchReference(config, step.tokens, torch_compile, threads()) if vs_torch else None
-    runners = {"gptjax": step} | ({"torch": torch_ref.train_step} if torch_ref else {})
+    runners = {"gptjax": step} | {spec: variant_step(spec, c) for spec, c in variants.items()}
+    runners |= {"torch": torch_ref.train_step} if torch_ref else {}
     for fn in runners.values():
         for _ in range(settings.warmup):
             fn()
@@ -278,6 +300,10 @@ def run(
         )
         r["torch_train_tokens_per_s"] = tokens_per_step / r["torch_step_time_s"]
         r["train_speedup_vs_torch"] = r["torch_step_time_s"] / r["step_time_s"]
+    if variants:
+        r["versus"] = [
+            versus_result(spec, runners[spec], times, r, settings.rounds) for spec in variants
+        ]
 
     logging.info("input pipeline, generation, checkpoints")
     r.update(bench_pipeline(config, settings))
@@ -286,6 +312,38 @@ def run(
     r.update(bench_generate(step, settings, torch_ref))
     r.update(bench_checkpoint(step.state, settings.checkpoint_saves))
     return r
+
+
+def variant_step(spec: tuple[str, ...], config: ml_collections.ConfigDict) -> TrainStep:
+    """A --versus variant's train step, compiled (from the persistent cache if there)."""
+    step = TrainStep(config)
+    logging.info("compiling the variant %s", ",".join(spec))
+    step.compiled = compile_step(step.p_train, step.mesh, step.state, step.batch)
+    return step
+
+
+def versus_result(spec, step: TrainStep, times: dict, r: dict, rounds: int) -> dict:
+    """A variant's figures, its speed as a ratio to the baseline's tokens/s (per round
+    too: the rounds are the turns both took)."""
+    tokens = step.tokens[:, 1:].size  # a variant may change the batch or context
+    mfu = None
+    if r["peak_flops_per_s"]:
+        flops = flops_per_token(step.model_cfg, count_params(step.state.params))
+        mfu = flops * tokens / statistics.median(times[spec]) / r["peak_flops_per_s"]
+    base = r["batch_size"] * r["n_ctx"]
+    by_round = round_ratios(
+        [t / tokens for t in times[spec]], [t / base for t in times["gptjax"]], rounds
+    )
+    return {
+        "overrides": list(spec),
+        "step_time_s": statistics.median(times[spec]),
+        "step_times_s": times[spec],
+        "train_tokens_per_s": tokens / statistics.median(times[spec]),
+        "mfu": mfu,
+        "speedup": tokens / statistics.median(times[spec]) / r["train_tokens_per_s"],
+        "speedup_by_round": by_round,
+        "xla_peak_bytes": memory(step.compiled)["peak_bytes"],
+    }
 
 
 _PREFIXES = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3))
@@ -339,6 +397,15 @@ def report(r: dict) -> str:
         "checkpoint": f"{_si(r['checkpoint_bytes'], 'B')}: save() blocks "
         f"{r['checkpoint_blocking_s'] * 1e3:.1f} ms, written in {r['checkpoint_total_s']:.2f} s",
     }
+    for i, v in enumerate(r["versus"] or (), 1):
+        by_round = ", ".join(f"{x:.2f}" for x in v["speedup_by_round"])
+        mfu = "" if v["mfu"] is None else f", MFU {v['mfu']:.1%}"
+        rows[f"versus ({i})"] = (
+            f"{','.join(v['overrides'])}: {v['step_time_s'] * 1e3:.1f} ms = "
+            f"{_si(v['train_tokens_per_s'], 'tokens/s')}{mfu}: "
+            f"{v['speedup']:.3f}x the baseline (by round: {by_round}); XLA peak "
+            f"{_si(v['xla_peak_bytes'], 'B')}"
+        )
     if r["torch_version"]:
         by_round = ", ".join(f"{x:.2f}" for x in r["train_speedup_by_round"])
         rows["vs torch: train"] = (
@@ -356,6 +423,14 @@ def report(r: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())
 
 
+def versus_overrides(text: str) -> tuple[str, ...]:
+    """--versus's comma-separated overrides."""
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items or not all("=" in item for item in items):
+        raise UserError(f"--versus={text!r}: give SECTION.KEY=VALUE overrides, comma-separated")
+    return items
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argument_parser(prog="python -m gptjax.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="tiny, bench-cpu, gpt1 or a config file")
@@ -365,6 +440,14 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. train.compute_dtype=bfloat16 (repeatable)",
+    )
+    parser.add_argument(
+        "--versus",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE,...",
+        help="also time a variant of the train step with these overrides (after --set), in "
+        "turns with the baseline; e.g. model.dropout=0.0 (repeatable: one variant each)",
     )
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--vs-torch", action="store_true", help="compare with transformers")
@@ -394,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
             vs_torch=args.vs_torch,
             torch_compile=args.torch_compile,
             peak_tflops=args.peak_tflops,
+            versus=tuple(versus_overrides(v) for v in args.versus),
         )
     except UserError as e:
         fail(str(e))

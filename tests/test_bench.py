@@ -19,10 +19,12 @@ ON_CPU = jax.default_backend() == "cpu"
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    """One benchmark of `--config=tiny` through the command's entry point, with
-    --vs-torch where transformers is installed, as read back from its --json file."""
+    """One benchmark of `--config=tiny` through the command's entry point, with a
+    variant of twice the batch (--versus), and --vs-torch where transformers is
+    installed, as read back from its --json file."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    returned = bench.main(["--config=tiny", f"--json={path}"] + ["--vs-torch"] * HAS_TORCH)
+    argv = ["--config=tiny", f"--json={path}", "--versus=train.batch_size=8"]
+    returned = bench.main(argv + ["--vs-torch"] * HAS_TORCH)
     written = json.loads(path.read_text())
     assert written == json.loads(json.dumps(returned))
     return written
@@ -31,7 +33,8 @@ def result(tmp_path_factory):
 def test_every_documented_key_is_written_and_measured(result):
     assert list(result) == list(bench.KEYS)
     docs = (ROOT / "docs" / "benchmarks.md").read_text()
-    assert [k for k in bench.KEYS if f"`{k}`" not in docs] == []
+    assert [k for k in bench.KEYS + bench.VERSUS_KEYS if f"`{k}`" not in docs] == []
+    assert [list(v) for v in result["versus"]] == [list(bench.VERSUS_KEYS)]
     # device_peak_bytes: accelerators only; the torch keys: --vs-torch only.
     unmeasured = {"device_peak_bytes"} if ON_CPU else set()
     unmeasured |= set() if HAS_TORCH else set(bench.TORCH_KEYS)
@@ -83,6 +86,35 @@ def test_vs_torch_times_the_same_steps(result):
     assert r["generate_speedup_vs_gpt2"] == pytest.approx(
         r["generate_tokens_per_s"] / r["torch_gpt2_generate_tokens_per_s"]
     )
+
+
+def test_versus_times_a_variant_in_the_same_turns(result):
+    """The variant ran with its overrides (twice the batch: twice the tokens a step and
+    a larger compiled step) and its ratios follow from the times."""
+    r, v = result, result["versus"][0]
+    assert v["overrides"] == ["train.batch_size=8"] and r["batch_size"] == 4
+    assert len(v["step_times_s"]) == r["timed_steps"]
+    assert v["train_tokens_per_s"] == pytest.approx(8 * r["n_ctx"] / v["step_time_s"])
+    assert v["speedup"] == pytest.approx(v["train_tokens_per_s"] / r["train_tokens_per_s"])
+    assert v["mfu"] == pytest.approx(r["mfu"] * v["speedup"])
+    assert len(v["speedup_by_round"]) == bench.TINY_SETTINGS.rounds
+    assert v["xla_peak_bytes"] > r["xla_peak_bytes"]
+
+
+@pytest.mark.parametrize(
+    "versus, message",
+    [
+        ("train.nope=1", "--versus train.nope=1: no such config key 'train.nope'"),
+        ("dropout", "--versus='dropout': give SECTION.KEY=VALUE overrides, comma-separated"),
+        ("train.attention_blocks=0", "train.attention_blocks=0 must be a whole number"),
+    ],
+)
+def test_a_bad_variant_is_one_line_before_anything_runs(versus, message, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config=tiny", f"--versus={versus}"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
 
 
 def test_flops_per_token_by_hand():
