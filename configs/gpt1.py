@@ -61,7 +61,7 @@ def get_config() -> config_dict.ConfigDict:
     config.train.cpu_matmuls = "xla"
     # Bits of the vectors XLA's CPU compiler prefers for element-wise code (its default:
     # 256). 512 uses AVX-512's full width where the CPU has it (dropout's masks, the
-    # softmax: `bench-cpu` 1-4% faster on an AVX-512 Xeon); no change elsewhere.
+    # softmax: `bench-cpu` ~2% faster on an AVX-512 Xeon); no change elsewhere.
     config.train.cpu_vector_width = 512
     # Bookkeeping (not from the paper).
     config.train.log_every = 100
