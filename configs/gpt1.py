@@ -55,6 +55,10 @@ def get_config() -> config_dict.ConfigDict:
     config.train.compute_dtype = "float32"
     config.train.attention = "xla"
     config.train.attention_blocks = 1
+    # The LM head's backward matmuls: "float32" (the logits' gradient as the float32 loss
+    # gives it) or "compute" (that gradient rounded to compute_dtype first, so that with
+    # bfloat16 they run in bfloat16, as under PyTorch's autocast). The same with float32.
+    config.train.lm_head_backward = "float32"
     # The library of the train step's matmuls on CPUs: "xla" (XLA's choice, YNNPACK) or
     # "onednn" (no faster since the model's products became 2-D matmuls on CPUs; the
     # step is then never compiled from the persistent cache). Ignored on GPUs and TPUs.

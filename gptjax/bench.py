@@ -69,8 +69,8 @@ KEYS = (
     # what ran, and where
     *("config", "backend", "device_kind", "num_devices", "threads", "jax_version"),
     *("num_params", "n_layer", "d_model", "n_ctx", "vocab_size", "batch_size"),
-    *("compute_dtype", "attention", "attention_blocks", "cpu_matmuls", "cpu_vector_width"),
-    "dropout",
+    *("compute_dtype", "attention", "attention_blocks", "lm_head_backward", "cpu_matmuls"),
+    *("cpu_vector_width", "dropout"),
     *("warmup_steps", "timed_steps"),
     # the train step
     *("step_time_s", "step_times_s", "train_tokens_per_s", "flops_per_token"),
@@ -253,6 +253,7 @@ def run(
         compute_dtype=cfg.dtype,
         attention=cfg.attention,
         attention_blocks=cfg.attention_blocks,
+        lm_head_backward=cfg.lm_head_backward,
         cpu_matmuls=config.train.cpu_matmuls,
         cpu_vector_width=config.train.cpu_vector_width,
         warmup_steps=settings.warmup,
@@ -362,10 +363,12 @@ def report(r: dict) -> str:
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
     uncached = r["cpu_matmuls"] == "onednn" and r["backend"] == "cpu"
     rows = {
-        "configuration": f"{r['config']}: {r['n_layer']} layers, width {r['d_model']}, "
+        "configuration": f"{r['config']}: {r['n_layer']} layer{'s' * (r['n_layer'] != 1)}, "
+        f"width {r['d_model']}, "
         f"context {r['n_ctx']}, vocab {r['vocab_size']}, {r['num_params']:,} parameters; "
         f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}, "
-        f"{r['attention']} attention in {r['attention_blocks']} block(s), "
+        f"{r['attention']} attention in {r['attention_blocks']} block(s), LM head backward "
+        f"in {r['lm_head_backward']}, "
         f"{r['cpu_matmuls']} matmuls and {r['cpu_vector_width']}-bit vectors on CPUs",
         "machine": f"{r['num_devices']} x {r['device_kind']} ({r['backend']}), "
         f"{r['threads']} threads, jax {r['jax_version']}",

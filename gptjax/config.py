@@ -69,6 +69,10 @@ def validate(config: ml_collections.ConfigDict):
             "train.attention=fused has no attention dropout; set --config.model.dropout=0.0 "
             "or use --config.train.attention=xla"
         )
+    if t.lm_head_backward not in ("float32", "compute"):
+        raise UserError(
+            f"train.lm_head_backward is {t.lm_head_backward!r}; use 'float32' or 'compute'"
+        )
     if t.cpu_matmuls not in ("xla", "onednn"):
         raise UserError(f"train.cpu_matmuls is {t.cpu_matmuls!r}; use 'xla' or 'onednn'")
     if t.cpu_vector_width not in (128, 256, 512):

@@ -50,12 +50,44 @@ def project(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
     return (x_MxI @ kernel_IxO).reshape(lead + out)
 
 
-def unembed(h: jax.Array, embedding_VxD: jax.Array, dtype) -> jax.Array:
+def unembed(
+    h: jax.Array, embedding_VxD: jax.Array, dtype, grad_in_dtype: bool = False
+) -> jax.Array:
     """The tied LM head, h [..., D] times the embedding [V, D] transposed: logits
-    [..., V] accumulated and returned in float32, the product's inputs in `dtype`."""
+    [..., V] accumulated and returned in float32, the product's inputs in `dtype`.
+
+    The loss makes the logits' gradient float32, so by default the head's two backward
+    products run in float32 whatever `dtype` is (TF32 on a GPU: the largest matmuls of a
+    bfloat16 GPT-1 step). `grad_in_dtype` rounds that gradient to `dtype` first, so that
+    they run in `dtype` too (accumulated in float32), as PyTorch's autocast does."""
     h, embedding_VxD = h.astype(dtype), embedding_VxD.astype(dtype)
+    head = _head_grad_in_input_dtype if grad_in_dtype else _head
     if not _as_matmuls():
-        return jnp.einsum("...d,vd->...v", h, embedding_VxD, preferred_element_type=jnp.float32)
-    h_MxD = h.reshape(-1, h.shape[-1])
-    logits_MxV = jnp.einsum("md,vd->mv", h_MxD, embedding_VxD, preferred_element_type=jnp.float32)
+        return head(h, embedding_VxD)
+    logits_MxV = head(h.reshape(-1, h.shape[-1]), embedding_VxD)
     return logits_MxV.reshape(h.shape[:-1] + embedding_VxD.shape[:1])
+
+
+def _head(h, embedding_VxD):
+    return jnp.einsum("...d,vd->...v", h, embedding_VxD, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _head_grad_in_input_dtype(h, embedding_VxD):
+    return _head(h, embedding_VxD)
+
+
+def _head_forward(h, embedding_VxD):
+    return _head(h, embedding_VxD), (h, embedding_VxD)
+
+
+def _head_backward(inputs, g):
+    h, embedding_VxD = inputs
+    g = g.astype(h.dtype)
+    f32 = jnp.float32
+    dh = jnp.einsum("...v,vd->...d", g, embedding_VxD, preferred_element_type=f32)
+    de = jnp.einsum("...v,...d->vd", g, h, preferred_element_type=f32)
+    return dh.astype(h.dtype), de.astype(embedding_VxD.dtype)
+
+
+_head_grad_in_input_dtype.defvjp(_head_forward, _head_backward)

@@ -50,16 +50,20 @@ class ModelConfig:
     # runs the matmuls in bfloat16 with float32 softmax, LayerNorm statistics, logits and
     # loss. `attention` is "xla" (any dropout) or "fused" (jax.nn.dot_product_attention,
     # cuDNN flash attention on GPUs with bfloat16; no attention dropout); "xla" splits
-    # the queries into `attention_blocks` blocks (see `attend_causal`).
+    # the queries into `attention_blocks` blocks (see `attend_causal`). `lm_head_backward`
+    # is "float32" (the logits' gradient as the loss gives it) or "compute" (rounded to
+    # `dtype` for the LM head's backward matmuls; see `matmul.unembed`).
     dtype: str = "float32"
     attention: str = "xla"
     attention_blocks: int = 1
+    lm_head_backward: str = "float32"
 
     # The fields above set from `config.train` rather than `config.model`.
     LEVERS = {
         "dtype": "compute_dtype",
         "attention": "attention",
         "attention_blocks": "attention_blocks",
+        "lm_head_backward": "lm_head_backward",
     }
 
     @classmethod
@@ -362,7 +366,8 @@ class GPT(nn.Module):
     def lm_logits(self, h_BxLxD: jax.Array) -> jax.Array:
         """Next-token logits [B, L, V] from the LM head tied to the token embedding."""
         # Accumulated and returned in float32 whatever the compute dtype.
-        return unembed(h_BxLxD, self.tokens_embed.embedding, self.cfg.dtype)
+        grad_in_dtype = self.cfg.lm_head_backward == "compute"
+        return unembed(h_BxLxD, self.tokens_embed.embedding, self.cfg.dtype, grad_in_dtype)
 
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.lm_logits(self.encode(tokens_BxL, deterministic))

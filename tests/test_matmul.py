@@ -1,3 +1,4 @@
+import functools
 import re
 
 import jax
@@ -5,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import matmul
 from gptjax.matmul import project, unembed
 from gptjax.sharding import MESH_AXES
 
@@ -119,3 +121,60 @@ def test_a_mesh_that_splits_heads_keeps_the_kernels_axes(mesh_shape, as_matmuls)
         jaxpr = str(jax.make_jaxpr(lambda x, k: project(x, k, 1))(x, kernel))
     on_cpu = jax.default_backend() == "cpu"
     assert ("reshape" in jaxpr) == (as_matmuls and on_cpu)
+
+
+def _head_loss(targets, grad_in_dtype, h, embedding):
+    logits = unembed(h, embedding, "bfloat16", grad_in_dtype)
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+
+@pytest.mark.parametrize("as_matmuls", [True, False])  # the CPU's 2-D form, and the einsum
+def test_lm_head_backward_in_the_compute_dtype(as_matmuls, monkeypatch):
+    """grad_in_dtype (train.lm_head_backward="compute") rounds the logits' float32
+    gradient to bfloat16, so both backward products take bfloat16 operands; the
+    gradients are those products, by hand."""
+    monkeypatch.setattr(matmul, "_as_matmuls", lambda: as_matmuls)
+    h, embedding = _normal(0, (2, 5, 8)), _normal(1, (11, 8))
+    targets = jax.random.randint(jax.random.PRNGKey(2), (2, 5), 0, 11)
+    grads = {
+        rounded: jax.grad(functools.partial(_head_loss, targets, rounded), (0, 1))(h, embedding)
+        for rounded in (False, True)
+    }
+    # By hand: the loss's gradient at the logits, rounded, times each bfloat16 input.
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    logits = unembed(h, embedding, "bfloat16")
+    g = jax.grad(
+        lambda z: -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(z), targets[..., None], -1))
+    )(logits).astype(bf16)
+    want_dh = jnp.einsum("blv,vd->bld", g, embedding.astype(bf16), preferred_element_type=f32)
+    want_de = jnp.einsum("blv,bld->vd", g, h.astype(bf16), preferred_element_type=f32)
+    for got, want in zip(grads[True], (want_dh, want_de), strict=True):
+        np.testing.assert_array_equal(got, want.astype(bf16).astype(f32))
+    # Without it the gradient reaches the products unrounded: close, not the same.
+    for rounded, unrounded in zip(grads[True], grads[False], strict=True):
+        np.testing.assert_allclose(rounded, unrounded, rtol=0.05, atol=0.02)
+        assert not np.array_equal(rounded, unrounded)
+
+    def operand_dtypes(rounded):
+        loss = functools.partial(_head_loss, targets, rounded)
+        jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(h, embedding)
+        return {
+            str(v.aval.dtype)
+            for eqn in _equations(jaxpr.jaxpr)
+            if eqn.primitive.name == "dot_general"
+            for v in eqn.invars
+        }
+
+    assert operand_dtypes(True) == {"bfloat16"}
+    assert "float32" in operand_dtypes(False)
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (custom VJPs, jits) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    yield from _equations(getattr(inner, "jaxpr", inner))

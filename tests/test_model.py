@@ -179,6 +179,30 @@ def test_bfloat16_compute_keeps_float32_parameters_and_logits():
     assert not np.array_equal(half, full)
 
 
+def test_lm_head_backward_lever_rounds_only_a_low_precision_gradient():
+    """train.lm_head_backward="compute" changes the parameters' gradients in bfloat16
+    (a little: the logits' gradient is rounded at the head) and nothing in float32."""
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.n_ctx))
+
+    def grads(cfg, head):
+        model = GPT(dataclasses.replace(cfg, lm_head_backward=head))
+
+        def loss(p):
+            return jnp.sum(model.apply({"params": p}, tokens) ** 2 / 100)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+    rounded, unrounded = grads(bf16, "compute"), grads(bf16, "float32")
+    embedding = ("tokens_embed", "embedding")
+    a, b = (g[embedding[0]][embedding[1]] for g in (rounded, unrounded))
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(b))))
+    jax.tree.map(np.testing.assert_array_equal, grads(cfg, "compute"), grads(cfg, "float32"))
+
+
 def test_fused_attention_equals_xla_attention_without_dropout():
     cfg = dataclasses.replace(ModelConfig.from_config(tiny_config().model), dropout=0.0)
     params = init(cfg)
