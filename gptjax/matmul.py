@@ -18,6 +18,9 @@ compilers fold transposes into their matmuls (not measured there, so not changed
 on CPUs under a mesh that splits the heads (tensor parallelism; also what
 `--mode=estimate` compiles for an accelerator's mesh): merging the QKV kernel's
 (3, H, K) axes with H split over devices would make XLA gather the kernel.
+
+`unembed` can also run the LM head's backward products in a low-precision compute dtype
+(`train.lm_head_backward="compute"`), for accelerators; see its docstring.
 """
 
 import math
