@@ -1,4 +1,5 @@
 import collections
+import contextlib
 import math
 import re
 import shutil
@@ -6,6 +7,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from gptjax import optim, pretrain, sharding, train
 from gptjax.estimate import compile_step
@@ -96,6 +98,18 @@ def avx512() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def no_persistent_cache():
+    saved = jax.config.jax_enable_compilation_cache
+    compilation_cache.reset_cache()  # the cache decides once whether it is used
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", saved)
+        compilation_cache.reset_cache()
+
+
 OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
@@ -125,7 +139,10 @@ def test_cpu_vector_width_reaches_the_train_steps_code(tmp_path, monkeypatch):
         config.model.update(n_ctx=64, d_model=128, d_mlp=512, vocab_size=512)
         config.train.cpu_vector_width = bits
         mesh, state, p_train, _ = make_steps(config)
-        compile_step(p_train, mesh, state, sharding.global_batch(mesh, fixed_batch(config)))
+        # Compiled afresh: an executable read from a persistent compilation cache (an
+        # earlier test's command may have set one up) dumps no LLVM IR.
+        with no_persistent_cache():
+            compile_step(p_train, mesh, state, sharding.global_batch(mesh, fixed_batch(config)))
         widths[bits] = vector_widths(dump)
     assert widths[256][0] == {"256"} and widths[512][0] == {"512"}
     assert widths[256][1] == 8
