@@ -125,7 +125,7 @@ def vector_widths(ir_dir) -> tuple[set[str], int]:
 def test_cpu_vector_width_reaches_the_train_steps_code(tmp_path, monkeypatch):
     """train.cpu_vector_width is the vector width XLA's CPU compiler prefers for the
     train step's element-wise kernels: mostly 16 floats a vector with 512 on an AVX-512
-    CPU, 8 with XLA's default 256."""
+    CPU, 8 with XLA's default 256 (elsewhere 512 changes nothing)."""
     real = train.compiler_options
     widths = {}
     for bits in (256, 512):
@@ -145,8 +145,8 @@ def test_cpu_vector_width_reaches_the_train_steps_code(tmp_path, monkeypatch):
             compile_step(p_train, mesh, state, sharding.global_batch(mesh, fixed_batch(config)))
         widths[bits] = vector_widths(dump)
     assert widths[256][0] == {"256"} and widths[512][0] == {"512"}
-    assert widths[256][1] == 8
-    assert widths[512][1] == (16 if avx512() else 8)
+    assert widths[256][1] <= 8  # 4 on a CPU without AVX
+    assert widths[512][1] == (16 if avx512() else widths[256][1])
 
 
 def test_train_step_metrics_and_schedule():
