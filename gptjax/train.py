@@ -111,8 +111,8 @@ def train_step(
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
-        # Whether the optimiser's apply_if_finite (optim.make_optimizer) skipped this
-        # update: read from its state, so the loop reports exactly what it did.
+        # Whether the optimiser (optim.make_optimizer) skipped this update: read from its
+        # state (optax's apply_if_finite's), so the loop reports exactly what it did.
         "nonfinite": ~new_state.opt_state.last_finite,
         "nonfinite_run": new_state.opt_state.notfinite_count,  # in a row, up to this one
     }

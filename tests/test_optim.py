@@ -102,3 +102,75 @@ def test_gradients_clipped_to_global_norm_before_adam():
     got = run(ours, [g1, g2])
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-6)
     assert not np.allclose(run(plain, [g1, g2])[1], expected[1], rtol=1e-3)
+
+
+def _steps(tx, params, grads_seq):
+    """(updates, state) after each of `grads_seq`, the parameters moved by each."""
+    state, out = tx.init(params), []
+    for grads in grads_seq:
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        out.append((updates, state))
+    return out
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b))))
+
+
+def _grads(params, seed, scale):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    noise = [
+        scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noise)
+
+
+def test_the_fused_update_is_optaxs_and_keeps_its_state():
+    """make_optimizer computes optax's clip + AdamW + apply_if_finite (optax_optimizer)
+    with the same state, so checkpoints of either restore into the other: the same
+    updates and moments, step by step, with the clip on (large gradients) and off."""
+    train_cfg = tiny_config().train
+    train_cfg.update(warmup_steps=2, lr=1e-2, grad_clip=1.0)
+    params = tiny_params()
+    ours, reference = (optim.make_optimizer(train_cfg, 20), optim.optax_optimizer(train_cfg, 20))
+    assert jax.tree.structure(ours.init(params)) == jax.tree.structure(reference.init(params))
+    grads = [_grads(params, seed, scale) for seed, scale in enumerate((1.0, 1e-3, 3.0, 1e-4))]
+    steps = zip(_steps(ours, params, grads), _steps(reference, params, grads), strict=True)
+    for (u, s), (ru, rs) in steps:
+        # The clip is a product by max_norm / norm here, a quotient then a product in
+        # optax: the same to float32 roundings (relative to each array's scale, since a
+        # moment near zero is a difference of larger numbers).
+        jax.tree.map(_close, u, ru)
+        jax.tree.map(_close, s, rs)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_a_nonfinite_update_is_skipped_and_counted(bad):
+    """Gradients with a NaN, an Inf, or a norm beyond float32 change nothing but the
+    skip counters; the next finite step is optax's after its own skip."""
+    train_cfg = tiny_config().train
+    train_cfg.update(warmup_steps=0, lr=1e-2)
+    params = tiny_params()
+    ours = optim.make_optimizer(train_cfg, 20)
+    good = _grads(params, 0, 1.0)
+    spoilt = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(bad), good)
+    (u1, s1), (u2, s2), (u3, s3) = _steps(ours, params, [good, spoilt, good])
+    jax.tree.map(np.testing.assert_array_equal, u2, jax.tree.map(jnp.zeros_like, u2))
+    jax.tree.map(np.testing.assert_array_equal, s2.inner_state, s1.inner_state)
+    assert (bool(s2.last_finite), int(s2.notfinite_count), int(s2.total_notfinite)) == (
+        False,
+        1,
+        1,
+    )
+    assert (bool(s3.last_finite), int(s3.notfinite_count), int(s3.total_notfinite)) == (
+        True,
+        0,
+        1,
+    )
+    if bad != 1e30:  # optax skips these too (and applies the overflowing one, clipped)
+        reference = optim.optax_optimizer(train_cfg, 20)
+        ru3, rs3 = _steps(reference, params, [good, spoilt, good])[2]
+        jax.tree.map(_close, u3, ru3)
+        jax.tree.map(_close, s3, rs3)
