@@ -55,7 +55,8 @@ def optax_optimizer(
     decay is decoupled and scaled by the learning rate (w -= lr * wd * w), exactly the
     original's "modified L2". Wrapped in `apply_if_finite`: an update whose gradients
     hold a NaN or Inf is skipped (parameters and Adam moments unchanged), so a
-    non-finite state is never reached. `make_optimizer` computes the same in one pass."""
+    non-finite state is never reached. `make_optimizer` computes the same with the skip
+    fused into the update; this is its reference (tests/test_optim.py)."""
     adamw = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
         optax.adamw(
@@ -81,11 +82,13 @@ def make_optimizer(
     so that XLA can fuse it: the skip of a non-finite update is a select on each new
     value instead of `apply_if_finite`'s `lax.cond`, across which XLA fuses nothing (it
     wrote the update out and read it back, and checked the gradients in a pass of their
-    own): the update 2.2x faster at GPT-1's size on a CPU (docs/benchmarks.md). The
-    steps are optax's own (`optax.tree.update_moment`, `bias_correction`, ...), in its
-    order, so the values are optax's. One difference: the update is skipped when the
-    gradients' global norm is not finite, which is also the case of finite gradients
-    whose norm overflows float32 (optax would apply them clipped to zero)."""
+    own): the update 2.1x faster at GPT-1's size on a CPU, its train step 1.057x
+    (docs/benchmarks.md). The steps are optax's own (`optax.tree.update_moment`,
+    `bias_correction`, ...), in its order, and the clip a product by max_norm / norm
+    (which XLA fuses into both moments; optax divides by the norm, then multiplies), so
+    the values are optax's to float32 rounding. One difference: the update is skipped
+    when the gradients' global norm is not finite, which is also the case of finite
+    gradients whose norm overflows float32 (optax would apply them clipped to zero)."""
     optax_tx = optax_optimizer(train_cfg, total_steps)
     schedule = lr_schedule(train_cfg, total_steps)
     b1, b2, eps, weight_decay = train_cfg.b1, train_cfg.b2, train_cfg.eps, train_cfg.weight_decay
