@@ -1,5 +1,4 @@
 import collections
-import contextlib
 import math
 import re
 import shutil
@@ -7,10 +6,10 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from gptjax import optim, pretrain, sharding, train
 from gptjax.estimate import compile_step
+from gptjax.measure import fresh_compilation_cache
 from gptjax.metrics import read_metrics
 from gptjax.model import GPT, ModelConfig
 
@@ -98,18 +97,6 @@ def avx512() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def no_persistent_cache():
-    saved = jax.config.jax_enable_compilation_cache
-    compilation_cache.reset_cache()  # the cache decides once whether it is used
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_compilation_cache", saved)
-        compilation_cache.reset_cache()
-
-
 OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
@@ -141,7 +128,7 @@ def test_cpu_vector_width_reaches_the_train_steps_code(tmp_path, monkeypatch):
         mesh, state, p_train, _ = make_steps(config)
         # Compiled afresh: an executable read from a persistent compilation cache (an
         # earlier test's command may have set one up) dumps no LLVM IR.
-        with no_persistent_cache():
+        with fresh_compilation_cache():
             compile_step(p_train, mesh, state, sharding.global_batch(mesh, fixed_batch(config)))
         widths[bits] = vector_widths(dump)
     assert widths[256][0] == {"256"} and widths[512][0] == {"512"}
