@@ -4,9 +4,9 @@
 
 A full config (it also trains: `python -m gptjax.main --config=configs/bench_cpu.py`).
 Everything not set here is the paper's (configs/gpt1.py), dropout 0.1 included; the
-sizes are a 6-layer, 384-wide model whose step takes a few seconds on two cores, and
-the attention is computed in two blocks of queries (a speed lever; the values are the
-same).
+sizes are a 6-layer, 384-wide model whose step takes about a second on two cores, the
+attention is computed in two blocks of queries and the matmuls run through oneDNN (speed
+levers; the values are the same).
 """
 
 import pathlib
@@ -33,9 +33,11 @@ def get_config() -> config_dict.ConfigDict:
     # Causal attention in 2 blocks of queries: the same values, 3/4 of the score work;
     # 1.05-1.08x this config's CPU step for ~1 s more compile (docs/benchmarks.md).
     config.train.attention_blocks = 2
-    # train.cpu_matmuls stays gpt1's "xla": oneDNN's ("onednn") was 1.16x this step on
-    # an AVX-512 Xeon until the products became 2-D matmuls (gptjax/matmul.py); since
-    # then XLA's are as fast (1.005x, 1.009x oneDNN's) and compile from the cache.
+    # The matmuls through oneDNN: attention's batched products run 1.3-3x faster there
+    # than in XLA's own (YNNPACK, Eigen), so the step is 1.02-1.07x faster on an AVX-512
+    # Xeon (docs/benchmarks.md); the price is that XLA cannot cache such an executable,
+    # so every start compiles the step afresh (about 8 s against 1.5 s from the cache).
+    config.train.cpu_matmuls = "onednn"
 
     # --mode=estimate: what this run would cost on one accelerator.
     config.estimate = config_dict.ConfigDict()

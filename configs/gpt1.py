@@ -60,8 +60,9 @@ def get_config() -> config_dict.ConfigDict:
     # bfloat16 they run in bfloat16, as under PyTorch's autocast). The same with float32.
     config.train.lm_head_backward = "float32"
     # The library of the train step's matmuls on CPUs: "xla" (XLA's choice, YNNPACK) or
-    # "onednn" (no faster since the model's products became 2-D matmuls on CPUs; the
-    # step is then never compiled from the persistent cache). Ignored on GPUs and TPUs.
+    # "onednn" (faster for attention's batched products: configs/bench_cpu.py sets it;
+    # no gain at this config's batch 1, and the step is then never compiled from the
+    # persistent cache). Ignored on GPUs and TPUs.
     config.train.cpu_matmuls = "xla"
     # Bits of the vectors XLA's CPU compiler prefers for element-wise code (its default:
     # 256). 512 uses AVX-512's full width where the CPU has it (dropout's masks, the

@@ -202,11 +202,11 @@ def compiler_options(train_cfg) -> dict | None:
     element-wise code; its default, 256, leaves half of AVX-512's registers unused
     (512: `bench-cpu`'s step about 2% faster, mostly in dropout's masks).
 
-    `cpu_matmuls`: "xla" leaves the CPU's matmuls to XLA (YNNPACK); "onednn" runs them
-    through oneDNN, no faster since the model's products became 2-D matmuls (before,
-    1.16x the `bench-cpu` step on an AVX-512 Xeon), and XLA cannot store such an
-    executable in the persistent compilation cache, so every start compiles afresh
-    (docs/benchmarks.md).
+    `cpu_matmuls`: "xla" leaves the CPU's matmuls to XLA (YNNPACK, and Eigen for the
+    products YNNPACK does not take); "onednn" runs them through oneDNN, whose batched
+    products (attention's) are 1.3-3x faster on an AVX-512 Xeon: `bench-cpu`'s step
+    1.02-1.07x, none at `gpt1`'s batch 1. XLA cannot store such an executable in the
+    persistent compilation cache, so every start compiles afresh (docs/benchmarks.md).
     """
     if jax.default_backend() != "cpu":
         return None

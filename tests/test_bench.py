@@ -133,12 +133,13 @@ def test_named_configs():
     assert (cpu.train.batch_size, cpu.train.compute_dtype, m.dropout) == (8, "float32", 0.1)
     assert (cpu.train.lr, cpu.train.b2, cpu.train.weight_decay) == (2.5e-4, 0.999, 0.01)
     assert (cpu.train.attention, cpu.train.attention_blocks) == ("xla", 2)
-    assert cpu.train.cpu_matmuls == "xla"
+    assert cpu.train.cpu_matmuls == "onednn"
     gpt1 = bench.load_config("gpt1")
     assert gpt1.model.to_dict() == gpt1_config().model.to_dict()
     assert gpt1.train.batch_size == (1 if jax.default_backend() == "cpu" else 64)
     tiny = bench.load_config("tiny", ("train.compute_dtype=bfloat16", "model.n_layer=2"))
     assert (tiny.train.compute_dtype, tiny.model.n_layer) == ("bfloat16", 2)
+    assert tiny.train.cpu_matmuls == "xla"  # so that its compile is cached (above)
     with pytest.raises(UserError, match="model.n_layers"):
         bench.load_config("tiny", ("model.n_layers=2",))
 
