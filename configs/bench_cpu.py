@@ -4,9 +4,9 @@
 
 A full config (it also trains: `python -m gptjax.main --config=configs/bench_cpu.py`).
 Everything not set here is the paper's (configs/gpt1.py), dropout 0.1 included; the
-sizes are a 6-layer, 384-wide model whose step takes about a second on two cores, the
-attention is computed in two blocks of queries and the matmuls run through oneDNN (speed
-levers; the values are the same).
+sizes are a 6-layer, 384-wide model whose step takes one to a few seconds on two
+cores, the attention is computed in two blocks of queries and the matmuls run through
+oneDNN (speed levers; the values are the same).
 """
 
 import pathlib
@@ -33,7 +33,7 @@ def get_config() -> config_dict.ConfigDict:
     # Causal attention in 2 blocks of queries: the same values, 3/4 of the score work;
     # 1.05-1.08x this config's CPU step for ~1 s more compile (docs/benchmarks.md).
     config.train.attention_blocks = 2
-    # The matmuls through oneDNN: attention's batched products run 1.3-3x faster there
+    # The matmuls through oneDNN: attention's batched products run 1.1-3x faster there
     # than in XLA's own (YNNPACK, Eigen), so the step is 1.02-1.07x faster on an AVX-512
     # Xeon (docs/benchmarks.md); the price is that XLA cannot cache such an executable,
     # so every start compiles the step afresh (about 8 s against 1.5 s from the cache).

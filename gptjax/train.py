@@ -204,7 +204,7 @@ def compiler_options(train_cfg) -> dict | None:
 
     `cpu_matmuls`: "xla" leaves the CPU's matmuls to XLA (YNNPACK, and Eigen for the
     products YNNPACK does not take); "onednn" runs them through oneDNN, whose batched
-    products (attention's) are 1.3-3x faster on an AVX-512 Xeon: `bench-cpu`'s step
+    products (attention's) are 1.1-3x faster on an AVX-512 Xeon: `bench-cpu`'s step
     1.02-1.07x, none at `gpt1`'s batch 1. XLA cannot store such an executable in the
     persistent compilation cache, so every start compiles afresh (docs/benchmarks.md).
     """
