@@ -51,12 +51,12 @@ class ModelConfig:
     # loss. `attention` is "xla" (any dropout) or "fused" (jax.nn.dot_product_attention,
     # cuDNN flash attention on GPUs with bfloat16; no attention dropout); "xla" splits
     # the queries into `attention_blocks` blocks (see `attend_causal`). `lm_head_backward`
-    # is "float32" (the logits' gradient as the loss gives it) or "compute" (rounded to
-    # `dtype` for the LM head's backward matmuls; see `matmul.unembed`).
+    # is "compute" (the logits' gradient rounded to `dtype` for the LM head's backward
+    # matmuls; see `matmul.unembed`) or "float32" (that gradient as the loss gives it).
     dtype: str = "float32"
     attention: str = "xla"
     attention_blocks: int = 1
-    lm_head_backward: str = "float32"
+    lm_head_backward: str = "compute"
 
     # The fields above set from `config.train` rather than `config.model`.
     LEVERS = {

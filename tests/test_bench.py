@@ -2,12 +2,15 @@
 
 import importlib.util
 import json
+import types
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
-from gptjax import bench, estimate
+from gptjax import bench, bench_parts, estimate
+from gptjax.data import pipeline
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig, flops_per_token
 
@@ -142,6 +145,38 @@ def test_named_configs():
     assert tiny.train.cpu_matmuls == "xla"  # so that its compile is cached (above)
     with pytest.raises(UserError, match="model.n_layers"):
         bench.load_config("tiny", ("model.n_layers=2",))
+
+
+def test_pipeline_times_an_epoch_of_at_least_min_batches(monkeypatch):
+    """A text too short for MIN_BATCHES batches is repeated to make an epoch of them; the
+    batches timed are that epoch's after the first, and their tokens give the rate."""
+    config = bench.load_config("tiny")
+    drawn, streams, clock = [], [], iter(range(1000))
+    fake_time = types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
+    monkeypatch.setattr(bench_parts, "time", fake_time)
+
+    class Windows(bench_parts.PackedWindows):
+        def __init__(self, tokens, *args):
+            super().__init__(tokens, *args)
+            streams.append((tokens, len(self)))
+
+    def iterator(windows, batch_size, seed):
+        for batch in pipeline.train_iterator(windows, batch_size, seed):
+            drawn.append(batch)
+            yield batch
+
+    monkeypatch.setattr(bench_parts, "PackedWindows", Windows)
+    monkeypatch.setattr(bench_parts, "train_iterator", iterator)
+    r = bench_parts.bench_pipeline(config, bench.Settings(text_chars=3000, tokenizer_vocab=128))
+    (stream, num_windows), batch = streams[0], config.train.batch_size
+    text_tokens = r["pipeline_tokens"]
+    assert text_tokens < bench_parts.MIN_BATCHES * batch * config.model.n_ctx  # too short
+    assert stream.size % text_tokens == 0 and stream.size > text_tokens
+    np.testing.assert_array_equal(stream[text_tokens : 2 * text_tokens], stream[:text_tokens])
+    assert len(drawn) == num_windows // batch >= bench_parts.MIN_BATCHES  # one epoch
+    # Each perf_counter() call is one "second": tokenizing took 1, the timed batches 1.
+    timed = (len(drawn) - 1) * batch * config.model.n_ctx
+    assert r["batch_tokens_per_s"] == timed and r["tokenize_tokens_per_s"] == text_tokens
 
 
 @pytest.fixture(scope="module")
