@@ -49,9 +49,11 @@ def get_config() -> config_dict.ConfigDict:
     config.train.scan_layers = True
     config.train.scan_unroll = 0
     # Compute levers: "float32" or "bfloat16" matmuls (parameters stay float32), and the
-    # attention kernel: "xla" or "fused" (cuDNN flash attention on GPUs in bfloat16;
-    # needs dropout 0). "xla" computes the causal attention in attention_blocks blocks of
-    # queries, skipping most of the scores the mask discards (docs/benchmarks.md).
+    # attention kernel: "xla", "fused" (cuDNN flash attention on GPUs in bfloat16;
+    # needs dropout 0) or "pallas" (gptjax/flash.py: xla's values and dropout mask in
+    # one flash-attention kernel for GPUs; not yet timed on one). "xla" computes the
+    # causal attention in attention_blocks blocks of queries, skipping most of the scores
+    # the mask discards (docs/benchmarks.md).
     config.train.compute_dtype = "float32"
     config.train.attention = "xla"
     config.train.attention_blocks = 1

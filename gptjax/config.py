@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from gptjax import flash
 from gptjax.errors import UserError
 
 
@@ -52,8 +53,22 @@ def validate(config: ml_collections.ConfigDict):
         )
     if t.compute_dtype not in ("float32", "bfloat16"):
         raise UserError(f"train.compute_dtype is {t.compute_dtype!r}; use float32 or bfloat16")
-    if t.attention not in ("xla", "fused"):
-        raise UserError(f"train.attention is {t.attention!r}; use 'xla' or 'fused'")
+    if t.attention not in ("xla", "fused", "pallas"):
+        raise UserError(f"train.attention is {t.attention!r}; use 'xla', 'fused' or 'pallas'")
+    if t.attention == "pallas" and not flash.supports(m.n_ctx, m.d_model // m.n_head):
+        raise UserError(
+            f"train.attention=pallas needs model.n_ctx ({m.n_ctx}) and the head size "
+            f"(model.d_model / model.n_head = {m.d_model // m.n_head}) to be powers of two "
+            f"of at least {flash.MIN_BLOCK}; use --config.train.attention=xla"
+        )
+    rows = t.batch_size // t.microbatches
+    mask = rows * m.n_head * m.n_ctx**2
+    if t.attention == "pallas" and m.dropout > 0 and mask >= flash.MAX_MASK_ELEMENTS:
+        raise UserError(
+            f"train.attention=pallas draws its dropout mask for at most 2**32 probabilities "
+            f"a step, not {rows} x {m.n_head} x {m.n_ctx} x {m.n_ctx}; raise "
+            "--config.train.microbatches or use --config.train.attention=xla"
+        )
     if not isinstance(t.attention_blocks, int) or not 1 <= t.attention_blocks <= m.n_ctx:
         raise UserError(
             f"train.attention_blocks={t.attention_blocks} must be a whole number from 1 "

@@ -33,7 +33,7 @@ def _rotate_left(x: jax.Array, distance: int) -> jax.Array:
     return (x << jnp.uint32(distance)) | (x >> jnp.uint32(32 - distance))
 
 
-def _threefry2x32(k0, k1, x0, x1):
+def threefry2x32(k0, k1, x0, x1):
     """Threefry-2x32 with 20 rounds: the pair of words (x0, x1) hashed under (k0, k1)."""
     keys = (k0, k1, k0 ^ k1 ^ jnp.uint32(_KEY_PARITY))
     x0, x1 = x0 + keys[0], x1 + keys[1]
@@ -105,8 +105,13 @@ def _counter_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None) -
         (jax.lax.broadcasted_iota(jnp.uint32, size, axis) + jnp.uint32(first)) * jnp.uint32(stride)
         for axis, (first, stride) in enumerate(zip(start, strides, strict=True))
     )
-    high, low = _threefry2x32(key[0], key[1], jnp.zeros(size, jnp.uint32), index)
+    high, low = threefry2x32(key[0], key[1], jnp.zeros(size, jnp.uint32), index)
     return high ^ low
+
+
+def keep_threshold(rate: float) -> jax.Array:
+    """The 32-bit integer from which random bits keep their element: 1 - rate of them."""
+    return jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
 
 
 def dropout(
@@ -118,7 +123,7 @@ def dropout(
     uniform floats, no division). With `within` = (shape, start), `x` is the block of a
     larger array of that shape starting there, and gets that block of its mask."""
     shape = tuple(1 if axis in broadcast_dims else n for axis, n in enumerate(x.shape))
-    threshold = jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+    threshold = keep_threshold(rate)
     if within is None:
         keep = threefry_bits(key, shape) >= threshold
     else:

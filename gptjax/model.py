@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gptjax import kv_cache
+from gptjax import flash, kv_cache
 from gptjax.dropout import Dropout, dropout
 from gptjax.matmul import project, unembed
 
@@ -48,8 +48,9 @@ class ModelConfig:
     dropout: float
     # How to compute, not what: parameters stay float32 whatever `dtype` is; "bfloat16"
     # runs the matmuls in bfloat16 with float32 softmax, LayerNorm statistics, logits and
-    # loss. `attention` is "xla" (any dropout) or "fused" (jax.nn.dot_product_attention,
-    # cuDNN flash attention on GPUs with bfloat16; no attention dropout); "xla" splits
+    # loss. `attention` is "xla" (any dropout), "fused" (jax.nn.dot_product_attention,
+    # cuDNN flash attention on GPUs with bfloat16; no attention dropout) or "pallas"
+    # (`flash.causal_attention`: xla's values and dropout in one kernel); "xla" splits
     # the queries into `attention_blocks` blocks (see `attend_causal`). `lm_head_backward`
     # is "compute" (the logits' gradient rounded to `dtype` for the LM head's backward
     # matmuls; see `matmul.unembed`) or "float32" (that gradient as the loss gives it).
@@ -212,9 +213,14 @@ class CausalSelfAttention(nn.Module):
             return self._project(out_BxLxHxK)
         # An independent dropout mask per example and head.
         key = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
-        out_BxLxHxK = attend_causal(
-            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout, cfg.attention_blocks
-        )
+        if cfg.attention == "pallas":  # the same values and mask in one kernel (GPUs)
+            out_BxLxHxK = flash.causal_attention(
+                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout
+            )
+        else:
+            out_BxLxHxK = attend_causal(
+                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout, cfg.attention_blocks
+            )
         return self._project(out_BxLxHxK)
 
     def _project(self, out_BxLxHxK: jax.Array) -> jax.Array:

@@ -90,3 +90,17 @@ def test_attention_blocks_only_split_the_xla_attention():
     c.train.update(attention="fused", attention_blocks=4)
     with pytest.raises(UserError, match="train.attention=fused set it to 1"):
         config_lib.validate(c)
+
+
+def test_pallas_attention_needs_powers_of_two():
+    c = gpt1_config()
+    c.train.attention = "pallas"
+    config_lib.validate(c)  # GPT-1: context 512, heads of 64
+    c.train.batch_size = 2048  # a [2048, 12, 512, 512] mask: 2**32 + 2**31 elements
+    with pytest.raises(UserError, match="2048 x 12 x 512 x 512; raise --config.train.micro"):
+        config_lib.validate(c)
+    c.train.microbatches = 2
+    config_lib.validate(c)
+    c.model.update(n_ctx=500)
+    with pytest.raises(UserError, match="model.n_ctx \\(500\\).*attention=xla"):
+        config_lib.validate(c)

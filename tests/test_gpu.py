@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.model import GPT, ModelConfig
+from gptjax import flash
+from gptjax.model import GPT, ModelConfig, attend_causal
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 
@@ -57,3 +58,26 @@ def test_cudnn_flash_attention_matches_xla_attention_in_bfloat16():
     assert err_cudnn < 0.05 and err_xla < 0.05, (err_cudnn, err_xla)
     np.testing.assert_allclose(cudnn_logits, xla_logits, atol=0.05)
     assert not np.array_equal(cudnn_logits, xla_logits)  # two different kernels ran
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-3), ("bfloat16", 0.05)])
+def test_pallas_flash_attention_matches_xla_attention(dtype, tolerance):
+    """The Triton-compiled kernel (not the interpreter the CPU tests run) against XLA's
+    attention with the same dropout: values and gradients."""
+    shape = (2, 256, 4, 64)
+    rng = np.random.default_rng(0)
+    q, k, v, do = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4))
+    key = jax.random.PRNGKey(1)
+
+    def run(attention):
+        fn = jax.jit(lambda q, k, v: attention(q, k, v, dtype, key, 0.1))
+        out, vjp = jax.vjp(fn, q, k, v)
+        return fn.lower(q, k, v).as_text(), [x.astype(jnp.float32) for x in (out, *vjp(do))]
+
+    with jax.default_matmul_precision("highest"):
+        hlo, ours = run(flash.causal_attention)
+        _, xla = run(attend_causal)
+    assert "triton" in hlo.lower()  # compiled for the GPU, not interpreted
+    for got, want in zip(ours, xla, strict=True):
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got, want, atol=tolerance * scale)

@@ -238,6 +238,31 @@ def test_attention_blocks_change_no_value(blocks, length, train):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_pallas_attention_is_xla_attention_with_its_dropout():
+    # train.attention=pallas (the flash kernel, here in Pallas's interpreter) in a
+    # training step: the logits and gradients of "xla", the same attention dropout.
+    cfg = dataclasses.replace(ModelConfig.from_config(tiny_config().model), n_layer=1)
+    params = init(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.n_ctx))
+
+    def loss_and_grads(model_cfg, seed):
+        def loss(params):
+            rngs = {"dropout": jax.random.PRNGKey(seed)}
+            logits = GPT(model_cfg).apply({"params": params}, tokens, False, rngs=rngs)
+            return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), logits
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+    (_, xla), xla_grads = loss_and_grads(cfg, 3)
+    pallas = dataclasses.replace(cfg, attention="pallas")
+    (_, ours), our_grads = loss_and_grads(pallas, 3)
+    np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(xla_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    (_, other), _ = loss_and_grads(pallas, 4)  # another key, other masks
+    assert np.abs(np.asarray(other - xla)).max() > 1e-3
+
+
 @pytest.mark.parametrize("scan_unroll, loops", [(0, False), (1, True), (2, False)])
 def test_scan_unroll_decides_whether_the_layers_loop(scan_unroll, loops):
     # scan_unroll=0 (or n_layer) runs the stacked blocks without a loop: the compiled

@@ -1,0 +1,289 @@
+"""Causal flash attention with the paper's attention dropout: a Pallas kernel for GPUs.
+
+Why: on a GPU, XLA's attention (`model.attend_causal`) writes the B x H x L x L scores,
+probabilities and dropout mask to memory and reads them back, forward and backward; at
+GPT-1's shape that is most of what separates the paper's step from one with cuDNN's flash
+attention (docs/benchmarks.md: 100 ms against 69 ms on an H200). cuDNN's kernel can drop
+attention probabilities, but JAX hands it the dropout seed as a compile-time constant, so
+every step would drop the same ones. This kernel never materialises the L x L arrays
+(FlashAttention-2: an online softmax over blocks of keys, the backward recomputing the
+probabilities from the saved log-sum-exp), and draws the dropout mask inside from the
+hash `dropout.dropout` uses: Threefry-2x32 of each probability's flat index in the
+[B, H, L, L] array under the step's key. So it keeps exactly the probabilities
+`train.attention=xla` keeps, and computes the same values to rounding
+(tests/test_flash.py).
+
+With the dropped probabilities P' = P * keep / (1 - rate) and O = P' V, the gradients
+are dV = P'^T dO, dP = keep / (1 - rate) * (dO V^T), and dS = P * (dP - D) with
+D = rowsum(dO * O) (= rowsum(P * dP)): two kernels, one over blocks of keys (dK, dV) and
+one over blocks of queries (dQ), each recomputing P and the mask of its blocks.
+
+Under a mesh it runs per shard (`jax.shard_map` over the batch and heads axes of
+`sharding.LOGICAL_AXIS_RULES`), each shard counting its global example and head in the
+mask's index, so the mask does not depend on the mesh. Off GPUs the same kernel runs in
+Pallas's interpreter: the same values, slowly (the tests use it).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec
+
+from gptjax import dropout as dropout_lib
+from gptjax.sharding import LOGICAL_AXIS_RULES
+
+# Queries (and keys) per block: Triton's matmuls need at least 16 rows; 64, a usual
+# choice for 64-wide heads, is still to be tuned on a GPU.
+MIN_BLOCK, MAX_BLOCK = 16, 64
+# The mask's index is one 32-bit word: JAX's counter for arrays below 2**32 elements.
+MAX_MASK_ELEMENTS = 2**32
+_MASKED = float(np.finfo(np.float32).min)  # a score the causal mask removes
+_RULES = dict(LOGICAL_AXIS_RULES)
+_F32 = jnp.float32
+
+
+def supports(length: int, head_dim: int) -> bool:
+    """Whether the kernel takes this sequence length and head size: Triton's tiles are
+    powers of two, and its matmuls at least 16 wide."""
+    return all(n >= MIN_BLOCK and n & (n - 1) == 0 for n in (length, head_dim))
+
+
+def causal_attention(
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, dtype: str, dropout_key=None, rate: float = 0.0
+) -> jax.Array:
+    """softmax(Q K^T / sqrt(K), causal) V with dropout at `rate` on the probabilities,
+    the values of `model.attend_causal` (the same mask for the same key)."""
+    batch, length, heads, head_dim = q_BxLxHxK.shape
+    if not supports(length, head_dim):
+        raise ValueError(
+            f"flash attention needs a length and head size that are powers of two of at "
+            f"least {MIN_BLOCK}, not {length} and {head_dim}"
+        )
+    if rate > 0 and batch * heads * length * length >= MAX_MASK_ELEMENTS:
+        raise ValueError(
+            f"flash attention's dropout mask of {batch} x {heads} x {length} x {length} "
+            "has 2**32 elements or more; use smaller batches (train.microbatches)"
+        )
+    q_BxLxHxK = q_BxLxHxK * jnp.asarray(head_dim**-0.5, dtype)
+    q, k, v = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
+    if dropout_key is None or rate == 0.0:
+        key, rate = jnp.zeros((2,), jnp.uint32), 0.0
+    elif jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(dropout_key)
+    else:
+        key = dropout_key
+    key = key.astype(jnp.uint32)
+    interpret = jax.default_backend() != "gpu"
+    local = functools.partial(_local, rate=rate, heads_total=heads, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = tuple(a for a in _RULES["batch"] if _size(mesh, a) > 1)
+    heads_axes = tuple(a for a in (_RULES["heads"],) if _size(mesh, a) > 1)
+    if not batch_axes and not heads_axes:
+        return local(q, k, v, key)
+    spec = PartitionSpec(batch_axes or None, None, heads_axes or None, None)
+    sharded = jax.shard_map(
+        functools.partial(local, batch_axes=batch_axes, heads_axes=heads_axes),
+        mesh=mesh,
+        in_specs=(spec, spec, spec, PartitionSpec()),
+        out_specs=spec,
+        check_vma=False,
+    )
+    return sharded(q, k, v, key)
+
+
+def _size(mesh, axis: str) -> int:
+    return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
+
+
+def _local(q, k, v, key, rate, heads_total, interpret, batch_axes=(), heads_axes=()):
+    """One shard's attention, its first example and head counted in the whole batch."""
+    batch, _, heads, _ = q.shape
+    first_b, first_h = _first(batch_axes, batch), _first(heads_axes, heads)
+    meta = jnp.stack([key[0], key[1], first_b, first_h])
+    return _flash(q, k, v, meta, heads_total, rate, interpret)
+
+
+def _first(axes: tuple[str, ...], size: int) -> jax.Array:
+    """This shard's first index along a dimension split over `axes`."""
+    if not axes:
+        return jnp.uint32(0)
+    return jax.lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, meta, heads_total: int, rate: float, interpret: bool):
+    """Attention of the (already scaled) queries; `meta` = (key, first example, first
+    head) as uint32."""
+    return _forward(q, k, v, meta, heads_total, rate, interpret)[0]
+
+
+def _flash_forward(q, k, v, meta, heads_total, rate, interpret):
+    o, lse = _forward(q, k, v, meta, heads_total, rate, interpret)
+    return o, (q, k, v, meta, o, lse)
+
+
+def _flash_backward(heads_total, rate, interpret, residuals, do):
+    q, k, v, meta, o, lse = residuals
+    delta = jnp.einsum("blhk,blhk->bhl", do.astype(_F32), o.astype(_F32))
+    args = (meta, q, k, v, do.astype(q.dtype), lse, delta)
+    dq = _call(_dq_kernel, "dq", args, heads_total, rate, interpret)
+    dk, dv = _call(_dkdv_kernel, "dkdv", args, heads_total, rate, interpret)
+    return dq, dk, dv, np.zeros(meta.shape, jax.dtypes.float0)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
+
+
+def _forward(q, k, v, meta, heads_total, rate, interpret):
+    return _call(_forward_kernel, "forward", (meta, q, k, v), heads_total, rate, interpret)
+
+
+def _call(kernel, which: str, args, heads_total: int, rate: float, interpret: bool):
+    """`kernel` over a grid of (block of queries or keys, example, head)."""
+    q = args[1]
+    batch, length, heads, head_dim = q.shape
+    block = min(MAX_BLOCK, length)
+    tile = pl.BlockSpec((None, block, None, head_dim), lambda i, b, h: (b, i, h, 0))
+    whole = pl.BlockSpec((None, length, None, head_dim), lambda i, b, h: (b, 0, h, 0))
+    row_tile = pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
+    row_whole = pl.BlockSpec((None, None, length), lambda i, b, h: (b, h, 0))
+    meta = pl.BlockSpec((4,), lambda i, b, h: (0,))
+    like_q = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    rows = jax.ShapeDtypeStruct((batch, heads, length), _F32)
+    # The blocks each program reads: its own tile of q (or k, v), the whole of the rest.
+    in_specs, out_specs, out_shape = {
+        "forward": ([meta, tile, whole, whole], [tile, row_tile], [like_q, rows]),
+        "dq": ([meta, tile, whole, whole, tile, row_tile, row_tile], tile, like_q),
+        "dkdv": (
+            [meta, whole, tile, tile, whole, row_whole, row_whole],
+            [tile, tile],
+            [like_q, like_q],
+        ),
+    }[which]
+    body = functools.partial(kernel, block=block, heads_total=heads_total, rate=rate)
+    return pl.pallas_call(
+        body,
+        grid=(length // block, batch, heads),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
+        name=f"gptjax_flash_{which}",
+    )(*args)
+
+
+def _mask_of(meta_ref, heads_total: int, length: int, rate: float):
+    """This program's dropout: `keep(rows, cols)` says which probabilities of its
+    example's and head's [rows, cols] block dropout keeps, from the bits
+    `dropout.dropout` draws for them in the whole [B, H, L, L] array. (Read at the
+    kernel's top level: Pallas's interpreter has no program ids inside its loops.)"""
+    if rate == 0.0:
+        return None
+    u32 = jnp.uint32
+    b = meta_ref[2] + pl.program_id(1).astype(u32)
+    h = meta_ref[3] + pl.program_id(2).astype(u32)
+    first = (b * u32(heads_total) + h) * u32(length)
+    k0, k1, threshold = meta_ref[0], meta_ref[1], dropout_lib.keep_threshold(rate)
+
+    def keep(rows, cols):
+        index = (first + rows.astype(u32))[:, None] * u32(length) + cols.astype(u32)[None, :]
+        high, low = dropout_lib.threefry2x32(k0, k1, jnp.zeros_like(index), index)
+        return (high ^ low) >= threshold
+
+    return keep
+
+
+def _probabilities(q, k, lse, rows, cols):
+    """exp(scores - log-sum-exp): the softmax's probabilities of a block, causal."""
+    s = jnp.dot(q, k.T, preferred_element_type=_F32)
+    s = jnp.where(cols[None, :] <= rows[:, None], s, _MASKED)
+    return jnp.exp(s - lse[:, None])
+
+
+def _dropped(keep, p, dp, rows, cols, rate):
+    """Dropout (kept ones scaled by 1 / (1 - rate)) applied to p and to dp alike."""
+    if keep is None:
+        return p, dp
+    kept, scale = keep(rows, cols), 1.0 / (1.0 - rate)
+    return jnp.where(kept, p * scale, 0.0), jnp.where(kept, dp * scale, 0.0)
+
+
+def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, heads_total, rate):
+    i, length = pl.program_id(0), k_ref.shape[0]
+    keep = _mask_of(meta_ref, heads_total, length, rate)
+    q = q_ref[...]
+    rows = i * block + jnp.arange(block)
+
+    def over_keys(j, carry):
+        acc, row_max, row_sum = carry
+        cols = j * block + jnp.arange(block)
+        k, v = k_ref[pl.ds(j * block, block), :], v_ref[pl.ds(j * block, block), :]
+        s = jnp.dot(q, k.T, preferred_element_type=_F32)
+        s = jnp.where(cols[None, :] <= rows[:, None], s, _MASKED)
+        m_next = jnp.maximum(row_max, jnp.max(s, axis=1))
+        p = jnp.exp(s - m_next[:, None])
+        rescale = jnp.exp(row_max - m_next)
+        row_sum = row_sum * rescale + jnp.sum(p, axis=1)  # before dropout
+        p, _ = _dropped(keep, p, p, rows, cols, rate)
+        acc = acc * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=_F32)
+        return acc, m_next, row_sum
+
+    start = (jnp.zeros(q.shape, _F32), jnp.full((block,), _MASKED, _F32), jnp.zeros((block,), _F32))
+    acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1, over_keys, start)  # keys up to the diagonal
+    o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = row_max + jnp.log(row_sum)
+
+
+def _dq_kernel(
+    meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block, heads_total, rate
+):
+    i, length = pl.program_id(0), k_ref.shape[0]
+    keep = _mask_of(meta_ref, heads_total, length, rate)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    rows = i * block + jnp.arange(block)
+
+    def over_keys(j, dq):
+        cols = j * block + jnp.arange(block)
+        k, v = k_ref[pl.ds(j * block, block), :], v_ref[pl.ds(j * block, block), :]
+        p = _probabilities(q, k, lse, rows, cols)
+        dp = jnp.dot(do, v.T, preferred_element_type=_F32)
+        _, dp = _dropped(keep, p, dp, rows, cols, rate)
+        ds = p * (dp - delta[:, None])
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+
+    dq = jax.lax.fori_loop(0, i + 1, over_keys, jnp.zeros(q.shape, _F32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(
+    meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+    *, block, heads_total, rate,
+):  # fmt: skip
+    j, length = pl.program_id(0), q_ref.shape[0]
+    keep = _mask_of(meta_ref, heads_total, length, rate)
+    k, v = k_ref[...], v_ref[...]
+    cols = j * block + jnp.arange(block)
+
+    def over_queries(i, carry):
+        dk, dv = carry
+        rows = i * block + jnp.arange(block)
+        queries = pl.ds(i * block, block)
+        q, do = q_ref[queries, :], do_ref[queries, :]
+        lse, delta = lse_ref[queries], delta_ref[queries]
+        p = _probabilities(q, k, lse, rows, cols)
+        dp = jnp.dot(do, v.T, preferred_element_type=_F32)
+        p_kept, dp = _dropped(keep, p, dp, rows, cols, rate)
+        dv = dv + jnp.dot(p_kept.astype(do.dtype).T, do, preferred_element_type=_F32)
+        ds = p * (dp - delta[:, None])
+        return dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=_F32), dv
+
+    zeros = jnp.zeros(k.shape, _F32)
+    # Queries from the diagonal on: the earlier ones do not see these keys.
+    dk, dv = jax.lax.fori_loop(j, length // block, over_queries, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)

@@ -1,0 +1,117 @@
+"""The Pallas flash attention (gptjax/flash.py) against XLA's attention
+(`model.attend_causal`): the same values, gradients and dropout mask, here in Pallas's
+interpreter on the CPU (a GPU compiles the same kernels with Triton: tests/test_gpu.py);
+and under meshes that split the batch and the heads, the same values as on one device."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import flash, sharding
+from gptjax.model import attend_causal
+
+from conftest import ROOT
+
+# Four blocks of queries and keys (flash.MAX_BLOCK of 64), two examples, two heads.
+SHAPE = (2, 256, 2, 16)
+
+
+def inputs(shape=SHAPE, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v, do = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4))
+    return (q, k, v), do
+
+
+def value_and_grads(attention, qkv, do, dtype, key, rate):
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, dtype, key, rate), *qkv)
+    return out, vjp(do)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
+def test_values_and_gradients_equal_xla_attention(rate):
+    qkv, do = inputs()
+    key = jax.random.PRNGKey(7)
+    out, grads = jax.jit(value_and_grads, static_argnums=(0, 3, 5))(
+        flash.causal_attention, qkv, do, "float32", key, rate
+    )
+    want, want_grads = value_and_grads(attend_causal, qkv, do, "float32", key, rate)
+    np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
+    for got, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_the_mask_is_the_keys():
+    """Another key drops other probabilities: the agreement above is the same mask, not
+    a mask that happens to change little."""
+    qkv, _ = inputs()
+    ours = flash.causal_attention(*qkv, "float32", jax.random.PRNGKey(1), 0.5)
+    theirs = attend_causal(*qkv, "float32", jax.random.PRNGKey(2), 0.5)
+    assert np.abs(np.asarray(ours - theirs)).max() > 0.1
+
+
+def test_bfloat16_is_close_to_xla_attention():
+    qkv, do = inputs(dtype=jnp.bfloat16)
+    key = jax.random.PRNGKey(3)
+    out, grads = value_and_grads(flash.causal_attention, qkv, do, "bfloat16", key, 0.1)
+    want, want_grads = value_and_grads(attend_causal, qkv, do, "bfloat16", key, 0.1)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), atol=0.05)
+    for got, expected in zip(grads, want_grads, strict=True):
+        scale = float(jnp.abs(expected.astype(jnp.float32)).max())
+        np.testing.assert_allclose(
+            got.astype(np.float32), expected.astype(np.float32), atol=0.03 * scale
+        )
+
+
+@pytest.mark.parametrize("length, head, ok", [(512, 64, True), (16, 16, True), (48, 16, False)])
+def test_supported_shapes(length, head, ok):
+    assert flash.supports(length, head) == ok
+    if not ok:
+        qkv, _ = inputs((1, length, 1, head))
+        with pytest.raises(ValueError, match="powers of two"):
+            flash.causal_attention(*qkv, "float32")
+
+
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 4, 2)]
+
+
+def mesh_worker(out_dir: str):
+    """Run in a process with 8 CPU devices: the attention and its gradients under each
+    mesh, written for the test to compare."""
+    qkv, do = inputs((8, 128, 8, 16))
+    key = jax.random.PRNGKey(5)
+    results = {}
+    for shape in [(1, 1, 1), *MESHES]:
+        config = {"data": shape[0], "fsdp": shape[1], "tensor": shape[2]}
+        mesh = sharding.make_mesh(config, jax.devices()[: int(np.prod(shape))])
+        run = jax.jit(value_and_grads, static_argnums=(0, 3, 5))
+        with sharding.axis_rules(mesh):
+            out, grads = run(flash.causal_attention, qkv, do, "float32", key, 0.1)
+        results[str(shape)] = [np.asarray(x).tolist() for x in (out, *grads)]
+    with open(os.path.join(out_dir, "flash_meshes.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_meshes_give_one_devices_values(tmp_path):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import test_flash; "
+        f"test_flash.mesh_worker({str(tmp_path)!r})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "flash_meshes.json").read_text())
+    one = results[str((1, 1, 1))]
+    for shape in MESHES:
+        for got, want in zip(results[str(shape)], one, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(shape))
