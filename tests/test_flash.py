@@ -22,6 +22,14 @@ from conftest import ROOT
 SHAPE = (2, 256, 2, 16)
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """Float32 matmuls in float32 on a GPU too (its default rounds them to TF32), so
+    that there these tests check the compiled kernel as closely as the interpreted one."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def inputs(shape=SHAPE, dtype=jnp.float32, seed=0):
     rng = np.random.default_rng(seed)
     q, k, v, do = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(4))
