@@ -16,7 +16,8 @@ hash `dropout.dropout` uses: Threefry-2x32 of each probability's flat index in t
 With the dropped probabilities P' = P * keep / (1 - rate) and O = P' V, the gradients
 are dV = P'^T dO, dP = keep / (1 - rate) * (dO V^T), and dS = P * (dP - D) with
 D = rowsum(dO * O) (= rowsum(P * dP)): two kernels, one over blocks of keys (dK, dV) and
-one over blocks of queries (dQ), each recomputing P and the mask of its blocks.
+one over blocks of queries (dQ), each recomputing P of its blocks and reading their mask,
+which the forward pass stores (one byte a probability; see `_call`).
 
 Under a mesh it runs per shard (`jax.shard_map` over the batch and heads axes of
 `sharding.LOGICAL_AXIS_RULES`), each shard counting its global example and head in the
@@ -44,6 +45,10 @@ MAX_MASK_ELEMENTS = 2**32
 _MASKED = float(np.finfo(np.float32).min)  # a score the causal mask removes
 _RULES = dict(LOGICAL_AXIS_RULES)
 _F32 = jnp.float32
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=_F32)  # float32 accumulation
 
 
 def supports(length: int, head_dim: int) -> bool:
@@ -122,16 +127,16 @@ def _flash(q, k, v, meta, heads_total: int, rate: float, interpret: bool):
 
 
 def _flash_forward(q, k, v, meta, heads_total, rate, interpret):
-    o, lse = _forward(q, k, v, meta, heads_total, rate, interpret)
-    return o, (q, k, v, meta, o, lse)
+    o, lse, *keep = _forward(q, k, v, meta, heads_total, rate, interpret)
+    return o, (q, k, v, meta, o, lse, keep)
 
 
 def _flash_backward(heads_total, rate, interpret, residuals, do):
-    q, k, v, meta, o, lse = residuals
+    q, k, v, meta, o, lse, keep = residuals
     delta = jnp.einsum("blhk,blhk->bhl", do.astype(_F32), o.astype(_F32))
-    args = (meta, q, k, v, do.astype(q.dtype), lse, delta)
-    dq = _call(_dq_kernel, "dq", args, heads_total, rate, interpret)
-    dk, dv = _call(_dkdv_kernel, "dkdv", args, heads_total, rate, interpret)
+    args = (q, k, v, do.astype(q.dtype), lse, delta, *keep)
+    dq = _call(_dq_kernel, "dq", args, rate, interpret)
+    dk, dv = _call(_dkdv_kernel, "dkdv", args, rate, interpret)
     return dq, dk, dv, np.zeros(meta.shape, jax.dtypes.float0)
 
 
@@ -139,34 +144,52 @@ _flash.defvjp(_flash_forward, _flash_backward)
 
 
 def _forward(q, k, v, meta, heads_total, rate, interpret):
-    return _call(_forward_kernel, "forward", (meta, q, k, v), heads_total, rate, interpret)
+    """(output, log-sum-exp of each row's scores, and with dropout the mask kept)."""
+    kernel = functools.partial(_forward_kernel, heads_total=heads_total)
+    return _call(kernel, "forward", (q, k, v, meta), rate, interpret)
 
 
-def _call(kernel, which: str, args, heads_total: int, rate: float, interpret: bool):
-    """`kernel` over a grid of (block of queries or keys, example, head)."""
-    q = args[1]
+def _call(kernel, which: str, args, rate: float, interpret: bool):
+    """`kernel` over a grid of (block of queries or keys, example, head). The forward
+    pass writes the dropout mask it draws (int8 [B, H, L, L]; only the blocks on and
+    below the diagonal), and the backward kernels read it: rather than hash every index
+    three times, once, for 1 byte a probability (GPT-1's 512 positions: 201 MB a layer at
+    batch 64, against the 805 MB of float32 probabilities XLA's attention keeps)."""
+    q = args[0]
     batch, length, heads, head_dim = q.shape
     block = min(MAX_BLOCK, length)
     tile = pl.BlockSpec((None, block, None, head_dim), lambda i, b, h: (b, i, h, 0))
     whole = pl.BlockSpec((None, length, None, head_dim), lambda i, b, h: (b, 0, h, 0))
     row_tile = pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
     row_whole = pl.BlockSpec((None, None, length), lambda i, b, h: (b, h, 0))
+    mask_rows = pl.BlockSpec((None, None, block, length), lambda i, b, h: (b, h, i, 0))
+    mask_cols = pl.BlockSpec((None, None, length, block), lambda i, b, h: (b, h, 0, i))
     meta = pl.BlockSpec((4,), lambda i, b, h: (0,))
     like_q = jax.ShapeDtypeStruct(q.shape, q.dtype)
     rows = jax.ShapeDtypeStruct((batch, heads, length), _F32)
-    # The blocks each program reads: its own tile of q (or k, v), the whole of the rest.
+    mask = jax.ShapeDtypeStruct((batch, heads, length, length), jnp.int8)
+    dropout = rate > 0.0
+    # The blocks each program reads: its own tile of q (or of k and v), the whole of
+    # the rest; and the rows (or columns) of the mask that go with its tile.
     in_specs, out_specs, out_shape = {
-        "forward": ([meta, tile, whole, whole], [tile, row_tile], [like_q, rows]),
-        "dq": ([meta, tile, whole, whole, tile, row_tile, row_tile], tile, like_q),
+        "forward": (
+            [tile, whole, whole, meta],
+            [tile, row_tile] + [mask_rows] * dropout,
+            [like_q, rows] + [mask] * dropout,
+        ),
+        "dq": (
+            [tile, whole, whole, tile, row_tile, row_tile] + [mask_rows] * dropout,
+            tile,
+            like_q,
+        ),
         "dkdv": (
-            [meta, whole, tile, tile, whole, row_whole, row_whole],
+            [whole, tile, tile, whole, row_whole, row_whole] + [mask_cols] * dropout,
             [tile, tile],
             [like_q, like_q],
         ),
     }[which]
-    body = functools.partial(kernel, block=block, heads_total=heads_total, rate=rate)
     return pl.pallas_call(
-        body,
+        functools.partial(kernel, block=block, rate=rate),
         grid=(length // block, batch, heads),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -177,13 +200,11 @@ def _call(kernel, which: str, args, heads_total: int, rate: float, interpret: bo
     )(*args)
 
 
-def _mask_of(meta_ref, heads_total: int, length: int, rate: float):
+def _hash_mask(meta_ref, heads_total: int, length: int, rate: float):
     """This program's dropout: `keep(rows, cols)` says which probabilities of its
     example's and head's [rows, cols] block dropout keeps, from the bits
     `dropout.dropout` draws for them in the whole [B, H, L, L] array. (Read at the
     kernel's top level: Pallas's interpreter has no program ids inside its loops.)"""
-    if rate == 0.0:
-        return None
     u32 = jnp.uint32
     b = meta_ref[2] + pl.program_id(1).astype(u32)
     h = meta_ref[3] + pl.program_id(2).astype(u32)
@@ -200,87 +221,89 @@ def _mask_of(meta_ref, heads_total: int, length: int, rate: float):
 
 def _probabilities(q, k, lse, rows, cols):
     """exp(scores - log-sum-exp): the softmax's probabilities of a block, causal."""
-    s = jnp.dot(q, k.T, preferred_element_type=_F32)
+    s = _dot(q, k.T)
     s = jnp.where(cols[None, :] <= rows[:, None], s, _MASKED)
     return jnp.exp(s - lse[:, None])
 
 
-def _dropped(keep, p, dp, rows, cols, rate):
-    """Dropout (kept ones scaled by 1 / (1 - rate)) applied to p and to dp alike."""
-    if keep is None:
-        return p, dp
-    kept, scale = keep(rows, cols), 1.0 / (1.0 - rate)
-    return jnp.where(kept, p * scale, 0.0), jnp.where(kept, dp * scale, 0.0)
+def _dropped(kept, x, rate: float):
+    """Dropout of x by the mask `kept` (None: none), the kept ones scaled by 1/(1 - rate)."""
+    if kept is None:
+        return x
+    return jnp.where(kept, x * (1.0 / (1.0 - rate)), 0.0)
 
 
-def _forward_kernel(meta_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, heads_total, rate):
+def _forward_kernel(
+    q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref, *mask_ref, block, rate, heads_total
+):
     i, length = pl.program_id(0), k_ref.shape[0]
-    keep = _mask_of(meta_ref, heads_total, length, rate)
+    hashed = _hash_mask(meta_ref, heads_total, length, rate) if mask_ref else None
     q = q_ref[...]
     rows = i * block + jnp.arange(block)
 
     def over_keys(j, carry):
         acc, row_max, row_sum = carry
+        keys = pl.ds(j * block, block)
         cols = j * block + jnp.arange(block)
-        k, v = k_ref[pl.ds(j * block, block), :], v_ref[pl.ds(j * block, block), :]
-        s = jnp.dot(q, k.T, preferred_element_type=_F32)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        s = _dot(q, k.T)
         s = jnp.where(cols[None, :] <= rows[:, None], s, _MASKED)
         m_next = jnp.maximum(row_max, jnp.max(s, axis=1))
         p = jnp.exp(s - m_next[:, None])
         rescale = jnp.exp(row_max - m_next)
         row_sum = row_sum * rescale + jnp.sum(p, axis=1)  # before dropout
-        p, _ = _dropped(keep, p, p, rows, cols, rate)
-        acc = acc * rescale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=_F32)
+        kept = None
+        if hashed is not None:
+            kept = hashed(rows, cols)
+            mask_ref[0][:, keys] = kept.astype(jnp.int8)
+        p = _dropped(kept, p, rate)
+        acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_next, row_sum
 
     start = (jnp.zeros(q.shape, _F32), jnp.full((block,), _MASKED, _F32), jnp.zeros((block,), _F32))
-    acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1, over_keys, start)  # keys up to the diagonal
+    acc, row_max, row_sum = jax.lax.fori_loop(0, i + 1, over_keys, start)  # up to the diagonal
     o_ref[...] = (acc / row_sum[:, None]).astype(o_ref.dtype)
     lse_ref[...] = row_max + jnp.log(row_sum)
 
 
-def _dq_kernel(
-    meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, block, heads_total, rate
-):
-    i, length = pl.program_id(0), k_ref.shape[0]
-    keep = _mask_of(meta_ref, heads_total, length, rate)
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, block, rate):
+    *mask_ref, dq_ref = refs
+    i = pl.program_id(0)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     rows = i * block + jnp.arange(block)
 
     def over_keys(j, dq):
+        keys = pl.ds(j * block, block)
         cols = j * block + jnp.arange(block)
-        k, v = k_ref[pl.ds(j * block, block), :], v_ref[pl.ds(j * block, block), :]
+        k, v = k_ref[keys, :], v_ref[keys, :]
         p = _probabilities(q, k, lse, rows, cols)
-        dp = jnp.dot(do, v.T, preferred_element_type=_F32)
-        _, dp = _dropped(keep, p, dp, rows, cols, rate)
+        kept = mask_ref[0][:, keys] != 0 if mask_ref else None
+        dp = _dropped(kept, _dot(do, v.T), rate)
         ds = p * (dp - delta[:, None])
-        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+        return dq + _dot(ds.astype(k.dtype), k)
 
     dq = jax.lax.fori_loop(0, i + 1, over_keys, jnp.zeros(q.shape, _F32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(
-    meta_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-    *, block, heads_total, rate,
-):  # fmt: skip
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, block, rate):
+    *mask_ref, dk_ref, dv_ref = refs
     j, length = pl.program_id(0), q_ref.shape[0]
-    keep = _mask_of(meta_ref, heads_total, length, rate)
     k, v = k_ref[...], v_ref[...]
     cols = j * block + jnp.arange(block)
 
     def over_queries(i, carry):
         dk, dv = carry
-        rows = i * block + jnp.arange(block)
         queries = pl.ds(i * block, block)
+        rows = i * block + jnp.arange(block)
         q, do = q_ref[queries, :], do_ref[queries, :]
         lse, delta = lse_ref[queries], delta_ref[queries]
         p = _probabilities(q, k, lse, rows, cols)
-        dp = jnp.dot(do, v.T, preferred_element_type=_F32)
-        p_kept, dp = _dropped(keep, p, dp, rows, cols, rate)
-        dv = dv + jnp.dot(p_kept.astype(do.dtype).T, do, preferred_element_type=_F32)
+        kept = mask_ref[0][queries, :] != 0 if mask_ref else None
+        dv = dv + _dot(_dropped(kept, p, rate).astype(do.dtype).T, do)
+        dp = _dropped(kept, _dot(do, v.T), rate)
         ds = p * (dp - delta[:, None])
-        return dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=_F32), dv
+        return dk + _dot(ds.astype(q.dtype).T, q), dv
 
     zeros = jnp.zeros(k.shape, _F32)
     # Queries from the diagonal on: the earlier ones do not see these keys.
