@@ -52,7 +52,14 @@ def bench_pipeline(config, settings: "Settings") -> dict:
     run tokenizes its corpus once and caches the ids, so its steps wait only on the
     batches."""
     books = synthetic_books(settings.text_chars)
-    tokenizer = tokenizer_lib.train_sentencepiece(books, settings.tokenizer_vocab, 20_000)
+    try:
+        tokenizer = tokenizer_lib.train_sentencepiece(books, settings.tokenizer_vocab, 20_000)
+    except UserError:  # its advice names the config's vocabulary, not these flags
+        raise UserError(
+            f"--text-chars={settings.text_chars} is too little text for a "
+            f"{settings.tokenizer_vocab}-piece tokenizer; raise --text-chars or lower "
+            "--tokenizer-vocab"
+        ) from None
     batch_size, n_ctx = config.train.batch_size, config.model.n_ctx
     start = time.perf_counter()
     tokens = tokenize_books(books, tokenizer)

@@ -179,6 +179,13 @@ def test_pipeline_times_an_epoch_of_at_least_min_batches(monkeypatch):
     assert r["batch_tokens_per_s"] == timed and r["tokenize_tokens_per_s"] == text_tokens
 
 
+def test_too_little_text_for_the_tokenizer_names_the_bench_flags():
+    config = bench.load_config("tiny")
+    settings = bench.Settings(text_chars=200, tokenizer_vocab=4096)
+    with pytest.raises(UserError, match="raise --text-chars or lower --tokenizer-vocab"):
+        bench_parts.bench_pipeline(config, settings)
+
+
 @pytest.fixture(scope="module")
 def estimated():
     config = bench.load_config("tiny")
