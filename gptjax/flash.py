@@ -22,7 +22,8 @@ which the forward pass stores (one byte a probability; see `_call`).
 Under a mesh it runs per shard (`jax.shard_map` over the batch and heads axes of
 `sharding.LOGICAL_AXIS_RULES`), each shard counting its global example and head in the
 mask's index, so the mask does not depend on the mesh. Off GPUs the same kernel runs in
-Pallas's interpreter: the same values, slowly (the tests use it).
+Pallas's interpreter: the same values, slowly (the tests use it, and also lower the
+kernels to Triton for CUDA without a GPU).
 """
 
 import functools
@@ -58,10 +59,18 @@ def supports(length: int, head_dim: int) -> bool:
 
 
 def causal_attention(
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, dtype: str, dropout_key=None, rate: float = 0.0
+    q_BxLxHxK,
+    k_BxLxHxK,
+    v_BxLxHxK,
+    dtype: str,
+    dropout_key=None,
+    rate: float = 0.0,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(K), causal) V with dropout at `rate` on the probabilities,
-    the values of `model.attend_causal` (the same mask for the same key)."""
+    the values of `model.attend_causal` (the same mask for the same key). `interpret`:
+    run the kernels in Pallas's interpreter (by default: unless JAX runs on a GPU);
+    False also lowers them for a GPU from a machine without one (the tests do)."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
     if not supports(length, head_dim):
         raise ValueError(
@@ -82,7 +91,8 @@ def causal_attention(
     else:
         key = dropout_key
     key = key.astype(jnp.uint32)
-    interpret = jax.default_backend() != "gpu"
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
     local = functools.partial(_local, rate=rate, heads_total=heads, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = tuple(a for a in _RULES["batch"] if _size(mesh, a) > 1)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from gptjax import flash, sharding
 from gptjax.model import attend_causal
@@ -75,6 +76,29 @@ def test_bfloat16_is_close_to_xla_attention():
         np.testing.assert_allclose(
             got.astype(np.float32), expected.astype(np.float32), atol=0.03 * scale
         )
+
+
+def test_the_kernels_lower_to_triton_for_a_gpu():
+    """On this CPU-only machine, lower the compiled (not interpreted) kernels for CUDA:
+    Pallas turns each into Triton IR here, and fails on anything Triton cannot express.
+    (Compiling that IR to GPU code needs a GPU: tests/test_gpu.py.)"""
+
+    def train_step_attention(q, k, v, key):
+        def f(q, k, v):
+            out = flash.causal_attention(q, k, v, "bfloat16", key, 0.1, interpret=False)
+            return jnp.sum(out.astype(jnp.float32))
+
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    gpt1_head = jax.ShapeDtypeStruct((2, 512, 2, 64), jnp.bfloat16)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = export.export(
+        jax.jit(train_step_attention), platforms=["cuda"], disabled_checks=[triton]
+    )(gpt1_head, gpt1_head, gpt1_head, key)
+    module = exported.mlir_module()
+    for kernel in ("forward", "dq", "dkdv"):
+        assert module.count(f'name = "gptjax_flash_{kernel}"') == 1, kernel
 
 
 @pytest.mark.parametrize("length, head, ok", [(512, 64, True), (16, 16, True), (48, 16, False)])
