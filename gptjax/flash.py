@@ -205,9 +205,16 @@ def _call(kernel, which: str, args, rate: float, interpret: bool):
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=None if interpret else _triton_params(which),
         name=f"gptjax_flash_{which}",
     )(*args)
+
+
+def _triton_params(which: str) -> pltriton.CompilerParams:
+    """4 warps a program; 8 for dK/dV, whose five tiles need 255 registers a thread and
+    spill with 4 and take 188 without spilling with 8 (ptxas for sm_90a, GPT-1's shape:
+    docs/benchmarks.md). Not yet timed."""
+    return pltriton.CompilerParams(num_warps=8 if which == "dkdv" else 4, num_stages=2)
 
 
 def _hash_mask(meta_ref, heads_total: int, length: int, rate: float):
