@@ -76,13 +76,19 @@ def unrolled_threefry_bits(
     starting at that index, computed without the rest (each element's bits depend
     only on its index). Other key kinds, and arrays of 2**32 elements or more, go to
     `jax.random.bits`."""
+    words = threefry_key_words(key)
+    if words is None or math.prod(shape) >= 2**32:
+        return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
+    return _counter_bits(words, tuple(shape), block)
+
+
+def threefry_key_words(key: jax.Array) -> jax.Array | None:
+    """The two uint32 words of a Threefry key, typed or raw; None for other kinds."""
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if jax.random.key_impl(key) != "threefry2x32":
-            return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
+            return None
         key = jax.random.key_data(key)
-    if key.shape != (2,) or math.prod(shape) >= 2**32:
-        return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
-    return _counter_bits(key, tuple(shape), block)
+    return key.astype(jnp.uint32) if key.shape == (2,) else None
 
 
 def _block_of(bits: jax.Array, block: Block | None) -> jax.Array:

@@ -86,11 +86,10 @@ def causal_attention(
     q, k, v = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
     if dropout_key is None or rate == 0.0:
         key, rate = jnp.zeros((2,), jnp.uint32), 0.0
-    elif jax.dtypes.issubdtype(dropout_key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(dropout_key)
     else:
-        key = dropout_key
-    key = key.astype(jnp.uint32)
+        key = dropout_lib.threefry_key_words(dropout_key)
+        if key is None:
+            raise ValueError("flash attention's dropout hashes a Threefry key; got another kind")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     local = functools.partial(_local, rate=rate, heads_total=heads, interpret=interpret)

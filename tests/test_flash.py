@@ -55,13 +55,13 @@ def test_values_and_gradients_equal_xla_attention(rate):
         np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
 
 
-def test_the_mask_is_the_keys():
-    """Another key drops other probabilities: the agreement above is the same mask, not
-    a mask that happens to change little."""
-    qkv, _ = inputs()
-    ours = flash.causal_attention(*qkv, "float32", jax.random.PRNGKey(1), 0.5)
-    theirs = attend_causal(*qkv, "float32", jax.random.PRNGKey(2), 0.5)
-    assert np.abs(np.asarray(ours - theirs)).max() > 0.1
+def test_a_typed_key_draws_its_raw_words_mask_and_other_kinds_are_refused():
+    qkv, _ = inputs((1, 16, 1, 16))
+    raw = flash.causal_attention(*qkv, "float32", jax.random.PRNGKey(4), 0.5)
+    typed = flash.causal_attention(*qkv, "float32", jax.random.key(4), 0.5)
+    np.testing.assert_array_equal(typed, raw)
+    with pytest.raises(ValueError, match="Threefry"):
+        flash.causal_attention(*qkv, "float32", jax.random.key(4, impl="rbg"), 0.5)
 
 
 def test_bfloat16_is_close_to_xla_attention():

@@ -259,8 +259,6 @@ def test_pallas_attention_is_xla_attention_with_its_dropout():
     np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(xla_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    (_, other), _ = loss_and_grads(pallas, 4)  # another key, other masks
-    assert np.abs(np.asarray(other - xla)).max() > 1e-3
 
 
 @pytest.mark.parametrize("scan_unroll, loops", [(0, False), (1, True), (2, False)])
