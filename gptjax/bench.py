@@ -93,9 +93,9 @@ KEYS = (
     "versus",
     *TORCH_KEYS,
 )
-# Each --versus variant's entry.
+# Each --versus variant's entry (all but `overrides` and `error` null if it failed).
 VERSUS_KEYS = (
-    *("overrides", "step_time_s", "step_times_s", "train_tokens_per_s", "mfu"),
+    *("overrides", "error", "step_time_s", "step_times_s", "train_tokens_per_s", "mfu"),
     *("speedup", "speedup_by_round", "xla_peak_bytes"),
 )
 
@@ -267,11 +267,17 @@ def run(
 
     logging.info("timing %d train steps", r["timed_steps"])
     torch_ref = TorchReference(config, step.tokens, torch_compile, threads()) if vs_torch else None
-    runners = {"gptjax": step} | {spec: variant_step(spec, c) for spec, c in variants.items()}
-    runners |= {"torch": torch_ref.train_step} if torch_ref else {}
+    runners = {"gptjax": step} | ({"torch": torch_ref.train_step} if torch_ref else {})
     for fn in runners.values():
         for _ in range(settings.warmup):
             fn()
+    errors = {}
+    for spec, variant_config in variants.items():
+        try:
+            runners[spec] = variant_step(spec, variant_config, settings.warmup)
+        except Exception as e:  # an experiment's failure is one of its results
+            logging.exception("the variant %s failed; the run goes on without it", ",".join(spec))
+            errors[spec] = f"{type(e).__name__}: {e}"
     r["matmul_size"] = settings.matmul_size
     r["matmul_flops_per_s"] = matmul_flops_per_s(settings.matmul_size)
     step.page_faults.clear()
@@ -305,7 +311,10 @@ def run(
         r["train_speedup_vs_torch"] = r["torch_step_time_s"] / r["step_time_s"]
     if variants:
         r["versus"] = [
-            versus_result(spec, runners[spec], times, r, settings.rounds) for spec in variants
+            versus_failure(spec, errors[spec])
+            if spec in errors
+            else versus_result(spec, runners[spec], times, r, settings.rounds)
+            for spec in variants
         ]
 
     logging.info("input pipeline, generation, checkpoints")
@@ -317,12 +326,21 @@ def run(
     return r
 
 
-def variant_step(spec: tuple[str, ...], config: ml_collections.ConfigDict) -> TrainStep:
-    """A --versus variant's train step, compiled (from the persistent cache if there)."""
+def variant_step(spec: tuple[str, ...], config: ml_collections.ConfigDict, warmup: int):
+    """A --versus variant's train step, compiled (from the persistent cache if there)
+    and run `warmup` times. Whatever it raises (a kernel that does not compile, memory
+    it cannot have) fails this variant alone: `run` reports it and measures the rest."""
     step = TrainStep(config)
     logging.info("compiling the variant %s", ",".join(spec))
     step.compiled = compile_step(step.p_train, step.mesh, step.state, step.batch)
+    for _ in range(warmup):
+        step()
     return step
+
+
+def versus_failure(spec, error: str) -> dict:
+    """A variant's entry when it could not compile or run."""
+    return dict.fromkeys(VERSUS_KEYS) | {"overrides": list(spec), "error": error}
 
 
 def versus_result(spec, step: TrainStep, times: dict, r: dict, rounds: int) -> dict:
@@ -339,6 +357,7 @@ def versus_result(spec, step: TrainStep, times: dict, r: dict, rounds: int) -> d
     )
     return {
         "overrides": list(spec),
+        "error": None,
         "step_time_s": statistics.median(times[spec]),
         "step_times_s": times[spec],
         "train_tokens_per_s": tokens / statistics.median(times[spec]),
@@ -403,6 +422,11 @@ def report(r: dict) -> str:
         f"{r['checkpoint_blocking_s'] * 1e3:.1f} ms, written in {r['checkpoint_total_s']:.2f} s",
     }
     for i, v in enumerate(r["versus"] or (), 1):
+        if v["error"]:
+            rows[f"versus ({i})"] = (
+                f"{','.join(v['overrides'])}: failed: " + (v["error"].splitlines()[0])
+            )
+            continue
         by_round = ", ".join(f"{x:.2f}" for x in v["speedup_by_round"])
         mfu = "" if v["mfu"] is None else f", MFU {v['mfu']:.1%}"
         rows[f"versus ({i})"] = (

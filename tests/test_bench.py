@@ -20,14 +20,37 @@ HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 ON_CPU = jax.default_backend() == "cpu"
 
 
+# A --versus variant whose step fails when it runs, as one that runs out of memory would.
+FAILING = "train.seed=7"
+
+
+def _failing_variant_step(spec, config, warmup):
+    step = VARIANT_STEP(spec, config, 0)
+    if spec == (FAILING,):
+
+        def out_of_memory(state, batch):
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nwhile running the step")
+
+        step.compiled = out_of_memory
+    for _ in range(warmup):
+        step()
+    return step
+
+
+VARIANT_STEP = bench.variant_step
+
+
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     """One benchmark of `--config=tiny` through the command's entry point, with a
-    variant of twice the batch (--versus), and --vs-torch where transformers is
-    installed, as read back from its --json file."""
+    variant of twice the batch (--versus) and one that fails, and --vs-torch where
+    transformers is installed, as read back from its --json file."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["--config=tiny", f"--json={path}", "--versus=train.batch_size=8"]
-    returned = bench.main(argv + ["--vs-torch"] * HAS_TORCH)
+    argv += [f"--versus={FAILING}"] + ["--vs-torch"] * HAS_TORCH
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "variant_step", _failing_variant_step)
+        returned = bench.main(argv)
     written = json.loads(path.read_text())
     assert written == json.loads(json.dumps(returned))
     return written
@@ -37,7 +60,7 @@ def test_every_documented_key_is_written_and_measured(result):
     assert list(result) == list(bench.KEYS)
     docs = (ROOT / "docs" / "benchmarks.md").read_text()
     assert [k for k in bench.KEYS + bench.VERSUS_KEYS if f"`{k}`" not in docs] == []
-    assert [list(v) for v in result["versus"]] == [list(bench.VERSUS_KEYS)]
+    assert [list(v) for v in result["versus"]] == [list(bench.VERSUS_KEYS)] * 2
     # device_peak_bytes: accelerators only; the torch keys: --vs-torch only.
     unmeasured = {"device_peak_bytes"} if ON_CPU else set()
     unmeasured |= set() if HAS_TORCH else set(bench.TORCH_KEYS)
@@ -96,12 +119,29 @@ def test_versus_times_a_variant_in_the_same_turns(result):
     a larger compiled step) and its ratios follow from the times."""
     r, v = result, result["versus"][0]
     assert v["overrides"] == ["train.batch_size=8"] and r["batch_size"] == 4
+    assert v["error"] is None
     assert len(v["step_times_s"]) == r["timed_steps"]
     assert v["train_tokens_per_s"] == pytest.approx(8 * r["n_ctx"] / v["step_time_s"])
     assert v["speedup"] == pytest.approx(v["train_tokens_per_s"] / r["train_tokens_per_s"])
     assert v["mfu"] == pytest.approx(r["mfu"] * v["speedup"])
     assert len(v["speedup_by_round"]) == bench.TINY_SETTINGS.rounds
     assert v["xla_peak_bytes"] > r["xla_peak_bytes"]
+
+
+def test_a_variant_that_fails_is_reported_and_the_rest_measured(result):
+    """The failing variant's entry says why and holds no figures; the baseline, the
+    other variant and every later part were still measured (the key test above)."""
+    failed = result["versus"][1]
+    assert failed["overrides"] == [FAILING]
+    assert (
+        failed["error"] == "RuntimeError: RESOURCE_EXHAUSTED: out of memory\nwhile running the step"
+    )
+    assert {k for k, v in failed.items() if v is None} == set(bench.VERSUS_KEYS) - {
+        "overrides",
+        "error",
+    }
+    line = bench.report(result).splitlines()[-1 - 2 * HAS_TORCH]
+    assert line.endswith(f"{FAILING}: failed: RuntimeError: RESOURCE_EXHAUSTED: out of memory")
 
 
 @pytest.mark.parametrize(
