@@ -317,6 +317,9 @@ def run(
             for spec in variants
         ]
 
+    # The step's figures now, not only in the final table: the rest takes minutes at
+    # gpt1's size, and its failure would otherwise leave none of them on the screen.
+    logging.info("%s", report(r, train_only=True))
     logging.info("input pipeline, generation, checkpoints")
     r.update(bench_pipeline(config, settings))
     r["pipeline_ratio"] = r["pipeline_tokens_per_s"] / r["train_tokens_per_s"]
@@ -379,8 +382,9 @@ def _si(x: float | None, unit: str = "") -> str:
     return f"{x / scale:.3g} {prefix}{unit}"
 
 
-def report(r: dict) -> str:
-    """The result as an aligned table for a terminal."""
+def report(r: dict, train_only: bool = False) -> str:
+    """The result as an aligned table for a terminal; `train_only`: only the rows known
+    once the train steps are timed (no input pipeline, generation or checkpoint)."""
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
     uncached = r["cpu_matmuls"] == "onednn" and r["backend"] == "cpu"
     rows = {
@@ -407,25 +411,28 @@ def report(r: dict) -> str:
         f"peak {_si(r['xla_peak_bytes'], 'B')}; device peak {_si(r['device_peak_bytes'], 'B')}",
         "host memory": f"{r['page_faults_per_step']:,.0f} page faults a step; freed blocks "
         f"{'kept for reuse' if r['host_memory_kept'] else 'returned (malloc defaults)'}",
-        "input pipeline": f"tokenize {_si(r['tokenize_tokens_per_s'])}, pack + batch "
-        f"{_si(r['batch_tokens_per_s'])}, both {_si(r['pipeline_tokens_per_s'], 'tokens/s')}: "
-        f"{r['pipeline_ratio']:.3g}x the step's need (batching alone {r['batch_ratio']:.3g}x)",
-        "generation": f"{r['generate_new_tokens']} tokens after {r['generate_prompt_tokens']} "
-        f"in {r['generate_s']:.3f} s = {_si(r['generate_tokens_per_s'], 'tokens/s')}; "
-        f"{_si(r['generate_param_bytes_per_token'], 'B')} parameters + "
-        f"{_si(r['generate_kv_bytes_per_token'], 'B')} cache per token: "
-        f"{_si(r['generate_bandwidth_bytes_per_s'], 'B/s')}, "
-        f"{r['generate_bandwidth_fraction']:.0%} of the "
-        f"{_si(r['memory_bandwidth_bytes_per_s'], 'B/s')} measured (summing "
-        f"{_si(r['bandwidth_array_bytes'], 'B')})",
-        "checkpoint": f"{_si(r['checkpoint_bytes'], 'B')}: save() blocks "
-        f"{r['checkpoint_blocking_s'] * 1e3:.1f} ms, written in {r['checkpoint_total_s']:.2f} s",
     }
+    if not train_only:
+        rows |= {
+            "input pipeline": f"tokenize {_si(r['tokenize_tokens_per_s'])}, pack + batch "
+            f"{_si(r['batch_tokens_per_s'])}, both {_si(r['pipeline_tokens_per_s'], 'tokens/s')}: "
+            f"{r['pipeline_ratio']:.3g}x the step's need (batching alone {r['batch_ratio']:.3g}x)",
+            "generation": f"{r['generate_new_tokens']} tokens after {r['generate_prompt_tokens']} "
+            f"in {r['generate_s']:.3f} s = {_si(r['generate_tokens_per_s'], 'tokens/s')}; "
+            f"{_si(r['generate_param_bytes_per_token'], 'B')} parameters + "
+            f"{_si(r['generate_kv_bytes_per_token'], 'B')} cache per token: "
+            f"{_si(r['generate_bandwidth_bytes_per_s'], 'B/s')}, "
+            f"{r['generate_bandwidth_fraction']:.0%} of the "
+            f"{_si(r['memory_bandwidth_bytes_per_s'], 'B/s')} measured (summing "
+            f"{_si(r['bandwidth_array_bytes'], 'B')})",
+            "checkpoint": f"{_si(r['checkpoint_bytes'], 'B')}: save() blocks "
+            f"{r['checkpoint_blocking_s'] * 1e3:.1f} ms, "
+            f"written in {r['checkpoint_total_s']:.2f} s",
+        }
     for i, v in enumerate(r["versus"] or (), 1):
         if v["error"]:
-            rows[f"versus ({i})"] = (
-                f"{','.join(v['overrides'])}: failed: " + (v["error"].splitlines()[0])
-            )
+            first_line = v["error"].splitlines()[0]
+            rows[f"versus ({i})"] = f"{','.join(v['overrides'])}: failed: {first_line}"
             continue
         by_round = ", ".join(f"{x:.2f}" for x in v["speedup_by_round"])
         mfu = "" if v["mfu"] is None else f", MFU {v['mfu']:.1%}"
@@ -442,6 +449,7 @@ def report(r: dict) -> str:
             f"{'torch.compile' if r['torch_compile'] else 'eager'}, {r['torch_threads']} "
             f"threads): gptjax {r['train_speedup_vs_torch']:.2f}x (by round: {by_round})"
         )
+    if r["torch_version"] and not train_only:
         rows["vs torch: generation"] = (
             f"GPT2LMHeadModel {_si(r['torch_gpt2_generate_tokens_per_s'], 'tokens/s')}: gptjax "
             f"{r['generate_speedup_vs_gpt2']:.2f}x; OpenAIGPTLMHeadModel (no cache) "

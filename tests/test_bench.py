@@ -144,6 +144,23 @@ def test_a_variant_that_fails_is_reported_and_the_rest_measured(result):
     assert line.endswith(f"{FAILING}: failed: RuntimeError: RESOURCE_EXHAUSTED: out of memory")
 
 
+def test_the_steps_figures_are_reported_before_the_rest_is_measured(result):
+    """What `run` logs once the steps are timed: the same rows as the final table's,
+    from a result whose input pipeline, generation and checkpoint are not measured."""
+    later = [k for k in bench.KEYS if k.split("_")[0] in ("pipeline", "generate", "checkpoint")]
+    later += ["bandwidth_array_bytes", "memory_bandwidth_bytes_per_s", "batch_tokens_per_s"]
+    later += ["tokenize_tokens_per_s", "torch_gpt2_generate_tokens_per_s"]
+
+    def rows(text):  # name: value, without the alignment
+        return dict(map(str.strip, line.split("  ", 1)) for line in text.splitlines())
+
+    partial = rows(bench.report(result | dict.fromkeys(later), train_only=True))
+    full = rows(bench.report(result))
+    assert "train step" in partial and "versus (2)" in partial
+    assert not {"input pipeline", "generation", "checkpoint", "vs torch: generation"} & set(partial)
+    assert partial.items() < full.items()
+
+
 @pytest.mark.parametrize(
     "versus, message",
     [
