@@ -57,6 +57,9 @@ def get_config() -> config_dict.ConfigDict:
     config.train.compute_dtype = "float32"
     config.train.attention = "xla"
     config.train.attention_blocks = 1
+    # Queries and keys per block of the "pallas" kernel (a power of two, at least 16;
+    # 64 and 128 are the candidates to time on a GPU).
+    config.train.flash_block = 64
     # The LM head's backward matmuls: "compute" (the logits' gradient rounded to
     # compute_dtype first, so that with bfloat16 they run in bfloat16, as under PyTorch's
     # autocast: the H200's bfloat16 step 1.14x faster) or "float32" (the gradient as the

@@ -69,7 +69,8 @@ KEYS = (
     # what ran, and where
     *("config", "backend", "device_kind", "num_devices", "threads", "jax_version"),
     *("num_params", "n_layer", "d_model", "n_ctx", "vocab_size", "batch_size"),
-    *("compute_dtype", "attention", "attention_blocks", "lm_head_backward", "cpu_matmuls"),
+    *("compute_dtype", "attention", "attention_blocks", "flash_block", "lm_head_backward"),
+    "cpu_matmuls",
     *("cpu_vector_width", "dropout"),
     *("warmup_steps", "timed_steps"),
     # the train step
@@ -255,6 +256,7 @@ def run(
         compute_dtype=cfg.dtype,
         attention=cfg.attention,
         attention_blocks=cfg.attention_blocks,
+        flash_block=cfg.flash_block,
         lm_head_backward=cfg.lm_head_backward,
         cpu_matmuls=config.train.cpu_matmuls,
         cpu_vector_width=config.train.cpu_vector_width,
@@ -392,7 +394,13 @@ def report(r: dict, train_only: bool = False) -> str:
         f"width {r['d_model']}, "
         f"context {r['n_ctx']}, vocab {r['vocab_size']}, {r['num_params']:,} parameters; "
         f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}, "
-        f"{r['attention']} attention in {r['attention_blocks']} block(s), LM head backward "
+        f"{r['attention']} attention in "
+        + (
+            f"blocks of {r['flash_block']}"
+            if r["attention"] == "pallas"
+            else f"{r['attention_blocks']} block(s)"
+        )
+        + ", LM head backward "
         f"in {r['lm_head_backward']}, "
         f"{r['cpu_matmuls']} matmuls and {r['cpu_vector_width']}-bit vectors on CPUs",
         "machine": f"{r['num_devices']} x {r['device_kind']} ({r['backend']}), "

@@ -38,9 +38,10 @@ from jax.sharding import PartitionSpec
 from gptjax import dropout as dropout_lib
 from gptjax.sharding import LOGICAL_AXIS_RULES
 
-# Queries (and keys) per block: Triton's matmuls need at least 16 rows; 64, a usual
-# choice for 64-wide heads, is still to be tuned on a GPU.
-MIN_BLOCK, MAX_BLOCK = 16, 64
+# Queries (and keys) per block (`train.flash_block`, a power of two): Triton's matmuls
+# need at least 16 rows; 64, a usual choice for 64-wide heads, is still to be tuned on
+# a GPU against 128.
+MIN_BLOCK, DEFAULT_BLOCK = 16, 64
 # The mask's index is one 32-bit word: JAX's counter for arrays below 2**32 elements.
 MAX_MASK_ELEMENTS = 2**32
 _MASKED = float(np.finfo(np.float32).min)  # a score the causal mask removes
@@ -52,10 +53,10 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=_F32)  # float32 accumulation
 
 
-def supports(length: int, head_dim: int) -> bool:
-    """Whether the kernel takes this sequence length and head size: Triton's tiles are
-    powers of two, and its matmuls at least 16 wide."""
-    return all(n >= MIN_BLOCK and n & (n - 1) == 0 for n in (length, head_dim))
+def supports(length: int, head_dim: int, block: int = DEFAULT_BLOCK) -> bool:
+    """Whether the kernel takes this sequence length, head size and block: Triton's
+    tiles are powers of two, and its matmuls at least 16 wide."""
+    return all(n >= MIN_BLOCK and n & (n - 1) == 0 for n in (length, head_dim, block))
 
 
 def causal_attention(
@@ -66,16 +67,19 @@ def causal_attention(
     dropout_key=None,
     rate: float = 0.0,
     interpret: bool | None = None,
+    block: int = DEFAULT_BLOCK,
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(K), causal) V with dropout at `rate` on the probabilities,
     the values of `model.attend_causal` (the same mask for the same key). `interpret`:
     run the kernels in Pallas's interpreter (by default: unless JAX runs on a GPU);
-    False also lowers them for a GPU from a machine without one (the tests do)."""
+    False also lowers them for a GPU from a machine without one (the tests do).
+    `block`: queries and keys per program (at most the length); the values do not
+    depend on it."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
-    if not supports(length, head_dim):
+    if not supports(length, head_dim, block):
         raise ValueError(
-            f"flash attention needs a length and head size that are powers of two of at "
-            f"least {MIN_BLOCK}, not {length} and {head_dim}"
+            f"flash attention needs a length, head size and block that are powers of two "
+            f"of at least {MIN_BLOCK}, not {length}, {head_dim} and {block}"
         )
     if rate > 0 and batch * heads * length * length >= MAX_MASK_ELEMENTS:
         raise ValueError(
@@ -92,7 +96,9 @@ def causal_attention(
             raise ValueError("flash attention's dropout hashes a Threefry key; got another kind")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    local = functools.partial(_local, rate=rate, heads_total=heads, interpret=interpret)
+    local = functools.partial(
+        _local, rate=rate, heads_total=heads, interpret=interpret, block=min(block, length)
+    )
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = tuple(a for a in _RULES["batch"] if _size(mesh, a) > 1)
     heads_axes = tuple(a for a in (_RULES["heads"],) if _size(mesh, a) > 1)
@@ -113,12 +119,12 @@ def _size(mesh, axis: str) -> int:
     return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
 
 
-def _local(q, k, v, key, rate, heads_total, interpret, batch_axes=(), heads_axes=()):
+def _local(q, k, v, key, rate, heads_total, interpret, block, batch_axes=(), heads_axes=()):
     """One shard's attention, its first example and head counted in the whole batch."""
     batch, _, heads, _ = q.shape
     first_b, first_h = _first(batch_axes, batch), _first(heads_axes, heads)
     meta = jnp.stack([key[0], key[1], first_b, first_h])
-    return _flash(q, k, v, meta, heads_total, rate, interpret)
+    return _flash(q, k, v, meta, heads_total, rate, interpret, block)
 
 
 def _first(axes: tuple[str, ...], size: int) -> jax.Array:
@@ -128,37 +134,37 @@ def _first(axes: tuple[str, ...], size: int) -> jax.Array:
     return jax.lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(size)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, meta, heads_total: int, rate: float, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, meta, heads_total: int, rate: float, interpret: bool, block: int):
     """Attention of the (already scaled) queries; `meta` = (key, first example, first
     head) as uint32."""
-    return _forward(q, k, v, meta, heads_total, rate, interpret)[0]
+    return _forward(q, k, v, meta, heads_total, rate, interpret, block)[0]
 
 
-def _flash_forward(q, k, v, meta, heads_total, rate, interpret):
-    o, lse, *keep = _forward(q, k, v, meta, heads_total, rate, interpret)
+def _flash_forward(q, k, v, meta, heads_total, rate, interpret, block):
+    o, lse, *keep = _forward(q, k, v, meta, heads_total, rate, interpret, block)
     return o, (q, k, v, meta, o, lse, keep)
 
 
-def _flash_backward(heads_total, rate, interpret, residuals, do):
+def _flash_backward(heads_total, rate, interpret, block, residuals, do):
     q, k, v, meta, o, lse, keep = residuals
     delta = jnp.einsum("blhk,blhk->bhl", do.astype(_F32), o.astype(_F32))
     args = (q, k, v, do.astype(q.dtype), lse, delta, *keep)
-    dq = _call(_dq_kernel, "dq", args, rate, interpret)
-    dk, dv = _call(_dkdv_kernel, "dkdv", args, rate, interpret)
+    dq = _call(_dq_kernel, "dq", args, rate, interpret, block)
+    dk, dv = _call(_dkdv_kernel, "dkdv", args, rate, interpret, block)
     return dq, dk, dv, np.zeros(meta.shape, jax.dtypes.float0)
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
 
 
-def _forward(q, k, v, meta, heads_total, rate, interpret):
+def _forward(q, k, v, meta, heads_total, rate, interpret, block):
     """(output, log-sum-exp of each row's scores, and with dropout the mask kept)."""
     kernel = functools.partial(_forward_kernel, heads_total=heads_total)
-    return _call(kernel, "forward", (q, k, v, meta), rate, interpret)
+    return _call(kernel, "forward", (q, k, v, meta), rate, interpret, block)
 
 
-def _call(kernel, which: str, args, rate: float, interpret: bool):
+def _call(kernel, which: str, args, rate: float, interpret: bool, block: int):
     """`kernel` over a grid of (block of queries or keys, example, head). The forward
     pass writes the dropout mask it draws (int8 [B, H, L, L]; only the blocks on and
     below the diagonal), and the backward kernels read it: rather than hash every index
@@ -166,7 +172,6 @@ def _call(kernel, which: str, args, rate: float, interpret: bool):
     batch 64, against the 805 MB of float32 probabilities XLA's attention keeps)."""
     q = args[0]
     batch, length, heads, head_dim = q.shape
-    block = min(MAX_BLOCK, length)
     tile = pl.BlockSpec((None, block, None, head_dim), lambda i, b, h: (b, i, h, 0))
     whole = pl.BlockSpec((None, length, None, head_dim), lambda i, b, h: (b, 0, h, 0))
     row_tile = pl.BlockSpec((None, None, block), lambda i, b, h: (b, h, i))
@@ -204,16 +209,18 @@ def _call(kernel, which: str, args, rate: float, interpret: bool):
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=None if interpret else _triton_params(which),
+        compiler_params=None if interpret else _triton_params(which, block),
         name=f"gptjax_flash_{which}",
     )(*args)
 
 
-def _triton_params(which: str) -> pltriton.CompilerParams:
-    """4 warps a program; 8 for dK/dV, whose five tiles need 255 registers a thread and
-    spill with 4 and take 188 without spilling with 8 (ptxas for sm_90a, GPT-1's shape:
-    docs/benchmarks.md). Not yet timed."""
-    return pltriton.CompilerParams(num_warps=8 if which == "dkdv" else 4, num_stages=2)
+def _triton_params(which: str, block: int) -> pltriton.CompilerParams:
+    """4 warps a program with blocks of up to 64; 8 for dK/dV, whose five tiles need 255
+    registers a thread and spill with 4 and take 188 without spilling with 8 (ptxas
+    for sm_90a, GPT-1's shape: docs/benchmarks.md), and 8 for every kernel with larger
+    blocks (twice the rows per tile). Not yet timed."""
+    warps = 8 if which == "dkdv" or block > DEFAULT_BLOCK else 4
+    return pltriton.CompilerParams(num_warps=warps, num_stages=2)
 
 
 def _hash_mask(meta_ref, heads_total: int, length: int, rate: float):

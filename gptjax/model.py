@@ -50,13 +50,15 @@ class ModelConfig:
     # runs the matmuls in bfloat16 with float32 softmax, LayerNorm statistics, logits and
     # loss. `attention` is "xla" (any dropout), "fused" (jax.nn.dot_product_attention,
     # cuDNN flash attention on GPUs with bfloat16; no attention dropout) or "pallas"
-    # (`flash.causal_attention`: xla's values and dropout in one kernel); "xla" splits
-    # the queries into `attention_blocks` blocks (see `attend_causal`). `lm_head_backward`
+    # (`flash.causal_attention`: xla's values and dropout in one kernel, in blocks of
+    # `flash_block` queries and keys); "xla" splits the queries into `attention_blocks`
+    # blocks (see `attend_causal`). `lm_head_backward`
     # is "compute" (the logits' gradient rounded to `dtype` for the LM head's backward
     # matmuls; see `matmul.unembed`) or "float32" (that gradient as the loss gives it).
     dtype: str = "float32"
     attention: str = "xla"
     attention_blocks: int = 1
+    flash_block: int = 64
     lm_head_backward: str = "compute"
 
     # The fields above set from `config.train` rather than `config.model`.
@@ -64,6 +66,7 @@ class ModelConfig:
         "dtype": "compute_dtype",
         "attention": "attention",
         "attention_blocks": "attention_blocks",
+        "flash_block": "flash_block",
         "lm_head_backward": "lm_head_backward",
     }
 
@@ -215,7 +218,7 @@ class CausalSelfAttention(nn.Module):
         key = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
         if cfg.attention == "pallas":  # the same values and mask in one kernel (GPUs)
             out_BxLxHxK = flash.causal_attention(
-                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout
+                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout, block=cfg.flash_block
             )
         else:
             out_BxLxHxK = attend_causal(

@@ -104,3 +104,7 @@ def test_pallas_attention_needs_powers_of_two():
     c.model.update(n_ctx=500)
     with pytest.raises(UserError, match="model.n_ctx \\(500\\).*attention=xla"):
         config_lib.validate(c)
+    c.model.update(n_ctx=512)
+    c.train.flash_block = 48
+    with pytest.raises(UserError, match="train.flash_block=48 must be a power of two of at least"):
+        config_lib.validate(c)

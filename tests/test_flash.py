@@ -3,6 +3,7 @@
 interpreter on the CPU (a GPU compiles the same kernels with Triton: tests/test_gpu.py);
 and under meshes that split the batch and the heads, the same values as on one device."""
 
+import functools
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from gptjax.model import attend_causal
 
 from conftest import ROOT
 
-# Four blocks of queries and keys (flash.MAX_BLOCK of 64), two examples, two heads.
+# Four blocks of queries and keys (flash.DEFAULT_BLOCK of 64), two examples, two heads.
 SHAPE = (2, 256, 2, 16)
 
 
@@ -42,12 +43,14 @@ def value_and_grads(attention, qkv, do, dtype, key, rate):
     return out, vjp(do)
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.1, 0.5])
-def test_values_and_gradients_equal_xla_attention(rate):
+@pytest.mark.parametrize("rate, block", [(0.0, 64), (0.1, 64), (0.5, 64), (0.1, 32), (0.1, 128)])
+def test_values_and_gradients_equal_xla_attention(rate, block):
+    """At every dropout rate, and in blocks of any size (`train.flash_block`)."""
     qkv, do = inputs()
     key = jax.random.PRNGKey(7)
+    attention = functools.partial(flash.causal_attention, block=block)
     out, grads = jax.jit(value_and_grads, static_argnums=(0, 3, 5))(
-        flash.causal_attention, qkv, do, "float32", key, rate
+        attention, qkv, do, "float32", key, rate
     )
     want, want_grads = value_and_grads(attend_causal, qkv, do, "float32", key, rate)
     np.testing.assert_allclose(out, want, rtol=2e-5, atol=2e-5)
@@ -78,14 +81,17 @@ def test_bfloat16_is_close_to_xla_attention():
         )
 
 
-def test_the_kernels_lower_to_triton_for_a_gpu():
+@pytest.mark.parametrize("block", [64, 128])
+def test_the_kernels_lower_to_triton_for_a_gpu(block):
     """On this CPU-only machine, lower the compiled (not interpreted) kernels for CUDA:
     Pallas turns each into Triton IR here, and fails on anything Triton cannot express.
     (Compiling that IR to GPU code needs a GPU: tests/test_gpu.py.)"""
 
     def train_step_attention(q, k, v, key):
         def f(q, k, v):
-            out = flash.causal_attention(q, k, v, "bfloat16", key, 0.1, interpret=False)
+            out = flash.causal_attention(
+                q, k, v, "bfloat16", key, 0.1, interpret=False, block=block
+            )
             return jnp.sum(out.astype(jnp.float32))
 
         return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
@@ -99,15 +105,22 @@ def test_the_kernels_lower_to_triton_for_a_gpu():
     module = exported.mlir_module()
     for kernel in ("forward", "dq", "dkdv"):
         assert module.count(f'name = "gptjax_flash_{kernel}"') == 1, kernel
+    # The grid runs one program per block of the 512 positions, example and head; with
+    # blocks of 128 every kernel gets 8 warps, with 64 dK/dV alone.
+    assert module.count(f"grid_x = {512 // block} : i32") == 3
+    assert module.count("num_warps = 8 : i32") == (3 if block > 64 else 1)
 
 
-@pytest.mark.parametrize("length, head, ok", [(512, 64, True), (16, 16, True), (48, 16, False)])
-def test_supported_shapes(length, head, ok):
-    assert flash.supports(length, head) == ok
+@pytest.mark.parametrize(
+    "length, head, block, ok",
+    [(512, 64, 64, True), (16, 16, 64, True), (48, 16, 64, False), (64, 16, 48, False)],
+)
+def test_supported_shapes(length, head, block, ok):
+    assert flash.supports(length, head, block) == ok
     if not ok:
         qkv, _ = inputs((1, length, 1, head))
         with pytest.raises(ValueError, match="powers of two"):
-            flash.causal_attention(*qkv, "float32")
+            flash.causal_attention(*qkv, "float32", block=block)
 
 
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 4, 2)]
