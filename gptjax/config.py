@@ -61,7 +61,7 @@ def validate(config: ml_collections.ConfigDict):
             f"(model.d_model / model.n_head = {m.d_model // m.n_head}) to be powers of two "
             f"of at least {flash.MIN_BLOCK}; use --config.train.attention=xla"
         )
-    if t.attention == "pallas" and not flash.supports(m.n_ctx, flash.MIN_BLOCK, t.flash_block):
+    if t.attention == "pallas" and not flash.tileable(t.flash_block):
         raise UserError(
             f"train.flash_block={t.flash_block} must be a power of two of at least "
             f"{flash.MIN_BLOCK} (queries and keys per block of the pallas attention)"

@@ -53,10 +53,15 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=_F32)  # float32 accumulation
 
 
+def tileable(n) -> bool:
+    """Whether `n` can be a side of Triton's tiles: a power of two, and at least 16 for
+    its matmuls."""
+    return isinstance(n, int) and n >= MIN_BLOCK and n & (n - 1) == 0
+
+
 def supports(length: int, head_dim: int, block: int = DEFAULT_BLOCK) -> bool:
-    """Whether the kernel takes this sequence length, head size and block: Triton's
-    tiles are powers of two, and its matmuls at least 16 wide."""
-    return all(n >= MIN_BLOCK and n & (n - 1) == 0 for n in (length, head_dim, block))
+    """Whether the kernel takes this sequence length, head size and block."""
+    return all(map(tileable, (length, head_dim, block)))
 
 
 def causal_attention(
