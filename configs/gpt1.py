@@ -65,6 +65,10 @@ def get_config() -> config_dict.ConfigDict:
     # autocast: the H200's bfloat16 step 1.14x faster) or "float32" (the gradient as the
     # float32 loss gives it: TF32 matmuls on a GPU). The same values with float32.
     config.train.lm_head_backward = "compute"
+    # The LM head's matmuls over the vocabulary padded with zero rows to a multiple of
+    # this, the extra logits dropped (the same values): 128 gives GPU tiles an aligned
+    # 40,576 instead of 40,478. 1: no padding. Still to be timed on a GPU.
+    config.train.lm_head_pad_to = 1
     # The library of the train step's matmuls on CPUs: "xla" (XLA's choice, YNNPACK) or
     # "onednn" (faster for attention's batched products: configs/bench_cpu.py sets it;
     # no gain at this config's batch 1, and the step is then never compiled from the

@@ -70,7 +70,7 @@ KEYS = (
     *("config", "backend", "device_kind", "num_devices", "threads", "jax_version"),
     *("num_params", "n_layer", "d_model", "n_ctx", "vocab_size", "batch_size"),
     *("compute_dtype", "attention", "attention_blocks", "flash_block", "lm_head_backward"),
-    "cpu_matmuls",
+    *("lm_head_pad_to", "cpu_matmuls"),
     *("cpu_vector_width", "dropout"),
     *("warmup_steps", "timed_steps"),
     # the train step
@@ -258,6 +258,7 @@ def run(
         attention_blocks=cfg.attention_blocks,
         flash_block=cfg.flash_block,
         lm_head_backward=cfg.lm_head_backward,
+        lm_head_pad_to=cfg.lm_head_pad_to,
         cpu_matmuls=config.train.cpu_matmuls,
         cpu_vector_width=config.train.cpu_vector_width,
         warmup_steps=settings.warmup,
@@ -389,19 +390,17 @@ def report(r: dict, train_only: bool = False) -> str:
     once the train steps are timed (no input pipeline, generation or checkpoint)."""
     mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
     uncached = r["cpu_matmuls"] == "onednn" and r["backend"] == "cpu"
+    pallas = r["attention"] == "pallas"
+    blocks = f"blocks of {r['flash_block']}" if pallas else f"{r['attention_blocks']} block(s)"
+    head = r["lm_head_backward"]
+    if r["lm_head_pad_to"] > 1:
+        head += f" (vocabulary padded to a multiple of {r['lm_head_pad_to']})"
     rows = {
         "configuration": f"{r['config']}: {r['n_layer']} layer{'s' * (r['n_layer'] != 1)}, "
         f"width {r['d_model']}, "
         f"context {r['n_ctx']}, vocab {r['vocab_size']}, {r['num_params']:,} parameters; "
         f"batch {r['batch_size']}, {r['compute_dtype']}, dropout {r['dropout']}, "
-        f"{r['attention']} attention in "
-        + (
-            f"blocks of {r['flash_block']}"
-            if r["attention"] == "pallas"
-            else f"{r['attention_blocks']} block(s)"
-        )
-        + ", LM head backward "
-        f"in {r['lm_head_backward']}, "
+        f"{r['attention']} attention in {blocks}, LM head backward in {head}, "
         f"{r['cpu_matmuls']} matmuls and {r['cpu_vector_width']}-bit vectors on CPUs",
         "machine": f"{r['num_devices']} x {r['device_kind']} ({r['backend']}), "
         f"{r['threads']} threads, jax {r['jax_version']}",

@@ -89,6 +89,11 @@ def validate(config: ml_collections.ConfigDict):
             "train.attention=fused has no attention dropout; set --config.model.dropout=0.0 "
             "or use --config.train.attention=xla"
         )
+    if not isinstance(t.lm_head_pad_to, int) or t.lm_head_pad_to < 1:
+        raise UserError(
+            f"train.lm_head_pad_to={t.lm_head_pad_to!r} must be a whole number of at least 1 "
+            "(1: no padding; 128 aligns the LM head's matmuls for GPUs)"
+        )
     if t.lm_head_backward not in ("float32", "compute"):
         raise UserError(
             f"train.lm_head_backward is {t.lm_head_backward!r}; use 'float32' or 'compute'"

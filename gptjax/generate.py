@@ -80,7 +80,9 @@ class Generator:
     (the logits of any rows after it, the fine-tuning specials, are never drawn)."""
 
     def __init__(self, cfg: ModelConfig, params, vocab_size: int, chunk: int = 16):
-        cfg = dataclasses.replace(cfg, dropout=0.0)
+        # Decoding reads each parameter once a token: a padded copy of the LM head's
+        # embedding (train.lm_head_pad_to, for training's matmuls) would only add to it.
+        cfg = dataclasses.replace(cfg, dropout=0.0, lm_head_pad_to=1)
         self.cfg, self.vocab_size, self.chunk = cfg, vocab_size, chunk
         self.model = GPT(cfg)
         self.params = params

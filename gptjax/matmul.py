@@ -55,7 +55,7 @@ def project(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
 
 
 def unembed(
-    h: jax.Array, embedding_VxD: jax.Array, dtype, grad_in_dtype: bool = False
+    h: jax.Array, embedding_VxD: jax.Array, dtype, grad_in_dtype: bool = False, pad_to: int = 1
 ) -> jax.Array:
     """The tied LM head, h [..., D] times the embedding [V, D] transposed: logits
     [..., V] accumulated and returned in float32, the product's inputs in `dtype`.
@@ -65,13 +65,23 @@ def unembed(
     matmuls of a bfloat16 GPT-1 step). `grad_in_dtype` (`train.lm_head_backward=
     "compute"`, the default) rounds that gradient to `dtype` first, so that they run in
     `dtype` too (accumulated in float32), as PyTorch's autocast does: the H200's bfloat16
-    step at GPT-1's shape 1.14x faster (docs/benchmarks.md)."""
+    step at GPT-1's shape 1.14x faster (docs/benchmarks.md).
+
+    `pad_to` (`train.lm_head_pad_to`) computes the products over the vocabulary padded
+    with zero rows to a multiple of it, and drops the extra logits: the same values (to
+    float32 rounding) from matmuls whose vocabulary side is aligned (GPT-1's 40,478
+    words are 2 x 20,239, which suits no GPU tile; 128 makes it 40,576). Not yet timed
+    on a GPU."""
     h, embedding_VxD = h.astype(dtype), embedding_VxD.astype(dtype)
+    vocab = embedding_VxD.shape[0]
+    padded = -(-vocab // pad_to) * pad_to
+    if padded != vocab:
+        embedding_VxD = jnp.pad(embedding_VxD, ((0, padded - vocab), (0, 0)))
     head = _head_grad_in_input_dtype if grad_in_dtype else _head
     if not _as_matmuls():
-        return head(h, embedding_VxD)
-    logits_MxV = head(h.reshape(-1, h.shape[-1]), embedding_VxD)
-    return logits_MxV.reshape(h.shape[:-1] + embedding_VxD.shape[:1])
+        return head(h, embedding_VxD)[..., :vocab]
+    logits_MxV = head(h.reshape(-1, h.shape[-1]), embedding_VxD)[:, :vocab]
+    return logits_MxV.reshape(h.shape[:-1] + (vocab,))
 
 
 def _head(h, embedding_VxD):

@@ -54,12 +54,14 @@ class ModelConfig:
     # `flash_block` queries and keys); "xla" splits the queries into `attention_blocks`
     # blocks (see `attend_causal`). `lm_head_backward`
     # is "compute" (the logits' gradient rounded to `dtype` for the LM head's backward
-    # matmuls; see `matmul.unembed`) or "float32" (that gradient as the loss gives it).
+    # matmuls; see `matmul.unembed`) or "float32" (that gradient as the loss gives it);
+    # `lm_head_pad_to` pads the LM head's vocabulary side to a multiple (same values).
     dtype: str = "float32"
     attention: str = "xla"
     attention_blocks: int = 1
     flash_block: int = 64
     lm_head_backward: str = "compute"
+    lm_head_pad_to: int = 1
 
     # The fields above set from `config.train` rather than `config.model`.
     LEVERS = {
@@ -68,6 +70,7 @@ class ModelConfig:
         "attention_blocks": "attention_blocks",
         "flash_block": "flash_block",
         "lm_head_backward": "lm_head_backward",
+        "lm_head_pad_to": "lm_head_pad_to",
     }
 
     @classmethod
@@ -376,7 +379,13 @@ class GPT(nn.Module):
         """Next-token logits [B, L, V] from the LM head tied to the token embedding."""
         # Accumulated and returned in float32 whatever the compute dtype.
         grad_in_dtype = self.cfg.lm_head_backward == "compute"
-        return unembed(h_BxLxD, self.tokens_embed.embedding, self.cfg.dtype, grad_in_dtype)
+        return unembed(
+            h_BxLxD,
+            self.tokens_embed.embedding,
+            self.cfg.dtype,
+            grad_in_dtype,
+            self.cfg.lm_head_pad_to,
+        )
 
     def __call__(self, tokens_BxL: jax.Array, deterministic: bool = True) -> jax.Array:
         return self.lm_logits(self.encode(tokens_BxL, deterministic))

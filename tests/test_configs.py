@@ -108,3 +108,13 @@ def test_pallas_attention_needs_powers_of_two():
     c.train.flash_block = 48
     with pytest.raises(UserError, match="train.flash_block=48 must be a power of two of at least"):
         config_lib.validate(c)
+
+
+@pytest.mark.parametrize("value", [0, -128])
+def test_lm_head_pad_to_is_a_positive_whole_number(value):
+    c = gpt1_config()
+    c.train.lm_head_pad_to = 128
+    config_lib.validate(c)
+    c.train.lm_head_pad_to = value
+    with pytest.raises(UserError, match="train.lm_head_pad_to=.* must be a whole number"):
+        config_lib.validate(c)

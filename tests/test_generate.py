@@ -1,6 +1,7 @@
 """Generation: the key/value cache reproduces full recomputation, sampling is seeded and
 filtered as configured, and `--mode=generate` continues prompts from a workdir."""
 
+import dataclasses
 import json
 import math
 import re
@@ -100,6 +101,20 @@ def test_decoding_never_copies_a_whole_cache(params, batch):
     ]
     assert caches[0]["k"].size == batch * CFG.n_ctx * CFG.d_model
     assert not copies, copies[:2]
+
+
+def test_decoding_reads_the_embedding_unpadded(params):
+    """A model trained with train.lm_head_pad_to decodes with the embedding as it is:
+    a padded copy of it in the decoding loop would be another read of the LM head's
+    parameters at every token."""
+    gen = Generator(dataclasses.replace(CFG, lm_head_pad_to=128), params, CFG.vocab_size)
+    sampling = Sampling(max_new_tokens=4, temperature=0.0)
+    key = jax.random.PRNGKey(0)
+    tokens, lengths = np.ones((1, 8), np.int32), np.array([8], np.int32)
+    token_B, caches = gen._prefill(params, tokens, lengths, key, sampling=sampling)
+    hlo = gen._steps.lower(params, caches, token_B, key, sampling=sampling).as_text()
+    assert f"tensor<128x{CFG.d_model}xf32>" not in hlo
+    assert f"tensor<{CFG.vocab_size}x{CFG.d_model}xf32>" in hlo
 
 
 def test_greedy_generation_is_the_argmax_path_and_deterministic(params):

@@ -169,6 +169,39 @@ def test_lm_head_backward_in_the_compute_dtype(as_matmuls, monkeypatch):
     assert "float32" in operand_dtypes(False)
 
 
+@pytest.mark.parametrize("as_matmuls", [True, False])
+@pytest.mark.parametrize("grad_in_dtype", [True, False])
+def test_a_padded_lm_head_computes_the_same_values(as_matmuls, grad_in_dtype, monkeypatch):
+    """pad_to (train.lm_head_pad_to) runs the head's three products over a vocabulary of
+    zero rows padded to a multiple (11 -> 16 here) and gives the same logits and
+    gradients (to float32 rounding: the library may tile the sums differently), shaped
+    by the real vocabulary."""
+    monkeypatch.setattr(matmul, "_as_matmuls", lambda: as_matmuls)
+    h, embedding = _normal(0, (2, 5, 8)), _normal(1, (11, 8))
+    targets = jax.random.randint(jax.random.PRNGKey(2), (2, 5), 0, 11)
+
+    def loss(pad_to, h, embedding):
+        logits = unembed(h, embedding, "bfloat16", grad_in_dtype, pad_to)
+        assert logits.shape == (2, 5, 11)
+        return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+    def value_and_grads(pad_to):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, pad_to), (0, 1)))(h, embedding)
+
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6)
+    jax.tree.map(close, value_and_grads(16), value_and_grads(1))
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, 16), (0, 1)))(h, embedding)
+    vocab_sides = {
+        v.aval.shape[axis]
+        for eqn in _equations(jaxpr.jaxpr)
+        if eqn.primitive.name == "dot_general"
+        for v in eqn.invars
+        for axis in range(v.aval.ndim)
+        if v.aval.shape[axis] in (11, 16)
+    }
+    assert vocab_sides == {16}  # all three products see the padded vocabulary
+
+
 def _equations(jaxpr):
     """Every equation of a jaxpr, those of its sub-jaxprs (custom VJPs, jits) included."""
     for eqn in jaxpr.eqns:

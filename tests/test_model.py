@@ -203,6 +203,29 @@ def test_lm_head_backward_lever_rounds_only_a_low_precision_gradient():
     jax.tree.map(np.testing.assert_array_equal, grads(cfg, "compute"), grads(cfg, "float32"))
 
 
+def test_lm_head_pad_to_lever_pads_the_head_and_changes_no_value():
+    """train.lm_head_pad_to reaches the LM head (its product sees the padded
+    vocabulary) and leaves the logits and gradients as they were, to rounding."""
+    cfg = ModelConfig.from_config(tiny_config().model)
+    params = init(cfg)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, cfg.n_ctx))
+    padded_vocab = -(-cfg.vocab_size // 64) * 64  # 96 -> 128
+    assert padded_vocab != cfg.vocab_size
+
+    def loss(pad_to, p):
+        model = GPT(dataclasses.replace(cfg, lm_head_pad_to=pad_to))
+        return jnp.sum(model.apply({"params": p}, tokens) ** 2 / 100)
+
+    def value_and_grads(pad_to):
+        return jax.jit(jax.value_and_grad(functools.partial(loss, pad_to)))(params)
+
+    # The same sums, tiled differently by the matmul library: equal to float32 rounding.
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+    jax.tree.map(close, value_and_grads(64), value_and_grads(1))
+    jaxpr = str(jax.make_jaxpr(functools.partial(loss, 64))(params))
+    assert f"{padded_vocab},{cfg.d_model}]" in jaxpr.replace(" ", "")
+
+
 def test_fused_attention_equals_xla_attention_without_dropout():
     cfg = dataclasses.replace(ModelConfig.from_config(tiny_config().model), dropout=0.0)
     params = init(cfg)
