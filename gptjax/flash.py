@@ -78,8 +78,8 @@ def causal_attention(
     the values of `model.attend_causal` (the same mask for the same key). `interpret`:
     run the kernels in Pallas's interpreter (by default: unless JAX runs on a GPU);
     False also lowers them for a GPU from a machine without one (the tests do).
-    `block`: queries and keys per program (at most the length); the values do not
-    depend on it."""
+    `block`: queries and keys per program (at most the length): the same values to
+    rounding."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
     if not supports(length, head_dim, block):
         raise ValueError(

@@ -52,9 +52,9 @@ class ModelConfig:
     # cuDNN flash attention on GPUs with bfloat16; no attention dropout) or "pallas"
     # (`flash.causal_attention`: xla's values and dropout in one kernel, in blocks of
     # `flash_block` queries and keys); "xla" splits the queries into `attention_blocks`
-    # blocks (see `attend_causal`). `lm_head_backward`
-    # is "compute" (the logits' gradient rounded to `dtype` for the LM head's backward
-    # matmuls; see `matmul.unembed`) or "float32" (that gradient as the loss gives it);
+    # blocks (see `attend_causal`). `lm_head_backward` is "compute" (the logits'
+    # gradient rounded to `dtype` for the LM head's backward matmuls; see
+    # `matmul.unembed`) or "float32" (that gradient as the loss gives it);
     # `lm_head_pad_to` pads the LM head's vocabulary side to a multiple (same values).
     dtype: str = "float32"
     attention: str = "xla"

@@ -22,6 +22,7 @@ ON_CPU = jax.default_backend() == "cpu"
 
 # A --versus variant whose step fails when it runs, as one that runs out of memory would.
 FAILING = "train.seed=7"
+VARIANT_STEP = bench.variant_step
 
 
 def _failing_variant_step(spec, config, warmup):
@@ -35,9 +36,6 @@ def _failing_variant_step(spec, config, warmup):
     for _ in range(warmup):
         step()
     return step
-
-
-VARIANT_STEP = bench.variant_step
 
 
 @pytest.fixture(scope="module")
