@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from jax import export
 
-from gptjax import flash, sharding
-from gptjax.model import attend_causal
+from gptjax import config as config_lib
+from gptjax import estimate, flash, optim, sharding, train
+from gptjax.model import GPT, ModelConfig, attend_causal, layer_options
 
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 # Four blocks of queries and keys (flash.DEFAULT_BLOCK of 64), two examples, two heads.
 SHAPE = (2, 256, 2, 16)
@@ -109,6 +110,41 @@ def test_the_kernels_lower_to_triton_for_a_gpu(block):
     # blocks of 128 every kernel gets 8 warps, with 64 dK/dV alone.
     assert module.count(f"grid_x = {512 // block} : i32") == 3
     assert module.count("num_warps = 8 : i32") == (3 if block > 64 else 1)
+
+
+@pytest.mark.parametrize("remat, kernels_per_layer", [("none", 3), ("full", 4)])
+def test_the_train_step_lowers_for_a_gpu(remat, kernels_per_layer, monkeypatch):
+    """The whole train step with `train.attention=pallas` (bfloat16, the LM head padded,
+    the state donated, the layers scanned; with remat the forward kernel runs again in
+    the backward pass) lowers for CUDA with the kernels compiled by Triton, as the
+    benchmark's GPU run will build it."""
+    config = tiny_config()
+    config.train.update(
+        attention="pallas", compute_dtype="bfloat16", lm_head_pad_to=128, remat=remat
+    )
+    config_lib.validate(config)
+    compiled_kernels = functools.partial(flash.causal_attention, interpret=False)
+    monkeypatch.setattr(flash, "causal_attention", compiled_kernels)
+    mesh = sharding.make_mesh(config.mesh)
+    model = GPT(ModelConfig.from_config(config.model, config.train), **layer_options(config.train))
+    tx = optim.make_optimizer(config.train, 10)
+    state, shardings = estimate.abstract_train_state(model, tx, config.model.n_ctx, mesh)
+    step = train.compile_train_step(
+        train.lm_objective(model),
+        optim.lr_schedule(config.train, 10),
+        mesh,
+        shardings,
+        config.train,
+    )
+    batch = estimate.abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    with sharding.axis_rules(mesh):
+        exported = export.export(step.__wrapped__, platforms=["cuda"], disabled_checks=[triton])(
+            state, batch
+        )
+    module = exported.mlir_module()
+    # Each kernel once in the layer's body (a function the step calls for every layer).
+    assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == kernels_per_layer
 
 
 @pytest.mark.parametrize(
