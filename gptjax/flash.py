@@ -27,6 +27,7 @@ kernels to Triton for CUDA without a GPU).
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,8 @@ def causal_attention(
             raise ValueError("flash attention's dropout hashes a Threefry key; got another kind")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+        if interpret:
+            _warn_interpreted(jax.default_backend())
     local = functools.partial(
         _local, rate=rate, heads_total=heads, interpret=interpret, block=min(block, length)
     )
@@ -118,6 +121,16 @@ def causal_attention(
         check_vma=False,
     )
     return sharded(q, k, v, key)
+
+
+@functools.cache
+def _warn_interpreted(backend: str):
+    """Once per process: the kernels are for GPUs; elsewhere they run interpreted."""
+    logging.warning(
+        "train.attention=pallas on %s runs in Pallas's interpreter: the same values, many "
+        "times slower (its kernels are Triton's, for GPUs; use train.attention=xla here)",
+        backend,
+    )
 
 
 def _size(mesh, axis: str) -> int:

@@ -112,6 +112,19 @@ def test_the_kernels_lower_to_triton_for_a_gpu(block):
     assert module.count("num_warps = 8 : i32") == (3 if block > 64 else 1)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="a GPU compiles the kernels")
+def test_running_interpreted_is_said_once(caplog):
+    """Off GPUs the kernels run in the interpreter, far slower: one warning says so and
+    names the alternative, however many times attention is traced."""
+    flash._warn_interpreted.cache_clear()
+    qkv, _ = inputs((1, 16, 1, 16))
+    for _ in range(2):
+        flash.causal_attention(*qkv, "float32")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "interpreter" in warnings[0]
+    assert "use train.attention=xla" in warnings[0]
+
+
 @pytest.mark.parametrize("remat, kernels_per_layer", [("none", 3), ("full", 4)])
 def test_the_train_step_lowers_for_a_gpu(remat, kernels_per_layer, monkeypatch):
     """The whole train step with `train.attention=pallas` (bfloat16, the LM head padded,
