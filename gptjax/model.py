@@ -59,7 +59,7 @@ class ModelConfig:
     dtype: str = "float32"
     attention: str = "xla"
     attention_blocks: int = 1
-    flash_block: int = 64
+    flash_block: int = flash.DEFAULT_BLOCK
     lm_head_backward: str = "compute"
     lm_head_pad_to: int = 1
 
