@@ -49,17 +49,19 @@ def get_config() -> config_dict.ConfigDict:
     config.train.scan_layers = True
     config.train.scan_unroll = 0
     # Compute levers: "float32" or "bfloat16" matmuls (parameters stay float32), and the
-    # attention kernel: "xla", "fused" (cuDNN flash attention on GPUs in bfloat16;
-    # needs dropout 0) or "pallas" (gptjax/flash.py: xla's values and dropout mask in
-    # one flash-attention kernel for GPUs; not yet timed on one). "xla" computes the
-    # causal attention in attention_blocks blocks of queries, skipping most of the scores
-    # the mask discards (docs/benchmarks.md).
+    # attention kernel: "auto" (the fastest here for the backend: "pallas" on GPUs,
+    # "xla" elsewhere), "xla", "fused" (cuDNN flash attention on GPUs in bfloat16; needs
+    # dropout 0) or "pallas" (gptjax/flash.py: xla's values and dropout mask in one
+    # flash-attention kernel for GPUs: the H200's bfloat16 step 1.20x faster than "xla"
+    # in two blocks). "xla" (and "auto" where it runs "xla") computes the causal attention
+    # in attention_blocks blocks of queries, skipping most of the scores the mask
+    # discards (docs/benchmarks.md).
     config.train.compute_dtype = "float32"
-    config.train.attention = "xla"
+    config.train.attention = "auto"
     config.train.attention_blocks = 1
     # Queries and keys per block of the "pallas" kernel (a power of two, at least 16;
-    # 64 and 128 are the candidates to time on a GPU).
-    config.train.flash_block = 64
+    # 128 ran 1.02-1.03x faster than 64 on an H200; 256 does not fit its shared memory).
+    config.train.flash_block = 128
     # The LM head's backward matmuls: "compute" (the logits' gradient rounded to
     # compute_dtype first, so that with bfloat16 they run in bfloat16, as under PyTorch's
     # autocast: the H200's bfloat16 step 1.14x faster) or "float32" (the gradient as the
@@ -67,8 +69,9 @@ def get_config() -> config_dict.ConfigDict:
     config.train.lm_head_backward = "compute"
     # The LM head's matmuls over the vocabulary padded with zero rows to a multiple of
     # this, the extra logits dropped (the same values): 128 gives GPU tiles an aligned
-    # 40,576 instead of 40,478. 1: no padding. Still to be timed on a GPU.
-    config.train.lm_head_pad_to = 1
+    # 40,576 instead of 40,478 (the H200's bfloat16 step 1.07x faster; on CPUs within
+    # the noise). 1: no padding.
+    config.train.lm_head_pad_to = 128
     # The library of the train step's matmuls on CPUs: "xla" (XLA's choice, YNNPACK) or
     # "onednn" (faster for attention's batched products: configs/bench_cpu.py sets it;
     # no gain at this config's batch 1, and the step is then never compiled from the

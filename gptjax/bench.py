@@ -47,7 +47,14 @@ from gptjax.measure import (
     threads,
     timed,
 )
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
+from gptjax.model import (
+    GPT,
+    ModelConfig,
+    attention_kernel,
+    count_params,
+    flops_per_token,
+    layer_options,
+)
 from gptjax.pretrain import check_batch
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -242,6 +249,8 @@ def run(
     variants = {spec: load_config(config_name, overrides, spec) for spec in versus}
     step = TrainStep(config)
     cfg, device = step.model_cfg, jax.devices()[0]
+    rows = config.train.batch_size // config.train.microbatches  # a step's attention batch
+    queries = (rows, cfg.n_ctx, cfg.n_head, cfg.head_dim)
     r = dict.fromkeys(KEYS)
     r.update(
         config=config_name,
@@ -254,7 +263,7 @@ def run(
         **{k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_ctx", "vocab_size", "dropout")},
         batch_size=config.train.batch_size,
         compute_dtype=cfg.dtype,
-        attention=cfg.attention,
+        attention=attention_kernel(cfg, queries, cfg.dropout > 0),  # as it runs
         attention_blocks=cfg.attention_blocks,
         flash_block=cfg.flash_block,
         lm_head_backward=cfg.lm_head_backward,

@@ -53,15 +53,17 @@ def validate(config: ml_collections.ConfigDict):
         )
     if t.compute_dtype not in ("float32", "bfloat16"):
         raise UserError(f"train.compute_dtype is {t.compute_dtype!r}; use float32 or bfloat16")
-    if t.attention not in ("xla", "fused", "pallas"):
-        raise UserError(f"train.attention is {t.attention!r}; use 'xla', 'fused' or 'pallas'")
+    if t.attention not in ("auto", "xla", "fused", "pallas"):
+        raise UserError(
+            f"train.attention is {t.attention!r}; use 'auto', 'xla', 'fused' or 'pallas'"
+        )
     if t.attention == "pallas" and not flash.supports(m.n_ctx, m.d_model // m.n_head):
         raise UserError(
             f"train.attention=pallas needs model.n_ctx ({m.n_ctx}) and the head size "
             f"(model.d_model / model.n_head = {m.d_model // m.n_head}) to be powers of two "
             f"of at least {flash.MIN_BLOCK}; use --config.train.attention=xla"
         )
-    if t.attention == "pallas" and not flash.tileable(t.flash_block):
+    if t.attention in ("pallas", "auto") and not flash.tileable(t.flash_block):
         raise UserError(
             f"train.flash_block={t.flash_block} must be a power of two of at least "
             f"{flash.MIN_BLOCK} (queries and keys per block of the pallas attention)"
@@ -79,10 +81,10 @@ def validate(config: ml_collections.ConfigDict):
             f"train.attention_blocks={t.attention_blocks} must be a whole number from 1 "
             f"(one L x L attention) to model.n_ctx={m.n_ctx}"
         )
-    if t.attention_blocks > 1 and t.attention != "xla":
+    if t.attention_blocks > 1 and t.attention not in ("xla", "auto"):
         raise UserError(
-            "train.attention_blocks splits the 'xla' attention; with train.attention="
-            f"{t.attention} set it to 1"
+            "train.attention_blocks splits the 'xla' attention (and 'auto' where it runs "
+            f"'xla'); with train.attention={t.attention} set it to 1"
         )
     if t.attention == "fused" and m.dropout > 0:
         raise UserError(

@@ -40,9 +40,9 @@ from gptjax import dropout as dropout_lib
 from gptjax.sharding import LOGICAL_AXIS_RULES
 
 # Queries (and keys) per block (`train.flash_block`, a power of two): Triton's matmuls
-# need at least 16 rows; 64, a usual choice for 64-wide heads, is still to be tuned on
-# a GPU against 128.
-MIN_BLOCK, DEFAULT_BLOCK = 16, 64
+# need at least 16 rows. On an H200 at GPT-1's shape 128 made the bfloat16 step 1.02-1.03x
+# faster than 64; 256 needs more shared memory than the H200 has (docs/benchmarks.md).
+MIN_BLOCK, DEFAULT_BLOCK = 16, 128
 # The mask's index is one 32-bit word: JAX's counter for arrays below 2**32 elements.
 MAX_MASK_ELEMENTS = 2**32
 _MASKED = float(np.finfo(np.float32).min)  # a score the causal mask removes
@@ -236,8 +236,8 @@ def _triton_params(which: str, block: int) -> pltriton.CompilerParams:
     """4 warps a program with blocks of up to 64; 8 for dK/dV, whose five tiles need 255
     registers a thread and spill with 4 and take 188 without spilling with 8 (ptxas
     for sm_90a, GPT-1's shape: docs/benchmarks.md), and 8 for every kernel with larger
-    blocks (twice the rows per tile). Not yet timed."""
-    warps = 8 if which == "dkdv" or block > DEFAULT_BLOCK else 4
+    blocks (twice the rows per tile; blocks of 128 so were the faster on an H200)."""
+    warps = 8 if which == "dkdv" or block > 64 else 4
     return pltriton.CompilerParams(num_warps=warps, num_stages=2)
 
 

@@ -49,19 +49,20 @@ class ModelConfig:
     # How to compute, not what: parameters stay float32 whatever `dtype` is; "bfloat16"
     # runs the matmuls in bfloat16 with float32 softmax, LayerNorm statistics, logits and
     # loss. `attention` is "xla" (any dropout), "fused" (jax.nn.dot_product_attention,
-    # cuDNN flash attention on GPUs with bfloat16; no attention dropout) or "pallas"
+    # cuDNN flash attention on GPUs with bfloat16; no attention dropout), "pallas"
     # (`flash.causal_attention`: xla's values and dropout in one kernel, in blocks of
-    # `flash_block` queries and keys); "xla" splits the queries into `attention_blocks`
+    # `flash_block` queries and keys) or "auto" (the fastest of xla and pallas for the
+    # backend: see `attention_kernel`); "xla" splits the queries into `attention_blocks`
     # blocks (see `attend_causal`). `lm_head_backward` is "compute" (the logits'
     # gradient rounded to `dtype` for the LM head's backward matmuls; see
     # `matmul.unembed`) or "float32" (that gradient as the loss gives it);
     # `lm_head_pad_to` pads the LM head's vocabulary side to a multiple (same values).
     dtype: str = "float32"
-    attention: str = "xla"
+    attention: str = "auto"
     attention_blocks: int = 1
     flash_block: int = flash.DEFAULT_BLOCK
     lm_head_backward: str = "compute"
-    lm_head_pad_to: int = 1
+    lm_head_pad_to: int = 128
 
     # The fields above set from `config.train` rather than `config.model`.
     LEVERS = {
@@ -182,6 +183,25 @@ class Projection(nn.Module):
         return project(x, kernel, self.n_in) + bias
 
 
+def attention_kernel(
+    cfg: ModelConfig, shape_BxLxHxK: tuple[int, ...], dropping: bool, backend: str | None = None
+) -> str:
+    """The attention that runs for queries of this shape: `cfg.attention`, with "auto"
+    resolved for the backend (default: JAX's). "auto" is "pallas" on GPUs wherever the
+    kernel takes the shape (on an H200 it made the paper's bfloat16 step 1.20x faster
+    than "xla" in two blocks: docs/benchmarks.md), otherwise "xla" (on CPUs and TPUs the
+    Triton kernel would only run in Pallas's interpreter). Both compute the same values
+    and dropout masks, so the choice changes speed and memory, not the model."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    if (backend or jax.default_backend()) != "gpu":
+        return "xla"
+    batch, length, heads, head_dim = shape_BxLxHxK
+    fits = flash.supports(length, head_dim, cfg.flash_block)
+    mask_fits = not dropping or batch * heads * length * length < flash.MAX_MASK_ELEMENTS
+    return "pallas" if fits and mask_fits else "xla"
+
+
 class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention with one fused QKV projection (768 -> 3 x 768)."""
 
@@ -219,7 +239,8 @@ class CausalSelfAttention(nn.Module):
             return self._project(out_BxLxHxK)
         # An independent dropout mask per example and head.
         key = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
-        if cfg.attention == "pallas":  # the same values and mask in one kernel (GPUs)
+        if attention_kernel(cfg, q_BxLxHxK.shape, key is not None) == "pallas":
+            # The same values and mask in one kernel (GPUs).
             out_BxLxHxK = flash.causal_attention(
                 q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout, block=cfg.flash_block
             )

@@ -190,7 +190,7 @@ def test_named_configs():
     assert (m.n_layer, m.n_head, m.d_model, m.n_ctx, m.vocab_size) == (6, 6, 384, 256, 8192)
     assert (cpu.train.batch_size, cpu.train.compute_dtype, m.dropout) == (8, "float32", 0.1)
     assert (cpu.train.lr, cpu.train.b2, cpu.train.weight_decay) == (2.5e-4, 0.999, 0.01)
-    assert (cpu.train.attention, cpu.train.attention_blocks) == ("xla", 2)
+    assert (cpu.train.attention, cpu.train.attention_blocks) == ("auto", 2)
     assert cpu.train.cpu_matmuls == "onednn"
     gpt1 = bench.load_config("gpt1")
     assert gpt1.model.to_dict() == gpt1_config().model.to_dict()

@@ -64,6 +64,8 @@ def test_readme_config_table_names_every_setting():
         ("train", "num_steps", -1, "train.num_steps"),
         ("data", "validation_fraction", 0.0, "data.validation_fraction"),
         ("train", "attention", "fused", "model.dropout=0.0"),
+        ("train", "attention", "flash", "use 'auto', 'xla', 'fused' or 'pallas'"),
+        ("train", "flash_block", 96, "train.flash_block=96"),  # checked for "auto" too
         ("train", "compute_dtype", "float16", "train.compute_dtype"),
         ("train", "attention_blocks", 0, "train.attention_blocks"),
         ("train", "attention_blocks", 513, "model.n_ctx=512"),
@@ -89,6 +91,9 @@ def test_attention_blocks_only_split_the_xla_attention():
     c.model.dropout = 0.0
     c.train.update(attention="fused", attention_blocks=4)
     with pytest.raises(UserError, match="train.attention=fused set it to 1"):
+        config_lib.validate(c)
+    for splits in ("xla", "auto"):  # "auto" splits where it runs "xla"
+        c.train.attention = splits
         config_lib.validate(c)
 
 

@@ -3,9 +3,11 @@
 interpreter on the CPU (a GPU compiles the same kernels with Triton: tests/test_gpu.py);
 and under meshes that split the batch and the heads, the same values as on one device."""
 
+import collections
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -125,19 +127,9 @@ def test_running_interpreted_is_said_once(caplog):
     assert "use train.attention=xla" in warnings[0]
 
 
-@pytest.mark.parametrize("remat, kernels_per_layer", [("none", 3), ("full", 4)])
-def test_the_train_step_lowers_for_a_gpu(remat, kernels_per_layer, monkeypatch):
-    """The whole train step with `train.attention=pallas` (bfloat16, the LM head padded,
-    the state donated, the layers scanned; with remat the forward kernel runs again in
-    the backward pass) lowers for CUDA with the kernels compiled by Triton, as the
-    benchmark's GPU run will build it."""
-    config = tiny_config()
-    config.train.update(
-        attention="pallas", compute_dtype="bfloat16", lm_head_pad_to=128, remat=remat
-    )
+def export_train_step_for_cuda(config) -> str:
+    """The train step of `config` lowered for CUDA (Triton's kernels allowed), as text."""
     config_lib.validate(config)
-    compiled_kernels = functools.partial(flash.causal_attention, interpret=False)
-    monkeypatch.setattr(flash, "causal_attention", compiled_kernels)
     mesh = sharding.make_mesh(config.mesh)
     model = GPT(ModelConfig.from_config(config.model, config.train), **layer_options(config.train))
     tx = optim.make_optimizer(config.train, 10)
@@ -155,9 +147,47 @@ def test_the_train_step_lowers_for_a_gpu(remat, kernels_per_layer, monkeypatch):
         exported = export.export(step.__wrapped__, platforms=["cuda"], disabled_checks=[triton])(
             state, batch
         )
-    module = exported.mlir_module()
-    # Each kernel once in the layer's body (a function the step calls for every layer).
-    assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == kernels_per_layer
+    return exported.mlir_module()
+
+
+def triton_kernels(module: str) -> collections.Counter:
+    """How many times each of flash.py's kernels is called in a lowered module."""
+    calls = re.findall(r'custom_call @__gpu\$xla\.gpu\.triton.*name = "gptjax_flash_(\w+)"', module)
+    return collections.Counter(calls)
+
+
+@pytest.mark.parametrize("remat, forwards", [("none", 1), ("full", 2)])
+def test_the_train_step_lowers_for_a_gpu(remat, forwards, monkeypatch):
+    """The whole train step with `train.attention=pallas` (bfloat16, the LM head padded,
+    the state donated, the layers scanned; with remat the forward kernel runs again in
+    the backward pass) lowers for CUDA with the kernels compiled by Triton, as the
+    benchmark's GPU run will build it."""
+    config = tiny_config()
+    config.train.update(
+        attention="pallas", compute_dtype="bfloat16", lm_head_pad_to=128, remat=remat
+    )
+    compiled_kernels = functools.partial(flash.causal_attention, interpret=False)
+    monkeypatch.setattr(flash, "causal_attention", compiled_kernels)
+    kernels = triton_kernels(export_train_step_for_cuda(config))
+    # Each kernel once in the layer's body: a function the step calls for every layer,
+    # which the exporter inlines, once per layer, when the process runs on a GPU.
+    layers = 1 if jax.default_backend() != "gpu" else config.model.n_layer
+    assert kernels == {"forward": forwards * layers, "dq": layers, "dkdv": layers}
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cpu", "tpu"])
+def test_auto_attention_runs_the_kernels_on_gpus_only(backend, monkeypatch):
+    """`train.attention=auto` (the default) builds the step with the pallas kernels when
+    JAX runs on a GPU, and with XLA's attention on CPUs and TPUs (where the kernels would
+    only be interpreted)."""
+    config = tiny_config()
+    assert config.train.attention == "auto"
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    kernels = triton_kernels(export_train_step_for_cuda(config))
+    if backend == "gpu":
+        assert kernels and set(kernels) == {"forward", "dq", "dkdv"}
+    else:
+        assert not kernels
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, stack_layers
+from gptjax.model import (
+    GPT,
+    ModelConfig,
+    attention_kernel,
+    count_params,
+    flops_per_token,
+    stack_layers,
+)
 
 from conftest import gpt1_config, tiny_config
 
@@ -282,6 +289,25 @@ def test_pallas_attention_is_xla_attention_with_its_dropout():
     np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(xla_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_attention_is_pallas_on_gpus_where_the_kernel_takes_the_shape():
+    config = gpt1_config()
+    cfg = ModelConfig.from_config(config.model, config.train)
+    assert cfg.attention == "auto"  # the config's default
+    gpt1 = (64, 512, 12, 64)  # queries: batch, length, heads, head size
+    assert attention_kernel(cfg, gpt1, True, "gpu") == "pallas"
+    assert attention_kernel(cfg, gpt1, True, "cpu") == attention_kernel(cfg, gpt1, True, "tpu")
+    assert attention_kernel(cfg, gpt1, True, "tpu") == "xla"
+    # Where the kernel cannot run, XLA's attention: a length or head size that is not a
+    # power of two, or a dropout mask beyond the kernel's 2**32 indices.
+    assert attention_kernel(cfg, (64, 500, 12, 64), True, "gpu") == "xla"
+    assert attention_kernel(cfg, (64, 512, 16, 48), True, "gpu") == "xla"
+    big = (2048, 512, 12, 64)  # 2**32 + 2**31 probabilities
+    assert attention_kernel(cfg, big, True, "gpu") == "xla"
+    assert attention_kernel(cfg, big, False, "gpu") == "pallas"  # no mask drawn
+    for chosen in ("xla", "fused", "pallas"):
+        assert attention_kernel(dataclasses.replace(cfg, attention=chosen), gpt1, True) == chosen
 
 
 @pytest.mark.parametrize("scan_unroll, loops", [(0, False), (1, True), (2, False)])
