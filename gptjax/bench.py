@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import config as config_lib
-from gptjax import host_memory, optim, sharding, train
+from gptjax import host_memory, optim, profiling, sharding, train
 from gptjax.bench_parts import bench_checkpoint, bench_generate, bench_pipeline
 from gptjax.bench_torch import TorchReference
 from gptjax.errors import UserError, argument_parser, fail
@@ -99,6 +99,9 @@ KEYS = (
     *("checkpoint_bytes", "checkpoint_blocking_s", "checkpoint_total_s"),
     # --versus: one entry of VERSUS_KEYS per variant (null without it)
     "versus",
+    # --profile (null without it)
+    *("profile_dir", "profile_steps", "profile_wall_s_per_step", "profile_op_s_per_step"),
+    "profile_ops",
     *TORCH_KEYS,
 )
 # Each --versus variant's entry (all but `overrides` and `error` null if it failed).
@@ -127,6 +130,7 @@ class Settings:
     generate_repeats: int = _setting(3, "generation: timed calls")
     bandwidth_mb: int = _setting(512, "MB of float32 summed to measure the memory bandwidth")
     checkpoint_saves: int = _setting(3, "checkpoint saves timed")
+    profile_steps: int = _setting(3, "train steps traced with --profile")
 
 
 # `--config=tiny` (tests): a 1-layer model with XLA's own matmuls (whose executables the
@@ -144,7 +148,10 @@ TINY_SETTINGS = Settings(
     generate_repeats=1,
     bandwidth_mb=4,
     checkpoint_saves=1,
+    profile_steps=2,
 )
+# Kinds of operation --profile keeps in the JSON (the most time first) and prints.
+PROFILE_OPS, PROFILE_PRINTED = 40, 15
 
 
 def load_config(
@@ -241,9 +248,11 @@ def run(
     torch_compile: bool = False,
     peak_tflops: float | None = None,
     versus: tuple[tuple[str, ...], ...] = (),
+    profile_dir: pathlib.Path | None = None,
 ) -> dict:
     """Every measurement of one configuration: a dict with exactly the keys of KEYS.
-    `versus`: variants, each overrides applied after `overrides`."""
+    `versus`: variants, each overrides applied after `overrides`. `profile_dir`: trace
+    the baseline's step there after timing it (see `gptjax.profiling`)."""
     config = load_config(config_name, overrides)
     # Every variant's config checked before anything is compiled.
     variants = {spec: load_config(config_name, overrides, spec) for spec in versus}
@@ -332,6 +341,8 @@ def run(
     # The step's figures now, not only in the final table: the rest takes minutes at
     # gpt1's size, and its failure would otherwise leave none of them on the screen.
     logging.info("%s", report(r, train_only=True))
+    if profile_dir:
+        r.update(profile_step(step, profile_dir, settings.profile_steps))
     logging.info("input pipeline, generation, checkpoints")
     r.update(bench_pipeline(config, settings))
     r["pipeline_ratio"] = r["pipeline_tokens_per_s"] / r["train_tokens_per_s"]
@@ -339,6 +350,32 @@ def run(
     r.update(bench_generate(step, settings, torch_ref))
     r.update(bench_checkpoint(step.state, settings.checkpoint_saves))
     return r
+
+
+def profile_step(step: TrainStep, directory: pathlib.Path, steps: int) -> dict:
+    """The --profile keys: `steps` of the step traced into `directory`, and its module's
+    operations by kind (logged as a table)."""
+    logging.info("tracing %d train steps into %s", steps, directory)
+    trace_file, wall = profiling.trace(step, directory, steps)
+    module = profiling.module_name(step.compiled.as_text())
+    ops = profiling.op_times(trace_file, module, steps)
+    if ops:
+        logging.info(
+            "the step's operations by time (%s):\n%s",
+            trace_file,
+            profiling.table(ops, PROFILE_PRINTED),
+        )
+    else:
+        logging.warning(
+            "no event of %s's operations in %s; open the trace itself", module, trace_file
+        )
+    return {
+        "profile_dir": str(directory),
+        "profile_steps": steps,
+        "profile_wall_s_per_step": wall,
+        "profile_op_s_per_step": sum(o.s_per_step for o in ops),
+        "profile_ops": [dataclasses.asdict(o) for o in ops[:PROFILE_OPS]],
+    }
 
 
 def variant_step(spec: tuple[str, ...], config: ml_collections.ConfigDict, warmup: int):
@@ -445,6 +482,13 @@ def report(r: dict, train_only: bool = False) -> str:
             f"{r['checkpoint_blocking_s'] * 1e3:.1f} ms, "
             f"written in {r['checkpoint_total_s']:.2f} s",
         }
+    if r["profile_dir"]:
+        top = ", ".join(f"{o['op']} {o['s_per_step'] * 1e3:.3g} ms" for o in r["profile_ops"][:3])
+        rows["profile"] = (
+            f"{r['profile_op_s_per_step'] * 1e3:.1f} ms of operations a step "
+            f"({r['profile_wall_s_per_step'] * 1e3:.1f} ms a step while traced); "
+            f"most: {top or 'none found'}; trace in {r['profile_dir']}"
+        )
     for i, v in enumerate(r["versus"] or (), 1):
         if v["error"]:
             first_line = v["error"].splitlines()[0]
@@ -506,6 +550,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vs-torch", action="store_true", help="compare with transformers")
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-tflops", type=float, help="the peak for the MFU")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=pathlib.Path,
+        help="also trace --profile-steps train steps into DIR (TensorBoard, Perfetto) and "
+        "print the step's operations that take the most time",
+    )
     fields = dataclasses.fields(Settings)
     for f in fields:
         help_text = f"{f.metadata['help']} (default {f.default})"
@@ -513,6 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.torch_compile and not args.vs_torch:
         fail("--torch-compile needs --vs-torch")
+    if args.profile and args.profile.exists() and not args.profile.is_dir():
+        fail(f"--profile={args.profile} is a file; give a directory for the trace")
     given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
     for name, value in given.items():
         if value <= 0:
@@ -531,6 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch_compile=args.torch_compile,
             peak_tflops=args.peak_tflops,
             versus=tuple(versus_overrides(v) for v in args.versus),
+            profile_dir=args.profile,
         )
     except UserError as e:
         fail(str(e))

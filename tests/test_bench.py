@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import pathlib
 import types
 
 import jax
@@ -41,10 +42,11 @@ def _failing_variant_step(spec, config, warmup):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     """One benchmark of `--config=tiny` through the command's entry point, with a
-    variant of twice the batch (--versus) and one that fails, and --vs-torch where
-    transformers is installed, as read back from its --json file."""
+    variant of twice the batch (--versus) and one that fails, a profile, and --vs-torch
+    where transformers is installed, as read back from its --json file."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["--config=tiny", f"--json={path}", "--versus=train.batch_size=8"]
+    argv += [f"--profile={path.parent / 'profile'}"]
     argv += [f"--versus={FAILING}"] + ["--vs-torch"] * HAS_TORCH
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench, "variant_step", _failing_variant_step)
@@ -173,6 +175,26 @@ def test_a_bad_variant_is_one_line_before_anything_runs(versus, message, capsys,
         bench.main(["--config=tiny", f"--versus={versus}"])
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: {message}")
+
+
+def test_the_profile_is_written_and_its_operations_summed(result):
+    r = result
+    traces = list(pathlib.Path(r["profile_dir"]).glob("**/*.trace.json.gz"))
+    assert len(traces) == 1 and r["profile_steps"] == bench.TINY_SETTINGS.profile_steps
+    # Operation time: at most the traced steps' wall time on each of the cores.
+    assert 0 < r["profile_op_s_per_step"] <= r["profile_wall_s_per_step"] * r["threads"]
+    kept = [o["s_per_step"] for o in r["profile_ops"]]
+    assert kept == sorted(kept, reverse=True) and sum(kept) <= r["profile_op_s_per_step"]
+    assert f"most: {r['profile_ops'][0]['op']} " in bench.report(r)
+
+
+def test_a_profile_directory_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "trace").write_text("kept")
+    monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config=tiny", f"--profile={tmp_path / 'trace'}"])
+    assert e.value.code == 2 and (tmp_path / "trace").read_text() == "kept"
+    assert capsys.readouterr().err.startswith("error: --profile=")
 
 
 def test_flops_per_token_by_hand():
