@@ -1,6 +1,7 @@
 """Benchmarks of one configuration on this machine.
 
     python -m gptjax.bench --config=bench-cpu [--vs-torch] [--versus=K=V,...] [--json=PATH]
+                           [--profile=DIR]
 
 Measures the train step (tokens/s, model FLOP/s, MFU, cold and cached compile time,
 memory), the input pipeline (tokenize + pack + batch) against the step's consumption,
@@ -8,7 +9,8 @@ generation with the key/value cache, and how long an asynchronous checkpoint sav
 the loop. `--vs-torch` runs the same architecture, batch and optimiser in HuggingFace
 transformers on PyTorch, alternating with gptjax; `--versus` times variants of the
 configuration's train step (other config values) in the same turns, so that a change is
-measured against the baseline in one process. Every figure is printed and, with
+measured against the baseline in one process; `--profile` traces the step and sums
+its operations' time by kind (`gptjax.profiling`). Every figure is printed and, with
 `--json`, written under the keys of `KEYS` (documented in docs/benchmarks.md).
 
 Timings are medians of individually timed calls after warm-up, each ended by
