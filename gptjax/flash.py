@@ -65,6 +65,23 @@ def supports(length: int, head_dim: int, block: int = DEFAULT_BLOCK) -> bool:
     return all(map(tileable, (length, head_dim, block)))
 
 
+def unsupported(shape_BxLxHxK: tuple[int, ...], block: int, dropping: bool) -> str | None:
+    """Why the kernel cannot take queries of this shape in these blocks (`dropping`: with
+    a dropout mask to draw), or None where it can."""
+    batch, length, heads, head_dim = shape_BxLxHxK
+    if not supports(length, head_dim, block):
+        return (
+            f"flash attention needs a length, head size and block that are powers of two "
+            f"of at least {MIN_BLOCK}, not {length}, {head_dim} and {block}"
+        )
+    if dropping and batch * heads * length * length >= MAX_MASK_ELEMENTS:
+        return (
+            f"flash attention's dropout mask of {batch} x {heads} x {length} x {length} "
+            "has 2**32 elements or more; use smaller batches (train.microbatches)"
+        )
+    return None
+
+
 def causal_attention(
     q_BxLxHxK,
     k_BxLxHxK,
@@ -81,20 +98,13 @@ def causal_attention(
     False also lowers them for a GPU from a machine without one (the tests do).
     `block`: queries and keys per program (at most the length): the same values to
     rounding."""
-    batch, length, heads, head_dim = q_BxLxHxK.shape
-    if not supports(length, head_dim, block):
-        raise ValueError(
-            f"flash attention needs a length, head size and block that are powers of two "
-            f"of at least {MIN_BLOCK}, not {length}, {head_dim} and {block}"
-        )
-    if rate > 0 and batch * heads * length * length >= MAX_MASK_ELEMENTS:
-        raise ValueError(
-            f"flash attention's dropout mask of {batch} x {heads} x {length} x {length} "
-            "has 2**32 elements or more; use smaller batches (train.microbatches)"
-        )
+    _, length, heads, head_dim = q_BxLxHxK.shape
+    dropping = dropout_key is not None and rate > 0
+    if why := unsupported(q_BxLxHxK.shape, block, dropping):
+        raise ValueError(why)
     q_BxLxHxK = q_BxLxHxK * jnp.asarray(head_dim**-0.5, dtype)
     q, k, v = (x.astype(dtype) for x in (q_BxLxHxK, k_BxLxHxK, v_BxLxHxK))
-    if dropout_key is None or rate == 0.0:
+    if not dropping:
         key, rate = jnp.zeros((2,), jnp.uint32), 0.0
     else:
         key = dropout_lib.threefry_key_words(dropout_key)

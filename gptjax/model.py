@@ -196,10 +196,7 @@ def attention_kernel(
         return cfg.attention
     if (backend or jax.default_backend()) != "gpu":
         return "xla"
-    batch, length, heads, head_dim = shape_BxLxHxK
-    fits = flash.supports(length, head_dim, cfg.flash_block)
-    mask_fits = not dropping or batch * heads * length * length < flash.MAX_MASK_ELEMENTS
-    return "pallas" if fits and mask_fits else "xla"
+    return "xla" if flash.unsupported(shape_BxLxHxK, cfg.flash_block, dropping) else "pallas"
 
 
 class CausalSelfAttention(nn.Module):

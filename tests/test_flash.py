@@ -23,7 +23,8 @@ from gptjax.model import GPT, ModelConfig, attend_causal, layer_options
 
 from conftest import ROOT, tiny_config
 
-# Four blocks of queries and keys (flash.DEFAULT_BLOCK of 64), two examples, two heads.
+# Two examples, two heads, 256 positions: four blocks of 64 queries and keys, two of
+# flash.DEFAULT_BLOCK's 128.
 SHAPE = (2, 256, 2, 16)
 
 
@@ -202,6 +203,19 @@ def test_supported_shapes(length, head, block, ok):
             flash.causal_attention(*qkv, "float32", block=block)
 
 
+def test_a_dropout_mask_beyond_its_index_is_refused_only_when_drawn():
+    """2**32 probabilities or more have no 32-bit index: refused with dropout, taken
+    without (evaluation), checked from the shapes alone."""
+    big = jax.ShapeDtypeStruct((2048, 512, 12, 64), jnp.bfloat16)  # 2**32 + 2**31
+    key = jax.random.PRNGKey(0)
+    assert "2**32" in flash.unsupported(big.shape, 128, dropping=True)
+    assert flash.unsupported(big.shape, 128, dropping=False) is None
+    with pytest.raises(ValueError, match="use smaller batches"):
+        jax.eval_shape(lambda q: flash.causal_attention(q, q, q, "bfloat16", key, 0.1), big)
+    shape = jax.eval_shape(lambda q: flash.causal_attention(q, q, q, "bfloat16", None, 0.1), big)
+    assert shape.shape == big.shape
+
+
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 1, 8), (1, 4, 2)]
 
 
@@ -210,13 +224,14 @@ def mesh_worker(out_dir: str):
     mesh, written for the test to compare."""
     qkv, do = inputs((8, 128, 8, 16))
     key = jax.random.PRNGKey(5)
+    attention = functools.partial(flash.causal_attention, block=64)  # 2 blocks of 128
     results = {}
     for shape in [(1, 1, 1), *MESHES]:
         config = {"data": shape[0], "fsdp": shape[1], "tensor": shape[2]}
         mesh = sharding.make_mesh(config, jax.devices()[: int(np.prod(shape))])
         run = jax.jit(value_and_grads, static_argnums=(0, 3, 5))
         with sharding.axis_rules(mesh):
-            out, grads = run(flash.causal_attention, qkv, do, "float32", key, 0.1)
+            out, grads = run(attention, qkv, do, "float32", key, 0.1)
         results[str(shape)] = [np.asarray(x).tolist() for x in (out, *grads)]
     with open(os.path.join(out_dir, "flash_meshes.json"), "w") as f:
         json.dump(results, f)
