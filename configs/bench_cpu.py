@@ -2,7 +2,9 @@
 
     python -m gptjax.bench --config=bench-cpu [--vs-torch] [--json=PATH]
 
-A full config (it also trains: `python -m gptjax.main --config=configs/bench_cpu.py`).
+A full config; it also trains, on a corpus you name:
+`python -m gptjax.main --config=configs/bench_cpu.py --workdir=DIR --config.data.books=PATH`
+(or `--config.data.corpus=demo`).
 Everything not set here is the paper's (configs/gpt1.py), dropout 0.1 included; the
 sizes are a 6-layer, 384-wide model whose step takes one to a few seconds on two
 cores, the attention is computed in two blocks of queries and the matmuls run through

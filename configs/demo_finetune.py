@@ -1,9 +1,9 @@
 """The demo, continued: the demo's pretrained model (configs/demo.py) fine-tuned on a real
 labelled task that is reachable offline, BBC News topic classification (5 topics).
 
-    python -m gptjax.main --config=configs/demo_finetune.py --workdir=runs/demo-bbc
+    python -m gptjax.main --config=configs/demo_finetune.py --workdir=runs/demo-bbc-ft
     # pretrained vs from scratch (same tokenizer and shape), printed side by side:
-    python -m gptjax.ablate --config=configs/demo_finetune.py --workdir=runs/demo-bbc-ablation
+    python -m gptjax.ablate --config=configs/demo_finetune.py --workdir=runs/demo-bbc
 
 Everything not set here is the paper's fine-tuning recipe (configs/finetune.py).
 """

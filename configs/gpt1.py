@@ -32,7 +32,7 @@ def get_config() -> config_dict.ConfigDict:
     config.train.b1 = 0.9
     config.train.b2 = 0.999
     config.train.eps = 1e-8
-    config.train.weight_decay = 0.01  # decoupled, rank > 1 tensors only
+    config.train.weight_decay = 0.01  # decoupled; matrices and embeddings (optim.decay_mask)
     config.train.grad_clip = 1.0  # global norm
     # A NaN/Inf loss or gradient: "skip" the update (counted and logged) or "stop"; when
     # skipping, this many non-finite steps in a row stop the run (it has diverged).

@@ -130,7 +130,7 @@ class Settings:
     prompt_tokens: int = _setting(32, "generation: the prompt")
     new_tokens: int = _setting(128, "generation: tokens to generate")
     generate_repeats: int = _setting(3, "generation: timed calls")
-    bandwidth_mb: int = _setting(512, "MB of float32 summed to measure the memory bandwidth")
+    bandwidth_mb: int = _setting(512, "MiB of float32 summed to measure the memory bandwidth")
     checkpoint_saves: int = _setting(3, "checkpoint saves timed")
     profile_steps: int = _setting(3, "train steps traced with --profile")
 

@@ -113,10 +113,17 @@ def task_objective(model: TaskModel, lm_coef: float, regression: bool) -> train.
     """L = L_task + lm_coef * L_LM (the LM term only when lm_coef > 0)."""
 
     def lm_weights(batch):
+        # The LM term is a mean over sequences of each sequence's mean over its real
+        # targets, as in the paper's code: each target weighs 1 / (its sequence's targets),
+        # so a long input counts no more than a short one, and the count is the number of
+        # sequences with a target.
         b, s, length = batch["tokens"].shape
         # Target t (token t + 1) is real when t + 1 < length of its sequence.
-        real_BxSxL1 = jnp.arange(length - 1) < (batch["lengths"][..., None] - 1)
-        return (real_BxSxL1 * batch["weight"][:, None, None]).reshape(b * s, length - 1)
+        real_BxSxL1 = (jnp.arange(length - 1) < (batch["lengths"][..., None] - 1)).astype(
+            jnp.float32
+        )
+        per_sequence_BxSxL1 = real_BxSxL1 / jnp.maximum(real_BxSxL1.sum(-1, keepdims=True), 1.0)
+        return (per_sequence_BxSxL1 * batch["weight"][:, None, None]).reshape(b * s, length - 1)
 
     def task_weights(batch):
         return batch["weight"] * batch["labelled"]
@@ -381,7 +388,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.process_count(),
     )
     ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
-    tokens_per_step = config.train.batch_size * run.split(run.task.train_split).length
+    # An example is S sequences (2 for similarity, one per choice for multiple choice).
+    _, s, length = run.split(run.task.train_split).rows.arrays["tokens"].shape
+    tokens_per_step = config.train.batch_size * s * length
     state, _ = train.run_phase(
         run.take_state(),  # no other reference: a resume frees it before restoring
         run.shardings,

@@ -3,7 +3,7 @@
 Parameters and activations are named with logical axes in `gptjax.model`; this module
 alone decides where those names live on devices. The mesh has three axes:
 `data` (batch split, parameters replicated), `fsdp` (batch split, parameters sharded)
-and `tensor` (heads and MLP split). The default config uses pure data parallelism.
+and `tensor` (heads, MLP and vocabulary split). The default config uses pure data parallelism.
 """
 
 import contextlib

@@ -5,7 +5,7 @@
 #
 # Commands:
 #   create NAME    create a slice (--spot for spot VMs, --queued for a queued resource)
-#   install NAME   clone this repository's main branch and pip-install it on every worker
+#   install NAME   clone --repo (its default branch) and pip-install it on every worker
 #   train NAME     start training on every worker, detached, logging to ~/gptjax-train.log
 #   resume NAME    the same as train: gptjax resumes from the workdir's latest checkpoint
 #   status NAME    show the slice and the last lines of every worker's log
@@ -22,7 +22,8 @@
 #                                         shared mount (NFS, Filestore). Default (one
 #                                         worker): ~/gptjax-runs/NAME, outside the clone
 #   --books PATH         [GPTJAX_BOOKS]   the corpus on every worker (a directory or glob)
-#   --spot, --queued     with create
+#   --spot               with create
+#   --queued             with create and delete (a queued resource)
 #   --dry-run            print the commands instead of running them
 # Anything after `--` is passed to `python -m gptjax.main` (e.g. --config.train.num_steps=10).
 set -euo pipefail
@@ -124,7 +125,7 @@ case "$command" in
   install)
     [[ -n $repo ]] || { echo "error: --repo URL (where the workers clone gptjax) is required" >&2; exit 2; }
     # Runs live outside the clone, so re-installing never touches them.
-    ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax fetch --depth 1 origin && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $(printf '%q' "$repo") ~/gptjax; fi && python3 -m pip install -e ~/gptjax 'jax[tpu]>=0.10.2,<0.11'" ;;
+    ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax fetch --depth 1 origin && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $(printf '%q' "$repo") ~/gptjax; fi && python3 -m pip install -e ~/gptjax 'jax[tpu]>=0.10.2,<0.12'" ;;
   train|resume)
     [[ -n $books ]] || { echo "error: --books PATH (the corpus on every worker) is required" >&2; exit 2; }
     ssh_all "$(train_command)" ;;

@@ -82,6 +82,11 @@ def test_truncation_keeps_every_sequence_within_n_ctx():
     out = transforms.encode(task("entailment"), [Example((long, long), 0)], TOK, 8)
     assert out["tokens"].tolist() == [[[S, 28, 29, D, 10, 11, 12, E]]]
     assert transforms.fit_pair(list(range(9)), [], 5) == ([4, 5, 6, 7, 8], [])
+    # Similarity's two orderings hold the same cut texts: A keeps its end in both.
+    out = transforms.encode(task("similarity"), [Example((long, "w1 w2"), 0)], TOK, 8)
+    assert out["tokens"].tolist() == [
+        [[S, 27, 28, 29, D, 11, 12, E], [S, 11, 12, D, 27, 28, 29, E]]
+    ]
 
 
 def test_unlabelled_examples_are_marked():
@@ -167,8 +172,8 @@ def test_auxiliary_lm_loss_ignores_padding():
     objective = finetune.task_objective(model, 0.5, regression=False)
     loss, means = objective.loss(params, batch, None)
     counts = objective.counts(batch)
-    # Targets are the real ids after the first: 6 - 1 and 5 - 1.
-    assert float(counts["lm"]) == 9.0 and float(counts["task"]) == 2.0
+    # The LM term counts sequences (each the mean of its own targets), the task examples.
+    assert float(counts["lm"]) == 2.0 and float(counts["task"]) == 2.0
     assert float(loss) == pytest.approx(float(means["task"] + 0.5 * means["lm"]), rel=1e-6)
     padded = dict(batch, tokens=batch["tokens"].at[1, 0, 5:].set(77))  # after its length 5
     _, means_padded = objective.loss(params, padded, None)
@@ -176,7 +181,25 @@ def test_auxiliary_lm_loss_ignores_padding():
     np.testing.assert_allclose(means["task"], means_padded["task"], rtol=1e-6)
     # A padding row (weight 0) counts for nothing.
     empty = dict(batch, weight=jnp.asarray([1.0, 0.0]))
-    assert float(objective.counts(empty)["lm"]) == 5.0
+    assert float(objective.counts(empty)["lm"]) == 1.0
+
+
+def test_auxiliary_lm_loss_is_a_mean_over_sequences_of_their_mean_token_loss():
+    """As in the paper's code: a long input weighs no more than a short one."""
+    model, params = model_and_params("multiple_choice", 1)
+    examples = [Example(("w1 w2 w3", "w4", "w5 w6"), 0), Example(("w7", "w8", "w9"), 1)]
+    batch = batch_of("multiple_choice", examples)
+    objective = finetune.task_objective(model, 0.5, regression=False)
+    _, means = objective.loss(params, batch, None)
+    _, lm_logits = model.apply({"params": params}, batch["tokens"], batch["clf_pos"])
+    tokens = np.asarray(batch["tokens"]).reshape(-1, 8)
+    log_probs = np.asarray(jax.nn.log_softmax(lm_logits.astype(jnp.float32)))
+    per_sequence = [
+        -np.mean([log_probs[n, t, tokens[n, t + 1]] for t in range(length - 1)])
+        for n, length in enumerate(np.asarray(batch["lengths"]).reshape(-1))
+    ]
+    assert len(set(np.asarray(batch["lengths"]).reshape(-1).tolist())) > 1  # lengths differ
+    np.testing.assert_allclose(means["lm"], np.mean(per_sequence), rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ Truncation keeps every sequence within n_ctx. A single text keeps its beginning.
 parts share the n_ctx - 3 ids left after the specials longest-first: the shorter part
 is kept whole if it fits in half, else both get half; the first part loses its
 *beginning* (so a question at the end of a RACE context, next to the answer, survives)
-and the second part its end. (The original code instead cut every part to n_ctx // 2 - 2
+and the second part its end. Similarity's two orderings are built from the same two cut
+parts, so both see the same text. (The original code instead cut every part to n_ctx // 2 - 2
 ids whatever the other's length.)
 """
 
@@ -71,8 +72,9 @@ def sequences(kind: str, parts: list[list[int]], n_ctx: int, sp: Specials) -> li
         return [single(parts[0], n_ctx, sp)]
     if kind == "entailment":
         return [pair(parts[0], parts[1], n_ctx, sp)]
-    if kind == "similarity":
-        return [pair(parts[0], parts[1], n_ctx, sp), pair(parts[1], parts[0], n_ctx, sp)]
+    if kind == "similarity":  # both orderings of the same (once truncated) two texts
+        a, b = fit_pair(parts[0], parts[1], n_ctx - 3)
+        return [pair(a, b, n_ctx, sp), pair(b, a, n_ctx, sp)]
     if kind == "multiple_choice":
         return [pair(parts[0], answer, n_ctx, sp) for answer in parts[1:]]
     raise ValueError(f"unknown task kind {kind!r}")
