@@ -16,7 +16,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import UserError, fail, parse_flags
+from gptjax.errors import UserError, config_value, fail, parse_flags, reported
 
 VARIANTS = ("pretrained", "scratch", "no_aux_lm")
 
@@ -70,11 +70,11 @@ def main(argv):
     from gptjax import config as config_lib
     from gptjax import finetune
 
-    try:
+    config = config_value(_CONFIG)
+    with reported():
         unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
         if unknown:
             raise UserError(f"unknown variants {unknown}; use {', '.join(VARIANTS)}")
-        config = _CONFIG.value
         if "task" not in config or not config.init_from:
             raise UserError("give a fine-tuning config with --config.init_from=PRETRAINED_RUN")
         finetune.resolve_model(config)
@@ -86,8 +86,6 @@ def main(argv):
             reports[variant] = finetune.train_and_evaluate(
                 cfg, os.path.join(_WORKDIR.value, variant)
             )
-    except UserError as e:
-        fail(str(e))
     text = table(reports)
     with open(os.path.join(_WORKDIR.value, "ablation.md"), "w") as f:
         f.write(text)

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from gptjax.errors import UserError, WriteFailed
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"  # beside CHECKPOINT_DIR: unreadable ones moved aside
 
 
 def manager(
@@ -144,6 +145,31 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
     return state, restored["data"]
 
 
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def shape_mismatch(step_dir: str, abstract_params) -> str | None:
+    """Where a checkpoint's parameters differ from `abstract_params` in name or shape,
+    read from its metadata; None when they agree or the metadata does not read back (a
+    damaged checkpoint, for the restore to report)."""
+    try:
+        stored = _shapes(
+            ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "params")).item_metadata.tree
+        )
+    except Exception:  # what damaged metadata raises depends on the damage
+        return None
+    wanted = _shapes(abstract_params)
+    if stored.keys() != wanted.keys():
+        names = sorted(stored.keys() ^ wanted.keys())
+        return f"parameters only in one of checkpoint and config: {', '.join(names[:3])}"
+    for name, shape in wanted.items():
+        if stored[name] != shape:
+            return f"{name}: {stored[name]} in the checkpoint, {shape} in the config"
+    return None
+
+
 def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     """Restores the newest checkpoint that reads back; unreadable newer ones (a truncated
     or corrupted directory) are moved to `corrupt_checkpoints/` beside `checkpoints/`,
@@ -154,12 +180,18 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     """
     errors = []
     for step in sorted(mngr.all_steps(), reverse=True):
+        other = shape_mismatch(os.path.join(str(mngr.directory), str(step)), abstract_state.params)
+        if other:  # a config that does not fit the checkpoint, not a damaged checkpoint
+            raise UserError(
+                f"checkpoint {step} in {mngr.directory} holds parameters of another shape "
+                f"({other}); resume with the config it was written with, or use a new --workdir"
+            )
         try:
             state, data_state = restore(mngr, abstract_state, step)
             return state, data_state, step
         except Exception as e:  # what a damaged directory raises depends on the damage
             errors.append(e)
-            aside = os.path.join(os.path.dirname(str(mngr.directory)), "corrupt_checkpoints")
+            aside = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
             if jax.process_index() == 0:  # one mover on a shared filesystem
                 os.makedirs(aside, exist_ok=True)
                 target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -189,9 +221,16 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise UserError(f"no checkpoint in {mngr.directory}: pretrain there first")
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
-        )
+        try:
+            restored = mngr.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            )
+        except Exception as e:  # a damaged checkpoint; what it raises depends on the damage
+            message = " ".join(str(e).split())[:200]
+            raise UserError(
+                f"checkpoint {step} in {mngr.directory} is unreadable ({message}); restore it "
+                "from a copy, or use another run"
+            ) from None
     return restored["params"]
 
 
@@ -205,7 +244,14 @@ def read_params(workdir: str, step: int | None = None) -> dict:
         raise UserError(f"{workdir} has no checkpoint{which} (steps: {steps or 'none'})")
     step = steps[-1] if step is None else step
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "params")
-    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    try:
+        tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    except Exception as e:  # a damaged checkpoint; what it raises depends on the damage
+        message = " ".join(str(e).split())[:200]
+        raise UserError(
+            f"checkpoint {step} in {workdir} is unreadable ({message}); restore it from a "
+            "copy, or pick another step"
+        ) from None
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     return restore_params(workdir, abstract, step)

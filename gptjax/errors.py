@@ -1,4 +1,8 @@
-"""The one exception type for bad user input."""
+"""The one exception type for bad user input, and how a command reports it."""
+
+import contextlib
+import logging
+import sys
 
 
 class UserError(Exception):
@@ -31,9 +35,7 @@ class Preempted(Exception):
 def fail(message: str, at_once: bool = False):
     """The one way bad input ends a command: one line on stderr and exit status 2
     (`at_once`: without the interpreter's shutdown, after flushing the logs)."""
-    import logging
     import os
-    import sys
 
     print(f"error: {message}", file=sys.stderr)
     if at_once:
@@ -42,6 +44,30 @@ def fail(message: str, at_once: bool = False):
         sys.stderr.flush()
         os._exit(2)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def reported():
+    """How a command's run ends when it does not finish: bad input as one line and exit
+    status 2 (`fail`); a stop on a signal, its checkpoint saved, with EXIT_PREEMPTED."""
+    try:
+        yield
+    except UserError as e:
+        fail(str(e), at_once=isinstance(e, WriteFailed))
+    except Preempted as e:
+        logging.warning("%s; run the same command to resume", e)
+        sys.exit(EXIT_PREEMPTED)
+
+
+def config_value(flag):
+    """A config flag's value. A config file that does not load raises only when the
+    config is first used, so it is used here, and its error is one line."""
+    try:
+        config = flag.value
+        config.model  # noqa: B018
+    except OSError as e:
+        fail(f"could not load the config: {one_line(e)}")
+    return config
 
 
 def one_line(error: Exception) -> str:
@@ -59,13 +85,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: a key that does not exist
-        name = str(e).strip("\"'")
+        if "attribute 'get_config'" in str(e):
+            fail("could not load the config: the file defines no get_config(); see configs/")
+        # Its message (in an AttributeError, the KeyError it wraps) is the key, quoted,
+        # perhaps with a line 'Did you mean "train" instead of "trian"?'.
+        while e.args and isinstance(e.args[0], Exception):
+            e = e.args[0]
+        name, _, hint = (e.args[0] if e.args else str(e)).partition("\n")
+        name = name.strip("\"' ")
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a]
-        fail(f"{(bad or ['--config'])[0]}: no such config key {name!r}; see the config file")
+        hint = f" ({hint.strip()})" if hint.strip() else ""
+        fail(f"{(bad or ['--config'])[0]}: no such config key {name!r}{hint}; see the config file")
     except flags.Error as e:
         fail(f"{one_line(e).rstrip('.')}; see --helpfull")
     except (OSError, TypeError, ValueError) as e:
         fail(f"could not load the config: {one_line(e)}")
+    except Exception as e:  # the config file's own code failed: a syntax error, a raise
+        fail(f"could not load the config: {type(e).__name__}: {one_line(e)}")
 
 
 def argument_parser(**kwargs):

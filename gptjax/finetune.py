@@ -79,13 +79,13 @@ def resolve_model(config: ml_collections.ConfigDict):
                 config.model[k] = source[k]
 
 
-def load_tokenizer(config, task: TaskSpec, workdir: str, data_dir: str):
-    """The workdir's tokenizer; else `finetune.tokenizer` (a run directory or a
-    tokenizer.model file), the `init_from` run's (SentencePiece, or GPT-1's BPE in a
-    converted release), or (from scratch) one learned on the task's training texts.
-    Not yet saved."""
+def load_tokenizer(config, task: TaskSpec, workdir: str, data_dir: str, started: bool):
+    """The workdir's tokenizer once the run has `started` (has a checkpoint); else
+    `finetune.tokenizer` (a run directory or a tokenizer.model file), the `init_from`
+    run's (SentencePiece, or GPT-1's BPE in a converted release), or (from scratch) one
+    learned on the task's training texts. Not yet saved."""
     source = config.finetune.tokenizer or config.init_from
-    if tokenizer_lib.has_tokenizer(workdir):
+    if started and tokenizer_lib.has_tokenizer(workdir):
         tok = tokenizer_lib.load_dir(workdir)
     elif source and os.path.isfile(source):
         tok = tokenizer_lib.SentencePieceTokenizer.load(source)
@@ -194,7 +194,12 @@ class FineTune:
             check_workdir(workdir, config, resuming=self.resume_step is not None)
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh)
-        self.tokenizer = load_tokenizer(config, self.task, workdir, self.data_dir)
+        # Started: a checkpoint of this run or of its domain adaptation. A tokenizer in a
+        # workdir without one was left by a start that failed, and is replaced.
+        self.started = self.resume_step is not None or (
+            checkpoint.latest_step(os.path.join(workdir, "adapt")) is not None
+        )
+        self.tokenizer = load_tokenizer(config, self.task, workdir, self.data_dir, self.started)
         self.specials = len(tokenizer_lib.SPECIAL_TOKENS)
         model_cfg = ModelConfig.from_config(config.model, config.train)
         self.model_cfg = dataclasses.replace(
@@ -287,12 +292,13 @@ class FineTune:
         params = checkpoint.restore_params(source, abstract)
         return unstack_layers(params) if scanned else params
 
-    def load_pretrained(self, state, source: str):
-        """`state` with the weights of the run in `source` transferred (Section 3.2)."""
+    def load_pretrained(self, state, source: str, pretrained: dict | None = None):
+        """`state` with the weights of the run in `source` transferred (Section 3.2);
+        `pretrained`: its LM parameters, when `restore_lm` has already read them."""
         cfg = self.config
         n_layer = cfg.model.n_layer
         n_transfer = n_layer if cfg.finetune.n_transfer is None else cfg.finetune.n_transfer
-        pretrained = self.restore_lm(source)
+        pretrained = self.restore_lm(source) if pretrained is None else pretrained
 
         def combine(params, pretrained):
             ours = unstack_layers(params) if cfg.train.scan_layers else params
@@ -369,15 +375,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Unset: evaluate and checkpoint at the end of every epoch.
         config.train.eval_every = config.train.eval_every or per_epoch
         config.train.ckpt_every = config.train.ckpt_every or per_epoch
-    if not tokenizer_lib.has_tokenizer(workdir):
+    source, pretrained = config.init_from, None
+    if run.resume_step is None and source and not config.adapt.enabled:
+        # Read before anything is written: a missing or unreadable checkpoint in init_from
+        # is an error that leaves the workdir as it was.
+        pretrained = run.restore_lm(source)
+    if not run.started:
         tokenizer_lib.save_dir(run.tokenizer, workdir)
     write_run_config(workdir, config)
-    source = config.init_from
     if config.adapt.enabled and run.resume_step is None:
         source = adapt.adapt(run)
     run.build(total_steps)
     if run.resume_step is None and source:
-        run.state = run.load_pretrained(run.state, source)
+        run.state = run.load_pretrained(run.state, source, pretrained)
     if jax.process_index() == 0:
         logging.info("run summary:\n%s", run.summary(total_steps))
     data_iter = train_iterator(

@@ -17,20 +17,11 @@ wrongly typed values are errors.
 
 import logging
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import (
-    EXIT_PREEMPTED,
-    Preempted,
-    UserError,
-    WriteFailed,
-    fail,
-    one_line,
-    parse_flags,
-)
+from gptjax.errors import UserError, config_value, fail, parse_flags, reported
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
@@ -73,12 +64,8 @@ def main(argv):
 
     logging.info(host_memory.describe())
 
-    try:
-        config = _CONFIG.value
-        config.model  # noqa: B018 (a config file that failed to load raises on first use)
-    except OSError as e:
-        fail(f"could not load the config: {one_line(e)}")
-    try:
+    config = config_value(_CONFIG)
+    with reported():
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)
         if _MODE.value == "generate":  # from the workdir's own model and tokenizer
@@ -114,11 +101,6 @@ def main(argv):
                 pretrain.train_and_evaluate(config, _WORKDIR.value)
             else:
                 pretrain.evaluate_checkpoint(config, _WORKDIR.value)
-    except UserError as e:
-        fail(str(e), at_once=isinstance(e, WriteFailed))
-    except Preempted as e:
-        logging.warning("%s; run the same command to resume", e)
-        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

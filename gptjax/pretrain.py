@@ -36,21 +36,84 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: boo
         os.remove(probe)
     except OSError as e:
         raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
+    aside = os.path.join(workdir, checkpoint.CORRUPT_DIR)
+    if not resuming and os.path.isdir(aside) and os.listdir(aside):
+        raise UserError(
+            f"no checkpoint of {workdir} read back (they are in {aside}); copy one back to "
+            f"{checkpoint.CHECKPOINT_DIR}/ to resume from it, or delete {checkpoint.CORRUPT_DIR}/ "
+            "to start this run again from scratch"
+        )
     path = os.path.join(workdir, CONFIG_FILE)
     if resuming and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("model") != config.model.to_dict():
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
             raise UserError(
-                f"{workdir} holds a run of another model ({saved.get('model')}); resume it "
-                "with the same config or use a new --workdir"
-            )
-        scanned = saved.get("train", {}).get("scan_layers", False)
-        if scanned != config.train.scan_layers:
+                f"{path} is unreadable ({e}); restore it, or delete it to resume without "
+                "checking the config"
+            ) from None
+        check_resumable(workdir, saved, config)
+
+
+# What a resumed run must keep, and why: the checkpoint's parameters, and the data
+# position, which counts batches of `train.batch_size` windows in `train.seed`'s shuffle.
+RESUME_FIXED = {
+    "train.scan_layers": "another parameter layout",
+    "train.batch_size": "the saved data position counts batches of that size",
+    "train.seed": "the saved data position is in that seed's shuffle",
+}
+# What a resumed run may change, with a warning: the learning-rate schedule is rebuilt.
+RESUME_SCHEDULE = ("train.num_steps", "train.epochs", "train.warmup_steps", "train.lr")
+
+
+def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict):
+    """Refuses to resume the run saved in `workdir` (its config.json, `saved`) with a
+    config that would not continue it; warns where the schedule changes."""
+
+    def lookup(tree, dotted):
+        for key in dotted.split("."):
+            if not isinstance(tree, dict) or key not in tree:
+                return None
+            tree = tree[key]
+        return tree
+
+    current = json.loads(config.to_json_best_effort())  # as saved: tuples as lists
+    if saved.get("model") != current["model"]:
+        raise UserError(
+            f"{workdir} holds a run of another model ({saved.get('model')}); resume it "
+            "with the same config or use a new --workdir"
+        )
+    if "task" in current and saved.get("task") != current["task"]:
+        changed = sorted(
+            k
+            for k in set(saved.get("task") or {}) | set(current["task"])
+            if (saved.get("task") or {}).get(k) != current["task"].get(k)
+        )
+        raise UserError(
+            f"{workdir} holds a fine-tune of another task (task.{', task.'.join(changed)} "
+            "differ); resume it with the same task or use a new --workdir"
+        )
+    for key, why in RESUME_FIXED.items():
+        was = lookup(saved, key)
+        if key == "train.scan_layers":
+            was = bool(was)  # runs from before the stacked layout saved none
+        if was is not None and was != lookup(current, key):
             raise UserError(
-                f"{workdir} was trained with train.scan_layers={scanned} (another parameter "
-                f"layout); resume with --config.train.scan_layers={scanned}"
+                f"{workdir} was trained with {key}={was} ({why}); resume with "
+                f"--config.{key}={was} or use a new --workdir"
             )
+    changed = [
+        f"{key} {lookup(saved, key)} -> {lookup(current, key)}"
+        for key in RESUME_SCHEDULE
+        if lookup(saved, key) != lookup(current, key)
+    ]
+    if changed:
+        logging.warning(
+            "resuming with %s: the learning-rate schedule is rebuilt for the new values, so "
+            "the steps from here differ from a run started with them",
+            ", ".join(changed),
+        )
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict):

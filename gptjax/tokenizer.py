@@ -10,7 +10,10 @@ appends their embedding rows (Section 3.3 of the paper). The released GPT-1 voca
 
 import hashlib
 import io
+import itertools
+import math
 import os
+import random
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -38,7 +41,14 @@ class SentencePieceTokenizer:
     @classmethod
     def load(cls, path: str) -> "SentencePieceTokenizer":
         with open(path, "rb") as f:
-            return cls(f.read())
+            proto = f.read()
+        try:
+            return cls(proto)
+        except RuntimeError as e:  # SentencePiece's parse error
+            raise UserError(
+                f"{path} is not a SentencePiece model ({_one_line(e)}); restore it from a "
+                "copy, or use a new --workdir"
+            ) from None
 
     def save(self, path: str):
         """Written under a temporary name and renamed: never half-written."""
@@ -136,16 +146,37 @@ def _training_lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
+def sample_lines(lines: Iterable[str], k: int, seed: int = 0) -> list[str]:
+    """`k` of `lines` drawn uniformly without replacement in one pass, the same ones for
+    the same seed (reservoir sampling, Li's algorithm L: random draws only where a line
+    enters the sample). All of them, in order, when there are at most `k`."""
+    lines = iter(lines)
+    sample = list(itertools.islice(lines, k))
+    if len(sample) < k or k == 0:
+        return sample
+    rng = random.Random(seed)
+    w = math.exp(math.log(1.0 - rng.random()) / k)
+    while True:
+        skip = math.floor(math.log(1.0 - rng.random()) / math.log1p(-w)) if w < 1 else 0
+        line = next(itertools.islice(lines, skip, None), None)
+        if line is None:
+            return sample
+        sample[rng.randrange(k)] = line
+        w *= math.exp(math.log(1.0 - rng.random()) / k)
+
+
 def train_sentencepiece(
     texts: Iterable[str], vocab_size: int, max_lines: int
 ) -> SentencePieceTokenizer:
     """Learns a BPE vocabulary of exactly `vocab_size` pieces from `max_lines` non-empty
-    lines sampled uniformly from all of `texts` (seeded, so reproducible), in memory."""
+    lines sampled uniformly from all of `texts`, in memory. The sample is drawn here,
+    seeded, so the same corpus always gives the same tokenizer (SentencePiece's own
+    sampling is not reproducible from run to run)."""
     spm.set_random_generator_seed(0)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts),
+            sentence_iterator=iter(sample_lines(_training_lines(texts), max(max_lines, 101))),
             model_writer=model,
             input_sentence_size=max(max_lines, 101),  # SentencePiece requires > 100
             shuffle_input_sentence=True,

@@ -65,3 +65,40 @@ def test_params_only_restore_without_checkpoint_is_a_user_error(tmp_path):
     state, shardings = make_state(config)
     with pytest.raises(UserError, match="no checkpoint"):
         checkpoint.restore_params(str(tmp_path), train.abstract_state(state, shardings).params)
+
+
+def save_one(workdir, state, step=1):
+    with checkpoint.manager(str(workdir)) as mngr:
+        checkpoint.save(mngr, state.replace(step=state.step + step), {})
+        mngr.wait_until_finished()
+
+
+def test_a_config_of_other_shapes_is_refused_and_the_checkpoint_kept(tmp_path):
+    """A checkpoint that does not fit the config is not a damaged one: it stays put."""
+    state, _ = make_state(tiny_config())
+    save_one(tmp_path, state)
+    other = tiny_config()
+    other.model.d_mlp = 128
+    wider, shardings = make_state(other)
+    bias = "['h_0']['mlp']['c_fc']['bias']"  # the first parameter that differs
+    with (
+        checkpoint.manager(str(tmp_path)) as mngr,
+        pytest.raises(UserError, match="another shape") as error,
+    ):
+        checkpoint.restore_latest_good(mngr, train.abstract_state(wider, shardings))
+    assert f"{bias}: (64,) in the checkpoint, (128,) in the config" in str(error.value)
+    assert checkpoint.all_steps(str(tmp_path)) == [1]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_params_of_a_damaged_checkpoint_are_a_user_error(tmp_path):
+    state, shardings = make_state(tiny_config())
+    save_one(tmp_path, state)
+    for path in (tmp_path / "checkpoints" / "1" / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    abstract = train.abstract_state(state, shardings).params
+    with pytest.raises(UserError, match="checkpoint 1 in .* is unreadable"):
+        checkpoint.restore_params(str(tmp_path), abstract)
+    with pytest.raises(UserError, match="checkpoint 1 in .* is unreadable"):
+        checkpoint.read_params(str(tmp_path))

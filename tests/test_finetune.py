@@ -16,6 +16,7 @@ from tensorflow_datasets.core.data_sources import base as data_sources_base
 from test_tfds_tasks import story_cloze_source, write_story_cloze
 
 from gptjax import checkpoint, finetune, results
+from gptjax import tokenizer as tokenizer_lib
 from gptjax.metrics import read_metrics
 from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
 from gptjax.tasks import transforms
@@ -420,6 +421,40 @@ def test_bad_task_inputs_are_one_line_errors(pretrained, tmp_path, capsys, rows,
     assert all(word in last for word in words), last
     assert not workdir.exists() or not list(workdir.iterdir())
     assert tree_bytes(pretrained / "run") == before  # the pretrained run is untouched
+
+
+def test_a_start_that_fails_leaves_nothing_that_a_corrected_start_would_use(
+    pretrained, tmp_path, capsys
+):
+    """init_from a run without a checkpoint: refused before anything is written. A
+    tokenizer left in a workdir without a checkpoint is replaced by init_from's."""
+    files = classification_files(tmp_path)
+    task_flags = [f"--config.task.{k}={v}" for k, v in files.items()]
+    empty_run = tmp_path / "no_checkpoint"
+    empty_run.mkdir()
+    for name in ("config.json", "tokenizer.model"):
+        (empty_run / name).write_bytes((pretrained / "run" / name).read_bytes())
+    workdir = tmp_path / "ft"
+    status, last = main_in_process(
+        workdir, f"--config.init_from={empty_run}", *task_flags, config=FT, capsys=capsys
+    )
+    assert status == 2 and "no checkpoint" in last, last
+    assert not workdir.exists() or not list(workdir.iterdir())
+    # A stale tokenizer of the same size (another corpus) where a failed start left one.
+    workdir.mkdir(exist_ok=True)
+    letters = np.random.default_rng(0).choice(list("abcdefghijklmnopqrstuvwxyz"), (400, 60))
+    texts = [" ".join("".join(row[i : i + 5]) for i in range(0, 60, 5)) for row in letters]
+    tokenizer_lib.train_sentencepiece(texts, 96, 1000).save(str(workdir / "tokenizer.model"))
+    status, _ = main_in_process(
+        workdir,
+        f"--config.init_from={pretrained / 'run'}",
+        *task_flags,
+        "--config.train.num_steps=1",
+        config=FT,
+    )
+    assert status == 0
+    ours = tokenizer_lib.load_dir(str(workdir)).digest
+    assert ours == tokenizer_lib.load_dir(str(pretrained / "run")).digest
 
 
 def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp_path):

@@ -60,3 +60,30 @@ def test_missing_tokenizer_when_resuming(books, tmp_path):
     os.makedirs(workdir)
     with pytest.raises(UserError, match="tokenizer.model is missing"):
         lm_data.prepare(config, workdir, resuming=True)
+
+
+def test_damaged_token_caches_are_made_again(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    first = lm_data.prepare(config, workdir, resuming=False)
+    # In memory: the prepared streams are maps of the files about to be damaged.
+    expected = {split: np.array(first.tokens[split]) for split in ("train", "validation")}
+    del first
+    train_npy = os.path.join(workdir, "data", "train.npy")
+    with open(train_npy, "r+b") as f:  # cut short, as a full disk might leave it
+        f.truncate(os.path.getsize(train_npy) // 2)
+    with open(os.path.join(workdir, "data", "validation.npy.json"), "w") as f:
+        f.write('{"fingerprint": ')
+    again = lm_data.prepare(config, workdir, resuming=True)
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(again.tokens[split], expected[split])
+
+
+def test_a_damaged_tokenizer_is_a_user_error(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="tokenizer.model is not a SentencePiece model"):
+        lm_data.prepare(config, str(workdir), resuming=True)

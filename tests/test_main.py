@@ -124,6 +124,26 @@ def test_unknown_override(tmp_path, capsys):
     error_in_process(capsys, tmp_path / "run", "--config.train.nonsense=3", words=words)
 
 
+def test_misspelled_override_names_the_flag_and_the_likely_key(tmp_path, capsys):
+    last = error_in_process(capsys, tmp_path / "run", "--config.trian.batch_size=4")
+    assert last.startswith("error: --config.trian.batch_size: no such config key 'trian'"), last
+    assert 'Did you mean "train"' in last and "\\" not in last, last
+
+
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("def get_config(:\n", ["SyntaxError", "line 1"]),
+        ("def get_config():\n    raise RuntimeError('boom')\n", ["RuntimeError: boom"]),
+        ("X = 1\n", ["defines no get_config()"]),
+    ],
+)
+def test_a_config_file_that_does_not_load(tmp_path, source, words):
+    (tmp_path / "bad.py").write_text(source)
+    result = run_main(tmp_path / "run", config=str(tmp_path / "bad.py"))
+    assert_one_line_error(result, "could not load the config", *words, workdir=tmp_path / "run")
+
+
 def test_wrongly_typed_override(tmp_path, capsys):
     words = ["batch_size", "many"]
     error_in_process(capsys, tmp_path / "run", "--config.train.batch_size=many", words=words)
@@ -146,6 +166,18 @@ def test_other_model_in_workdir_is_refused(trained, tmp_path):
     assert_one_line_error(result, "another model")
     after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     assert after == before  # nothing touched
+
+
+def test_another_batch_size_in_workdir_is_refused(trained, tmp_path):
+    root, _ = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    result = run_main(
+        copy, "--config.train.batch_size=4", books=root / "books", cache=root / "cache"
+    )
+    assert_one_line_error(result, "train.batch_size=8", "data position")
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 def test_other_parameter_layout_in_workdir_is_refused(trained, tmp_path):
@@ -182,3 +214,29 @@ def test_bfloat16_run_tracks_the_float32_run(trained, tmp_path):
     bf16 = [r["loss"] for r in read_metrics(tmp_path / "bf16") if "loss" in r]
     np.testing.assert_allclose(bf16, f32, rtol=0.02)
     assert bf16 != f32  # bfloat16 really was used
+
+
+def test_every_command_ends_alike_on_bad_input_and_on_a_signal(tmp_path):
+    from gptjax.errors import EXIT_PREEMPTED, Preempted, UserError, reported
+
+    with pytest.raises(SystemExit) as stop, reported():
+        raise Preempted(3, "SIGTERM")
+    assert stop.value.code == EXIT_PREEMPTED == 75
+    with pytest.raises(SystemExit) as stop, reported():
+        raise UserError("bad")
+    assert stop.value.code == 2
+    # gptjax.ablate as gptjax.main: a config file that is not there is one line.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptjax.ablate",
+            "--config=configs/nope.py",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(result, "could not load the config", "nope.py")

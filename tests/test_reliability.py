@@ -170,6 +170,10 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     result = run_main(workdir, books=books, cache=cache)
     assert_one_line_error(result, "could be restored", "corrupt_checkpoints")
     assert (workdir / "metrics.jsonl").read_bytes() == metrics  # the history is kept
+    # Run again, it still does not start afresh over that history.
+    result = run_main(workdir, books=books, cache=cache)
+    assert_one_line_error(result, "no checkpoint", "delete corrupt_checkpoints/")
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
 
 
 def small_files_only(kib: int) -> tuple[str, ...]:

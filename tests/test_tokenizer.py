@@ -1,7 +1,15 @@
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
 import pytest
 
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
+
+from conftest import ROOT
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.\nA second line, with commas.\n\n"
@@ -47,3 +55,37 @@ def test_saved_and_reloaded(tok, tmp_path):
 def test_vocabulary_too_large_for_corpus_is_a_user_error():
     with pytest.raises(UserError, match="vocab_size"):
         tokenizer_lib.train_sentencepiece(["tiny corpus"], 5000, 10)
+
+
+def test_sampled_lines_are_seeded_and_uniform():
+    lines = [str(i) for i in range(1000)]
+    first = tokenizer_lib.sample_lines(lines, 100)
+    assert tokenizer_lib.sample_lines(iter(lines), 100) == first  # same seed, same lines
+    assert len(set(first)) == 100 and set(first) <= set(lines)
+    assert tokenizer_lib.sample_lines(lines, 100, seed=1) != first
+    assert tokenizer_lib.sample_lines(lines[:50], 100) == lines[:50]  # all, in order
+    # Every line is drawn with probability k / n = 0.1: 200 times in 2,000 samples
+    # (standard deviation 13.4); the first and last hundred lines as often as the rest.
+    counts = Counter(
+        x for seed in range(2000) for x in tokenizer_lib.sample_lines(lines, 100, seed)
+    )
+    per_line = np.array([counts[x] for x in lines])
+    assert per_line.min() > 200 - 6 * 13.4 and per_line.max() < 200 + 6 * 13.4
+    assert abs(per_line[:100].mean() - 200) < 6 and abs(per_line[-100:].mean() - 200) < 6
+
+
+def test_a_tokenizer_learned_from_a_sample_is_reproducible():
+    """Across processes: SentencePiece's own sampling differed from one process to the next."""
+    script = (
+        "from gptjax import tokenizer as t; from test_tokenizer import TEXTS; "
+        "texts = [f'{TEXTS[i % len(TEXTS)]} line {i} of many' for i in range(3000)]; "
+        "print(t.train_sentencepiece(texts, 96, 500).digest)"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(3)
+    ]
+    assert len(set(digests)) == 1 and len(digests[0].strip()) == 64

@@ -39,14 +39,24 @@ def tokenize_books(
 
 def load_cached_tokens(path: str, fingerprint: str) -> np.ndarray | None:
     """The token stream saved at `path` (memory-mapped) if it was made from the corpus and
-    tokenizer `fingerprint` names; None if absent; raises StaleCache if made from others."""
+    tokenizer `fingerprint` names; None if absent or damaged (a cache: it is made again);
+    raises StaleCache if made from others."""
     meta_path = path + ".json"
     if not (os.path.exists(path) and os.path.exists(meta_path)):
         return None
-    with open(meta_path) as f:
-        if json.load(f).get("fingerprint") != fingerprint:
-            raise StaleCache(path)
-    return np.load(path, mmap_mode="r")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        tokens = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:  # truncated or overwritten
+        logging.warning("the cached tokens %s are unreadable (%s): tokenizing again", path, e)
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        raise StaleCache(path)
+    if tokens.ndim != 1 or tokens.size != meta.get("num_tokens"):
+        logging.warning("the cached tokens %s are incomplete: tokenizing again", path)
+        return None
+    return tokens
 
 
 def save_tokens(path: str, tokens: np.ndarray, fingerprint: str) -> np.ndarray:

@@ -1,0 +1,67 @@
+"""What a resumed pretraining (or fine-tuning) run must keep of its config, and may change."""
+
+import json
+import logging
+import runpy
+
+import pytest
+
+from gptjax import pretrain
+from gptjax.errors import UserError
+
+from conftest import ROOT, tiny_config
+
+
+def saved(config) -> dict:
+    return json.loads(config.to_json_best_effort())  # as config.json holds it
+
+
+def test_the_same_config_resumes_without_a_word(caplog):
+    config = tiny_config()
+    with caplog.at_level(logging.WARNING):
+        pretrain.check_resumable("run", saved(config), config)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("model.d_model", 64, "another model"),
+        ("train.batch_size", 8, "train.batch_size=4 (the saved data position"),
+        ("train.seed", 7, "train.seed=0 (the saved data position"),
+        ("train.scan_layers", False, "train.scan_layers=True (another parameter layout"),
+    ],
+)
+def test_what_a_resumed_run_must_keep(key, value, words):
+    config = tiny_config()
+    before = saved(config)
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(UserError, match="resume") as error:
+        pretrain.check_resumable("run", before, config)
+    assert words in str(error.value)
+
+
+def test_a_fine_tune_resumes_only_on_its_task():
+    config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom")
+    before = saved(config)
+    config.task.train_path = "other.jsonl"
+    with pytest.raises(UserError, match=r"another task \(task.train_path differ"):
+        pretrain.check_resumable("run", before, config)
+
+
+def test_a_changed_schedule_is_named_in_a_warning(caplog):
+    config = tiny_config()
+    before = saved(config)
+    config.train.num_steps = 12
+    with caplog.at_level(logging.WARNING):
+        pretrain.check_resumable("run", before, config)
+    [record] = caplog.records
+    assert "train.num_steps 6 -> 12" in record.getMessage()
+    assert "schedule is rebuilt" in record.getMessage()
+
+
+def test_an_unreadable_saved_config_is_a_user_error(tmp_path):
+    (tmp_path / pretrain.CONFIG_FILE).write_text('{"model": {"vocab')
+    with pytest.raises(UserError, match="config.json is unreadable"):
+        pretrain.check_workdir(str(tmp_path), tiny_config(), resuming=True)
