@@ -8,10 +8,12 @@ half-written checkpoint that `latest_step` would pick up.
 """
 
 import contextlib
+import gc
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 
 import jax
@@ -178,7 +180,12 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     Returns (state, data_state, step). When no checkpoint reads back, raises UserError
     rather than start again from scratch.
     """
-    errors = []
+    with _quiet_abandoned_reads():
+        return _restore_latest_good(mngr, abstract_state)
+
+
+def _restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
+    message = "none found"
     for step in sorted(mngr.all_steps(), reverse=True):
         other = shape_mismatch(os.path.join(str(mngr.directory), str(step)), abstract_state.params)
         if other:  # a config that does not fit the checkpoint, not a damaged checkpoint
@@ -190,29 +197,40 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
             state, data_state = restore(mngr, abstract_state, step)
             return state, data_state, step
         except Exception as e:  # what a damaged directory raises depends on the damage
-            errors.append(e)
-            aside = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
-            if jax.process_index() == 0:  # one mover on a shared filesystem
-                os.makedirs(aside, exist_ok=True)
-                target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-                shutil.move(os.path.join(str(mngr.directory), str(step)), target)
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
-            mngr.reload()
             message = " ".join(str(e).split())[:200]
-            logging.warning(
-                "checkpoint %d is unreadable (%s): moved to %s; falling back to the previous "
-                "complete checkpoint",
-                step,
-                message,
-                aside,
-            )
-    message = " ".join(str(errors[-1]).split())[:200] if errors else "none found"
+        aside = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
+        if jax.process_index() == 0:  # one mover on a shared filesystem
+            os.makedirs(aside, exist_ok=True)
+            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(os.path.join(str(mngr.directory), str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+        mngr.reload()
+        logging.warning(
+            "checkpoint %d is unreadable (%s): moved to %s; falling back to the previous "
+            "complete checkpoint",
+            step,
+            message,
+            aside,
+        )
     raise UserError(
         f"no checkpoint in {mngr.directory} could be restored (the last error: {message}); "
-        "the unreadable ones are in corrupt_checkpoints/; use the config they were written "
-        "with, or a new --workdir"
+        f"the unreadable ones are in {CORRUPT_DIR}/; restore one from a copy, or use a new "
+        "--workdir"
     )
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """A failed restore leaves the storage library's pending reads (and their event
+    loop) behind, each of which prints "Exception ignored ... Traceback" when collected,
+    after the failure was reported in one warning: they are collected here, quietly."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
 
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):

@@ -43,6 +43,9 @@ def fail(message: str, at_once: bool = False):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)
+    # The storage library's abandoned reads (a damaged checkpoint) are collected at exit
+    # and would each print "Exception ignored ... Traceback" after the one line.
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(2)
 
 

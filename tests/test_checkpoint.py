@@ -1,3 +1,7 @@
+import gc
+import os
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -102,3 +106,29 @@ def test_params_of_a_damaged_checkpoint_are_a_user_error(tmp_path):
         checkpoint.restore_params(str(tmp_path), abstract)
     with pytest.raises(UserError, match="checkpoint 1 in .* is unreadable"):
         checkpoint.read_params(str(tmp_path))
+
+
+def test_a_damaged_checkpoint_is_moved_aside_quietly(tmp_path):
+    """The previous one is restored, and the storage library's failed reads are not left
+    to print "Exception ignored ... Traceback" when they are collected."""
+    state, shardings = make_state(tiny_config())
+    with checkpoint.manager(str(tmp_path), keep=2) as mngr:
+        for step in (1, 2):
+            checkpoint.save(mngr, state.replace(step=state.step + step), {"next_index": step})
+        mngr.wait_until_finished()
+    chunks = list((tmp_path / "checkpoints" / "2" / "params").glob("ocdbt.process_*/d/*"))
+    assert chunks
+    for chunk in chunks:  # the arrays' bytes cut short; the metadata intact
+        os.truncate(chunk, 100)
+    unraisable = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with checkpoint.manager(str(tmp_path)) as mngr:
+            target = train.abstract_state(state, shardings)
+            _, data_state, step = checkpoint.restore_latest_good(mngr, target)
+            gc.collect()  # as the run goes on with its manager
+    finally:
+        sys.unraisablehook = hook
+    assert (step, data_state) == (1, {"next_index": 1})
+    assert not unraisable, unraisable[0].exc_value
+    assert [p.name[:2] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["2-"]
