@@ -34,12 +34,17 @@ def test_changed_corpus_is_rebuilt_before_training_and_refused_when_resuming(boo
     config = tiny_books_config(books, tmp_path / "cache")
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
-    lm_data.prepare(config, workdir, resuming=False)
+    first = lm_data.prepare(config, workdir, resuming=False)
+    assert lm_data.prepare(config, workdir, resuming=False).tokenizer.digest == (
+        first.tokenizer.digest
+    )  # the same corpus: the tokenizer is kept
     write_books(books, num_books=8)  # three more books
     with pytest.raises(UserError, match="not the one this run's checkpoints"):
         lm_data.prepare(config, workdir, resuming=True)
     rebuilt = lm_data.prepare(config, workdir, resuming=False)
     assert sum(rebuilt.num_books.values()) == 8
+    # Nothing trained yet: the tokenizer is learned again, from the new corpus.
+    assert rebuilt.tokenizer.digest != first.tokenizer.digest
 
 
 def test_tokenizer_of_another_size(books, tmp_path):

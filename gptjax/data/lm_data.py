@@ -1,6 +1,7 @@
 """The pretraining data of a run: corpus -> tokenizer -> token streams -> packed windows."""
 
 import dataclasses
+import json
 import logging
 import os
 
@@ -61,6 +62,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
                     f"--config.model.vocab_size={tokenizer.vocab_size} or a new --workdir"
                 )
             tokenizer = None  # nothing trained with it yet: learn a new one
+        elif not resuming and not _learned_from(workdir, corpus.fingerprint(config.data)):
+            tokenizer = None  # learned from another corpus, and nothing trained with it yet
     if tokenizer is None:
         tokenizer = tokenizer_lib.train_sentencepiece(
             (books["train"][i] for i in range(len(books["train"]))),
@@ -107,3 +110,14 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
         num_books={split: len(books[split]) for split in SPLITS},
         description=description,
     )
+
+
+def _learned_from(workdir: str, corpus_fingerprint: str) -> bool:
+    """Whether the workdir's tokenizer was learned from this corpus: the token streams
+    cached beside it (written with it) name the corpus they were made from."""
+    try:
+        with open(os.path.join(workdir, "data", "train.npy.json")) as f:
+            made_from = json.load(f).get("fingerprint", "")
+    except (OSError, ValueError):
+        return False
+    return made_from.startswith(f"{corpus_fingerprint}:")
