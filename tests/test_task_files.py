@@ -476,3 +476,22 @@ def test_bad_settings(tmp_path):
     error("'y' named more than once", "entailment", *args, "t,y", "y")
     error("no label field given", "classification", *args, "t", "")
     error("set --config.task.eval_path", "classification", str(train), "", "t", "y")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        't\ty\n"Yes" is his answer\t1\nno\t0\n',  # quotes opening an unquoted field
+        't\ty\n"Stop\t1\nnow" she said\t0\nok\t1\n',  # a quote that would swallow a row
+    ],
+)
+def test_quotes_are_never_dropped_or_rows_merged_silently(tmp_path, content):
+    train = tmp_path / "train.tsv"
+    train.write_text(content, encoding="utf-8")
+    error(
+        "line 2 of .*train.tsv is malformed.*quoted whole", "classification", train, train, "t", "y"
+    )
+    # Written as spreadsheets and pandas write it, the same text reads back exactly.
+    write(train, [{"t": '"Yes" is his answer', "y": 1}, {"t": "no", "y": 0}])
+    task = load_file_task("classification", str(train), str(train), "t", "y")
+    assert task.load("train", "")[0].texts == ('"Yes" is his answer',)

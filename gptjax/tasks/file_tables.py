@@ -112,8 +112,13 @@ def _jsonl_rows(path: str, text: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _csv_rows(path: str, text: str, dialect: str) -> tuple[list, list[str]]:
-    reader = csv.reader(io.StringIO(text, newline=""), dialect=dialect)
+    # strict: a field that starts with a quote must be a whole quoted field (as
+    # spreadsheets and pandas write them); otherwise (an unquoted `"Yes" he said`, or an
+    # unbalanced quote that would swallow the next rows) it is an error, never rows
+    # silently merged or quotes silently dropped.
+    reader = csv.reader(io.StringIO(text, newline=""), dialect=dialect, strict=True)
     kind = "tab" if dialect == "excel-tab" else "comma"
+    end = 0  # the last line read (a quoted field may span several)
     try:
         header = [name.strip() for name in next(reader, [])]
         rows, end = [], reader.line_num
@@ -129,6 +134,8 @@ def _csv_rows(path: str, text: str, dialect: str) -> tuple[list, list[str]]:
             rows.append((start, dict(zip(header, values, strict=True))))
     except csv.Error as e:
         raise UserError(
-            f"line {reader.line_num} of {path} is malformed ({e}); fix its quoting"
+            f"line {end + 1} of {path} is malformed ({e}); a field that starts with "
+            '" must be quoted whole, its quotes doubled ("""Yes"" he said"), as spreadsheets '
+            "and pandas write them; or write the file as .jsonl"
         ) from None
     return rows, header
