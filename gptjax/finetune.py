@@ -330,19 +330,21 @@ class FineTune:
     def predictions(self, outputs: np.ndarray) -> np.ndarray:
         return outputs if self.task.regression else np.argmax(outputs, axis=-1)
 
+    def score(self, out: dict[str, np.ndarray]) -> dict[str, float]:
+        """The task's metrics of `predict`'s outputs over the labelled examples ({} when
+        none is labelled, as in GLUE's test splits)."""
+        labelled = out["labelled"].astype(bool)
+        if not labelled.any():
+            return {}
+        return task_metrics.compute(
+            self.task.metrics, self.predictions(out["output"])[labelled], out["label"][labelled]
+        )
+
     def evaluate(self, params, splits=None) -> dict[str, float]:
         """The task's metrics on each labelled eval split, keyed `{split}_{metric}`."""
         row = {}
         for name in splits or self.task.eval_splits:
-            out = self.predict(params, self.split(name))
-            labelled = out["labelled"].astype(bool)
-            if not labelled.any():
-                continue
-            scores = task_metrics.compute(
-                self.task.metrics,
-                self.predictions(out["output"])[labelled],
-                out["label"][labelled],
-            )
+            scores = self.score(self.predict(params, self.split(name)))
             row.update({f"{name}_{k}": v for k, v in scores.items()})
         return row
 

@@ -84,12 +84,14 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
             f"{workdir} holds a run of another model ({saved.get('model')}); resume it "
             "with the same config or use a new --workdir"
         )
-    if "task" in current and saved.get("task") != current["task"]:
-        changed = sorted(
-            k
-            for k in set(saved.get("task") or {}) | set(current["task"])
-            if (saved.get("task") or {}).get(k) != current["task"].get(k)
-        )
+    # A fine-tune's task, except its test file, which training never reads.
+    saved_task = saved.get("task") or {}
+    changed = sorted(
+        k
+        for k in set(saved_task) | set(current.get("task", {}))
+        if k != "test_path" and saved_task.get(k) != current["task"].get(k)
+    )
+    if "task" in current and changed:
         raise UserError(
             f"{workdir} holds a fine-tune of another task (task.{', task.'.join(changed)} "
             "differ); resume it with the same task or use a new --workdir"

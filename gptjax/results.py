@@ -4,6 +4,7 @@ and the GLUE submission files of the test splits."""
 
 import json
 import logging
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,12 @@ def choose_step(workdir: str, key: str, which: str) -> int:
         raise UserError(f"no checkpoint in {workdir}: fine-tune there first (--mode=train)")
     if which == "latest":
         return steps[-1]
-    scored = {r["step"]: r[key] for r in read_metrics(workdir) if key in r and r["step"] in steps}
+    scored = {
+        r["step"]: r[key]
+        for r in read_metrics(workdir)
+        # A NaN score (e.g. Pearson of non-finite predictions) would win every comparison.
+        if key in r and r["step"] in steps and math.isfinite(r[key])
+    }
     if not scored:
         logging.warning("no evaluated checkpoint in %s: using the latest", workdir)
         return steps[-1]
@@ -55,12 +61,12 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
     splits = splits or (*run.task.eval_splits, *run.task.test_splits)
     results = []
     for name in splits:
-        scores = run.evaluate(state.params, [name])
-        scores = {k[len(name) + 1 :]: v for k, v in scores.items()}
+        out = run.predict(state.params, run.split(name))
+        scores = run.score(out)
         if scores:
             results.append({"split": name, **scores})
-        if name in run.task.submission:
-            write_submission(run, state.params, name)
+        if name in run.task.test_splits:
+            write_predictions(run, name, out)
     report = {
         "task": run.task.name,
         "checkpoint_step": step,
@@ -99,21 +105,34 @@ def results_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_submission(run: "FineTune", params, split: str):
-    """A GLUE submission file: `index<TAB>prediction`, labels by name (numbers for STS-B
-    and the binary tasks GLUE scores as 0/1)."""
+def predictions_file(task, split: str) -> str:
+    """Where a test split's predictions go: GLUE's submission file name, or
+    `predictions_<split>.tsv`."""
+    return task.submission.get(split, f"predictions_{split}.tsv")
+
+
+def write_predictions(run: "FineTune", split: str, out: dict):
+    """A test split's predictions, `index<TAB>prediction` (`predict`'s outputs `out`): the
+    example's id (GLUE's `idx`, a task file's row) or else its position, and the label
+    by name, the number GLUE scores for its binary tasks and STS-B, or the choice."""
+    task = run.task
     examples = run.split(split).examples
-    out = run.predict(params, run.split(split))
     preds = run.predictions(out["output"])
-    numeric = run.task.regression or run.task.name in ("cola", "sst2", "mrpc", "qqp")
-    path = os.path.join(run.workdir, run.task.submission[split])
+    numeric = task.regression or not task.label_names or task.name in GLUE_NUMERIC
+    path = os.path.join(run.workdir, predictions_file(task, split))
     if jax.process_index() != 0:
         return
     with open(path + ".tmp", "w") as f:
         f.write("index\tprediction\n")
-        for ex, p in zip(examples, preds, strict=True):
-            value = f"{p:.3f}" if run.task.regression else p
-            value = value if numeric else run.task.label_names[int(p)]
-            f.write(f"{ex.uid}\t{value}\n")
+        for i, (ex, p) in enumerate(zip(examples, preds, strict=True)):
+            if task.regression:
+                value = f"{p:.3f}"
+            else:
+                value = str(int(p)) if numeric else task.label_names[int(p)]
+            f.write(f"{i if ex.uid is None else ex.uid}\t{value}\n")
     os.replace(path + ".tmp", path)
-    logging.info("wrote the GLUE submission file %s", path)
+    logging.info("wrote the %s predictions of %s to %s", split, task.name, path)
+
+
+# GLUE's binary tasks whose submissions are 0/1, not label names.
+GLUE_NUMERIC = ("cola", "sst2", "mrpc", "qqp")

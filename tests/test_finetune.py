@@ -325,12 +325,25 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(pretrained, tmp_pat
     assert f"| validation | {sorted(expected)[0]} |" in (workdir / "results.md").read_text()
     rows_logged = read_metrics(str(workdir))
     assert any("lm_loss" in r and "task_loss" in r for r in rows_logged)
-    # --mode=eval restores the best checkpoint and reproduces its scores.
+    # --mode=eval restores the best checkpoint and reproduces its scores; with a test
+    # file it also scores that and writes its predictions, row by row.
     (workdir / "results.json").unlink()
     cache = pretrained / "cache"
-    status, _ = main_in_process(workdir, *flags, "--mode=eval", cache=cache, config=FT)
+    test_flag = f"--config.task.test_path={path}"
+    status, _ = main_in_process(workdir, *flags, test_flag, "--mode=eval", cache=cache, config=FT)
     assert status == 0
-    assert json.loads((workdir / "results.json").read_text())["results"] == report["results"]
+    evaluated = json.loads((workdir / "results.json").read_text())["results"]
+    assert evaluated[0] == report["results"][0] and evaluated[1]["split"] == "test"
+    lines = (workdir / "predictions_test.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction"
+    assert [line.split("\t")[0] for line in lines[1:]] == [str(i) for i in range(len(rows))]
+    values = [line.split("\t")[1] for line in lines[1:]]
+    if kind == "similarity":  # a score
+        assert all(np.isfinite(float(v)) for v in values)
+    elif kind == "multiple_choice":  # the index of the chosen answer
+        assert set(values) <= {"0", "1"}
+    else:  # the label, as the file writes it
+        assert set(values) <= {str(row["label"]) for row in rows}
 
 
 @pytest.fixture

@@ -45,6 +45,8 @@ def test_what_a_resumed_run_must_keep(key, value, words):
 def test_a_fine_tune_resumes_only_on_its_task():
     config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom")
     before = saved(config)
+    config.task.test_path = "test.jsonl"  # training never reads it
+    pretrain.check_resumable("run", before, config)
     config.task.train_path = "other.jsonl"
     with pytest.raises(UserError, match=r"another task \(task.train_path differ"):
         pretrain.check_resumable("run", before, config)

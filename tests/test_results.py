@@ -1,5 +1,7 @@
 """The results files of a fine-tuned run (the runs themselves: test_finetune.py)."""
 
+import json
+
 from gptjax import results
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
 
@@ -20,3 +22,17 @@ def test_results_table_puts_each_split_next_to_its_paper_number():
         "| validation_matched | accuracy | 80.0 | 82.1 |",
         "| validation_mismatched | accuracy | 80.0 | 81.4 |",
     ]
+
+
+def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch):
+    monkeypatch.setattr(results.checkpoint, "all_steps", lambda workdir: [100, 200, 300, 400])
+    rows = [
+        {"step": 100, "validation_pearson": float("nan")},  # NaN would win every comparison
+        {"step": 200, "validation_pearson": 80.0},
+        {"step": 300, "validation_pearson": 82.0},
+        {"step": 350, "validation_pearson": 90.0},  # no checkpoint kept at that step
+        {"step": 400, "validation_pearson": 81.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
+    assert results.choose_step(str(tmp_path), "validation_pearson", "latest") == 400

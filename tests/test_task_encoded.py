@@ -53,9 +53,9 @@ def test_a_second_run_reads_the_arrays_instead_of_encoding(tmp_path):
 
 @pytest.mark.parametrize(
     "change",
-    ["label", "text", "order", "tokenizer", "n_ctx", "split", "kind"],
+    ["label", "text", "order", "tokenizer", "n_ctx", "split", "kind", "library"],
 )
-def test_any_changed_input_encodes_again(tmp_path, change):
+def test_any_changed_input_encodes_again(tmp_path, change, monkeypatch):
     tok = Tokenizer()
     encoded.encode(TASK, "train", EXAMPLES, tok, 16, str(tmp_path))
     examples, task, split, n_ctx = list(EXAMPLES), TASK, "train", 16
@@ -73,6 +73,9 @@ def test_any_changed_input_encodes_again(tmp_path, change):
         split = "validation"
     elif change == "kind":
         task = TaskSpec(name="t", kind="similarity", load=None, metrics=("accuracy",))
+    elif change == "library":  # e.g. another ftfy, whose normalisation may change the ids
+        versions = encoded._library_versions()
+        monkeypatch.setattr(encoded, "_library_versions", lambda: {**versions, "ftfy": "99"})
     calls = tok.calls
     out = encoded.encode(task, split, examples, tok, n_ctx, str(tmp_path))
     assert tok.calls == calls + 1

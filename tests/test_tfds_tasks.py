@@ -16,7 +16,7 @@ from tensorflow_datasets.core.data_sources import base as data_sources_base
 from tensorflow_datasets.text.glue import Glue
 
 from gptjax.errors import UserError
-from gptjax.tasks import tfds_records, tfds_tasks
+from gptjax.tasks import tfds_loader, tfds_records, tfds_tasks
 from gptjax.tasks.spec import KINDS, Example
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
 
@@ -33,7 +33,7 @@ EXPECTED = {
         ACC,
         {"accuracy": 82.1, "validation_mismatched/accuracy": 81.4},
         ("validation_matched", "validation_mismatched"),
-        ("test_matched", "test_mismatched"),
+        ("test_matched", "test_mismatched", "test_ax"),
         None,
     ),
     "qnli": ("entailment", ACC, {"accuracy": 88.1}, VAL, TEST, "QNLI"),
@@ -117,7 +117,10 @@ def test_task_table():
     assert TFDS_TASKS["mnli"].submission == {
         "test_matched": "MNLI-m.tsv",
         "test_mismatched": "MNLI-mm.tsv",
+        "test_ax": "AX.tsv",  # GLUE's diagnostic set, predicted with the MNLI model
     }
+    assert TFDS_TASKS["mnli"].load.split_datasets == {"test_ax": ("glue/ax",)}
+    assert TFDS_TASKS["mnli"].load.splits["test_ax"] == ("test", "all")
     assert TFDS_TASKS["stsb"].regression and TFDS_TASKS["stsb"].num_outputs == 1
     assert [TFDS_TASKS[n].num_choices for n in ("race", "race_high", "story_cloze")] == [4, 4, 2]
 
@@ -423,3 +426,17 @@ def test_story_cloze_without_manual_files_says_which_and_where(data_dir):
     assert "cloze_test_val__spring2016.csv and cloze_test_test__spring2016.csv" in message
     assert message.endswith(f"put them in {manual}") and "Latin-1" in message
     assert not (data_dir / "story_cloze").exists()
+
+
+def test_mnli_test_ax_is_glue_s_diagnostic_set(data_dir, monkeypatch):
+    monkeypatch.setattr(
+        data_sources_base.BaseDataSource, "__getitems__", lambda self, ks: [self[k] for k in ks]
+    )
+    built, make_builder = [], tfds_loader.make_builder
+    monkeypatch.setattr(
+        tfds_loader, "make_builder", lambda name, d: built.append(name) or make_builder(name, d)
+    )
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        examples = TFDS_TASKS["mnli"].load("test_ax", str(data_dir))
+    assert built == ["glue/ax"] and len(examples) == 3
+    assert all(len(ex.texts) == 2 and isinstance(ex.uid, int) for ex in examples)

@@ -7,8 +7,9 @@ and 5 s with SentencePiece; read back, 0.4 s (mostly hashing them). `encode` kee
 `transforms.encode`'s arrays in `<cache>/encoded/<task>/<split>-<key>.npz`, where the key
 hashes everything the arrays depend on: the examples (texts, choices, labels, in order),
 the tokenizer's digest and special ids, n_ctx, the task's kind and label type, and the
-source code of `gptjax.tasks.transforms` and of the tokenizer's module (a change to the
-input transformations or to tokenizing is a new key). So a file is never reused for
+source code of `gptjax.tasks.transforms` and of the tokenizer's module, and the versions
+of the libraries tokenizing uses (a change to the input transformations or to tokenizing
+is a new key). So a file is never reused for
 other inputs; old ones are just left behind (delete the directory freely).
 
 The file is written to a temporary name and renamed, so a killed run leaves no torn file;
@@ -19,11 +20,13 @@ written costs a warning, not the run.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import logging
 import os
 import socket
+import unicodedata
 import zipfile
 from collections.abc import Sequence
 
@@ -47,11 +50,24 @@ def key(task: TaskSpec, examples: Sequence[Example], tokenizer, n_ctx: int) -> s
         "specials": tokenizer.special_ids,
         # The code that makes the ids: a fix there must not meet arrays made before it.
         "code": [_source_digest(transforms), _source_digest(type(tokenizer))],
+        # ... and the libraries under it (SentencePiece; GPT-1's BPE normalises text with
+        # ftfy and splits words with spaCy's rules).
+        "libraries": _library_versions(),
     }
     h.update(json.dumps(inputs, default=repr).encode())
     for ex in examples:
         h.update(json.dumps([ex.texts, ex.choices, ex.label], default=repr).encode())
     return h.hexdigest()
+
+
+def _library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"unicode": unicodedata.unidata_version}
+    for name in ("sentencepiece", "ftfy", "spacy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _source_digest(obj) -> str:

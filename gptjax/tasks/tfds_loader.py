@@ -174,10 +174,12 @@ def _transcode_manual_files(manual_dir: str, names: Sequence[str], target: str) 
 class TfdsLoader:
     """``TaskSpec.load`` of a TFDS task: prepares its builders once, converts their records.
 
-    `datasets` are TFDS builder names whose records are concatenated in this order.
-    `splits` maps each split of the task to (TFDS split, part): part "all", or for Story
-    Cloze "rest"/"held_out" (see STORY_CLOZE_HELD_OUT_EVERY). `manual_files` must be put
-    in ``<data_dir>/downloads/manual`` by hand; `manual_hint` says how.
+    `datasets` are TFDS builder names whose records are concatenated in this order;
+    `split_datasets` names others for some splits (MNLI's `test_ax`: GLUE's diagnostic
+    set, `glue/ax`). `splits` maps each split of the task to (TFDS split, part): part
+    "all", or for Story Cloze "rest"/"held_out" (see STORY_CLOZE_HELD_OUT_EVERY).
+    `manual_files` must be put in ``<data_dir>/downloads/manual`` by hand; `manual_hint`
+    says how.
     """
 
     task: str
@@ -186,6 +188,7 @@ class TfdsLoader:
     splits: Mapping[str, tuple[str, str]]
     manual_files: tuple[str, ...] = ()
     manual_hint: str = ""
+    split_datasets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __call__(self, split: str, data_dir: str) -> list[Example]:
         if split not in self.splits:
@@ -197,7 +200,7 @@ class TfdsLoader:
         data_dir = os.path.abspath(os.path.expanduser(data_dir))
         tfds_split, part = self.splits[split]
         examples: list[Example] = []
-        for dataset in self.datasets:
+        for dataset in self.split_datasets.get(split, self.datasets):
             builder = make_builder(dataset, data_dir)
             self._prepare(builder, dataset, data_dir)
             source = builder.as_data_source(split=tfds_split)

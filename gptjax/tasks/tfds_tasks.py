@@ -45,11 +45,15 @@ def _task(
     splits: Mapping[str, tuple[str, str]] | None = None,
     manual_files: tuple[str, ...] = (),
     manual_hint: str = "",
+    split_datasets: Mapping[str, tuple[str, ...]] | None = None,
     **spec: Any,
 ) -> TaskSpec:
     if splits is None:
         splits = {s: (s, "all") for s in ("train", *eval_splits, *test_splits)}
-    load = TfdsLoader(name, datasets, convert, splits, manual_files, manual_hint)
+        splits.update({s: ("test", "all") for s in split_datasets or {}})
+    load = TfdsLoader(
+        name, datasets, convert, splits, manual_files, manual_hint, dict(split_datasets or {})
+    )
     return TaskSpec(
         name=name,
         kind=kind,
@@ -140,12 +144,18 @@ _TASKS = (
         ("glue/mnli",),
         functools.partial(glue_examples, fields=("premise", "hypothesis")),
         eval_splits=("validation_matched", "validation_mismatched"),
-        test_splits=("test_matched", "test_mismatched"),
+        # GLUE's diagnostic set (its test split only), predicted with the MNLI model.
+        test_splits=("test_matched", "test_mismatched", "test_ax"),
+        split_datasets={"test_ax": ("glue/ax",)},
         label_names=_ENTAILMENT_NEUTRAL_CONTRADICTION,
         metrics=_ACCURACY,
         # The paper's test accuracies: matched 82.1, mismatched 81.4.
         paper={"accuracy": 82.1, "validation_mismatched/accuracy": 81.4},
-        submission={"test_matched": "MNLI-m.tsv", "test_mismatched": "MNLI-mm.tsv"},
+        submission={
+            "test_matched": "MNLI-m.tsv",
+            "test_mismatched": "MNLI-mm.tsv",
+            "test_ax": "AX.tsv",
+        },
         description="MultiNLI: entailment, neutral or contradiction, ten genres (GLUE)",
     ),
     _glue(
