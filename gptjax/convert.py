@@ -87,6 +87,9 @@ def run_config(sizes: dict, dropout: float, source: dict, clf_dropout: float | N
 
 
 def _check_dst(dst: str):
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise UserError(f"{parent} (where {dst} would go) is not a directory; create it first")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         what = "holds a checkpoint" if os.path.isdir(os.path.join(dst, "checkpoints")) else ""
         raise UserError(
@@ -202,6 +205,7 @@ def from_openai(src: str, dst: str, n_head: int = 12):
 def from_hf(src: str, dst: str):
     """An HF openai-gpt save_pretrained directory -> a gptjax workdir (pretrained, or
     fine-tuned multiple choice for OpenAIGPTDoubleHeadsModel)."""
+    _check_dst(dst)  # before reading any tensor
     config_path = os.path.join(src, HF_CONFIG)
     hf = hf_source.load_json(config_path, "SRC must be a directory written by save_pretrained")
     hf_source.check_config(hf, config_path)

@@ -53,7 +53,7 @@ class Sampling:
 def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
     """Temperature, then top-k, then top-p (nucleus): excluded tokens get -inf."""
     logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k:
+    if 0 < sampling.top_k < logits_BxV.shape[-1]:  # k of at least the vocabulary keeps all
         kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     if sampling.top_p < 1.0:
@@ -68,11 +68,13 @@ def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
 
 
 def choose(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """The next token of each row [B]."""
+    """The next token of each row [B]. Row i draws with `key` folded with i, so its
+    sample does not depend on how many rows there are or what the others hold."""
     if sampling.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits_BxV, sampling)
-    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    filtered_BxV = filter_logits(logits_BxV, sampling)
+    keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(len(filtered_BxV)))
+    return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
 
 
 class Generator:
@@ -124,9 +126,12 @@ class Generator:
         is_done=None,
     ) -> list[list[int]]:
         """The new tokens of each prompt (at most `max_new_tokens`, and no more than
-        fit in n_ctx), each cut before the first of `stop_ids`. `is_done(tokens)`,
+        fit in n_ctx), each cut before the first of `stop_ids`. `is_done(row, tokens)`,
         checked on the host after every chunk, ends a row early (stop strings)."""
         sampling.check()
+        # The jitted code reads only how tokens are chosen: a new seed or length must not
+        # compile it again.
+        static = dataclasses.replace(sampling, seed=0, max_new_tokens=1)
         n_ctx = self.cfg.n_ctx
         if not prompts or any(not p for p in prompts):
             raise UserError("every prompt needs at least one token")
@@ -144,7 +149,7 @@ class Generator:
         budget = np.minimum(sampling.max_new_tokens, n_ctx - lengths)
         key = jax.random.PRNGKey(sampling.seed)
         token_B, caches = self._prefill(
-            self.params, tokens, lengths, jax.random.fold_in(key, 0), sampling=sampling
+            self.params, tokens, lengths, jax.random.fold_in(key, 0), sampling=static
         )
         out = [[t] for t in np.asarray(token_B).tolist()]
         done = self._finished(out, budget, stop_ids, is_done)
@@ -155,7 +160,7 @@ class Generator:
                 caches,
                 token_B,
                 jax.random.fold_in(key, chunk_index),
-                sampling=sampling,
+                sampling=static,
             )
             chunk_index += 1
             for i, row in enumerate(np.asarray(new_BxT).tolist()):
@@ -170,8 +175,8 @@ class Generator:
             [
                 len(row) >= n
                 or any(t in stop_ids for t in row)
-                or (is_done is not None and is_done(row))
-                for row, n in zip(out, budget, strict=True)
+                or (is_done is not None and is_done(i, row))
+                for i, (row, n) in enumerate(zip(out, budget, strict=True))
             ]
         )
 
@@ -191,21 +196,32 @@ def generate_text(
     sampling: Sampling,
     stop: tuple[str, ...] = (),
 ) -> list[str]:
-    """Continuations of text prompts, each cut before its first stop string."""
+    """Continuations of text prompts, each cut before its first stop string.
+
+    A continuation is the text the new tokens add to the prompt's, decoded together:
+    decoded alone, a first token's leading space (SentencePiece's `▁`, or the word end
+    GPT-1's BPE marks on the prompt's last token) would be lost.
+    """
     stop = tuple(s for s in stop if s)
     stop_ids = ()
     if getattr(tokenizer, "eos_id", None) not in (None, tokenizer.newline_id):
         stop_ids = (tokenizer.eos_id,)  # the end of a document (SentencePiece's </s>)
+    prompt_ids = tokenizer.encode_texts(prompts)
+    prefixes = {i: tokenizer.decode(p) for i, p in enumerate(prompt_ids)}
 
-    def is_done(tokens):
-        return any(s in tokenizer.decode(tokens) for s in stop)
+    def continuation(i, tokens):
+        whole = tokenizer.decode(prompt_ids[i] + tokens)
+        if whole.startswith(prefixes[i]):
+            return whole[len(prefixes[i]) :]
+        return tokenizer.decode(tokens)  # a tokenizer whose text does not split there
 
-    ids = generator.generate(
-        tokenizer.encode_texts(prompts), sampling, stop_ids, is_done if stop else None
-    )
+    def is_done(i, tokens):
+        return any(s in continuation(i, tokens) for s in stop)
+
+    ids = generator.generate(prompt_ids, sampling, stop_ids, is_done if stop else None)
     texts = []
-    for row in ids:
-        text = tokenizer.decode(row)
+    for i, row in enumerate(ids):
+        text = continuation(i, row)
         cuts = [text.index(s) for s in stop if s in text]
         texts.append(text[: min(cuts)] if cuts else text)
     return texts
@@ -256,6 +272,7 @@ def run(config, workdir: str):
         top_p=g.top_p,
         seed=g.seed,
     )
+    sampling.check()  # before the checkpoint is read
     generator, tokenizer = load(workdir, g.step)
     stop = tuple(s.replace("\\n", "\n") for s in g.stop.split(",") if s)
     texts = generate_text(generator, tokenizer, prompts, sampling, stop)

@@ -295,6 +295,11 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
     assert "config.json is missing" in run(capsys, "to-hf", tmp_path, tmp_path / "c")
     assert not list(tmp_path.glob("*.tmp*")) and not list(root.glob("*.tmp*"))
 
+    nowhere = tmp_path / "nowhere" / "d"  # no parent is made on the way
+    assert "is not a directory; create it first" in run(capsys, "to-hf", root / "ours", nowhere)
+    assert "create it first" in run(capsys, "from-hf", root / "hf", nowhere)
+    assert not (tmp_path / "nowhere").exists()
+
 
 def test_a_converted_model_generates_and_fine_tunes_with_its_bpe(tmp_path):
     """The whole path a user of the released model takes, at toy size: HF directory ->

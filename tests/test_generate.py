@@ -152,6 +152,16 @@ def test_sampling_is_seeded_and_never_draws_outside_the_vocabulary(params):
     assert a != gen.generate(prompts, Sampling(max_new_tokens=16, temperature=5.0, seed=2))
     assert {t for row in a for t in row} <= set(range(7))
     assert len({tuple(row) for row in a}) > 1  # rows draw independently
+    # A prompt's sample depends on its place in the list, not on the prompts after it.
+    [alone] = gen.generate([[4, 5]], hot)
+    assert gen.generate([[4, 5], [1, 2, 3, 4, 5, 6]], hot)[0] == alone
+
+
+def test_a_new_seed_or_length_does_not_compile_again(params):
+    gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4)
+    for seed, n in ((0, 5), (1, 5), (2, 9)):
+        gen.generate([[1, 2, 3]], Sampling(max_new_tokens=n, temperature=1.0, seed=seed))
+    assert gen._prefill._cache_size() == 1 and gen._steps._cache_size() == 1
 
 
 def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
@@ -162,6 +172,32 @@ def test_top_k_and_top_p_keep_exactly_the_expected_tokens():
     assert kept(Sampling(top_p=0.8)) == [True, True, True, False, False]
     assert kept(Sampling(top_p=0.5)) == [True, False, False, False, False]
     assert kept(Sampling(top_k=3, top_p=0.6)) == [True, True, False, False, False]
+    assert kept(Sampling(top_k=5)) == kept(Sampling(top_k=500)) == [True] * 5  # k >= vocab
+
+
+class _Replay:
+    """A generator stand-in that continues every prompt with the same ids."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def generate(self, prompts, sampling, stop_ids=(), is_done=None):
+        return [list(self.ids) for _ in prompts]
+
+
+def test_a_continuation_keeps_the_space_before_its_first_word():
+    from gptjax import tokenizer as tokenizer_lib
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "A brown dog, a quick fox."] * 20
+    tok = tokenizer_lib.train_sentencepiece(texts, 60, 1000)
+    [ids] = tok.encode_texts(["The quick brown fox"])
+    [prompt] = tok.encode_texts(["The quick"])
+    assert ids[: len(prompt)] == prompt
+    replay = _Replay(ids[len(prompt) :])
+    [text] = generate.generate_text(replay, tok, ["The quick"], Sampling(temperature=0.0))
+    assert text == " brown fox"  # decoded alone, the new ids read "brown fox"
+    [cut] = generate.generate_text(replay, tok, ["The quick"], Sampling(), (" fox",))
+    assert cut == " brown"
 
 
 def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_path):
