@@ -322,7 +322,9 @@ class GPT(nn.Module):
     of that loop runs: 0 (or n_layer) unrolls it, no loop, so the step computes as the
     per-layer model does but one block is traced and the optimiser sees one array per
     kind of parameter (both cut compile time); 1 compiles a single block (compile time
-    stops growing with depth, at some cost in step time). None of these change values.
+    stops growing with depth, at some cost in step time). None of these change values,
+    except that under `nn.scan` each block's dropout key is folded differently, so with
+    dropout the masks (not their distribution) differ from the per-layer model's.
     """
 
     cfg: ModelConfig

@@ -48,6 +48,14 @@ def decay_mask(params):
     return jax.tree.map_with_path(is_matrix, params)
 
 
+def scheduled_lr(schedule: optax.Schedule, opt_state) -> jax.Array:
+    """The learning rate the next update applies: the schedule at the optimiser's own
+    count of updates, which a skipped (non-finite) update does not advance, unlike the
+    train step's counter. (The state of `make_optimizer` and `optax_optimizer` alike.)"""
+    _, (_, _, schedule_state) = opt_state.inner_state
+    return schedule(schedule_state.count)
+
+
 def optax_optimizer(
     train_cfg: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:

@@ -63,8 +63,21 @@ RESUME_FIXED = {
     "train.batch_size": "the saved data position counts batches of that size",
     "train.seed": "the saved data position is in that seed's shuffle",
 }
-# What a resumed run may change, with a warning: the learning-rate schedule is rebuilt.
-RESUME_SCHEDULE = ("train.num_steps", "train.epochs", "train.warmup_steps", "train.lr")
+# What a resumed run may change, with a warning: the learning-rate schedule is rebuilt,
+# or the optimiser updates differently from there.
+RESUME_SCHEDULE = (
+    "train.num_steps",
+    "train.epochs",
+    "train.warmup_steps",
+    "train.warmup_fraction",
+    "train.schedule",
+    "train.lr",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.b1",
+    "train.b2",
+    "train.eps",
+)
 
 
 def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict):
@@ -112,8 +125,8 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
     ]
     if changed:
         logging.warning(
-            "resuming with %s: the learning-rate schedule is rebuilt for the new values, so "
-            "the steps from here differ from a run started with them",
+            "resuming with %s: the learning-rate schedule and optimiser are rebuilt with the "
+            "new values, so the steps from here differ from a run started with them",
             ", ".join(changed),
         )
 

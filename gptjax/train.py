@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from gptjax import checkpoint, losses, sharding
+from gptjax import checkpoint, losses, optim, sharding
 from gptjax.errors import Preempted, UserError
 from gptjax.metrics import MetricsWriter
 from gptjax.model import GPT, stack_layers
@@ -110,7 +110,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state.step),
+        "lr": optim.scheduled_lr(schedule, state.opt_state),  # after a skip, not step's
         # Whether the optimiser (optim.make_optimizer) skipped this update: read from its
         # state (optax's apply_if_finite's), so the loop reports exactly what it did.
         "nonfinite": ~new_state.opt_state.last_finite,

@@ -169,3 +169,16 @@ def test_a_nonfinite_update_is_skipped_and_counted(bad):
         ru3, rs3 = _steps(reference, params, [good, spoilt, good])[2]
         jax.tree.map(_close, u3, ru3)
         jax.tree.map(_close, s3, rs3)
+
+
+def test_the_scheduled_lr_is_the_one_applied_after_a_skipped_update():
+    train_cfg = tiny_config().train  # warmup over 2 steps: the LR moves at every step
+    tx, schedule = optim.make_optimizer(train_cfg, 20), optim.lr_schedule(train_cfg, 20)
+    params = {"kernel": jnp.ones((2, 3))}
+    good, bad = {"kernel": jnp.ones((2, 3))}, {"kernel": jnp.full((2, 3), jnp.nan)}
+    _, once = tx.update(good, tx.init(params), params)
+    _, skipped = tx.update(bad, once, params)  # counted by the step, not by the optimiser
+    assert float(optim.scheduled_lr(schedule, skipped)) == float(schedule(1)) != schedule(2)
+    after_skip, _ = tx.update(good, skipped, params)
+    straight, _ = tx.update(good, once, params)
+    np.testing.assert_array_equal(after_skip["kernel"], straight["kernel"])

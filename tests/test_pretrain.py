@@ -56,11 +56,14 @@ def test_a_changed_schedule_is_named_in_a_warning(caplog):
     config = tiny_config()
     before = saved(config)
     config.train.num_steps = 12
+    config.train.schedule = "linear"
+    config.train.weight_decay = 0.0
     with caplog.at_level(logging.WARNING):
         pretrain.check_resumable("run", before, config)
     [record] = caplog.records
-    assert "train.num_steps 6 -> 12" in record.getMessage()
-    assert "schedule is rebuilt" in record.getMessage()
+    for change in ("train.num_steps 6 -> 12", "schedule cosine -> linear", "decay 0.01 -> 0.0"):
+        assert change in record.getMessage()
+    assert "schedule and optimiser are rebuilt" in record.getMessage()
 
 
 def test_an_unreadable_saved_config_is_a_user_error(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from cli import assert_one_line_error, error_in_process, run_main, start_main
 
-from gptjax import pretrain, sharding
+from gptjax import optim, pretrain, sharding
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 
@@ -108,6 +108,11 @@ def test_nonfinite_step_is_skipped_and_counted(books, tmp_path, monkeypatch):
     assert all(rows[s]["skipped_steps"] == 0 for s in (1, 2, 3, 5, 6))
     assert all(np.isfinite(rows[s]["loss"]) for s in (5, 6))
     assert np.isfinite(metrics["eval_loss"])
+    # The logged LR is the one applied: the skipped update did not advance the schedule,
+    # so (row s is step index s - 1) step 5 applies the LR of step index 3, as step 4 would have.
+    schedule = optim.lr_schedule(config.train, 6)
+    assert rows[5]["lr"] == pytest.approx(float(schedule(3))) == rows[4]["lr"]
+    assert rows[6]["lr"] == pytest.approx(float(schedule(4)))
 
 
 def test_a_diverged_run_stops_after_nonfinite_limit_skipped_steps(books, tmp_path, monkeypatch):
