@@ -51,8 +51,9 @@ def fail(message: str, at_once: bool = False):
 
 @contextlib.contextmanager
 def reported():
-    """How a command's run ends when it does not finish: bad input as one line and exit
-    status 2 (`fail`); a stop on a signal, its checkpoint saved, with EXIT_PREEMPTED."""
+    """How a command's run ends when it does not finish: bad input, and a config too big
+    for the memory there is, as one line and exit status 2 (`fail`); a stop on a signal,
+    its checkpoint saved, with EXIT_PREEMPTED."""
     try:
         yield
     except UserError as e:
@@ -60,6 +61,19 @@ def reported():
     except Preempted as e:
         logging.warning("%s; run the same command to resume", e)
         sys.exit(EXIT_PREEMPTED)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(
+            f"out of memory ({one_line(e)[:300]}); lower train.batch_size, raise "
+            "train.microbatches, set train.remat=full, use more devices or a smaller model"
+        )
+
+
+def out_of_memory(error: Exception) -> bool:
+    """Whether `error` is XLA's failure to allocate (host or device memory)."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
 def config_value(flag):

@@ -28,6 +28,8 @@ def total_steps(train_cfg: ml_collections.ConfigDict, num_windows: int) -> int:
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: bool):
     """Creates the workdir and checks it is writable. Resuming a run of another model
     shape is an error rather than a silent restart."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} is a file, not a directory; pick another --workdir")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test{os.getpid()}")

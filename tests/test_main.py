@@ -225,6 +225,11 @@ def test_every_command_ends_alike_on_bad_input_and_on_a_signal(tmp_path):
     with pytest.raises(SystemExit) as stop, reported():
         raise UserError("bad")
     assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop, reported():  # as XLA reports it
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 61803911478020 bytes.")
+    assert stop.value.code == 2
+    with pytest.raises(ZeroDivisionError), reported():  # a bug keeps its traceback
+        raise ZeroDivisionError
     # gptjax.ablate as gptjax.main: a config file that is not there is one line.
     result = subprocess.run(
         [

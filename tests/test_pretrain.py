@@ -70,3 +70,10 @@ def test_an_unreadable_saved_config_is_a_user_error(tmp_path):
     (tmp_path / pretrain.CONFIG_FILE).write_text('{"model": {"vocab')
     with pytest.raises(UserError, match="config.json is unreadable"):
         pretrain.check_workdir(str(tmp_path), tiny_config(), resuming=True)
+
+
+def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
+    (tmp_path / "run").write_text("a file")
+    with pytest.raises(UserError, match="run is a file, not a directory"):
+        pretrain.check_workdir(str(tmp_path / "run"), tiny_config(), resuming=False)
+    assert (tmp_path / "run").read_text() == "a file"
