@@ -197,7 +197,7 @@ def _restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
             state, data_state = restore(mngr, abstract_state, step)
             return state, data_state, step
         except Exception as e:  # what a damaged directory raises depends on the damage
-            message = " ".join(str(e).split())[:200]
+            message = _brief(e)
         aside = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
         if jax.process_index() == 0:  # one mover on a shared filesystem
             os.makedirs(aside, exist_ok=True)
@@ -233,22 +233,33 @@ def _quiet_abandoned_reads():
         sys.unraisablehook = hook
 
 
+def _brief(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]
+
+
+@contextlib.contextmanager
+def _unreadable(step: int, where, alternative: str):
+    """A damaged checkpoint's error, whatever the damage made the library raise, as a
+    UserError naming the checkpoint."""
+    try:
+        yield
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {step} in {where} is unreadable ({_brief(e)}); restore it from a "
+            f"copy, {alternative}"
+        ) from None
+
+
 def restore_params(workdir: str, abstract_params, step: int | None = None):
     """Only the model parameters of another run's checkpoint (for a later phase)."""
     with manager(workdir, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise UserError(f"no checkpoint in {mngr.directory}: pretrain there first")
-        try:
+        with _unreadable(step, mngr.directory, "or use another run"):
             restored = mngr.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
             )
-        except Exception as e:  # a damaged checkpoint; what it raises depends on the damage
-            message = " ".join(str(e).split())[:200]
-            raise UserError(
-                f"checkpoint {step} in {mngr.directory} is unreadable ({message}); restore it "
-                "from a copy, or use another run"
-            ) from None
     return restored["params"]
 
 
@@ -262,14 +273,8 @@ def read_params(workdir: str, step: int | None = None) -> dict:
         raise UserError(f"{workdir} has no checkpoint{which} (steps: {steps or 'none'})")
     step = steps[-1] if step is None else step
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "params")
-    try:
+    with _unreadable(step, workdir, "or pick another step"):
         tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
-    except Exception as e:  # a damaged checkpoint; what it raises depends on the damage
-        message = " ".join(str(e).split())[:200]
-        raise UserError(
-            f"checkpoint {step} in {workdir} is unreadable ({message}); restore it from a "
-            "copy, or pick another step"
-        ) from None
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     return restore_params(workdir, abstract, step)
