@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import runpy
 import statistics
@@ -568,6 +569,19 @@ def main(argv: list[str] | None = None) -> dict:
         fail("--torch-compile needs --vs-torch")
     if args.profile and args.profile.exists() and not args.profile.is_dir():
         fail(f"--profile={args.profile} is a file; give a directory for the trace")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        fail(f"--json={args.json}: its directory does not exist; create it first")
+    if args.json and os.path.isdir(args.json):
+        fail(f"--json={args.json} is a directory; give a file name")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        fail(f"--peak-tflops={args.peak_tflops}: it must be positive")
+    if args.vs_torch and jax.default_backend() != "cpu":
+        # The peer runs transformers on the CPU: a ratio against an accelerator's step
+        # would compare two machines, not two implementations.
+        fail(
+            f"--vs-torch times PyTorch on the CPU, against gptjax on {jax.default_backend()}; "
+            "run it on a CPU (JAX_PLATFORMS=cpu)"
+        )
     given = {f.name: getattr(args, f.name) for f in fields if getattr(args, f.name) is not None}
     for name, value in given.items():
         if value <= 0:

@@ -38,10 +38,14 @@ class Accelerator:
     kinds: tuple[str, ...]  # substrings of `jax.Device.device_kind` that name it
 
 
-# Vendors' datasheets (SXM parts for NVIDIA: an H100 PCIe peaks at 756 TFLOP/s). Earlier
-# entries win when several match a device_kind ("TPU v5 lite" is a v5e, "TPU v5" a v5p).
+# Vendors' datasheets (NVIDIA's SXM parts unless named). Earlier entries win when several
+# match a device_kind ("H100 PCIe" before "H100", "GH200" before "H200", "TPU v5 lite"
+# (a v5e) before "TPU v5" (a v5p)). A GH200's GPU has 96 or 144 GB: the smaller is taken.
 ACCELERATORS = (
+    Accelerator("GH200", 989e12, 96e9, ("GH200",)),
     Accelerator("H200", 989e12, 141e9, ("H200",)),
+    Accelerator("H100 PCIe", 756e12, 80e9, ("H100 PCIe",)),
+    Accelerator("H100 NVL", 835e12, 94e9, ("H100 NVL",)),
     Accelerator("H100", 989e12, 80e9, ("H100",)),
     Accelerator("A100", 312e12, 80e9, ("A100",)),
     Accelerator("v4", 275e12, 32e9, ("TPU v4",)),

@@ -14,7 +14,9 @@
 # Options (or the environment variables in brackets):
 #   --zone Z             [GPTJAX_ZONE]    default us-central2-b
 #   --type T             [GPTJAX_TYPE]    accelerator type, default v4-32
-#   --version V          [GPTJAX_VERSION] TPU VM software, default tpu-ubuntu2204-base
+#   --version V          [GPTJAX_VERSION] TPU VM software; default by --type: v2-alpha-tpuv5-lite
+#                                         (v5litepod), v2-alpha-tpuv5 (v5p), v2-alpha-tpuv6e (v6e),
+#                                         else tpu-ubuntu2204-base (v4 and older)
 #   --repo URL           [GPTJAX_REPO]    git URL the workers clone
 #   --config PATH        [GPTJAX_CONFIG]  default configs/gpt1.py
 #   --workdir DIR        [GPTJAX_WORKDIR] the run's directory, the same path on every
@@ -28,12 +30,12 @@
 # Anything after `--` is passed to `python -m gptjax.main` (e.g. --config.train.num_steps=10).
 set -euo pipefail
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 
 dry_run=0
 zone=${GPTJAX_ZONE:-us-central2-b}
 type=${GPTJAX_TYPE:-v4-32}
-version=${GPTJAX_VERSION:-tpu-ubuntu2204-base}
+version=${GPTJAX_VERSION:-}
 repo=${GPTJAX_REPO:-}
 config=${GPTJAX_CONFIG:-configs/gpt1.py}
 workdir=${GPTJAX_WORKDIR:-}
@@ -47,13 +49,18 @@ extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
-    --zone) zone=$2; shift ;;
-    --type) type=$2; shift ;;
-    --version) version=$2; shift ;;
-    --repo) repo=$2; shift ;;
-    --config) config=$2; shift ;;
-    --workdir) workdir=$2; shift ;;
-    --books) books=$2; shift ;;
+    --zone|--type|--version|--repo|--config|--workdir|--books)
+      [[ $# -gt 1 ]] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+      case "$1" in
+        --zone) zone=$2 ;;
+        --type) type=$2 ;;
+        --version) version=$2 ;;
+        --repo) repo=$2 ;;
+        --config) config=$2 ;;
+        --workdir) workdir=$2 ;;
+        --books) books=$2 ;;
+      esac
+      shift ;;
     --spot) spot=1 ;;
     --queued) queued=1 ;;
     -h|--help) usage; exit 0 ;;
@@ -69,6 +76,16 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n $command && -n $name ]] || { usage >&2; exit 2; }
+
+# The TPU VM software each generation needs (Cloud TPU's "TPU software versions").
+if [[ -z $version ]]; then
+  case "$type" in
+    v5litepod-*|v5e-*) version=v2-alpha-tpuv5-lite ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) version=tpu-ubuntu2204-base ;;
+  esac
+fi
 
 # Hosts in a slice: v2/v3/v4/v5p types count TensorCores (8 per host); v5e/v6e
 # (v5litepod-N, v6e-N) count chips, 4 per host beyond a single 8-chip host.

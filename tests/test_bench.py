@@ -197,6 +197,34 @@ def test_a_profile_directory_that_is_a_file_is_refused(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err.startswith("error: --profile=")
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--json={tmp}/nowhere/out.json"], "--json={tmp}/nowhere/out.json: its directory does"),
+        (["--json={tmp}"], "--json={tmp} is a directory"),
+        (["--peak-tflops=-1"], "--peak-tflops=-1.0: it must be positive"),
+        (["--peak-tflops=0"], "--peak-tflops=0.0: it must be positive"),
+    ],
+)
+def test_bad_outputs_and_peaks_are_one_line_before_anything_runs(
+    flags, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config=tiny", *(f.format(tmp=tmp_path) for f in flags)])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message.format(tmp=tmp_path)}")
+
+
+def test_the_torch_peer_is_refused_off_the_cpu(capsys, monkeypatch):
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config=tiny", "--vs-torch"])
+    assert e.value.code == 2
+    assert "--vs-torch times PyTorch on the CPU, against gptjax on gpu" in capsys.readouterr().err
+
+
 def test_flops_per_token_by_hand():
     gpt1 = ModelConfig(
         vocab_size=40478, n_ctx=512, n_layer=12, n_head=12, d_model=768, d_mlp=3072, dropout=0.1
@@ -314,7 +342,10 @@ def test_estimate_length_of_an_epoch_run():
     "kind, name",
     [
         ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
         ("NVIDIA H200", "H200"),
+        ("NVIDIA GH200 480GB", "GH200"),
         ("NVIDIA A100-SXM4-40GB", "A100"),
         ("TPU v4", "v4"),
         ("TPU v5 lite", "v5e"),

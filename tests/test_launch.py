@@ -105,3 +105,27 @@ def test_slurm_dry_run():
 def test_scripts_are_shellcheck_clean():
     result = subprocess.run(["shellcheck", *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize(
+    "type_, version",
+    [
+        ("v4-32", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5p-16", "v2-alpha-tpuv5"),
+        ("v6e-8", "v2-alpha-tpuv6e"),
+    ],
+)
+def test_tpu_software_follows_the_generation(type_, version):
+    out = launch("launch/tpu.sh", "--dry-run", "create", "s", "--type", type_).stdout
+    assert f"--accelerator-type={type_} --version={version}" in out
+    given = launch("launch/tpu.sh", "--dry-run", "create", "s", "--type", type_, "--version", "x")
+    assert "--version=x" in given.stdout
+
+
+def test_an_option_without_its_value_is_a_usage_error():
+    result = launch("launch/tpu.sh", "status", "s", "--zone")
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == "error: --zone needs a value (see --help)"
+    )
