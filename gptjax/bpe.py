@@ -25,7 +25,8 @@ Choices where the original has no answer, the same for every vocabulary:
   transformers' files), else 0, which is what the original `encoder.get(t, 0)` returned.
   Each unknown character is its own unknown id, as in both.
 - `newline_id` is the id of "\\n</w>", the vocabulary's line break; `encode_text` encodes
-  line by line with it between lines, as the spaCy path does. A vocabulary without that
+  line by line with it between lines, a run of line breaks as one and none at either end,
+  as the spaCy path does. A vocabulary without that
   piece is refused (a UserError): it is not GPT-1's, and its line breaks would vanish.
 - `eos_id` is `newline_id`: GPT-1 has no end-of-document token, and a document ending in a
   line break is the closest the vocabulary can say.
@@ -44,6 +45,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from gptjax.atomic import temporary_name
 from gptjax.errors import UserError
 from gptjax.tokenizer import SPECIAL_TOKENS
 
@@ -224,7 +226,7 @@ class BPETokenizer:
         vocab_text, merges_text = self._files()
         for name, text in ((VOCAB_FILE, vocab_text), (MERGES_FILE, merges_text)):
             path = os.path.join(directory, name)
-            tmp = f"{path}.tmp{os.getpid()}"
+            tmp = temporary_name(path)
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(tmp, path)
@@ -295,9 +297,11 @@ class BPETokenizer:
         return _SPACE_BEFORE_NEWLINE.sub("\n", text).rstrip(" ")
 
     def encode_text(self, text: str) -> list[int]:
-        """Any text as ids, line by line, with the "\\n</w>" id between lines."""
+        """Any text as ids, line by line, with the "\\n</w>" id between lines. As the
+        original's `standardize` does to a whole text, a run of line breaks (blank lines,
+        spaces around them) is one, and there is none at the start or the end."""
         ids: list[int] = []
-        for i, line in enumerate(text.split("\n")):
+        for i, line in enumerate(_LINE_BREAK.sub("\n", text).strip().split("\n")):
             if i:
                 ids.append(self.newline_id)
             ids.extend(self.encode(line))

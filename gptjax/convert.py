@@ -37,6 +37,7 @@ import sys
 import numpy as np
 
 from gptjax import hf_source
+from gptjax.atomic import temporary_name
 from gptjax.errors import UserError, argument_parser, fail
 from gptjax.hf_format import (
     OPENAI_SHAPES,
@@ -102,7 +103,7 @@ def _write_dir(dst: str, write):
     """Runs `write(tmp)` in a sibling temporary directory, then renames it to `dst`:
     DST appears complete or not at all."""
     dst = os.path.abspath(dst)
-    tmp = f"{dst}.tmp{os.getpid()}"
+    tmp = temporary_name(dst)
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)

@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax import checkpoint, optim, sharding, train
+from gptjax.atomic import temporary_name
 from gptjax.data import lm_data
 from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexity
 from gptjax.errors import UserError
@@ -135,7 +136,7 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
 
 def write_config(workdir: str, config: ml_collections.ConfigDict):
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, f"{CONFIG_FILE}.tmp{os.getpid()}")
+        tmp = temporary_name(os.path.join(workdir, CONFIG_FILE))
         with open(tmp, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         os.replace(tmp, os.path.join(workdir, CONFIG_FILE))

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from gptjax.atomic import temporary_name
 from gptjax.errors import UserError
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")
@@ -52,7 +53,7 @@ class SentencePieceTokenizer:
 
     def save(self, path: str):
         """Written under a temporary name and renamed: never half-written."""
-        tmp = f"{path}.tmp{os.getpid()}"
+        tmp = temporary_name(path)
         with open(tmp, "wb") as f:
             f.write(self.model_proto)
         os.replace(tmp, path)

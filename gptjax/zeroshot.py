@@ -55,6 +55,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import checkpoint, generate
+from gptjax.atomic import temporary_name
 from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.tasks import metrics as task_metrics
@@ -310,7 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 def write_results(rows: list[dict], workdir: str):
     """zeroshot.json and zeroshot.png, each written whole under a temporary name first."""
     path = os.path.join(workdir, RESULTS_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_name(path)
     with open(tmp, "w") as f:
         json.dump(rows, f, indent=2)
     os.replace(tmp, path)
@@ -339,6 +340,6 @@ def plot(rows: list[dict], path: str):
     axes.set_title("Zero-shot performance over pretraining (GPT-1, Figure 2 right)")
     axes.legend()
     figure.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_name(path)
     figure.savefig(tmp, format="png", dpi=120)
     os.replace(tmp, path)

@@ -199,6 +199,22 @@ def test_glob_input(tmp_path):
     assert sorted(got["train"] + got["validation"]) == ["part1.txt", "part2.txt"]
 
 
+def test_linked_books_are_read_once_and_a_link_loop_ends(tmp_path):
+    root = write_books(tmp_path / "corpus", BOOKS)
+    os.symlink("..", root / "series" / "loop")  # back up the tree
+    os.symlink("series", root / "alias")  # the same directory twice
+    os.symlink("a_tale.txt", root / "z_again.txt")  # the same file twice
+    data = corpus.load_books(books_cfg(root), str(tmp_path / "tfds"))
+    got = titles(data)
+    assert sorted(got["train"] + got["validation"]) == sorted(BOOKS)
+
+
+def test_a_directory_whose_name_looks_like_a_glob(tmp_path):
+    root = write_books(tmp_path / "bk[1]", BOOKS)
+    data = corpus.load_books(books_cfg(root), str(tmp_path / "tfds"))
+    assert sorted(titles(data)["train"] + titles(data)["validation"]) == sorted(BOOKS)
+
+
 def test_other_encoding(tmp_path):
     books = {"one.txt": "Café crème", "two.txt": "Smørrebrød"}
     root = tmp_path / "latin"
@@ -257,6 +273,7 @@ def test_bad_books_inputs(tmp_path):
     assert_user_error(load(single, corpus="novels"), "data.corpus", "novels", "--config.data")
     bogus = load(single, encoding="no-such-codec")
     assert_user_error(bogus, "no-such-codec", "--config.data.encoding")
+    assert_user_error(load(single, encoding="base64"), "base64", "--config.data.encoding")
     for fraction in (0, 1, 1.5, -0.1):
         bad = load(single, validation_fraction=fraction)
         assert_user_error(bad, "validation_fraction", "--config.data.validation_fraction")

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from gptjax.data import pipeline
 from gptjax.data.pipeline import (
     PackedWindows,
     eval_batches,
@@ -99,6 +100,14 @@ def test_unigram_perplexity():
     train = np.array([0, 0, 1, 1])
     # add-one smoothing over 2 symbols: p = 3/6 each -> perplexity 2
     assert unigram_perplexity(train, np.array([5, 0, 1, 0]), vocab_size=2) == pytest.approx(2)
+
+
+def test_unigram_counts_in_parts_are_the_counts_of_the_whole(monkeypatch):
+    rng = np.random.default_rng(0)
+    train, evals = rng.integers(0, 50, 1000).astype(np.uint16), rng.integers(0, 50, 100)
+    whole = unigram_perplexity(train, evals, vocab_size=50)
+    monkeypatch.setattr(pipeline, "UNIGRAM_PART", 7)  # 143 parts, the last one short
+    assert unigram_perplexity(train, evals, vocab_size=50) == pytest.approx(whole, rel=1e-12)
 
 
 def test_batched_reads_give_the_batches_of_one_window_at_a_time():

@@ -97,7 +97,16 @@ def _list_book_files(books: str) -> tuple[str, list[_BookFile]]:
     if not books:
         raise UserError(f"data.corpus is 'books' but data.books is not set; {_BOOKS_HINT}")
     pattern = os.path.expanduser(books)
-    if _has_magic(pattern):
+    if os.path.isdir(pattern):  # before globs: a directory's name may hold "[" or "*"
+        root = os.path.abspath(pattern)
+        paths = _txt_files_under(root)
+        if not paths:
+            raise UserError(
+                f"empty corpus: no .txt files under data.books {books!r}; {_BOOKS_HINT}"
+            )
+    elif os.path.isfile(pattern):
+        root, paths = os.path.dirname(os.path.abspath(pattern)), [pattern]
+    elif _has_magic(pattern):
         parts = os.path.abspath(pattern).split(os.sep)
         fixed = []
         for part in parts:
@@ -108,33 +117,59 @@ def _list_book_files(books: str) -> tuple[str, list[_BookFile]]:
         paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
         if not paths:
             raise UserError(f"data.books glob {books!r} matches no files; {_BOOKS_HINT}")
-    elif os.path.isdir(pattern):
-        root = os.path.abspath(pattern)
-        paths = [
-            p
-            for p in glob.glob(os.path.join(glob.escape(root), "**", "*.txt"), recursive=True)
-            if os.path.isfile(p)
-        ]
-        if not paths:
-            raise UserError(
-                f"empty corpus: no .txt files under data.books {books!r}; {_BOOKS_HINT}"
-            )
-    elif os.path.isfile(pattern):
-        root, paths = os.path.dirname(os.path.abspath(pattern)), [pattern]
     else:
         raise UserError(f"data.books {books!r} does not exist; {_BOOKS_HINT}")
 
-    files = []
-    for path in paths:
+    files, seen = [], set()
+
+    def through_a_link(path):
+        return os.path.realpath(path) != os.path.abspath(path)
+
+    # A file reached by several paths is one book, under its real path if it has one
+    # under the root (so adding a link never moves a book), else its first.
+    order = sorted(paths, key=lambda p: (through_a_link(p), os.path.relpath(p, root)))
+    for path in order:
         path = os.path.abspath(path)
         try:
             st = os.stat(path)
         except OSError as e:
             raise UserError(f"cannot read book file {path}: {e.strerror}; fix or remove it") from e
+        if (st.st_dev, st.st_ino) in seen:  # a link to a book already listed: once only
+            continue
+        seen.add((st.st_dev, st.st_ino))
         relpath = os.path.relpath(path, root).replace(os.sep, "/")
         files.append(_BookFile(relpath, path, st.st_size, st.st_mtime_ns))
     files.sort(key=lambda f: f.relpath)
     return root, files
+
+
+def _txt_files_under(root: str) -> list[str]:
+    """The .txt files under `root`: the tree itself first, then what its links to
+    directories reach, each directory entered once (a link back up the tree would
+    otherwise repeat it without end)."""
+
+    def key(path):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    paths, visited, links = [], set(), []
+    for directory, subdirs, names in os.walk(root):  # links listed, not followed
+        visited.add(key(directory))
+        paths += [os.path.join(directory, n) for n in names if n.endswith(".txt")]
+        links += [
+            os.path.join(directory, d)
+            for d in subdirs
+            if os.path.islink(os.path.join(directory, d))
+        ]
+    for link in sorted(links):
+        for directory, subdirs, names in os.walk(link, followlinks=True):
+            if not os.path.isdir(directory) or key(directory) in visited:
+                subdirs[:] = []
+                continue
+            visited.add(key(directory))
+            subdirs.sort()
+            paths += [os.path.join(directory, n) for n in names if n.endswith(".txt")]
+    return [p for p in paths if os.path.isfile(p)]
 
 
 def _split_score(relpath: str) -> float:
@@ -186,7 +221,10 @@ def check_decodable(books: Sequence[_BookFile], encoding: str) -> None:
 
 def _check_encoding(encoding: Any) -> str:
     try:
-        return codecs.lookup(encoding).name
+        codec = codecs.lookup(encoding)
+        if not getattr(codec, "_is_text_encoding", True):  # base64, rot13: not bytes <-> str
+            raise LookupError(encoding)
+        return codec.name
     except (LookupError, TypeError) as e:
         raise UserError(
             f"unknown text encoding {encoding!r} in data.encoding; set --config.data.encoding "

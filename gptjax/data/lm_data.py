@@ -83,8 +83,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
             if resuming:
                 raise UserError(
                     f"the corpus ({description}) is not the one this run's checkpoints were "
-                    "trained on, so the saved data position would be wrong; restore the "
-                    "original books or use a new --workdir"
+                    "trained on, so the saved data position would be wrong (a corpus moved "
+                    "or copied anew counts as another: its files' paths and times are part "
+                    "of its identity); restore the original books or use a new --workdir"
                 ) from None
             tokens[split] = None
         if tokens[split] is None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
+from gptjax.atomic import temporary_name
 from gptjax.tokenizer import SentencePieceTokenizer
 
 
@@ -63,13 +64,12 @@ def save_tokens(path: str, tokens: np.ndarray, fingerprint: str) -> np.ndarray:
     """Saves a token stream with its fingerprint (temporary names, then renames) and
     returns it memory-mapped."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    suffix = f".tmp{os.getpid()}"
-    with open(path + suffix, "wb") as f:
+    with open(temporary_name(path), "wb") as f:
         np.save(f, tokens)
-    os.replace(path + suffix, path)
-    with open(path + ".json" + suffix, "w") as f:
+    os.replace(temporary_name(path), path)
+    with open(temporary_name(path + ".json"), "w") as f:
         json.dump({"fingerprint": fingerprint, "num_tokens": int(tokens.size)}, f)
-    os.replace(path + ".json" + suffix, path + ".json")
+    os.replace(temporary_name(path + ".json"), path + ".json")
     return np.load(path, mmap_mode="r")
 
 
@@ -162,10 +162,17 @@ def eval_batches(
         yield {k: np.stack([r[k] for r in rows]) for k in padding}
 
 
+UNIGRAM_PART = 1 << 26  # tokens counted at a time
+
+
 def unigram_perplexity(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int):
     """Perplexity on `eval_tokens` of the add-one-smoothed unigram model of `train_tokens`:
     the baseline a language model must beat by using context."""
-    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size).astype(np.float64)
+    counts = np.zeros(vocab_size, np.float64)
+    # In parts: bincount copies its input to int64 (8 GB for BookCorpus's billion tokens).
+    for start in range(0, train_tokens.size, UNIGRAM_PART):
+        part = np.asarray(train_tokens[start : start + UNIGRAM_PART])
+        counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
     log_probs = np.log((counts + 1.0) / (counts.sum() + vocab_size))
     # Targets are every eval token but the first (see PackedWindows).
     return float(np.exp(-log_probs[np.asarray(eval_tokens[1:])].mean()))

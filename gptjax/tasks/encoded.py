@@ -25,13 +25,13 @@ import inspect
 import json
 import logging
 import os
-import socket
 import unicodedata
 import zipfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from gptjax.atomic import temporary_name
 from gptjax.tasks import transforms
 from gptjax.tasks.spec import Example, TaskSpec
 
@@ -93,7 +93,7 @@ def encode(
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         logging.warning("cannot read %s (%s); encoding %s again", file, e, split)
     arrays = transforms.encode(task, examples, tokenizer, n_ctx)
-    tmp = f"{file}.{socket.gethostname()}-{os.getpid()}.tmp"  # hosts may share the cache
+    tmp = temporary_name(file)  # hosts may share the cache
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
         with open(tmp, "wb") as f:
