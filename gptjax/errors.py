@@ -108,7 +108,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         # perhaps with a line 'Did you mean "train" instead of "trian"?'.
         while e.args and isinstance(e.args[0], Exception):
             e = e.args[0]
-        name, _, hint = (e.args[0] if e.args else str(e)).partition("\n")
+        name, _, hint = str(e.args[0] if e.args else e).partition("\n")
         name = name.strip("\"' ")
         bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a]
         hint = f" ({hint.strip()})" if hint.strip() else ""

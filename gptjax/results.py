@@ -1,6 +1,6 @@
 """A fine-tuned run's results: which checkpoint to score (the best by the first eval
 metric, or the latest), its scores next to the paper's in results.json and results.md,
-and the GLUE submission files of the test splits."""
+and the test splits' predictions (for GLUE, its submission files)."""
 
 import json
 import logging
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from gptjax import checkpoint
+from gptjax.atomic import temporary_name
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 
@@ -122,7 +123,7 @@ def write_predictions(run: "FineTune", split: str, out: dict):
     path = os.path.join(run.workdir, predictions_file(task, split))
     if jax.process_index() != 0:
         return
-    with open(path + ".tmp", "w") as f:
+    with open(temporary_name(path), "w") as f:
         f.write("index\tprediction\n")
         for i, (ex, p) in enumerate(zip(examples, preds, strict=True)):
             if task.regression:
@@ -130,7 +131,7 @@ def write_predictions(run: "FineTune", split: str, out: dict):
             else:
                 value = str(int(p)) if numeric else task.label_names[int(p)]
             f.write(f"{i if ex.uid is None else ex.uid}\t{value}\n")
-    os.replace(path + ".tmp", path)
+    os.replace(temporary_name(path), path)
     logging.info("wrote the %s predictions of %s to %s", split, task.name, path)
 
 
