@@ -46,6 +46,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
     description = corpus.describe(config.data)
     logging.info("corpus: %s", description)
     tokenizer_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
+    paths = {split: os.path.join(workdir, "data", f"{split}.npy") for split in SPLITS}
+    corpus_fingerprint = corpus.fingerprint(config.data)
     tokenizer, new_tokenizer = None, False
     if resuming and not os.path.exists(tokenizer_path):
         raise UserError(
@@ -62,8 +64,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
                     f"--config.model.vocab_size={tokenizer.vocab_size} or a new --workdir"
                 )
             tokenizer = None  # nothing trained with it yet: learn a new one
-        elif not resuming and not _learned_from(workdir, corpus.fingerprint(config.data)):
-            tokenizer = None  # learned from another corpus, and nothing trained with it yet
+        elif not resuming and _cached_fingerprint(paths["train"]) != (
+            f"{corpus_fingerprint}:{tokenizer.digest}"
+        ):
+            # The streams saved with it were made from another corpus (or are gone), and
+            # nothing was trained with it yet: learn one from this corpus.
+            tokenizer = None
     if tokenizer is None:
         tokenizer = tokenizer_lib.train_sentencepiece(
             (books["train"][i] for i in range(len(books["train"]))),
@@ -73,8 +79,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
         new_tokenizer = True
         logging.info("trained a %d-piece SentencePiece BPE tokenizer", tokenizer.vocab_size)
 
-    fingerprint = f"{corpus.fingerprint(config.data)}:{tokenizer.digest}"
-    paths = {split: os.path.join(workdir, "data", f"{split}.npy") for split in SPLITS}
+    fingerprint = f"{corpus_fingerprint}:{tokenizer.digest}"
     tokens, fresh = {}, set()
     for split in SPLITS:
         try:
@@ -113,12 +118,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
     )
 
 
-def _learned_from(workdir: str, corpus_fingerprint: str) -> bool:
-    """Whether the workdir's tokenizer was learned from this corpus: the token streams
-    cached beside it (written with it) name the corpus they were made from."""
+def _cached_fingerprint(path: str) -> str | None:
+    """The corpus and tokenizer a cached token stream was made from (see save_tokens)."""
     try:
-        with open(os.path.join(workdir, "data", "train.npy.json")) as f:
-            made_from = json.load(f).get("fingerprint", "")
+        with open(path + ".json") as f:
+            return json.load(f).get("fingerprint")
     except (OSError, ValueError):
-        return False
-    return made_from.startswith(f"{corpus_fingerprint}:")
+        return None

@@ -50,6 +50,7 @@ def _task(
 ) -> TaskSpec:
     if splits is None:
         splits = {s: (s, "all") for s in ("train", *eval_splits, *test_splits)}
+        # A split read from other datasets is their test split (MNLI's test_ax: glue/ax's).
         splits.update({s: ("test", "all") for s in split_datasets or {}})
     load = TfdsLoader(
         name, datasets, convert, splits, manual_files, manual_hint, dict(split_datasets or {})
