@@ -1,17 +1,23 @@
-"""Dropout whose random bits are cheap to draw on a CPU.
+"""Dropout whose random bits are cheap to draw: one hash for four elements.
 
 GPT-1 drops 10% of the embeddings, the residual branches and the attention
-probabilities (B x H x L x L per layer, the largest of them), so a train step draws
-tens of millions of random numbers. `jax.random.bits` lowers Threefry-2x32 on CPUs as a
-loop of five passes over the whole array, and that costs a CPU more than the softmax it
-feeds (about 50 ms against 5 ms for the 3.1M probabilities of `bench-cpu`'s layer, on 2
-cores). `unrolled_threefry_bits` computes the same hash (Salmon et al., 2011), with
-JAX's own counter layout, as one unrolled elementwise expression that XLA fuses into a
-single loop: bit for bit the same as `jax.random.bits` (tests/test_dropout.py) and
-about 12x faster there (the whole `bench-cpu` step: 1.12x). Each element's counter is
-its flat index, built from per-axis iotas, so the bits do not depend on how the array
-is sharded. `threefry_bits` picks whichever of the two is faster where it runs; the
-masks are the same either way.
+probabilities (B x H x L x L per layer, the largest of them): at GPT-1's shape and batch
+of 64 a train step decides 1.2 billion attention probabilities (those the causal mask
+leaves) and 0.6 billion other elements. Each decision needs random bits, and the hash
+that makes them, Threefry-2x32 (Salmon et al., 2011; JAX's), is the costly part: 20
+rounds of integer arithmetic for 64 bits. With one hash an element, as
+`jax.random.bits` draws 32-bit words, dropout cost 12 ms of an H100's 83 ms GPT-1 step,
+most of it hashing in the flash-attention kernel (docs/benchmarks.md). Here each hash
+decides four elements, 16 bits each (`keep_mask`): a quarter of the hashing (the step
+1.1x faster with the loss's fused gradient), the keep probability rounded to 1/65,536.
+
+The hash's counter is the number of an element's group of four (`keep_mask`), built
+from per-axis iotas, so the mask depends neither on how the array is sharded nor on
+which block of it is drawn (`flash` draws its blocks inside the kernel and gets the same
+mask). On CPUs `jax.random.bits`'s Threefry lowers as a loop of five passes over the
+array; `threefry2x32` is the same hash as one unrolled expression that XLA fuses into a
+single loop, about 12x faster there (the `bench-cpu` step: 1.12x), bit for bit the same
+(tests/test_dropout.py).
 """
 
 import functools
@@ -22,6 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import random as jax_random
+
+from gptjax import sharding
 
 # Threefry-2x32's rotation distances, alternating by group of four rounds, and the
 # constant of its key schedule.
@@ -54,41 +63,66 @@ def _optimisations_off() -> bool:
 
 Block = tuple[tuple[int, ...], tuple[int, ...]]  # (start, size) in each axis
 
-
-def threefry_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None = None) -> jax.Array:
-    """`jax.random.bits(key, shape, jnp.uint32)`: the same bits, drawn by
-    `unrolled_threefry_bits` where that is faster (a CPU compiling with XLA's
-    optimisations) and by `jax.random.bits` itself elsewhere. GPUs have JAX's own
-    Threefry kernel (the unrolled form measured 1.5% slower in a GPT-1 step on an H200);
-    without optimisations (the tests) the bigger unrolled expression only adds compile
-    time. With `block` = (start, size), only that block of the bits (see
-    `unrolled_threefry_bits`)."""
-    if jax.default_backend() != "cpu" or _optimisations_off():
-        return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
-    return unrolled_threefry_bits(key, shape, block)
+# Each hash's 64 bits decide four elements, 16 bits each (see the module's docstring).
+DECISIONS_PER_HASH, DECISION_BITS = 4, 16
+# The hash's counter is one 32-bit word: the groups of four elements it numbers.
+MAX_GROUPS = 2**32
 
 
-def unrolled_threefry_bits(
-    key: jax.Array, shape: tuple[int, ...], block: Block | None = None
+def keep_threshold(rate: float) -> jax.Array:
+    """The 16-bit integer from which an element's random bits keep it: 1 - rate of them,
+    to within 2**-16 (GPT-1's 0.1 drops 6,554 of 65,536: 0.100006)."""
+    return jnp.uint32(min(round(rate * 2**DECISION_BITS), 2**DECISION_BITS - 1))
+
+
+def hash_groups(k0, k1, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two 32-bit words of Threefry-2x32 hashing the counter (0, `index`) under the
+    key words (k0, k1): `jax.extend.random.threefry_2x32`'s, drawn by the unrolled
+    `threefry2x32` where that is faster (a CPU compiling with XLA's optimisations) and
+    by JAX's own Threefry elsewhere (GPUs have their own kernel; without optimisations
+    (the tests) the bigger unrolled expression only adds compile time)."""
+    zeros = jnp.zeros_like(index)
+    if sharding.platform() != "cpu" or _optimisations_off():
+        return tuple(jax_random.threefry2x32_p.bind(k0, k1, zeros, index))
+    return threefry2x32(k0, k1, zeros, index)
+
+
+def split_decisions(high: jax.Array, low: jax.Array) -> jax.Array:
+    """The four 16-bit numbers of each hash (..., g) as elements (..., 4g + t): t = 0
+    and 1 the low and high halves of `high`, 2 and 3 those of `low`. Written as two
+    interleavings of pairs, the form Triton takes (`flash` builds its blocks' masks so)."""
+    words = _interleave(high, low)
+    return _interleave(words & jnp.uint32(0xFFFF), words >> jnp.uint32(16))
+
+
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(..., n) and (..., n) as (..., 2n): a's elements at even positions, b's at odd."""
+    return jnp.stack([a, b], axis=-1).reshape(a.shape[:-1] + (2 * a.shape[-1],))
+
+
+def keep_mask(
+    key: jax.Array, shape: tuple[int, ...], rate: float, block: Block | None = None
 ) -> jax.Array:
-    """`jax.random.bits(key, shape, jnp.uint32)` for a Threefry key, as one fusible
-    expression. With `block` = (start, size), the block of those bits of that size
-    starting at that index, computed without the rest (each element's bits depend
-    only on its index). Other key kinds, and arrays of 2**32 elements or more, go to
-    `jax.random.bits`."""
+    """Which elements of an array of `shape` dropout at `rate` keeps: a boolean array
+    of `shape`, or with `block` = (start, size) that block of it, computed without the
+    rest. Each row's elements are taken in groups of four along the last axis; a
+    group's number (its flat index among all the groups) is hashed under the key, and
+    its four elements compare the hash's four 16-bit numbers with `keep_threshold`.
+    So each element's decision depends only on its index (not on the array's sharding
+    or the block), and one hash serves four elements. Other key kinds draw
+    `jax.random.bernoulli` (the whole array, then the block)."""
     words = threefry_key_words(key)
-    if words is None or math.prod(shape) >= 2**32:
-        return _block_of(jax.random.bits(key, shape, jnp.uint32), block)
-    return _counter_bits(words, tuple(shape), block)
-
-
-def threefry_key_words(key: jax.Array) -> jax.Array | None:
-    """The two uint32 words of a Threefry key, typed or raw; None for other kinds."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if jax.random.key_impl(key) != "threefry2x32":
-            return None
-        key = jax.random.key_data(key)
-    return key.astype(jnp.uint32) if key.shape == (2,) else None
+    if words is None:
+        return _block_of(jax.random.bernoulli(key, 1.0 - rate, shape), block)
+    if not shape:  # one element: the first of a row of one
+        return keep_mask(key, (1,), rate).reshape(())
+    groups = math.prod(shape[:-1]) * -(-shape[-1] // DECISIONS_PER_HASH)
+    if groups >= MAX_GROUPS:
+        raise ValueError(
+            f"a dropout mask of {shape} needs {groups:,} hashes, more than a 32-bit "
+            "counter numbers; use smaller batches (train.microbatches)"
+        )
+    return _keep_mask(words, tuple(shape), rate, block)
 
 
 def _block_of(bits: jax.Array, block: Block | None) -> jax.Array:
@@ -101,42 +135,55 @@ def _block_of(bits: jax.Array, block: Block | None) -> jax.Array:
 # Jitted so that tracing a model builds the expression once per shape, not once per
 # layer: its ~200 operations, traced at each of a 12-layer model's 37 dropout sites,
 # were about a third of the train step's tracing time (the compiled step is the same).
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _counter_bits(key: jax.Array, shape: tuple[int, ...], block: Block | None) -> jax.Array:
-    # JAX counts elements by their flat index as a 64-bit number split in two words;
-    # below 2**32 elements the high word is zero.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float, block: Block | None):
     start, size = block or ((0,) * len(shape), shape)
-    strides = np.cumprod((*shape[1:], 1)[::-1])[::-1]
+    # The groups of four covering the block's columns, and where the block starts in
+    # their first.
+    per = DECISIONS_PER_HASH
+    first_group, end_group = start[-1] // per, -(-(start[-1] + size[-1]) // per)
+    group_shape = (*shape[:-1], -(-shape[-1] // per))
+    group_start = (*start[:-1], first_group)
+    group_size = (*size[:-1], end_group - first_group)
+    strides = np.cumprod((*group_shape[1:], 1)[::-1])[::-1]
     index = sum(
-        (jax.lax.broadcasted_iota(jnp.uint32, size, axis) + jnp.uint32(first)) * jnp.uint32(stride)
-        for axis, (first, stride) in enumerate(zip(start, strides, strict=True))
+        (jax.lax.broadcasted_iota(jnp.uint32, group_size, axis) + jnp.uint32(first))
+        * jnp.uint32(stride)
+        for axis, (first, stride) in enumerate(zip(group_start, strides, strict=True))
     )
-    high, low = threefry2x32(key[0], key[1], jnp.zeros(size, jnp.uint32), index)
-    return high ^ low
+    # Hashed once into memory: fused into each consumer, the hash would be computed once
+    # for each of its four elements (and again in each backward fusion reading them).
+    high, low = jax.lax.optimization_barrier(hash_groups(key[0], key[1], index))
+    offset = start[-1] - first_group * per
+    decisions = split_decisions(high, low)[..., offset : offset + size[-1]]
+    return decisions >= keep_threshold(rate)
 
 
-def keep_threshold(rate: float) -> jax.Array:
-    """The 32-bit integer from which random bits keep their element: 1 - rate of them."""
-    return jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+def threefry_key_words(key: jax.Array) -> jax.Array | None:
+    """The two uint32 words of a Threefry key, typed or raw; None for other kinds."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if jax.random.key_impl(key) != "threefry2x32":
+            return None
+        key = jax.random.key_data(key)
+    return key.astype(jnp.uint32) if key.shape == (2,) else None
 
 
 def dropout(
     x: jax.Array, rate: float, key: jax.Array, broadcast_dims=(), within: Block | None = None
 ) -> jax.Array:
-    """Inverted dropout: each element kept with probability 1 - rate (to within 2**-32)
-    and scaled by 1 / (1 - rate), one mask shared along `broadcast_dims`. The mask
-    compares the raw 32-bit integers with a threshold, and the scale is a product (no
-    uniform floats, no division). With `within` = (shape, start), `x` is the block of a
-    larger array of that shape starting there, and gets that block of its mask."""
+    """Inverted dropout: each element kept with probability 1 - rate (to within 2**-16;
+    `keep_mask`) and scaled by 1 / (1 - rate), one mask shared along `broadcast_dims`.
+    The scale is a product (no uniform floats, no division). With `within` = (shape,
+    start), `x` is the block of a larger array of that shape starting there, and gets
+    that block of its mask."""
     shape = tuple(1 if axis in broadcast_dims else n for axis, n in enumerate(x.shape))
-    threshold = keep_threshold(rate)
     if within is None:
-        keep = threefry_bits(key, shape) >= threshold
+        keep = keep_mask(key, shape, rate)
     else:
         if broadcast_dims:
             raise ValueError("dropout of a block (within=...) shares no mask along axes")
         full_shape, start = within
-        keep = threefry_bits(key, full_shape, (start, shape)) >= threshold
+        keep = keep_mask(key, full_shape, rate, (start, shape))
     scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 

@@ -8,10 +8,10 @@ attention probabilities, but JAX hands it the dropout seed as a compile-time con
 every step would drop the same ones. This kernel never materialises the L x L arrays
 (FlashAttention-2: an online softmax over blocks of keys, the backward recomputing the
 probabilities from the saved log-sum-exp), and draws the dropout mask inside from the
-hash `dropout.dropout` uses: Threefry-2x32 of each probability's flat index in the
-[B, H, L, L] array under the step's key. So it keeps exactly the probabilities
-`train.attention=xla` keeps, and computes the same values to rounding
-(tests/test_flash.py).
+decisions `dropout.dropout` makes (`dropout.keep_mask`: Threefry-2x32 under the step's
+key of each group of four probabilities' number in the [B, H, L, L] array). So it keeps
+exactly the probabilities `train.attention=xla` keeps, and computes the same values to
+rounding (tests/test_flash.py).
 
 With the dropped probabilities P' = P * keep / (1 - rate) and O = P' V, the gradients
 are dV = P'^T dO, dP = keep / (1 - rate) * (dO V^T), and dS = P * (dP - D) with
@@ -37,13 +37,14 @@ from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec
 
 from gptjax import dropout as dropout_lib
+from gptjax import sharding
 from gptjax.sharding import LOGICAL_AXIS_RULES
 
 # Queries (and keys) per block (`train.flash_block`, a power of two): Triton's matmuls
 # need at least 16 rows. On an H200 at GPT-1's shape 128 made the bfloat16 step 1.02-1.03x
 # faster than 64; 256 needs more shared memory than the H200 has (docs/benchmarks.md).
 MIN_BLOCK, DEFAULT_BLOCK = 16, 128
-# The mask's index is one 32-bit word: JAX's counter for arrays below 2**32 elements.
+# The mask's elements are numbered in one 32-bit word.
 MAX_MASK_ELEMENTS = 2**32
 _MASKED = float(np.finfo(np.float32).min)  # a score the causal mask removes
 _RULES = dict(LOGICAL_AXIS_RULES)
@@ -94,7 +95,8 @@ def causal_attention(
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(K), causal) V with dropout at `rate` on the probabilities,
     the values of `model.attend_causal` (the same mask for the same key). `interpret`:
-    run the kernels in Pallas's interpreter (by default: unless JAX runs on a GPU);
+    run the kernels in Pallas's interpreter (by default: unless `sharding.platform()` is a
+    GPU);
     False also lowers them for a GPU from a machine without one (the tests do).
     `block`: queries and keys per program (at most the length): the same values to
     rounding."""
@@ -111,9 +113,9 @@ def causal_attention(
         if key is None:
             raise ValueError("flash attention's dropout hashes a Threefry key; got another kind")
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = sharding.platform() != "gpu"
         if interpret:
-            _warn_interpreted(jax.default_backend())
+            _warn_interpreted(sharding.platform())
     local = functools.partial(
         _local, rate=rate, heads_total=heads, interpret=interpret, block=min(block, length)
     )
@@ -251,21 +253,24 @@ def _triton_params(which: str, block: int) -> pltriton.CompilerParams:
     return pltriton.CompilerParams(num_warps=warps, num_stages=2)
 
 
-def _hash_mask(meta_ref, heads_total: int, length: int, rate: float):
-    """This program's dropout: `keep(rows, cols)` says which probabilities of its
-    example's and head's [rows, cols] block dropout keeps, from the bits
-    `dropout.dropout` draws for them in the whole [B, H, L, L] array. (Read at the
-    kernel's top level: Pallas's interpreter has no program ids inside its loops.)"""
-    u32 = jnp.uint32
+def _hash_mask(meta_ref, heads_total: int, length: int, rate: float, block: int):
+    """This program's dropout: `keep(rows, first_col)` says which probabilities of its
+    example's and head's block of `rows` and the `block` columns from `first_col` on
+    dropout keeps: `dropout.keep_mask`'s decisions for them in the whole [B, H, L, L]
+    array (one hash for each four columns of a row, split into its four 16-bit
+    numbers). (Read at the kernel's top level: Pallas's interpreter has no program ids
+    inside its loops.)"""
+    u32, per = jnp.uint32, dropout_lib.DECISIONS_PER_HASH
     b = meta_ref[2] + pl.program_id(1).astype(u32)
     h = meta_ref[3] + pl.program_id(2).astype(u32)
-    first = (b * u32(heads_total) + h) * u32(length)
+    first = (b * u32(heads_total) + h) * u32(length)  # the number of the block's row 0
     k0, k1, threshold = meta_ref[0], meta_ref[1], dropout_lib.keep_threshold(rate)
 
-    def keep(rows, cols):
-        index = (first + rows.astype(u32))[:, None] * u32(length) + cols.astype(u32)[None, :]
+    def keep(rows, first_col):
+        groups = first_col.astype(u32) // u32(per) + jnp.arange(block // per, dtype=u32)
+        index = (first + rows.astype(u32))[:, None] * u32(length // per) + groups[None, :]
         high, low = dropout_lib.threefry2x32(k0, k1, jnp.zeros_like(index), index)
-        return (high ^ low) >= threshold
+        return dropout_lib.split_decisions(high, low) >= threshold
 
     return keep
 
@@ -288,7 +293,7 @@ def _forward_kernel(
     q_ref, k_ref, v_ref, meta_ref, o_ref, lse_ref, *mask_ref, block, rate, heads_total
 ):
     i, length = pl.program_id(0), k_ref.shape[0]
-    hashed = _hash_mask(meta_ref, heads_total, length, rate) if mask_ref else None
+    hashed = _hash_mask(meta_ref, heads_total, length, rate, block) if mask_ref else None
     q = q_ref[...]
     rows = i * block + jnp.arange(block)
 
@@ -305,7 +310,7 @@ def _forward_kernel(
         row_sum = row_sum * rescale + jnp.sum(p, axis=1)  # before dropout
         kept = None
         if hashed is not None:
-            kept = hashed(rows, cols)
+            kept = hashed(rows, j * block)
             mask_ref[0][:, keys] = kept.astype(jnp.int8)
         p = _dropped(kept, p, rate)
         acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v)

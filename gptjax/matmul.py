@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gptjax import sharding
 from gptjax.sharding import LOGICAL_AXIS_RULES
 
 _HEADS_AXIS = dict(LOGICAL_AXIS_RULES)["heads"]  # the mesh axis that splits heads
@@ -37,7 +38,7 @@ _HEADS_AXIS = dict(LOGICAL_AXIS_RULES)["heads"]  # the mesh axis that splits hea
 def _as_matmuls() -> bool:
     """Whether the products are traced as 2-D matmuls: on CPUs, unless the mesh being
     traced for splits the heads."""
-    if jax.default_backend() != "cpu":
+    if sharding.platform() != "cpu":
         return False
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or dict(mesh.shape).get(_HEADS_AXIS, 1) == 1

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gptjax import flash, kv_cache
+from gptjax import flash, kv_cache, sharding
 from gptjax.dropout import Dropout, dropout
 from gptjax.matmul import project, unembed
 
@@ -187,14 +187,15 @@ def attention_kernel(
     cfg: ModelConfig, shape_BxLxHxK: tuple[int, ...], dropping: bool, backend: str | None = None
 ) -> str:
     """The attention that runs for queries of this shape: `cfg.attention`, with "auto"
-    resolved for the backend (default: JAX's). "auto" is "pallas" on GPUs wherever the
-    kernel takes the shape (on an H200 it made the paper's bfloat16 step 1.20x faster
-    than "xla" in two blocks: docs/benchmarks.md), otherwise "xla" (on CPUs and TPUs the
-    Triton kernel would only run in Pallas's interpreter). Both compute the same values
-    and dropout masks, so the choice changes speed and memory, not the model."""
+    resolved for the backend (default: `sharding.platform()`). "auto" is "pallas" on
+    GPUs wherever the kernel takes the shape (on an H200 it made the paper's bfloat16
+    step 1.20x faster than "xla" in two blocks: docs/benchmarks.md), otherwise "xla" (on
+    CPUs and TPUs the Triton kernel would only run in Pallas's interpreter). Both compute
+    the same values and dropout masks, so the choice changes speed and memory, not the
+    model."""
     if cfg.attention != "auto":
         return cfg.attention
-    if (backend or jax.default_backend()) != "gpu":
+    if (backend or sharding.platform()) != "gpu":
         return "xla"
     return "xla" if flash.unsupported(shape_BxLxHxK, cfg.flash_block, dropping) else "pallas"
 
@@ -225,7 +226,7 @@ class CausalSelfAttention(nn.Module):
             return self._project(out_BxLxHxK), cache
         if cfg.attention == "fused":
             # cuDNN's flash attention needs a GPU and 16-bit inputs; elsewhere XLA's.
-            cudnn = jax.default_backend() == "gpu" and cfg.dtype == "bfloat16"
+            cudnn = sharding.platform() == "gpu" and cfg.dtype == "bfloat16"
             out_BxLxHxK = jax.nn.dot_product_attention(
                 q_BxLxHxK,
                 k_BxLxHxK,

@@ -35,6 +35,17 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+def platform() -> str:
+    """The platform traced computations run on: that of `jax.default_device` where one
+    is set (a CPU computation in a GPU process), else JAX's default backend. The choices
+    made per platform (attention kernel, dropout's hash, matmul form) follow it, so a
+    GPU machine can still run a model on its CPU."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
+
+
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """Resolves the config's (data, fsdp, tensor) sizes; one of them may be -1."""
     sizes = [mesh_cfg[axis] for axis in MESH_AXES]

@@ -3,8 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import random as jax_random
 
-from gptjax.dropout import Dropout, dropout, threefry_bits, unrolled_threefry_bits
+from gptjax import dropout as dropout_lib
+from gptjax.dropout import Dropout, dropout, keep_mask
 
 KEYS = {
     "raw": jax.random.PRNGKey(7),
@@ -13,44 +15,95 @@ KEYS = {
 }
 
 
-@pytest.mark.parametrize("shape", [(8, 6, 32, 32), (5,), (3, 1, 7), (1,)])
+def reference_mask(key, shape, rate):
+    """The documented scheme, from JAX's own Threefry: each row's elements in groups of
+    four, a group's flat number hashed as the counter (0, number), and its four elements
+    given the hash's words' low and high halves in turn."""
+    words = (
+        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    )
+    groups = (*shape[:-1], -(-shape[-1] // 4))
+    count = np.arange(np.prod(groups), dtype=np.uint32)
+    hashed = np.asarray(
+        jax_random.threefry_2x32(words.astype(jnp.uint32), np.concatenate([0 * count, count]))
+    )
+    high, low = hashed[: count.size].reshape(groups), hashed[count.size :].reshape(groups)
+    pieces = np.stack([high & 0xFFFF, high >> 16, low & 0xFFFF, low >> 16], axis=-1)
+    pieces = pieces.reshape(*groups[:-1], 4 * groups[-1])[..., : shape[-1]]
+    return pieces >= round(rate * 2**16)
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 32, 32), (5,), (3, 1, 7), (1,), (2, 3, 10)])
 @pytest.mark.parametrize("key", KEYS.values(), ids=KEYS.keys())
-def test_bits_equal_jax_random_bits(shape, key):
-    want = jax.random.bits(key, shape, jnp.uint32)
-    for bits in (unrolled_threefry_bits, threefry_bits):
-        mine = jax.jit(bits, static_argnums=1)(key, shape)
-        assert mine.dtype == jnp.uint32 and mine.shape == shape
-        np.testing.assert_array_equal(mine, want)
+@pytest.mark.parametrize("optimised", [True, False], ids=["unrolled", "jax-threefry"])
+def test_masks_follow_the_documented_scheme(shape, key, optimised, monkeypatch):
+    """Both ways of hashing (the unrolled expression a CPU compiles with optimisations,
+    and JAX's Threefry elsewhere) give the scheme's masks."""
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0" if optimised else "1")
+    dropout_lib._keep_mask.clear_cache()  # traced under the other setting
+    mask = keep_mask(key, shape, 0.3)
+    assert mask.dtype == jnp.bool_ and mask.shape == shape
+    np.testing.assert_array_equal(mask, reference_mask(key, shape, 0.3))
+
+
+def test_the_unrolled_hash_is_jaxs_threefry():
+    index = jnp.arange(1000, dtype=jnp.uint32) * jnp.uint32(2654435761)
+    k0, k1 = jnp.uint32(0x12345678), jnp.uint32(0x9ABCDEF0)
+    mine = dropout_lib.threefry2x32(k0, k1, jnp.zeros_like(index), index)
+    want = jax_random.threefry2x32_p.bind(k0, k1, jnp.zeros_like(index), index)
+    for got, expected in zip(mine, want, strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("key", KEYS.values(), ids=KEYS.keys())
-def test_a_block_of_the_bits_is_that_slice_of_jax_random_bits(key):
-    # What blocked attention draws: its block of the [B, H, L, L] probabilities' mask.
-    shape, start, size = (2, 3, 12, 12), (0, 0, 4, 0), (2, 3, 4, 8)
-    want = jax.random.bits(key, shape, jnp.uint32)[:, :, 4:8, :8]
-    for bits in (unrolled_threefry_bits, threefry_bits):
-        mine = jax.jit(bits, static_argnums=(1, 2))(key, shape, (start, size))
-        np.testing.assert_array_equal(mine, want)
-    x = jnp.ones(size)
+def test_a_block_of_the_mask_is_that_slice_of_the_whole(key):
+    # What blocked attention draws: its block of the [B, H, L, L] probabilities' mask,
+    # here also from a column that starts a group's middle.
+    shape = (2, 3, 12, 12)
+    whole = keep_mask(key, shape, 0.5)
+    for start, size in (((0, 0, 4, 0), (2, 3, 4, 8)), ((1, 1, 3, 3), (1, 2, 5, 6))):
+        block = keep_mask(key, shape, 0.5, (start, size))
+        want = whole[tuple(slice(s, s + n) for s, n in zip(start, size, strict=True))]
+        np.testing.assert_array_equal(block, want)
+    x = jnp.ones((2, 3, 4, 8))
     np.testing.assert_array_equal(
-        dropout(x, 0.5, key, within=(shape, start)),
+        dropout(x, 0.5, key, within=(shape, (0, 0, 4, 0))),
         dropout(jnp.ones(shape), 0.5, key)[:, :, 4:8, :8],
     )
 
 
-def test_other_key_kinds_use_jax_random_bits():
+def test_other_key_kinds_draw_bernoulli():
     key = jax.random.key(0, impl="rbg")
     np.testing.assert_array_equal(
-        unrolled_threefry_bits(key, (4, 5)), jax.random.bits(key, (4, 5), jnp.uint32)
+        keep_mask(key, (4, 5), 0.25), jax.random.bernoulli(key, 0.75, (4, 5))
     )
 
 
+def test_the_threshold_is_the_rate_in_16_bits():
+    assert int(dropout_lib.keep_threshold(0.1)) == 6554  # drops 6,554 of 65,536
+    assert int(dropout_lib.keep_threshold(0.0)) == 0
+    assert int(dropout_lib.keep_threshold(0.99999999)) == 2**16 - 1  # keeps one
+
+
+def test_a_mask_beyond_the_counter_is_refused():
+    with pytest.raises(ValueError, match="smaller batches"):
+        keep_mask(KEYS["raw"], (2**20, 2**14 + 1), 0.1)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's lowering")
-def test_bits_are_one_fused_loop_not_a_while_loop():
-    """The point of the module: on a CPU, jax.random.bits lowers to a rolled loop."""
-    hlo = jax.jit(unrolled_threefry_bits, static_argnums=1).lower(KEYS["raw"], (64, 64))
-    assert "while" not in hlo.as_text()
-    assert "while" in jax.jit(lambda k: jax.random.bits(k, (64, 64))).lower(KEYS["raw"]).as_text()
+def test_the_unrolled_hash_is_one_fused_loop_not_a_while_loop():
+    """On a CPU, JAX's Threefry lowers to a rolled loop; `threefry2x32` does not."""
+    index = jnp.arange(64 * 64, dtype=jnp.uint32)
+
+    def unrolled(k, x):
+        return dropout_lib.threefry2x32(k[0], k[1], 0 * x, x)
+
+    def jaxs(k, x):
+        return jax_random.threefry2x32_p.bind(k[0], k[1], 0 * x, x)
+
+    key = KEYS["raw"].astype(jnp.uint32)
+    assert "while" not in jax.jit(unrolled).lower(key, index).as_text()
+    assert "while" in jax.jit(jaxs).lower(key, index).as_text()
 
 
 def test_dropout_keeps_the_right_fraction_and_scales_the_rest():
@@ -63,6 +116,14 @@ def test_dropout_keeps_the_right_fraction_and_scales_the_rest():
     assert abs(y.mean() - 2.0) < 0.01  # expectation preserved
     # Rows and columns are not correlated (a counter bug would give stripes).
     assert np.ptp(kept.mean(axis=0)) < 0.2 and np.ptp(kept.mean(axis=1)) < 0.2
+    # Each of a hash's four 16-bit numbers keeps 0.9 (250,000 draws each: 5 standard
+    # deviations are 0.003), and a group's four decisions are independent: pairs agree
+    # as often as independent draws would (0.9^2 + 0.1^2 = 0.82).
+    pieces = kept.reshape(1000, 250, 4)
+    for t in range(4):
+        assert abs(pieces[..., t].mean() - 0.9) < 0.003, t
+        for u in range(t + 1, 4):
+            assert abs((pieces[..., t] == pieces[..., u]).mean() - 0.82) < 0.004, (t, u)
 
 
 def test_dropout_masks_differ_by_key_and_repeat_for_the_same_key():

@@ -19,7 +19,7 @@ from jax import export
 
 from gptjax import config as config_lib
 from gptjax import estimate, flash, optim, sharding, train
-from gptjax.model import GPT, ModelConfig, attend_causal, layer_options
+from gptjax.model import GPT, ModelConfig, attend_causal, attention_kernel, layer_options
 
 from conftest import ROOT, tiny_config
 
@@ -189,6 +189,21 @@ def test_auto_attention_runs_the_kernels_on_gpus_only(backend, monkeypatch):
         assert kernels and set(kernels) == {"forward", "dq", "dkdv"}
     else:
         assert not kernels
+
+
+def test_a_cpu_computation_in_a_gpu_process_uses_xla_attention(monkeypatch):
+    """`jax.default_device(cpu)` on a GPU machine runs the model on the CPU, where the
+    kernels cannot compile: "auto" follows the device, not JAX's default backend."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = ModelConfig(
+        vocab_size=64, n_ctx=64, n_layer=1, n_head=2, d_model=32, d_mlp=128, dropout=0.1
+    )
+    shape = (1, 64, 2, 16)
+    assert sharding.platform() == "gpu"
+    assert attention_kernel(cfg, shape, dropping=True) == "pallas"
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert sharding.platform() == "cpu"
+        assert attention_kernel(cfg, shape, dropping=True) == "xla"
 
 
 @pytest.mark.parametrize(
