@@ -4,7 +4,8 @@
 profile plugin, or its `perfetto_trace.json.gz` in ui.perfetto.dev) and prints the
 operations of the step's compiled module that took the most time: XLA's fusions,
 matmuls and custom calls, each kind summed over its copies (`loop_add_fusion.3` and
-`loop_add_fusion.17` are one `loop_add_fusion`) and over the layers.
+`loop_add_fusion.17` are one `loop_add_fusion`) and over the layers; custom calls by
+the kernel they run too (`pallas_call: gptjax_flash_forward`).
 
 The times are operation time, not wall time: a CPU runs independent operations on its
 cores at once and a GPU overlaps streams, so the sum can exceed the step. On GPUs, XLA
@@ -24,6 +25,8 @@ from collections.abc import Callable
 import jax
 
 _COPY_SUFFIX = re.compile(r"\.\d+$")  # XLA numbers the copies of an operation: fusion.12
+_CALLS = ("custom-call", "pallas_call")  # operations that name the kernels they run
+_KERNEL_CHARS = 60  # of a kernel's name in a kind (C++ templates run to hundreds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +77,24 @@ def op_times(trace_file: pathlib.Path, module: str, steps: int) -> list[OpTime]:
             continue
         if args.get("hlo_module", module) != module:
             continue
-        op = _COPY_SUFFIX.sub("", args["hlo_op"])
+        op = _kind(args["hlo_op"], event.get("name", ""))
         calls[op] += 1
         seconds[op] += event["dur"] * 1e-6  # the trace counts microseconds
     return [
         OpTime(op, calls[op] / steps, s / steps)
         for op, s in sorted(seconds.items(), key=lambda item: -item[1])
     ]
+
+
+def _kind(hlo_op: str, kernel: str) -> str:
+    """An event's kind of operation: its operation without XLA's copy number, and for a
+    custom call (cuBLAS, a Pallas kernel), which runs whatever kernels it names, the
+    kernel too: the three flash-attention kernels are three `pallas_call`s, and a matmul
+    and its split-K reduction two `custom-call`s."""
+    op = _COPY_SUFFIX.sub("", hlo_op)
+    if op in _CALLS and kernel and kernel != hlo_op:
+        return f"{op}: {kernel[:_KERNEL_CHARS]}"
+    return op
 
 
 def table(ops: list[OpTime], rows: int) -> str:

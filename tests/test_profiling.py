@@ -44,6 +44,31 @@ def test_op_times_sum_each_kind_per_step(tmp_path):
     assert "dot" in profiling.table(ops, 1) and "loop_add_fusion" not in profiling.table(ops, 1)
 
 
+def test_custom_calls_are_told_apart_by_the_kernel_they_run(tmp_path):
+    """On a GPU the events of custom calls are named by their kernels: the flash-attention
+    kernels (all `pallas_call`s) and cuBLAS's are separate kinds, a fusion is not."""
+    trace = tmp_path / "t.trace.json.gz"
+    write_trace(
+        trace,
+        [
+            op_event("pallas_call.140", 800.0) | {"name": "gptjax_flash_forward"},
+            op_event("pallas_call.7", 200.0) | {"name": "gptjax_flash_forward"},
+            op_event("pallas_call.189", 400.0) | {"name": "gptjax_flash_dkdv"},
+            op_event("custom-call.98", 300.0) | {"name": "nvjet_sm90_tst_192x192" + "_x" * 40},
+            op_event("custom-call.11", 100.0),  # the event named as its operation (CPUs)
+            op_event("loop_add_fusion.3", 50.0) | {"name": "loop_add_fusion_3"},
+        ],
+    )
+    ops = {o.op: o.s_per_step for o in profiling.op_times(trace, "jit_train_step", steps=1)}
+    assert ops == {
+        "pallas_call: gptjax_flash_forward": pytest.approx(1e-3),
+        "pallas_call: gptjax_flash_dkdv": pytest.approx(400e-6),
+        "custom-call: " + ("nvjet_sm90_tst_192x192" + "_x" * 40)[:60]: pytest.approx(300e-6),
+        "custom-call": pytest.approx(100e-6),
+        "loop_add_fusion": pytest.approx(50e-6),
+    }
+
+
 def test_module_name_is_read_from_the_hlo_text():
     assert profiling.module_name("HloModule jit_train_step, is_scheduled=true\n") == (
         "jit_train_step"
