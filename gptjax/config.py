@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from gptjax import dropout as dropout_lib
 from gptjax import flash
 from gptjax.errors import UserError
 
@@ -75,6 +76,13 @@ def validate(config: ml_collections.ConfigDict):
             f"train.attention=pallas draws its dropout mask for at most 2**32 probabilities "
             f"a step, not {rows} x {m.n_head} x {m.n_ctx} x {m.n_ctx}; raise "
             "--config.train.microbatches or use --config.train.attention=xla"
+        )
+    hashed = dropout_lib.MAX_GROUPS * dropout_lib.DECISIONS_PER_HASH
+    if m.dropout > 0 and mask >= hashed:
+        raise UserError(
+            f"dropout's mask of the attention probabilities, {rows} x {m.n_head} x "
+            f"{m.n_ctx} x {m.n_ctx}, has 2**34 elements or more, more than its 32-bit "
+            "counter numbers; raise --config.train.microbatches"
         )
     if not isinstance(t.attention_blocks, int) or not 1 <= t.attention_blocks <= m.n_ctx:
         raise UserError(

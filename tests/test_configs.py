@@ -115,6 +115,21 @@ def test_pallas_attention_needs_powers_of_two():
         config_lib.validate(c)
 
 
+def test_an_attention_dropout_mask_beyond_its_counter_is_refused():
+    """Dropout hashes each group of four probabilities' number in 32 bits, so a step's
+    mask must stay under 2**34 elements, whatever the attention."""
+    c = gpt1_config()
+    c.train.attention = "xla"
+    c.train.batch_size = 8192  # [8192, 12, 512, 512]: 1.5 x 2**34
+    with pytest.raises(UserError, match="8192 x 12 x 512 x 512, has 2\\*\\*34 .*microbatches"):
+        config_lib.validate(c)
+    c.train.microbatches = 2
+    config_lib.validate(c)
+    c.model.dropout = 0.0
+    c.train.microbatches = 1
+    config_lib.validate(c)  # no dropout, no mask
+
+
 @pytest.mark.parametrize("value", [0, -128])
 def test_lm_head_pad_to_is_a_positive_whole_number(value):
     c = gpt1_config()
