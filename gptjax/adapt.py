@@ -5,6 +5,7 @@ into one document, packed into n_ctx windows like pretraining's books. The phase
 starts from its latest checkpoint instead of `init_from`.
 """
 
+import functools
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -68,7 +69,6 @@ def adapt(run: "FineTune") -> str:
         state = state.replace(params=jax.device_put(params, shardings.params))
     p_train, p_eval = train.compile_steps(model, schedule, run.mesh, shardings, cfg.train)
     os.makedirs(workdir, exist_ok=True)
-    write_run_config(workdir, cfg)
     logging.info(
         "domain adaptation: %d steps of LM training on %s's texts (%d windows of %d)",
         total,
@@ -109,5 +109,6 @@ def adapt(run: "FineTune") -> str:
         workdir,
         checkpoint.manager(workdir, phase_cfg.keep_checkpoints),
         resume,
+        record_config=functools.partial(write_run_config, workdir, cfg),
     )
     return workdir

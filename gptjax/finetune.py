@@ -373,10 +373,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run = FineTune(config, workdir)
     total_steps = run.total_steps()
     per_epoch = run.steps_per_epoch()
-    with config.unlocked():
-        # Unset: evaluate and checkpoint at the end of every epoch.
-        config.train.eval_every = config.train.eval_every or per_epoch
-        config.train.ckpt_every = config.train.ckpt_every or per_epoch
     source, pretrained = config.init_from, None
     if run.resume_step is None and source and not config.adapt.enabled:
         # Read before anything is written: a missing or unreadable checkpoint in init_from
@@ -384,9 +380,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pretrained = run.restore_lm(source)
     if not run.started:
         tokenizer_lib.save_dir(run.tokenizer, workdir)
-    write_run_config(workdir, config)
     if config.adapt.enabled and run.resume_step is None:
-        source = adapt.adapt(run)
+        source = adapt.adapt(run)  # at its own intervals: the ones below are per task epoch
+    with config.unlocked():
+        # Unset: evaluate and checkpoint at the end of every epoch.
+        config.train.eval_every = config.train.eval_every or per_epoch
+        config.train.ckpt_every = config.train.ckpt_every or per_epoch
     run.build(total_steps)
     if run.resume_step is None and source:
         run.state = run.load_pretrained(run.state, source, pretrained)
@@ -416,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir,
         ckpt,
         run.resume_step,
+        record_config=functools.partial(write_run_config, workdir, config),
     )
     del state
     return results.evaluate_checkpoint(run, splits=run.task.eval_splits)

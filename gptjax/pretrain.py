@@ -1,5 +1,6 @@
 """Unsupervised pretraining (Section 3.1): set up a run from its config and drive the loop."""
 
+import functools
 import json
 import logging
 import os
@@ -95,10 +96,16 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
         return tree
 
     current = json.loads(config.to_json_best_effort())  # as saved: tuples as lists
-    if saved.get("model") != current["model"]:
+    saved_model = saved.get("model") or {}
+    if saved_model != current["model"]:
+        changed = ", ".join(
+            f"model.{k}={saved_model.get(k)!r} there, {current['model'].get(k)!r} here"
+            for k in sorted(set(saved_model) | set(current["model"]))
+            if saved_model.get(k) != current["model"].get(k)
+        )
         raise UserError(
-            f"{workdir} holds a run of another model ({saved.get('model')}); resume it "
-            "with the same config or use a new --workdir"
+            f"{workdir} holds a run of another model ({changed}); resume it with the same "
+            "config or use a new --workdir"
         )
     # A fine-tune's task, except its test file, which training never reads.
     saved_task = saved.get("task") or {}
@@ -193,8 +200,6 @@ class Run:
             self.model, self.schedule, self.mesh, self.shardings, config.train
         )
         self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints, read_only=read_only)
-        if not read_only:
-            write_config(workdir, config)
 
     def eval_data(self):
         return eval_batches(
@@ -260,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir,
         run.ckpt,
         run.resume_step,
+        record_config=functools.partial(write_config, workdir, config),
     )
     if not eval_metrics:  # already trained to the end: evaluate what is there
         eval_metrics = run.evaluate(state.params)

@@ -396,11 +396,17 @@ def run_phase(
     workdir: str,
     ckpt,
     resume_step: int | None,
+    *,
+    record_config: Callable[[], None],
 ) -> tuple[TrainState, dict[str, float]]:
     """A training phase in `workdir`: resumes from the latest good checkpoint when there
     is one (the fresh `state` then only gives shapes and is freed first: pass it without
     keeping a reference), then `fit` under a preemption guard, with metrics written to
-    the workdir."""
+    the workdir.
+
+    `record_config` writes the run's config into the workdir; it is called once the
+    state is settled, after a resume's restore, so that a config the checkpoint refuses
+    (another shape) is never recorded as the run's: the workdir stays as it was."""
     start = 0
     if resume_step is not None:
         abstract = abstract_state(state, shardings)
@@ -408,6 +414,7 @@ def run_phase(
         state, data_state, start = checkpoint.restore_latest_good(ckpt, abstract)
         data_iter.set_state(data_state)
         logging.info("resumed from the checkpoint at step %d", start)
+    record_config()
     writer = MetricsWriter(workdir, resume_step=start)
     failed = True
     try:

@@ -168,6 +168,24 @@ def test_other_model_in_workdir_is_refused(trained, tmp_path):
     assert after == before  # nothing touched
 
 
+def test_a_refused_shape_is_not_recorded_when_the_config_file_is_gone(trained, tmp_path):
+    """Without config.json (its error message offers deleting it), a resume is checked
+    only against the checkpoint: a config of another shape is refused there, and must
+    not be written as the run's config, or the right config would be refused next."""
+    root, _ = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
+    (copy / "config.json").unlink()
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    flags = dict(books=root / "books", cache=root / "cache")
+    result = run_main(copy, "--config.model.d_mlp=96", **flags)
+    assert_one_line_error(result, "another shape", "resume with the config it was written with")
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    result = run_main(copy, **flags)  # the run's own config still resumes
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((copy / "config.json").read_text())["model"]["d_mlp"] != 96
+
+
 def test_another_batch_size_in_workdir_is_refused(trained, tmp_path):
     root, _ = trained
     copy = tmp_path / "run"

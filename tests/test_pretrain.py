@@ -26,7 +26,7 @@ def test_the_same_config_resumes_without_a_word(caplog):
 @pytest.mark.parametrize(
     "key, value, words",
     [
-        ("model.d_model", 64, "another model"),
+        ("model.d_model", 64, "another model (model.d_model=32 there, 64 here)"),
         ("train.batch_size", 8, "train.batch_size=4 (the saved data position"),
         ("train.seed", 7, "train.seed=0 (the saved data position"),
         ("train.scan_layers", False, "train.scan_layers=True (another parameter layout"),
