@@ -95,7 +95,7 @@ KEYS = (
     *("pipeline_tokens_per_s", "pipeline_ratio", "batch_ratio"),
     # generation
     *("generate_prompt_tokens", "generate_new_tokens", "generate_s"),
-    *("generate_tokens_per_s", "generate_param_bytes_per_token"),
+    *("generate_tokens_per_s", "generate_param_bytes_per_token", "generate_cache_positions"),
     *("generate_kv_bytes_per_token", "generate_bandwidth_bytes_per_s"),
     *("bandwidth_array_bytes", "memory_bandwidth_bytes_per_s", "generate_bandwidth_fraction"),
     # checkpoints
@@ -476,7 +476,8 @@ def report(r: dict, train_only: bool = False) -> str:
             "generation": f"{r['generate_new_tokens']} tokens after {r['generate_prompt_tokens']} "
             f"in {r['generate_s']:.3f} s = {_si(r['generate_tokens_per_s'], 'tokens/s')}; "
             f"{_si(r['generate_param_bytes_per_token'], 'B')} parameters + "
-            f"{_si(r['generate_kv_bytes_per_token'], 'B')} cache per token: "
+            f"{_si(r['generate_kv_bytes_per_token'], 'B')} cache "
+            f"({r['generate_cache_positions']:.0f} positions) per token: "
             f"{_si(r['generate_bandwidth_bytes_per_s'], 'B/s')}, "
             f"{r['generate_bandwidth_fraction']:.0%} of the "
             f"{_si(r['memory_bandwidth_bytes_per_s'], 'B/s')} measured (summing "

@@ -85,15 +85,16 @@ def bench_pipeline(config, settings: "Settings") -> dict:
     }
 
 
-def decode_bytes_per_token(model_cfg: ModelConfig, params) -> tuple[int, int]:
+def decode_bytes_per_token(model_cfg: ModelConfig, params, cache_positions: float):
     """(parameter bytes, key/value cache bytes) read per generated token: every
     parameter but the position rows not used, and each layer's keys and values over the
-    whole n_ctx cache (`GPT.decode` attends over all of it, masked)."""
+    `cache_positions` positions it attends over (`GPT.decode` reads the whole cache,
+    masked, and the generator sizes the cache: `Generator.mean_span`)."""
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     unused = (model_cfg.n_ctx - 1) * params["positions_embed"]["embedding"][0].nbytes
     itemsize = jnp.dtype(model_cfg.dtype).itemsize
-    kv_bytes = 2 * model_cfg.n_layer * model_cfg.n_ctx * model_cfg.d_model * itemsize
-    return param_bytes - unused, kv_bytes
+    kv_bytes = 2 * model_cfg.n_layer * cache_positions * model_cfg.d_model * itemsize
+    return param_bytes - unused, round(kv_bytes)
 
 
 def bench_checkpoint(state, saves: int) -> dict:
@@ -139,7 +140,8 @@ def bench_generate(step: "TrainStep", settings: "Settings", torch_ref: TorchRefe
         fn()  # compilation, caches
     times = take_turns(runners, settings.generate_repeats, 1, lead=False)
     rate = {name: new / statistics.median(t) for name, t in times.items()}
-    param_bytes, kv_bytes = decode_bytes_per_token(cfg, params)
+    cache_positions = generator.mean_span(prompt_len, new)
+    param_bytes, kv_bytes = decode_bytes_per_token(cfg, params, cache_positions)
     bandwidth_bytes = settings.bandwidth_mb * 2**20
     bandwidth = read_bytes_per_s(bandwidth_bytes)
     r = {
@@ -148,6 +150,7 @@ def bench_generate(step: "TrainStep", settings: "Settings", torch_ref: TorchRefe
         "generate_s": statistics.median(times["gptjax"]),
         "generate_tokens_per_s": rate["gptjax"],
         "generate_param_bytes_per_token": param_bytes,
+        "generate_cache_positions": cache_positions,
         "generate_kv_bytes_per_token": kv_bytes,
         "generate_bandwidth_bytes_per_s": (param_bytes + kv_bytes) * rate["gptjax"],
         "bandwidth_array_bytes": bandwidth_bytes,

@@ -1,7 +1,7 @@
 """Where a train step's time goes: a JAX profiler trace of a few steps, summed per operation.
 
 `python -m gptjax.bench --profile=DIR` writes the trace to DIR (open it in TensorBoard's
-profile plugin, or its `perfetto_trace.json.gz` in ui.perfetto.dev) and prints the
+profile plugin, or its `<host>.trace.json.gz` in ui.perfetto.dev) and prints the
 operations of the step's compiled module that took the most time: XLA's fusions,
 matmuls and custom calls, each kind summed over its copies (`loop_add_fusion.3` and
 `loop_add_fusion.17` are one `loop_add_fusion`) and over the layers; custom calls by
@@ -42,7 +42,8 @@ def trace(
     run_step: Callable[[], None], directory: pathlib.Path, steps: int
 ) -> tuple[pathlib.Path, float]:
     """Run `steps` steps (each waited for) under the profiler, writing its trace into
-    `directory`: (the Perfetto trace file, the steps' wall seconds per step)."""
+    `directory`: (its `<host>.trace.json.gz`, which Perfetto also opens; the steps'
+    wall seconds per step)."""
     directory.mkdir(parents=True, exist_ok=True)
     before = set(directory.glob("**/*.trace.json.gz"))
     with jax.profiler.trace(str(directory), create_perfetto_trace=True):

@@ -92,6 +92,8 @@ def test_figures_follow_from_their_definitions(result):
     assert r["pipeline_ratio"] == pytest.approx(pipeline / r["train_tokens_per_s"])
     assert (r["generate_prompt_tokens"], r["generate_new_tokens"]) == (8, 8)
     assert r["generate_param_bytes_per_token"] == 4 * (r["num_params"] - (t - 1) * d)
+    # The tiny config's cache: min(128, n_ctx) = n_ctx positions from the start.
+    assert r["generate_cache_positions"] == t
     assert r["generate_kv_bytes_per_token"] == 2 * r["n_layer"] * t * d * 4
     read = r["generate_param_bytes_per_token"] + r["generate_kv_bytes_per_token"]
     assert r["generate_bandwidth_bytes_per_s"] == pytest.approx(read * r["generate_tokens_per_s"])

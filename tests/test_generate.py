@@ -117,17 +117,38 @@ def test_decoding_reads_the_embedding_unpadded(params):
     assert f"tensor<{CFG.vocab_size}x{CFG.d_model}xf32>" in hlo
 
 
-def test_greedy_generation_is_the_argmax_path_and_deterministic(params):
-    gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4)
+@pytest.mark.parametrize("min_span", [4, CFG.n_ctx])  # a cache that grows; one of n_ctx
+def test_greedy_generation_is_the_argmax_path_and_deterministic(params, min_span):
+    gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4, min_span=min_span)
     prompts = [[5, 6, 7], [1]]
-    greedy = Sampling(max_new_tokens=9, temperature=0.0)
+    greedy = Sampling(max_new_tokens=18, temperature=0.0)
     out = gen.generate(prompts, greedy)
     assert out == gen.generate(prompts, greedy)
     for prompt, new in zip(prompts, out, strict=True):
         row = list(prompt)
-        for _ in range(9):
+        for _ in range(18):
             row.append(int(jnp.argmax(full_logits(params, [row])[0])))
         assert new == row[len(prompt) :]
+    # The prompts fill a cache of 16 positions (padded to 16 tokens); the fourth chunk
+    # reaches position 3 + 4 x 4 = 19, past it: the cache grew once, each length compiled.
+    assert gen._steps._cache_size() == (2 if min_span < 16 else 1)
+
+
+def test_the_cache_holds_the_smallest_doubling_that_fits():
+    assert [kv_cache.span_for(n, 512, 128) for n in (1, 128, 129, 300, 512, 600)] == [
+        *(128, 128, 256, 512, 512, 512)
+    ]
+    assert [kv_cache.span_for(n, 24, 4) for n in (3, 5, 16, 17)] == [4, 8, 16, 24]
+    assert kv_cache.span_for(1, 24, 128) == 24  # never past the context
+
+
+def test_mean_span_follows_the_cache_generate_uses(params):
+    gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4, min_span=4)
+    # Prompt 3 tokens, padded to 16: the cache starts at 16 positions; chunks 1-5 reach
+    # 7, 11, 15, 19 and 23 positions: 16, 16, 16, 24, 24.
+    assert gen.mean_span(3, 20) == (16 * 3 + 24 * 2) / 5
+    assert Generator(CFG, params, CFG.vocab_size, chunk=4).mean_span(3, 20) == CFG.n_ctx
+    assert gen.mean_span(3, 1) == 0.0  # the prompt's pass only: no token decoded after
 
 
 def test_rows_stop_at_the_context_length_and_at_stop_ids(params):
