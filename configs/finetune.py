@@ -4,10 +4,11 @@
         --config.init_from=runs/gpt1
 
 TASK is one of the paper's tasks (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, snli,
-scitail, race, race_middle, race_high, story_cloze), bbc_news (offline; the demo's task)
-or custom (your own JSONL/CSV/TSV files: set the task.* values below). The model's sizes
-are taken from the `init_from` run; sizes set here must match it (unset without
-`init_from`: the paper's). Every value is the paper's unless its comment says otherwise.
+scitail, race (RACE-m and RACE-h are its splits of one level), story_cloze), bbc_news
+(offline; the demo's task) or custom (your own JSONL/CSV/TSV files: set the task.* values
+below). The model's sizes are taken from the `init_from` run; sizes set here must match
+it (unset without `init_from`: the paper's). Every value is the paper's unless its
+comment says otherwise.
 """
 
 import pathlib

@@ -31,7 +31,7 @@ EXPECTED = {
     "mnli": (
         "entailment",
         ACC,
-        {"accuracy": 82.1, "validation_mismatched/accuracy": 81.4},
+        {"accuracy": 82.1, **{f"{s}_mismatched/accuracy": 81.4 for s in ("validation", "test")}},
         ("validation_matched", "validation_mismatched"),
         ("test_matched", "test_mismatched", "test_ax"),
         None,
@@ -40,9 +40,18 @@ EXPECTED = {
     "rte": ("entailment", ACC, {"accuracy": 56.0}, VAL, TEST, "RTE"),
     "snli": ("entailment", ACC, {"accuracy": 89.9}, VAL, TEST, None),
     "scitail": ("entailment", ACC, {"accuracy": 88.3}, VAL, TEST, None),
-    "race_middle": ("multiple_choice", ACC, {"accuracy": 62.9}, VAL, TEST, None),
-    "race_high": ("multiple_choice", ACC, {"accuracy": 57.4}, VAL, TEST, None),
-    "race": ("multiple_choice", ACC, {"accuracy": 59.0}, VAL, TEST, None),
+    "race": (
+        "multiple_choice",
+        ACC,
+        {
+            "accuracy": 59.0,
+            **{f"{s}_middle/accuracy": 62.9 for s in ("validation", "test")},
+            **{f"{s}_high/accuracy": 57.4 for s in ("validation", "test")},
+        },
+        ("validation", "validation_middle", "validation_high"),
+        ("test", "test_middle", "test_high"),
+        None,
+    ),
     "story_cloze": ("multiple_choice", ACC, {"accuracy": 86.5}, VAL, TEST, None),
 }
 
@@ -51,8 +60,6 @@ STOCK = {
     **{n: f"glue/{n}" for n in ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")},
     "snli": "snli",
     "scitail": "sci_tail",
-    "race_middle": "race/middle",
-    "race_high": "race/high",
     "race": "race/high",
     "story_cloze": "story_cloze/2016",
 }
@@ -122,7 +129,7 @@ def test_task_table():
     assert TFDS_TASKS["mnli"].load.split_datasets == {"test_ax": ("glue/ax",)}
     assert TFDS_TASKS["mnli"].load.splits["test_ax"] == ("test", "all")
     assert TFDS_TASKS["stsb"].regression and TFDS_TASKS["stsb"].num_outputs == 1
-    assert [TFDS_TASKS[n].num_choices for n in ("race", "race_high", "story_cloze")] == [4, 4, 2]
+    assert [TFDS_TASKS[n].num_choices for n in ("race", "story_cloze")] == [4, 2]
 
 
 @pytest.mark.parametrize("name", sorted(TFDS_TASKS))
@@ -273,8 +280,10 @@ def test_every_task_loads_mock_data(name, data_dir, monkeypatch):
             examples = spec.load(split, str(data_dir))
             if name == "story_cloze":  # 1 in 5 of the validation set is held out.
                 assert len(examples) == (8 if split == "train" else 2)
+            elif name == "race":  # both levels, or one (validation_middle, _high)
+                assert len(examples) == (2 * n if split in ("train", "validation") else n)
             else:
-                assert len(examples) == (2 * n if name == "race" else n)
+                assert len(examples) == n
             for example in examples:
                 check_example(spec, example)
     assert not (data_dir / "story_cloze").exists()  # Nothing prepared: the mock does nothing.
@@ -367,13 +376,25 @@ def fake_race(root):
 def test_race_prepared_per_question_without_tensorflow(data_dir, tmp_path):
     # TFDS's own race builder can't write its nested options without TensorFlow.
     with patch_download(fake_race(tmp_path / "fake")):
-        middle = TFDS_TASKS["race_middle"].load("validation", str(data_dir))
-        both = TFDS_TASKS["race"].load("test", str(data_dir))
+        race = TFDS_TASKS["race"]
+        middle = race.load("validation_middle", str(data_dir))
+        splits = {s: race.load(s, str(data_dir)) for s in (*race.eval_splits, *race.test_splits)}
+        train = race.load("train", str(data_dir))
     assert sorted(middle, key=lambda ex: ex.label) == [
         Example(texts=("middle dev. The man _ .",), label=0, choices=("ran", "sat", "ate", "hid")),
         Example(texts=("middle dev. Who came?",), label=2, choices=("Ann", "Bob", "Cid", "Dee")),
     ]
-    assert [ex.texts[0].split(".")[0] for ex in both] == ["middle test"] * 2 + ["high test"] * 2
+    # Trained on both levels; each level scored on its own too (RACE-m, RACE-h).
+    first_words = {s: [ex.texts[0].split(".")[0] for ex in exs] for s, exs in splits.items()}
+    assert first_words == {
+        "validation": ["middle dev"] * 2 + ["high dev"] * 2,
+        "validation_middle": ["middle dev"] * 2,
+        "validation_high": ["high dev"] * 2,
+        "test": ["middle test"] * 2 + ["high test"] * 2,
+        "test_middle": ["middle test"] * 2,
+        "test_high": ["high test"] * 2,
+    }
+    assert [ex.texts[0].split(".")[0] for ex in train] == ["middle train"] * 2 + ["high train"] * 2
     assert (data_dir / "gptjax_race" / "high" / "1.0.0" / "dataset_info.json").is_file()
     assert "tensorflow" not in sys.modules
 
@@ -384,10 +405,10 @@ def test_bad_record_is_a_one_line_error_and_leaves_nothing_prepared(data_dir, tm
     record["answers"][0] = "E"
     (fake / "RACE" / "dev" / "middle" / "1.txt").write_text(json.dumps(record))
     with patch_download(fake), pytest.raises(UserError) as error:
-        TFDS_TASKS["race_middle"].load("train", str(data_dir))
+        TFDS_TASKS["race"].load("train", str(data_dir))
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("could not prepare task race_middle (TFDS race/middle): ValueError")
+    assert message.startswith("could not prepare task race (TFDS race/middle): ValueError")
     assert "answer 'E'" in message and message.endswith("to fetch the data again")
     # TFDS keeps only its record of the default config, gptjax_race/.config/metadata.json.
     assert not (data_dir / "gptjax_race" / "middle").exists()

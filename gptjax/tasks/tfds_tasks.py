@@ -84,6 +84,7 @@ _ACCURACY = ("accuracy",)
 _ENTAILMENT_NEUTRAL_CONTRADICTION = ("entailment", "neutral", "contradiction")
 _ENTAILMENT_NOT = ("entailment", "not_entailment")
 _PAIR = ("sentence1", "sentence2")
+_LEVELS = ("middle", "high")  # RACE's school levels
 
 _TASKS = (
     # Classification.
@@ -151,7 +152,10 @@ _TASKS = (
         label_names=_ENTAILMENT_NEUTRAL_CONTRADICTION,
         metrics=_ACCURACY,
         # The paper's test accuracies: matched 82.1, mismatched 81.4.
-        paper={"accuracy": 82.1, "validation_mismatched/accuracy": 81.4},
+        paper={
+            "accuracy": 82.1,
+            **{f"{s}_mismatched/accuracy": 81.4 for s in ("validation", "test")},
+        },
         submission={
             "test_matched": "MNLI-m.tsv",
             "test_mismatched": "MNLI-mm.tsv",
@@ -200,35 +204,32 @@ _TASKS = (
         description="SciTail: does a science text entail the answer statement",
     ),
     # Question answering and commonsense reasoning.
-    _task(
-        "race_middle",
-        "multiple_choice",
-        ("race/middle",),
-        race_question_example,
-        num_choices=4,
-        metrics=_ACCURACY,
-        paper={"accuracy": 62.9},
-        description="RACE-m: reading comprehension, middle school English exams",
-    ),
-    _task(
-        "race_high",
-        "multiple_choice",
-        ("race/high",),
-        race_question_example,
-        num_choices=4,
-        metrics=_ACCURACY,
-        paper={"accuracy": 57.4},
-        description="RACE-h: reading comprehension, high school English exams",
-    ),
+    # One model trained on both levels and scored on each: the paper's RACE figure is
+    # the question-weighted mean of its RACE-m and RACE-h ones over the test sets (1,436
+    # and 3,498 questions: (62.9 x 1,436 + 57.4 x 3,498) / 4,934 = 59.0).
     _task(
         "race",
         "multiple_choice",
         ("race/middle", "race/high"),
         race_question_example,
+        eval_splits=("validation", "validation_middle", "validation_high"),
+        test_splits=("test", "test_middle", "test_high"),
+        splits={
+            **{s: (s, "all") for s in ("train", "validation", "test")},
+            **{f"{s}_{level}": (s, "all") for s in ("validation", "test") for level in _LEVELS},
+        },
+        split_datasets={
+            f"{s}_{level}": (f"race/{level}",) for s in ("validation", "test") for level in _LEVELS
+        },
         num_choices=4,
         metrics=_ACCURACY,
-        paper={"accuracy": 59.0},
-        description="RACE: reading comprehension, middle and high school English exams",
+        paper={
+            "accuracy": 59.0,
+            **{f"{s}_middle/accuracy": 62.9 for s in ("validation", "test")},
+            **{f"{s}_high/accuracy": 57.4 for s in ("validation", "test")},
+        },
+        description="RACE: reading comprehension, middle and high school English exams "
+        "(RACE-m and RACE-h: its splits of one level)",
     ),
     _task(
         "story_cloze",
