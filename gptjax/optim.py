@@ -7,10 +7,14 @@ import optax
 
 
 def warmup_steps(train_cfg: ml_collections.ConfigDict, total_steps: int) -> int:
-    """`train.warmup_fraction` of the run if set (fine-tuning: 0.2%), else
-    `train.warmup_steps`; never more than the run."""
+    """`train.warmup_fraction` of the run if set (fine-tuning: 0.2%; at least one step
+    when above 0, so that a short run, under 250 steps, still starts from a zero rate
+    as the original's does), else `train.warmup_steps`; never more than the run."""
     fraction = train_cfg.get("warmup_fraction")
-    warmup = train_cfg.warmup_steps if fraction is None else round(fraction * total_steps)
+    if fraction is None:
+        warmup = train_cfg.warmup_steps
+    else:
+        warmup = max(round(fraction * total_steps), 1 if fraction > 0 else 0)
     return min(warmup, total_steps)
 
 

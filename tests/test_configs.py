@@ -9,6 +9,16 @@ from gptjax.errors import UserError
 from conftest import ROOT, gpt1_config
 
 
+def test_finetune_config_is_the_paper():
+    """Section 4.1's fine-tuning details: the rest of the optimiser is pretraining's."""
+    c = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("sst2")
+    t = c.train
+    assert (t.lr, t.batch_size, t.epochs, t.num_steps) == (6.25e-5, 32, 3, None)
+    assert (t.schedule, t.warmup_fraction) == ("linear", 0.002)
+    assert (t.weight_decay, t.grad_clip, t.b1, t.b2, t.eps) == (0.01, 1.0, 0.9, 0.999, 1e-8)
+    assert (c.finetune.lm_coef, c.finetune.clf_dropout, c.model.dropout) == (0.5, 0.1, 0.1)
+
+
 def test_gpt1_config_is_the_paper():
     c = gpt1_config()
     assert c.model.to_dict() == {

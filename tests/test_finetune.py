@@ -101,8 +101,10 @@ def test_unlabelled_examples_are_marked():
 CFG = ModelConfig(vocab_size=103, n_ctx=8, n_layer=2, n_head=2, d_model=16, d_mlp=32, dropout=0.0)
 
 
-def model_and_params(kind, num_outputs, regression=False):
-    model = TaskModel(CFG, kind=kind, num_outputs=num_outputs, regression=regression)
+def model_and_params(kind, num_outputs, regression=False, clf_dropout=0.1):
+    model = TaskModel(
+        CFG, kind=kind, num_outputs=num_outputs, regression=regression, clf_dropout=clf_dropout
+    )
     s = {"similarity": 2, "multiple_choice": 3}.get(kind, 1)
     tokens = jnp.zeros((1, s, 8), jnp.int32)
     params = model.init(jax.random.PRNGKey(0), tokens, jnp.zeros((1, s), jnp.int32))["params"]
@@ -144,6 +146,40 @@ def test_similarity_is_symmetric(regression):
     out_ba, _ = model.apply({"params": params}, ba["tokens"], ba["clf_pos"])
     assert out_ab.shape == ((1,) if regression else (1, 2))
     np.testing.assert_allclose(out_ab, out_ba, rtol=1e-6)
+    # The head reads the sum of both orderings' final states at their _classify_ tokens.
+    h = model.apply({"params": params}, ab["tokens"][0], method=_encode)
+    clf = np.asarray(ab["clf_pos"][0])
+    summed = h[0, clf[0]] + h[1, clf[1]]
+    expected = summed @ params["head"]["kernel"] + params["head"]["bias"]
+    np.testing.assert_allclose(out_ab[0], expected[0] if regression else expected, rtol=1e-5)
+
+
+def head_inputs(model, params, batch, key=None):
+    """What the classifier's dropout returns (the head's input): with `key`, in training."""
+    _, state = model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["clf_pos"],
+        deterministic=key is None,
+        rngs=None if key is None else {"dropout": key},
+        capture_intermediates=lambda module, _: module.name == "dropout",
+        mutable=["intermediates"],
+    )
+    (out,) = state["intermediates"]["dropout"]["__call__"]
+    return np.asarray(out)
+
+
+def test_classifier_dropout_shares_one_mask_over_an_examples_choices():
+    model, params = model_and_params("multiple_choice", 1, clf_dropout=0.5)
+    examples = [Example((f"w{i}",), 0, choices=("w2", "w3", "w4")) for i in range(8)]
+    batch = batch_of("multiple_choice", examples)
+    h_BxSxD = head_inputs(model, params, batch)  # no dropout: the final states
+    dropped_BxSxD = head_inputs(model, params, batch, jax.random.PRNGKey(3))
+    kept_BxSxD = dropped_BxSxD != 0
+    np.testing.assert_allclose(dropped_BxSxD, np.where(kept_BxSxD, h_BxSxD / 0.5, 0), rtol=1e-6)
+    assert (kept_BxSxD == kept_BxSxD[:, :1]).all()  # the same units over the choices
+    assert len({m.tobytes() for m in kept_BxSxD[:, 0]}) == len(examples)  # one per example
+    assert 0.3 < kept_BxSxD.mean() < 0.7
 
 
 def test_multiple_choice_softmaxes_over_the_choices_of_one_example():
@@ -161,10 +197,6 @@ def test_multiple_choice_softmaxes_over_the_choices_of_one_example():
         [jax.nn.log_softmax(out[0])[2], jax.nn.log_softmax(out[1])[0]]
     )  # each row's own choices
     np.testing.assert_allclose(means["task"], by_hand, rtol=1e-5)
-    # Another example's choices change nothing of this one's scores.
-    other = batch_of("multiple_choice", [examples[0], Example(("w1",), 1, ("w9", "w9", "w9"))])
-    out_other, _ = model.apply({"params": params}, other["tokens"], other["clf_pos"])
-    np.testing.assert_array_equal(out[0], out_other[0])
 
 
 def test_auxiliary_lm_loss_ignores_padding():

@@ -1,4 +1,5 @@
 import math
+import runpy
 
 import flax.linen as nn
 import jax
@@ -10,7 +11,7 @@ import pytest
 from gptjax import optim
 from gptjax.model import GPT, ModelConfig, stack_layers
 
-from conftest import gpt1_config, tiny_config
+from conftest import ROOT, gpt1_config, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -35,6 +36,29 @@ def test_schedule_is_cosine_after_warmup():
         assert float(schedule(step)) == pytest.approx(
             2.5e-4 * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-5
         )
+
+
+def finetune_train_config():
+    return runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom").train
+
+
+@pytest.mark.parametrize(
+    "total, warmup",
+    [
+        (6314, 13),  # 0.2% of 3 epochs of SST-2 (67,349 sentences in batches of 32), rounded
+        (233, 1),  # 3 epochs of RTE: 0.47 steps round to none; at least one
+    ],
+)
+def test_finetune_schedule_warms_up_then_decays_linearly(total, warmup):
+    schedule = optim.lr_schedule(finetune_train_config(), total_steps=total)
+    at = lambda step: float(schedule(step))  # noqa: E731
+    assert at(0) == 0.0
+    assert at(warmup) == pytest.approx(6.25e-5, rel=1e-6)
+    if warmup > 1:
+        assert at(warmup // 2) == pytest.approx(6.25e-5 * (warmup // 2) / warmup, rel=1e-5)
+    middle = warmup + (total - warmup) // 2
+    assert at(middle) == pytest.approx(6.25e-5 * (total - middle) / (total - warmup), rel=1e-5)
+    assert at(total) == 0.0
 
 
 def tiny_params():
