@@ -73,8 +73,12 @@ def main(argv):
     config = config_value(_CONFIG)
     with reported():
         unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
-        if unknown:
-            raise UserError(f"unknown variants {unknown}; use {', '.join(VARIANTS)}")
+        if unknown or not _VARIANTS.value:
+            raise UserError(
+                f"unknown variants {unknown}; use {', '.join(VARIANTS)}"
+                if unknown
+                else f"no variant to run: give --variants=NAME,... of {', '.join(VARIANTS)}"
+            )
         if "task" not in config or not config.init_from:
             raise UserError("give a fine-tuning config with --config.init_from=PRETRAINED_RUN")
         finetune.resolve_model(config)

@@ -1,5 +1,7 @@
 """Checks on a config beyond what ml_collections' typed fields already enforce."""
 
+import math
+
 import ml_collections
 
 from gptjax import dropout as dropout_lib
@@ -120,22 +122,44 @@ def validate(config: ml_collections.ConfigDict):
         raise UserError(f"train.eval_batches is {t.eval_batches}; it must be positive or unset")
     if not 0.0 <= m.dropout < 1.0:
         raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if t.lr <= 0 or t.warmup_steps < 0 or t.weight_decay < 0 or t.grad_clip <= 0:
-        raise UserError(
-            "train.lr and train.grad_clip must be positive, train.warmup_steps and "
-            "train.weight_decay non-negative"
-        )
+    if t.warmup_steps < 0:
+        raise UserError(f"train.warmup_steps is {t.warmup_steps}; it must be non-negative")
+    check_reals(
+        {
+            "train.lr": (t.lr, POSITIVE),
+            "train.grad_clip": (t.grad_clip, POSITIVE),
+            "train.weight_decay": (t.weight_decay, NON_NEGATIVE),
+            "train.eps": (t.eps, POSITIVE),
+            "train.b1": (t.b1, FRACTION),
+            "train.b2": (t.b2, FRACTION),
+        }
+    )
+    if not 0 <= t.seed < 2**32:
+        raise UserError(f"train.seed is {t.seed}; it must be in [0, 2**32)")
     if not 0.0 < config.data.validation_fraction < 1.0:
         raise UserError(
             f"data.validation_fraction={config.data.validation_fraction} must be in (0, 1)"
         )
 
 
+POSITIVE = (lambda x: x > 0, "positive")
+NON_NEGATIVE = (lambda x: x >= 0, "non-negative")
+FRACTION = (lambda x: 0 <= x < 1, "in [0, 1)")
+
+
+def check_reals(settings: dict):
+    """`settings`: {name: (value, (test, what it must be))}; a value that is not a finite
+    number passing its test is refused (NaN passes no comparison's negation: a NaN
+    learning rate would train every parameter into NaN). None is unset, and passes."""
+    for name, (value, (ok, what)) in settings.items():
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"{name}={value} must be a finite number, {what} (--config.{name}=X)")
+
+
 def validate_finetune(config: ml_collections.ConfigDict):
     """The fine-tuning settings (`configs/finetune.py`), after the model sizes are known."""
     f = config.finetune
-    if f.lm_coef < 0:
-        raise UserError(f"finetune.lm_coef={f.lm_coef} must be >= 0 (0 turns the LM loss off)")
+    check_reals({"finetune.lm_coef": (f.lm_coef, (lambda x: x >= 0, "0 or more (0: no LM loss)"))})
     if not 0.0 <= f.clf_dropout < 1.0:
         raise UserError(f"finetune.clf_dropout={f.clf_dropout} must be in [0, 1)")
     n_layer = config.model.n_layer
@@ -148,7 +172,6 @@ def validate_finetune(config: ml_collections.ConfigDict):
     a = config.adapt
     if a.epochs <= 0 or (a.num_steps is not None and a.num_steps <= 0):
         raise UserError("adapt.epochs and adapt.num_steps must be positive")
-    if a.lr is not None and a.lr <= 0:
-        raise UserError(f"adapt.lr={a.lr} must be positive or unset")
+    check_reals({"adapt.lr": (a.lr, (lambda x: x > 0, "positive, or unset"))})
     if config.eval.checkpoint not in ("best", "latest"):
         raise UserError(f"eval.checkpoint is {config.eval.checkpoint!r}; use 'best' or 'latest'")

@@ -10,7 +10,6 @@ auxiliary LM), `finetune.n_transfer=K` (only the first K blocks transferred).
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import runpy
@@ -34,7 +33,12 @@ from gptjax.model import (
     stack_layers,
     unstack_layers,
 )
-from gptjax.pretrain import CONFIG_FILE, agreed_resume_step, check_batch, check_workdir
+from gptjax.pretrain import (
+    agreed_resume_step,
+    check_batch,
+    check_workdir,
+    saved_config,
+)
 from gptjax.pretrain import write_config as write_run_config
 from gptjax.tasks import encoded, registry, transforms
 from gptjax.tasks import metrics as task_metrics
@@ -43,22 +47,11 @@ from gptjax.tasks.spec import TaskSpec
 ARCHITECTURE = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
 
 
-def _read_run_config(workdir: str) -> dict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise UserError(
-            f"init_from {workdir} is not a gptjax workdir (no {CONFIG_FILE}); point "
-            "--config.init_from at a pretraining --workdir"
-        )
-    with open(path) as f:
-        return json.load(f)
-
-
 def resolve_model(config: ml_collections.ConfigDict):
     """Fills the unset `config.model` sizes from the `init_from` run (or, without one,
     from the paper's configs/gpt1.py); sizes that are set must match the checkpoint's."""
     if config.init_from:
-        saved = _read_run_config(config.init_from)["model"]
+        saved = saved_config(config.init_from, "init_from")["model"]
         wrong = [
             f"model.{k}={config.model[k]} (checkpoint: {saved[k]})"
             for k in ARCHITECTURE
@@ -278,7 +271,8 @@ class FineTune:
         """The GPT parameters of a run's latest checkpoint (`init_from`, or the adaptation
         phase), in the unrolled layout whatever layout that run used."""
         cfg = self.config
-        scanned = _read_run_config(source).get("train", {}).get("scan_layers", False)
+        train = saved_config(source, "init_from").get("train")
+        scanned = isinstance(train, dict) and train.get("scan_layers", False)
         lm = GPT(ModelConfig.from_config(cfg.model), scan_layers=scanned)
         tokens = jnp.zeros((1, cfg.model.n_ctx), jnp.int32)
         boxed = jax.eval_shape(lambda: lm.init({"params": jax.random.PRNGKey(0)}, tokens))

@@ -16,7 +16,7 @@ never drawn.
 import dataclasses
 import json
 import logging
-import os
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.kv_cache import init_cache, resize, span_for
 from gptjax.model import GPT, ModelConfig, unstack_layers
-from gptjax.pretrain import CONFIG_FILE
+from gptjax.pretrain import saved_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Sampling:
     def check(self):
         if self.max_new_tokens <= 0:
             raise UserError(f"generate.max_new_tokens={self.max_new_tokens} must be positive")
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+        if not 0 <= self.temperature < math.inf or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise UserError(
                 "generate.temperature and generate.top_k must be >= 0 and generate.top_p in "
                 f"(0, 1] (got {self.temperature}, {self.top_k}, {self.top_p})"
@@ -177,7 +177,8 @@ class Generator:
         tokens = np.zeros((len(prompts), self.padded(int(lengths.max()))), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
-        budget = np.minimum(sampling.max_new_tokens, n_ctx - lengths)
+        # At most n_ctx first: a huge max_new_tokens would overflow the int32 lengths.
+        budget = np.minimum(min(sampling.max_new_tokens, n_ctx), n_ctx - lengths)
         key = jax.random.PRNGKey(sampling.seed)
         token_B, caches = self._prefill(
             self.params,
@@ -271,11 +272,7 @@ def generate_text(
 def load(workdir: str, step: int | None = None) -> tuple[Generator, object]:
     """The generator and tokenizer of a workdir (pretrained, converted or fine-tuned:
     its GPT), from its latest checkpoint or `step`."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise UserError(f"{workdir} is not a gptjax workdir (no {CONFIG_FILE})")
-    with open(path) as f:
-        model = json.load(f)["model"]
+    model = saved_config(workdir, "--workdir")["model"]
     tokenizer = tokenizer_lib.load_dir(workdir)
     params = checkpoint.read_params(workdir, step)
     params = params.get("transformer", params)  # a fine-tuned model's GPT
@@ -301,6 +298,11 @@ def run(config, workdir: str):
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
             raise UserError(f"cannot read generate.prompts_file: {e}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"generate.prompts_file {g.prompts_file} is not UTF-8 text ({e.reason} at byte "
+                f"{e.start}); save it as UTF-8"
+            ) from None
     if not prompts:
         raise UserError(
             "nothing to continue: set --config.generate.prompt=TEXT or "

@@ -49,15 +49,38 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: boo
         )
     path = os.path.join(workdir, CONFIG_FILE)
     if resuming and os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"{path} is unreadable ({e}); restore it, or delete it to resume without "
-                "checking the config"
-            ) from None
+        saved = read_config(path, "restore it, or delete it to resume without checking the config")
         check_resumable(workdir, saved, config)
+
+
+# The sizes a run's saved config holds in `model`: what reading a checkpoint needs.
+MODEL_SIZES = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
+
+
+def read_config(path: str, fix: str) -> dict:
+    """A run's saved config (config.json) as a dict; UserError naming the file and `fix`
+    when it does not parse or holds no model sizes (a damaged or foreign file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); {fix}") from None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in MODEL_SIZES):
+        raise UserError(f"{path} is not a gptjax run's config (no model sizes); {fix}")
+    return saved
+
+
+def saved_config(workdir: str, role: str) -> dict:
+    """The saved config of the run in `workdir`, which the command reads as `role` (e.g.
+    "init_from"): UserError when it is not a gptjax workdir or its config is damaged."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{role} {workdir} is not a gptjax workdir (no {CONFIG_FILE}); point it at a "
+            "run's --workdir"
+        )
+    return read_config(path, "restore it from a copy")
 
 
 # What a resumed run must keep, and why: the checkpoint's parameters, and the data

@@ -87,11 +87,43 @@ def test_readme_config_table_names_every_setting():
         ("train", "cpu_vector_width", 384, "train.cpu_vector_width"),
         ("train", "nonfinite", "ignore", "train.nonfinite"),
         ("train", "nonfinite_limit", 0, "train.nonfinite_limit"),
+        # NaN passes no `value <= 0` test: a NaN or infinite rate made every parameter NaN
+        # and the run saved them over its good checkpoints.
+        ("train", "lr", float("nan"), "train.lr=nan must be a finite number, positive"),
+        ("train", "lr", float("inf"), "train.lr=inf must be a finite number"),
+        ("train", "grad_clip", float("nan"), "train.grad_clip=nan"),
+        ("train", "weight_decay", -0.1, "train.weight_decay=-0.1 .* non-negative"),
+        ("train", "b1", 1.5, r"train.b1=1.5 .* in \[0, 1\)"),
+        ("train", "b2", float("nan"), "train.b2=nan"),
+        ("train", "eps", -1.0, "train.eps=-1.0"),
+        ("train", "warmup_steps", -1, "train.warmup_steps"),
+        ("train", "seed", -1, r"train.seed is -1; it must be in \[0, 2\*\*32\)"),
+        ("train", "seed", 2**32, "train.seed"),
     ],
 )
 def test_validate_names_the_bad_setting(section, key, value, word):
     c = gpt1_config()
     c[section][key] = value
+    with pytest.raises(UserError, match=word):
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize(
+    "key, value, word",
+    [
+        ("finetune.lm_coef", float("nan"), "finetune.lm_coef=nan must be a finite number"),
+        ("finetune.lm_coef", -1.0, "finetune.lm_coef=-1.0"),
+        ("adapt.lr", float("inf"), "adapt.lr=inf must be a finite number, positive, or unset"),
+    ],
+)
+def test_validate_names_the_bad_finetuning_setting(key, value, word):
+    from gptjax import finetune
+
+    c = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("sst2")
+    finetune.resolve_model(c)  # no init_from: the paper's sizes
+    config_lib.validate(c)
+    section, name = key.split(".")
+    c[section][name] = value
     with pytest.raises(UserError, match=word):
         config_lib.validate(c)
 

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from cli import main_in_process
 
-from gptjax import generate, kv_cache
+from gptjax import generate, kv_cache, pretrain
+from gptjax.errors import UserError
 from gptjax.generate import Generator, Sampling
 from gptjax.kv_cache import init_cache
 from gptjax.model import GPT, ModelConfig
+
+from conftest import tiny_config
 
 CFG = ModelConfig(vocab_size=50, n_ctx=24, n_layer=2, n_head=2, d_model=32, d_mlp=64, dropout=0.0)
 
@@ -154,7 +157,7 @@ def test_mean_span_follows_the_cache_generate_uses(params):
 def test_rows_stop_at_the_context_length_and_at_stop_ids(params):
     gen = Generator(CFG, params, vocab_size=CFG.vocab_size, chunk=4)
     long_prompt = list(range(1, 21))  # 20 of 24 positions: room for 4 new tokens
-    greedy = Sampling(max_new_tokens=100, temperature=0.0)
+    greedy = Sampling(max_new_tokens=10**12, temperature=0.0)  # past int32 too
     short, near_full = gen.generate([[1, 2], long_prompt], greedy)
     assert len(near_full) == CFG.n_ctx - 20 and len(short) == CFG.n_ctx - 2
     stop = short[3]
@@ -238,3 +241,33 @@ def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_
     assert cut == expected[: expected.index(stop)]
     status, last = main_in_process(run, "--mode=generate", capsys=capsys)
     assert status == 2 and "generate.prompt" in last, last
+
+
+@pytest.mark.parametrize(
+    "flag, words",
+    [
+        ("--config.generate.temperature=nan", "generate.temperature"),
+        ("--config.generate.prompts_file=PROMPTS", "is not UTF-8 text (invalid continuation"),
+    ],
+)
+def test_bad_generation_settings_are_one_line_errors(pretrained, capsys, tmp_path, flag, words):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"caf\xe9\n")  # Latin-1
+    status, last = main_in_process(
+        pretrained / "run",
+        "--mode=generate",
+        "--config.generate.prompt=The king",
+        flag.replace("PROMPTS", str(prompts)),
+        capsys=capsys,
+    )
+    assert status == 2 and words in last, last
+
+
+@pytest.mark.parametrize("content", ['{"model": {"vocab', "[1]", "{}"])
+def test_a_damaged_config_file_is_named(tmp_path, content):
+    """Generation, fine-tuning's init_from and a resume read a run's config.json."""
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(UserError, match=r"config.json is (unreadable|not a gptjax run's config)"):
+        generate.load(str(tmp_path))
+    with pytest.raises(UserError, match="delete it to resume without checking"):
+        pretrain.check_workdir(str(tmp_path), tiny_config(), resuming=True)
