@@ -87,7 +87,8 @@ def main(argv):
             finetune.resolve_model(config)
             config_lib.validate(config)
             if _MODE.value == "train":
-                finetune.train_and_evaluate(config, _WORKDIR.value)
+                with pretrain.workdir_lock(_WORKDIR.value):
+                    finetune.train_and_evaluate(config, _WORKDIR.value)
             else:
                 run = finetune.FineTune(config, _WORKDIR.value, read_only=True)
                 results.evaluate_checkpoint(run)
@@ -98,7 +99,8 @@ def main(argv):
 
                 estimate.run(config, _WORKDIR.value)
             elif _MODE.value == "train":
-                pretrain.train_and_evaluate(config, _WORKDIR.value)
+                with pretrain.workdir_lock(_WORKDIR.value):
+                    pretrain.train_and_evaluate(config, _WORKDIR.value)
             else:
                 pretrain.evaluate_checkpoint(config, _WORKDIR.value)
 

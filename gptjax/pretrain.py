@@ -1,5 +1,7 @@
 """Unsupervised pretraining (Section 3.1): set up a run from its config and drive the loop."""
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
@@ -25,6 +27,37 @@ def total_steps(train_cfg: ml_collections.ConfigDict, num_windows: int) -> int:
     if train_cfg.num_steps is not None:
         return train_cfg.num_steps
     return max(1, train_cfg.epochs * num_windows // train_cfg.batch_size)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds the workdir for one training command: a second one started on it while the
+    first runs is refused (two would delete each other's checkpoint saves and interleave
+    their metrics). An advisory lock on the directory itself, so nothing is written into
+    it; the operating system releases it when the process ends, however it ends. Process
+    0 locks for all; where the filesystem has no locks, a warning says it is unlocked."""
+    if jax.process_index() != 0 or (os.path.exists(workdir) and not os.path.isdir(workdir)):
+        yield  # a file: check_workdir names it
+        return
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield  # cannot be created or read: check_workdir says why
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another gptjax command is training in {workdir}; wait for it to end (or "
+                "stop it: it resumes from its last checkpoint), or use another --workdir"
+            ) from None
+        except OSError as e:
+            logging.warning("cannot lock %s (%s): two runs there would collide", workdir, e)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: bool):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import runpy
 
 import pytest
@@ -77,3 +78,18 @@ def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
     with pytest.raises(UserError, match="run is a file, not a directory"):
         pretrain.check_workdir(str(tmp_path / "run"), tiny_config(), resuming=False)
     assert (tmp_path / "run").read_text() == "a file"
+
+
+def test_a_second_training_command_on_a_workdir_is_refused(tmp_path):
+    """The lock is the directory's: a second holder (another process, or another open
+    of it here) is refused while the first holds it, and nothing is written into it."""
+    workdir = str(tmp_path / "run")
+    with pretrain.workdir_lock(workdir):
+        with (
+            pytest.raises(UserError, match="another gptjax command is training in"),
+            pretrain.workdir_lock(workdir),
+        ):
+            pass
+        assert os.listdir(workdir) == []
+    with pretrain.workdir_lock(workdir):  # released with the first
+        pass
