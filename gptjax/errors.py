@@ -25,10 +25,16 @@ EXIT_PREEMPTED = 75
 
 
 class Preempted(Exception):
-    """Training stopped early on a signal, after a synchronous checkpoint at `step`."""
+    """Training stopped early on a signal, after a synchronous checkpoint at `step`, or
+    (`step` None) outside the training loop, with nothing unsaved to lose."""
 
-    def __init__(self, step: int, reason: str):
-        super().__init__(f"stopped by {reason} at step {step}; checkpoint saved")
+    def __init__(self, step: int | None, reason: str):
+        where = (
+            f"at step {step}; checkpoint saved"
+            if step is not None
+            else "outside the training loop; nothing unsaved is lost"
+        )
+        super().__init__(f"stopped by {reason} {where}")
         self.step, self.reason = step, reason
 
 

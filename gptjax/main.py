@@ -60,7 +60,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     # Imported here so that `--help` and flag errors answer without loading JAX.
     from gptjax import config as config_lib
-    from gptjax import distributed, host_memory, pretrain
+    from gptjax import distributed, host_memory, preemption, pretrain
 
     logging.info(host_memory.describe())
 
@@ -87,7 +87,7 @@ def main(argv):
             finetune.resolve_model(config)
             config_lib.validate(config)
             if _MODE.value == "train":
-                with pretrain.workdir_lock(_WORKDIR.value):
+                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(_WORKDIR.value):
                     finetune.train_and_evaluate(config, _WORKDIR.value)
             else:
                 run = finetune.FineTune(config, _WORKDIR.value, read_only=True)
@@ -99,7 +99,7 @@ def main(argv):
 
                 estimate.run(config, _WORKDIR.value)
             elif _MODE.value == "train":
-                with pretrain.workdir_lock(_WORKDIR.value):
+                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(_WORKDIR.value):
                     pretrain.train_and_evaluate(config, _WORKDIR.value)
             else:
                 pretrain.evaluate_checkpoint(config, _WORKDIR.value)

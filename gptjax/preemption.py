@@ -5,12 +5,36 @@ then saves a checkpoint synchronously and the CLI exits with status 75, so the s
 command resumes. A second SIGINT (Ctrl-C pressed twice) interrupts at once.
 """
 
+import contextlib
 import logging
 import os
 import signal
 
 import jax
 from jax.experimental import multihost_utils
+
+from gptjax.errors import Preempted
+
+
+@contextlib.contextmanager
+def stop_outside_the_loop():
+    """SIGTERM while a training command prepares its data, compiles or evaluates (outside
+    `PreemptionGuard`, which the loop holds) ends it at once with the same status as a
+    stop in the loop, 75, so that a scheduler requeues it: every file it writes is
+    written whole or not at all, and the rerun starts from what is there. On several
+    hosts JAX's preemption service owns SIGTERM, and this does nothing."""
+    if jax.process_count() > 1:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Preempted(None, signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class PreemptionGuard:

@@ -82,6 +82,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
     assert sorted(int(d) for d in os.listdir(workdir / "checkpoints")) == [last_logged]
 
 
+@pytest.mark.slow
+def test_sigterm_before_the_first_step_exits_75(tmp_path):
+    """While the corpus is read, the tokenizer trained and the step compiled (minutes on
+    BookCorpus) a scheduler's SIGTERM must still end in the status that requeues."""
+    books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
+    workdir = tmp_path / "run"
+    proc = start_main(workdir, books=books, cache=cache)
+    deadline = time.time() + 120
+    while not workdir.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)  # the workdir is made once the command holds it
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    stderr = proc.stderr.read()
+    assert "stopped by SIGTERM outside the training loop" in stderr, stderr[-2000:]
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+
+
 def run_with_nan_at(config, workdir, monkeypatch, nan_step):
     """Trains with the loss weights of batch `nan_step` (a number or a range) made NaN
     (so its loss and gradients are NaN)."""
