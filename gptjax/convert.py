@@ -175,6 +175,8 @@ def _task_kind(config: dict) -> tuple[str, bool]:
 def from_openai(src: str, dst: str, n_head: int = 12):
     """The original release (params_shapes.json, params_0..9.npy, encoder_bpe_40000.json,
     vocab_40000.bpe) -> a gptjax workdir. The release does not record n_head (12)."""
+    if n_head < 1:
+        raise UserError(f"--n_head={n_head} must be at least 1 (the release's is 12)")
     shapes = hf_source.load_json(os.path.join(src, OPENAI_SHAPES), "SRC must be the OpenAI release")
     files = [os.path.join(src, f"params_{n}.npy") for n in range(OPENAI_SHARDS)]
     tokenizer = {}
@@ -194,6 +196,9 @@ def from_openai(src: str, dst: str, n_head: int = 12):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the params_*.npy files: {e}") from None
     tensors = openai_to_hf(split_openai(flat.astype(np.float32), shapes))
+    if tensors["tokens_embed.weight"].shape[1] % n_head:
+        width = tensors["tokens_embed.weight"].shape[1]
+        raise UserError(f"--n_head={n_head} does not divide the release's width, {width}")
     params = hf_to_params(tensors, n_head)
     source = {"format": "openai", "source": os.path.abspath(src)}
     config_json = run_config(_sizes(params, n_head), PAPER_DROPOUT, source)

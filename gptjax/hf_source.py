@@ -57,7 +57,13 @@ def _read_torch_pickle(path: str) -> dict[str, np.ndarray]:
     }
 
 
+# HF openai-gpt's size settings: whole numbers, the counts positive.
+HF_SIZES = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
 def check_config(hf: dict, path: str):
+    if not isinstance(hf, dict):
+        raise UserError(f"{path} is not a JSON object: not a save_pretrained config.json")
     if hf.get("model_type") != "openai-gpt":
         raise UserError(f"{path}: model_type is {hf.get('model_type')!r}, not 'openai-gpt'")
     if hf.get("afn", HF_AFN) != HF_AFN:
@@ -65,6 +71,15 @@ def check_config(hf: dict, path: str):
             f"{path}: activation afn={hf['afn']!r} is not supported; gptjax implements the "
             f"tanh-approximated GELU only (HF openai-gpt's afn={HF_AFN!r})"
         )
+    bad = [k for k in HF_SIZES if k in hf and not (type(hf[k]) is int and hf[k] > 0)]
+    if bad or (type(hf.get("n_special", 0)) is not int or hf.get("n_special", 0) < 0):
+        name = bad[0] if bad else "n_special"
+        raise UserError(
+            f"{path}: {name}={hf[name]!r} is not a whole number of at least 1 (0 for n_special)"
+        )
+    width, heads = hf.get("n_embd", 768), hf.get("n_head", 12)
+    if width % heads:
+        raise UserError(f"{path}: n_embd={width} is not a multiple of n_head={heads}")
     eps = hf.get("layer_norm_epsilon", LN_EPSILON)
     if not np.isclose(eps, LN_EPSILON, rtol=1e-6, atol=0):
         raise UserError(f"{path}: layer_norm_epsilon={eps} is not supported (only {LN_EPSILON})")

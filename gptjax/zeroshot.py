@@ -278,12 +278,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     `zeroshot.all_checkpoints`, every one) on each task; writes and returns the rows."""
     zs = config.zeroshot
     names = task_names(zs)
-    data = {name: load_examples(config, name) for name in names}
-    steps = checkpoint.all_steps(workdir)
+    # The workdir first: the tasks' data may take minutes to fetch.
+    steps = checkpoint.all_steps(workdir) if os.path.isdir(workdir) else []
     if not steps:
         raise UserError(
             f"no checkpoint in {workdir}: pretrain there first, or point --workdir at a run"
         )
+    data = {name: load_examples(config, name) for name in names}
     steps = steps if zs.all_checkpoints else steps[-1:]
     rows: list[dict] = []
     for step in steps:

@@ -291,6 +291,21 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
     (hf / "config.json").write_text(json.dumps({**config, "afn": "relu"}))
     assert "afn='relu'" in run(capsys, "from-hf", hf, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+    for wrong, words in (
+        ({**config, "n_head": 0}, "n_head=0 is not a whole number of at least 1"),
+        ({**config, "n_embd": "32"}, "n_embd='32' is not a whole number"),
+        ({**config, "n_head": 5}, "is not a multiple of n_head=5"),
+        ([1, 2], "is not a JSON object"),
+    ):
+        (hf / "config.json").write_text(json.dumps(wrong))
+        assert words in run(capsys, "from-hf", hf, tmp_path / "b")
+        assert not (tmp_path / "b").exists()
+    openai_release(tmp_path / "release2", np.random.default_rng(5))
+    for heads, words in (("0", "--n_head=0 must be at least 1"), ("5", "does not divide")):
+        assert words in run(
+            capsys, "from-openai", tmp_path / "release2", tmp_path / "e", f"--n_head={heads}"
+        )
+        assert not (tmp_path / "e").exists()
 
     assert "config.json is missing" in run(capsys, "to-hf", tmp_path, tmp_path / "c")
     assert not list(tmp_path.glob("*.tmp*")) and not list(root.glob("*.tmp*"))

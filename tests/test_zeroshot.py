@@ -322,10 +322,14 @@ def test_bad_settings_name_the_problem(tmp_path, settings, words):
         assert word in str(error.value)
 
 
-def test_no_checkpoint_is_a_user_error(tmp_path):
+def test_no_checkpoint_is_a_user_error_before_any_data_is_read(tmp_path, monkeypatch):
     config = zeroshot_config({"sst2_path": task_files(tmp_path)["sst2_path"]}, tasks="sst2")
+    read = []
+    monkeypatch.setattr(zeroshot, "load_examples", lambda *args: read.append(args))
     with pytest.raises(UserError, match="no checkpoint"):
         zeroshot.run(config, str(tmp_path / "empty"))
+    assert not read  # a task's data can take minutes to fetch
+    assert not (tmp_path / "empty").exists()
 
 
 def test_tasks_without_files_come_from_the_registry(tmp_path, monkeypatch):
