@@ -50,8 +50,10 @@ def fail(message: str, at_once: bool = False):
         sys.stderr.flush()
         os._exit(2)
     # The storage library's abandoned reads (a damaged checkpoint) are collected at exit
-    # and would each print "Exception ignored ... Traceback" after the one line.
+    # and would each print "Exception ignored ... Traceback" (or, from asyncio's logger,
+    # "Task exception was never retrieved" and its traceback) after the one line.
     sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").disabled = True
     sys.exit(2)
 
 

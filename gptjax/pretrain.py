@@ -60,6 +60,18 @@ def workdir_lock(workdir: str):
         os.close(fd)  # releases the lock
 
 
+def check_writable(workdir: str):
+    """UserError unless a file can be written in the (existing) workdir: said before a
+    command's work, not after it when the results are written."""
+    try:
+        probe = os.path.join(workdir, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: bool):
     """Creates the workdir and checks it is writable. Resuming a run of another model
     shape is an error rather than a silent restart."""
@@ -67,12 +79,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: boo
         raise UserError(f"workdir {workdir} is a file, not a directory; pick another --workdir")
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
     except OSError as e:
         raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
+    check_writable(workdir)
     aside = os.path.join(workdir, checkpoint.CORRUPT_DIR)
     if not resuming and os.path.isdir(aside) and os.listdir(aside):
         raise UserError(

@@ -186,6 +186,18 @@ def test_a_refused_shape_is_not_recorded_when_the_config_file_is_gone(trained, t
     assert json.loads((copy / "config.json").read_text())["model"]["d_mlp"] != 96
 
 
+def test_eval_of_a_damaged_checkpoint_ends_in_one_line(trained, tmp_path):
+    root, _ = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
+    latest = max((copy / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    biggest = max((latest / "params").rglob("*"), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # truncated
+    result = run_main(copy, "--mode=eval", books=root / "books", cache=root / "cache")
+    assert_one_line_error(result, f"checkpoint {latest.name}", "cannot be read")
+    assert "Task exception was never retrieved" not in result.stderr
+
+
 def test_another_batch_size_in_workdir_is_refused(trained, tmp_path):
     root, _ = trained
     copy = tmp_path / "run"

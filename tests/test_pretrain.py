@@ -93,3 +93,13 @@ def test_a_second_training_command_on_a_workdir_is_refused(tmp_path):
         assert os.listdir(workdir) == []
     with pretrain.workdir_lock(workdir):  # released with the first
         pass
+
+
+@pytest.mark.parametrize("mode", ["eval", "zeroshot", "estimate"])
+def test_a_read_only_workdir_is_refused_before_the_work(mode, capsys):
+    """These modes write their results into the workdir at the end: an unwritable one
+    (here /proc, which root cannot write either) is named before anything runs."""
+    from cli import main_in_process
+
+    status, last = main_in_process("/proc", f"--mode={mode}", capsys=capsys)
+    assert status == 2 and "workdir /proc is not writable" in last, last
