@@ -256,6 +256,12 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise UserError(f"no checkpoint in {mngr.directory}: pretrain there first")
+        other = shape_mismatch(os.path.join(str(mngr.directory), str(step)), abstract_params)
+        if other:  # e.g. a fine-tuned run's (a GPT under "transformer", and a head)
+            raise UserError(
+                f"checkpoint {step} in {mngr.directory} holds another model's parameters "
+                f"({other}); point at a pretraining (or converted) run of these sizes"
+            )
         with _unreadable(step, mngr.directory, "or use another run"):
             restored = mngr.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))

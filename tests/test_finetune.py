@@ -17,6 +17,7 @@ from test_tfds_tasks import story_cloze_source, write_story_cloze
 
 from gptjax import checkpoint, finetune, results
 from gptjax import tokenizer as tokenizer_lib
+from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
 from gptjax.tasks import transforms
@@ -524,6 +525,9 @@ def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp
     # A rerun finds the phase complete and does not train it again.
     finetune.train_and_evaluate(config, str(workdir))
     assert checkpoint.all_steps(adapt_dir) == [1, 2]
+    # A fine-tuned run (a GPT under "transformer", and a head) is named as such.
+    with pytest.raises(UserError, match="another model's parameters .*a pretraining"):
+        run.restore_lm(str(workdir))
 
 
 def test_ablation_variants_and_side_by_side_table():
