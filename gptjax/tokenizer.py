@@ -198,9 +198,15 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
+        message = _one_line(e)
+        if "smaller than required_chars" in message:
+            fix = "raise --config.model.vocab_size: the corpus has more distinct characters"
+        elif "too high" in message:
+            fix = "a small corpus needs a smaller --config.model.vocab_size"
+        else:
+            fix = "check that the corpus holds text, or change --config.model.vocab_size"
         raise UserError(
-            f"could not train a {vocab_size}-piece tokenizer on this corpus "
-            f"({_one_line(e)}); a small corpus needs a smaller --config.model.vocab_size"
+            f"could not train a {vocab_size}-piece tokenizer on this corpus ({message}); {fix}"
         ) from None
     return SentencePieceTokenizer(model.getvalue())
 

@@ -52,9 +52,16 @@ def test_saved_and_reloaded(tok, tmp_path):
     assert again.encode("The fox") == tok.encode("The fox")
 
 
-def test_vocabulary_too_large_for_corpus_is_a_user_error():
-    with pytest.raises(UserError, match="vocab_size"):
-        tokenizer_lib.train_sentencepiece(["tiny corpus"], 5000, 10)
+@pytest.mark.parametrize(
+    "vocab_size, fix",
+    [
+        (5000, "a small corpus needs a smaller --config.model.vocab_size"),
+        (5, "raise --config.model.vocab_size: the corpus has more distinct characters"),
+    ],
+)
+def test_a_vocabulary_the_corpus_cannot_give_is_a_user_error(vocab_size, fix):
+    with pytest.raises(UserError, match=fix):
+        tokenizer_lib.train_sentencepiece(["tiny corpus of words"], vocab_size, 10)
 
 
 def test_sampled_lines_are_seeded_and_uniform():
