@@ -278,13 +278,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     `zeroshot.all_checkpoints`, every one) on each task; writes and returns the rows."""
     zs = config.zeroshot
     names = task_names(zs)
-    # The workdir first: the tasks' data may take minutes to fetch.
+    # Local files first (a bad one is a settings error), then the workdir, then the
+    # TFDS tasks: their data may take minutes to fetch.
+    data = {name: load_examples(config, name) for name in names if zs[f"{name}_path"]}
     steps = checkpoint.all_steps(workdir) if os.path.isdir(workdir) else []
     if not steps:
         raise UserError(
             f"no checkpoint in {workdir}: pretrain there first, or point --workdir at a run"
         )
-    data = {name: load_examples(config, name) for name in names}
+    data.update({name: load_examples(config, name) for name in names if name not in data})
     steps = steps if zs.all_checkpoints else steps[-1:]
     rows: list[dict] = []
     for step in steps:

@@ -322,13 +322,16 @@ def test_bad_settings_name_the_problem(tmp_path, settings, words):
         assert word in str(error.value)
 
 
-def test_no_checkpoint_is_a_user_error_before_any_data_is_read(tmp_path, monkeypatch):
-    config = zeroshot_config({"sst2_path": task_files(tmp_path)["sst2_path"]}, tasks="sst2")
+def test_no_checkpoint_is_a_user_error_before_any_tfds_data_is_fetched(tmp_path, monkeypatch):
+    """Local files are read first (their errors are settings errors), TFDS tasks only
+    once a checkpoint is known to be there: their data can take minutes to fetch."""
+    paths = task_files(tmp_path)
+    config = zeroshot_config({"sst2_path": paths["sst2_path"]}, tasks="sst2,race")
     read = []
-    monkeypatch.setattr(zeroshot, "load_examples", lambda *args: read.append(args))
+    monkeypatch.setattr(zeroshot, "load_examples", lambda _, name: read.append(name))
     with pytest.raises(UserError, match="no checkpoint"):
         zeroshot.run(config, str(tmp_path / "empty"))
-    assert not read  # a task's data can take minutes to fetch
+    assert read == ["sst2"]
     assert not (tmp_path / "empty").exists()
 
 
