@@ -198,10 +198,32 @@ class BPETokenizer:
     ) -> "BPETokenizer":
         """Reads transformers' `vocab.json` + `merges.txt`, or the original release's
         `encoder_bpe_40000.json` + `vocab_40000.bpe` (the same formats)."""
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(merges_path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        texts = []
+        for path in (vocab_path, merges_path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    texts.append(f.read())
+            except UnicodeDecodeError:
+                raise UserError(f"{path} is not UTF-8 text: not a BPE tokenizer file") from None
+        return cls.from_texts(*texts, pretokenizer, names=(vocab_path, merges_path))
+
+    @classmethod
+    def from_texts(
+        cls,
+        vocab_text: str,
+        merges_text: str,
+        pretokenizer: str = "auto",
+        names: tuple[str, str] = (VOCAB_FILE, MERGES_FILE),
+    ) -> "BPETokenizer":
+        """The tokenizer of a `vocab.json` and a `merges.txt`'s contents; `names` are
+        what its errors call them."""
+        try:
+            vocab = json.loads(vocab_text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{names[0]} is not JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+            raise UserError(f"{names[0]} is not a JSON object of piece -> integer id")
+        lines = merges_text.split("\n")
         if lines and lines[0].startswith("#version"):
             lines = lines[1:]
         merges = []
@@ -210,7 +232,7 @@ class BPETokenizer:
                 continue
             pair = line.split()
             if len(pair) != 2:
-                raise UserError(f"{merges_path}: merge {number} is not two pieces: {line!r}")
+                raise UserError(f"{names[1]}: merge {number} is not two pieces: {line!r}")
             merges.append(tuple(pair))
         return cls(vocab, merges, pretokenizer)
 

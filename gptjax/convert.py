@@ -201,10 +201,10 @@ def from_openai(src: str, dst: str, n_head: int = 12):
         raise UserError(f"--n_head={n_head} does not divide the release's width, {width}")
     params = hf_to_params(tensors, n_head)
     source = {"format": "openai", "source": os.path.abspath(src)}
-    config_json = run_config(_sizes(params, n_head), PAPER_DROPOUT, source)
-    write_workdir(
-        dst, params, config_json, {k: hf_source.read_bytes(p) for k, p in tokenizer.items()}
-    )
+    sizes = _sizes(params, n_head)
+    tokenizer_files = {k: hf_source.read_bytes(p) for k, p in tokenizer.items()}
+    hf_source.check_tokenizer(tokenizer_files, sizes["vocab_size"], src)
+    write_workdir(dst, params, run_config(sizes, PAPER_DROPOUT, source), tokenizer_files)
     return params
 
 
@@ -244,7 +244,9 @@ def from_hf(src: str, dst: str):
         source["specials"] = "the last 3 token rows: _start_, _delimiter_, _classify_"
         clf_dropout = float(hf.get("summary_first_dropout", PAPER_DROPOUT))
     config_json = run_config(sizes, hf_source.dropout_rate(hf), source, clf_dropout)
-    write_workdir(dst, params, config_json, hf_source.tokenizer_files(src))
+    tokenizer_files = hf_source.tokenizer_files(src)
+    hf_source.check_tokenizer(tokenizer_files, sizes["vocab_size"], src)
+    write_workdir(dst, params, config_json, tokenizer_files)
     return params
 
 

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from gptjax.bpe import BPETokenizer
 from gptjax.errors import UserError
 from gptjax.hf_format import HF_AFN, LN_EPSILON, PAPER_DROPOUT
 
@@ -126,15 +127,39 @@ def tokenizer_files(src: str) -> dict[str, bytes]:
     if not os.path.exists(path):
         logging.warning("%s has no tokenizer files: the workdir gets none", src)
         return {}
-    with open(path, encoding="utf-8") as f:
-        model = json.load(f).get("model", {})
-    if model.get("type") != "BPE":
-        raise UserError(f"{path} is not a BPE tokenizer (model type {model.get('type')!r})")
+    saved = load_json(path, "")
+    model = saved.get("model", {}) if isinstance(saved, dict) else {}
+    if (
+        not isinstance(model, dict)
+        or model.get("type") != "BPE"
+        or not {"vocab", "merges"} <= model.keys()
+    ):
+        raise UserError(f"{path} is not a tokenizers BPE tokenizer with vocab and merges")
     pairs = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return {
         VOCAB_FILE: json.dumps(model["vocab"], ensure_ascii=False).encode(),
         MERGES_FILE: "\n".join(["#version: 0.2", *pairs, ""]).encode(),
     }
+
+
+def check_tokenizer(files: dict[str, bytes], rows: int, src: str):
+    """Refuses, before anything is written, tokenizer files gptjax could not load, or
+    ids past the token embedding's `rows` (they would read another token's row)."""
+    if not files:
+        return
+    try:
+        texts = [files[name].decode("utf-8") for name in (VOCAB_FILE, MERGES_FILE)]
+    except UnicodeDecodeError:
+        raise UserError(f"{src}: the tokenizer files are not UTF-8 text") from None
+    try:
+        tokenizer = BPETokenizer.from_texts(*texts, pretokenizer="bert")
+    except UserError as e:
+        raise UserError(f"{src}: {e}") from None
+    if tokenizer.vocab_size > rows:
+        raise UserError(
+            f"{src}: the tokenizer has {tokenizer.vocab_size} pieces but the token "
+            f"embedding {rows} rows: the tokenizer files belong to another model"
+        )
 
 
 def read_bytes(path: str) -> bytes:

@@ -10,6 +10,8 @@ import sys
 
 import jax
 
+from gptjax.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -41,10 +43,16 @@ class MetricsWriter:
         if not self.active:
             return
         self.path = os.path.join(workdir, METRICS_FILE)
-        _drop_rows_after(self.path, resume_step)
-        # purge_step hides the events a killed run wrote past its last checkpoint.
         writer = _summary_writer_class()
-        self.tb = writer(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        try:
+            _drop_rows_after(self.path, resume_step)
+            # purge_step hides the events a killed run wrote past its last checkpoint.
+            self.tb = writer(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+        except OSError as e:  # e.g. metrics.jsonl a directory, tensorboard a file
+            raise UserError(
+                f"cannot write metrics to {e.filename} ({e.strerror}): move that path "
+                f"out of the workdir, or choose another --workdir"
+            ) from None
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:

@@ -18,11 +18,12 @@ from gptjax.errors import Preempted
 
 @contextlib.contextmanager
 def stop_outside_the_loop():
-    """SIGTERM while a training command prepares its data, compiles or evaluates (outside
-    `PreemptionGuard`, which the loop holds) ends it at once with the same status as a
-    stop in the loop, 75, so that a scheduler requeues it: every file it writes is
-    written whole or not at all, and the rerun starts from what is there. On several
-    hosts JAX's preemption service owns SIGTERM, and this does nothing."""
+    """SIGTERM or Ctrl-C while a training command prepares its data, compiles or
+    evaluates (outside `PreemptionGuard`, which the loop holds) ends it at once with the
+    same status and message as a stop in the loop, 75, so that a scheduler requeues it:
+    every file it writes is written whole or not at all, and the rerun starts from what
+    is there. On several hosts JAX's preemption service owns SIGTERM, and this does
+    nothing (Ctrl-C stays Python's KeyboardInterrupt there)."""
     if jax.process_count() > 1:
         yield
         return
@@ -30,11 +31,12 @@ def stop_outside_the_loop():
     def stop(signum, frame):
         raise Preempted(None, signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class PreemptionGuard:

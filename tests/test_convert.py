@@ -29,7 +29,7 @@ HF_SIZES = dict(
 OURS = dict(vocab_size=64, n_ctx=16, n_layer=2, n_head=2, d_model=32, d_mlp=128, dropout=0.0)
 TOL = 1e-5
 TINY_VOCAB = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "a</w>": 4, "b</w>": 5, "c</w>": 6}
-TINY_VOCAB |= {"ab</w>": 7, "ab": 8}
+TINY_VOCAB |= {"ab</w>": 7, "ab": 8, "\n</w>": 9}
 
 
 def hf_model(cls, seed=0, **overrides):
@@ -79,7 +79,7 @@ def lm(tmp_path_factory):
     model = hf_model(transformers.OpenAIGPTLMHeadModel)
     model.save_pretrained(root / "hf")
     with open(root / "hf" / "vocab.json", "w") as f:
-        json.dump({"<unk>": 0, "a</w>": 1}, f)
+        json.dump({"<unk>": 0, "a</w>": 1, "\n</w>": 2}, f)
     (root / "hf" / "merges.txt").write_text("#version: 0.2\na b\n")
     result = subprocess.run(
         [sys.executable, "-m", "gptjax.convert", "from-hf", root / "hf", root / "ours"],
@@ -227,7 +227,9 @@ def openai_release(directory, rng):
     flat = np.concatenate([a.reshape(-1) for a in arrays])
     for n, part in enumerate(np.array_split(flat, 10)):
         np.save(directory / f"params_{n}.npy", part)
-    (directory / "encoder_bpe_40000.json").write_text(json.dumps({"a</w>": 0, "b</w>": 1}))
+    (directory / "encoder_bpe_40000.json").write_text(
+        json.dumps({"a</w>": 0, "b</w>": 1, "\n</w>": 2})
+    )
     (directory / "vocab_40000.bpe").write_text("#version: 0.2\na b\n")
     return arrays
 
@@ -300,6 +302,29 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
         (hf / "config.json").write_text(json.dumps(wrong))
         assert words in run(capsys, "from-hf", hf, tmp_path / "b")
         assert not (tmp_path / "b").exists()
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(root / "hf" / name, tok / name)
+    for vocab, merges, words in (
+        ("{not json", "", "vocab.json is not JSON"),
+        ('["a</w>"]', "", "is not a JSON object of piece -> integer id"),
+        ('{"a</w>": 0, "\\n</w>": 2}', "", "ids are not 0..N-1"),
+        ('{"a</w>": 0}', "", 'no "\\n</w>" piece'),
+        ('{"a</w>": 0, "\\n</w>": 1}', "a b c\n", "merge 1 is not two pieces"),
+        (json.dumps({f"p{i}": i for i in range(64)} | {"\n</w>": 64}), "", "65 pieces"),
+    ):
+        (tok / "vocab.json").write_text(vocab)
+        (tok / "merges.txt").write_text(merges)
+        assert words in run(capsys, "from-hf", tok, tmp_path / "t")
+        assert not (tmp_path / "t").exists()
+    (tok / "vocab.json").write_bytes(b"\xff\xfe")
+    assert "not UTF-8" in run(capsys, "from-hf", tok, tmp_path / "t")
+    os.remove(tok / "vocab.json")
+    (tok / "tokenizer.json").write_text('{"model": {"type": "WordPiece"}}')
+    assert "is not a tokenizers BPE tokenizer" in run(capsys, "from-hf", tok, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
     openai_release(tmp_path / "release2", np.random.default_rng(5))
     for heads, words in (("0", "--n_head=0 must be at least 1"), ("5", "does not divide")):
         assert words in run(

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from gptjax.errors import UserError
 from gptjax.metrics import MetricsWriter, read_metrics
 
 
@@ -47,6 +48,17 @@ def test_rows_tensorboard_and_resume_truncation(tmp_path):
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+
+
+@pytest.mark.parametrize("blocked", ["metrics.jsonl", "tensorboard"])
+def test_a_path_in_the_way_is_a_user_error(tmp_path, blocked):
+    """metrics.jsonl a directory, or tensorboard a file: one line naming the path."""
+    if blocked == "tensorboard":
+        (tmp_path / blocked).write_text("not a directory")
+    else:
+        (tmp_path / blocked).mkdir()
+    with pytest.raises(UserError, match=f"cannot write metrics to .*{blocked}"):
+        MetricsWriter(str(tmp_path))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")

@@ -83,19 +83,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_before_the_first_step_exits_75(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_before_the_first_step_exits_75(tmp_path, sig):
     """While the corpus is read, the tokenizer trained and the step compiled (minutes on
-    BookCorpus) a scheduler's SIGTERM must still end in the status that requeues."""
+    BookCorpus) a scheduler's SIGTERM, or a Ctrl-C, must still end in the status that
+    requeues, with one line and no traceback."""
     books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
     workdir = tmp_path / "run"
     proc = start_main(workdir, books=books, cache=cache)
     deadline = time.time() + 120
     while not workdir.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)  # the workdir is made once the command holds it
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75
     stderr = proc.stderr.read()
-    assert "stopped by SIGTERM outside the training loop" in stderr, stderr[-2000:]
+    assert f"stopped by {sig.name} outside the training loop" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
