@@ -208,7 +208,18 @@ def train_sentencepiece(
         raise UserError(
             f"could not train a {vocab_size}-piece tokenizer on this corpus ({message}); {fix}"
         ) from None
-    return SentencePieceTokenizer(model.getvalue())
+    return SentencePieceTokenizer(_machine_independent(model.getvalue()))
+
+
+def _machine_independent(model_proto: bytes) -> bytes:
+    """The trained model with its recorded trainer thread count (this machine's cores)
+    set to 1: the same corpus then gives the same bytes, and so the same digest (the
+    key of every cache of its token ids), on any machine. Encoding does not read it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+    proto.trainer_spec.num_threads = 1
+    return proto.SerializeToString()
 
 
 def _one_line(error: Exception) -> str:

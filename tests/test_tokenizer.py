@@ -82,8 +82,10 @@ def test_sampled_lines_are_seeded_and_uniform():
 
 
 def test_a_tokenizer_learned_from_a_sample_is_reproducible():
-    """Across processes: SentencePiece's own sampling differed from one process to the next."""
+    """Across processes (SentencePiece's own sampling differed from one process to the
+    next) and machines: the trainer's thread count, the core count, is not in the bytes."""
     script = (
+        "import os, sys; os.cpu_count = lambda: int(sys.argv[1]); "
         "from gptjax import tokenizer as t; from test_tokenizer import TEXTS; "
         "texts = [f'{TEXTS[i % len(TEXTS)]} line {i} of many' for i in range(3000)]; "
         "print(t.train_sentencepiece(texts, 96, 500).digest)"
@@ -91,8 +93,12 @@ def test_a_tokenizer_learned_from_a_sample_is_reproducible():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     digests = [
         subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", script, str(cores)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
-        for _ in range(3)
+        for cores in (1, 2, 16)
     ]
     assert len(set(digests)) == 1 and len(digests[0].strip()) == 64
