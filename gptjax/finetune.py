@@ -186,7 +186,7 @@ class FineTune:
         if not read_only:
             check_workdir(workdir, config, resuming=self.resume_step is not None)
         self.mesh = sharding.make_mesh(config.mesh)
-        check_batch(config, self.mesh)
+        check_batch(config, self.mesh, specials=len(tokenizer_lib.SPECIAL_TOKENS))
         # Started: a checkpoint of this run or of its domain adaptation. A tokenizer in a
         # workdir without one was left by a start that failed, and is replaced.
         self.started = self.resume_step is not None or (

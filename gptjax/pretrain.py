@@ -224,7 +224,10 @@ def agreed_resume_step(workdir: str) -> int | None:
     return step
 
 
-def check_batch(config: ml_collections.ConfigDict, mesh):
+def check_batch(config: ml_collections.ConfigDict, mesh, specials: int = 0):
+    """The batch, and the model's sharded sizes, split evenly over the mesh (see
+    `sharding.check_model_splits` for `specials`)."""
+    sharding.check_model_splits(config.model, mesh, specials)
     size, k = config.train.batch_size, config.train.microbatches
     dp = sharding.data_parallel_size(mesh)
     if dp % jax.process_count():

@@ -71,6 +71,26 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
     return tuple(sizes)
 
 
+def check_model_splits(model_cfg: ml_collections.ConfigDict, mesh: Mesh, specials: int = 0):
+    """Refuses, before any work, a model whose sharded sizes the mesh does not divide
+    (XLA would fail at the first compile, after the data were prepared). `specials`:
+    token rows added after `vocab_size` (fine-tuning's three)."""
+    vocab_note = f" + {specials} fine-tuning specials" if specials else ""
+    splits = (
+        ("n_head", model_cfg.n_head, "", "tensor"),
+        ("d_mlp", model_cfg.d_mlp, "", "tensor"),
+        ("vocab_size", model_cfg.vocab_size + specials, vocab_note, "tensor"),
+        ("d_model", model_cfg.d_model, "", "fsdp"),
+    )
+    for key, size, note, axis in splits:
+        if size % mesh.shape[axis]:
+            raise UserError(
+                f"model.{key}={model_cfg[key]}{note} does not split into mesh.{axis}="
+                f"{mesh.shape[axis]} equal parts; use a mesh.{axis} that divides {size}, or "
+                "put those devices on mesh.data"
+            )
+
+
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
     """A mesh over all devices (of all processes). Axes are `Auto` so that XLA's GSPMD
     propagates shardings from the jit boundaries and logical constraints; this JAX's

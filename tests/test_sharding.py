@@ -3,6 +3,8 @@ memory levers (gradient accumulation, rematerialisation) changing no value."""
 
 import json
 import os
+import re
+import runpy
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ from gptjax import checkpoint, optim, sharding, train
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, stack_layers, unstack_layers
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, write_books
 
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
 
@@ -285,3 +287,45 @@ def test_mesh_sizes_are_checked():
     config.mesh.update(data=-1, fsdp=-1)
     with pytest.raises(UserError, match="at most one -1"):
         sharding.make_mesh(config.mesh)
+
+
+class FakeMesh:
+    """Only the axis sizes are read."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+@pytest.mark.parametrize(
+    "mesh, specials, words",
+    [
+        (
+            {"data": 1, "fsdp": 1, "tensor": 8},
+            0,
+            "model.n_head=12 does not split into mesh.tensor=8",
+        ),
+        ({"data": 1, "fsdp": 1, "tensor": 4}, 0, "model.vocab_size=40478 does not split"),
+        ({"data": 1, "fsdp": 1, "tensor": 2}, 3, "40478 + 3 fine-tuning specials"),
+        (
+            {"data": 1, "fsdp": 5, "tensor": 1},
+            0,
+            "model.d_model=768 does not split into mesh.fsdp=5",
+        ),
+    ],
+)
+def test_sizes_the_mesh_does_not_divide_are_named(mesh, specials, words):
+    model = runpy.run_path(str(ROOT / "configs" / "gpt1.py"))["get_config"]().model
+    with pytest.raises(UserError, match=re.escape(words)):
+        sharding.check_model_splits(model, FakeMesh(mesh), specials)
+    sharding.check_model_splits(model, FakeMesh({**mesh, "fsdp": 1, "tensor": 1}), specials)
+    sharding.check_model_splits(model, FakeMesh({"data": 1, "fsdp": 2, "tensor": 2}))
+
+
+def test_a_model_the_mesh_does_not_divide_is_refused_before_any_work(tmp_path):
+    """Before the corpus is read and the tokenizer trained, not at the first compile."""
+    from cli import assert_one_line_error, run_main
+
+    books = write_books(tmp_path / "books")
+    flags = ["--config.mesh.data=1", "--config.mesh.tensor=2", "--config.model.vocab_size=95"]
+    result = run_main(tmp_path / "run", *flags, books=books, cache=tmp_path / "c", devices=2)
+    assert_one_line_error(result, "model.vocab_size=95", "mesh.tensor=2", workdir=tmp_path / "run")
