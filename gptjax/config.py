@@ -159,6 +159,13 @@ def check_reals(settings: dict):
 def validate_finetune(config: ml_collections.ConfigDict):
     """The fine-tuning settings (`configs/finetune.py`), after the model sizes are known."""
     f = config.finetune
+    n_ctx = config.model.n_ctx
+    if n_ctx is not None and n_ctx < 5:
+        # A pair (entailment, similarity, multiple choice) is _start_ a _delimiter_ b _classify_.
+        raise UserError(
+            f"model.n_ctx={n_ctx} leaves no room for the texts: fine-tuning's inputs need at "
+            "least 5 positions (_start_, a text, _delimiter_, a text, _classify_)"
+        )
     check_reals({"finetune.lm_coef": (f.lm_coef, (lambda x: x >= 0, "0 or more (0: no LM loss)"))})
     if not 0.0 <= f.clf_dropout < 1.0:
         raise UserError(f"finetune.clf_dropout={f.clf_dropout} must be in [0, 1)")

@@ -114,6 +114,7 @@ def test_validate_names_the_bad_setting(section, key, value, word):
         ("finetune.lm_coef", float("nan"), "finetune.lm_coef=nan must be a finite number"),
         ("finetune.lm_coef", -1.0, "finetune.lm_coef=-1.0"),
         ("adapt.lr", float("inf"), "adapt.lr=inf must be a finite number, positive, or unset"),
+        ("model.n_ctx", 4, "model.n_ctx=4 leaves no room for the texts"),
     ],
 )
 def test_validate_names_the_bad_finetuning_setting(key, value, word):
