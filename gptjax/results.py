@@ -123,14 +123,18 @@ def write_predictions(run: "FineTune", split: str, out: dict):
     path = os.path.join(run.workdir, predictions_file(task, split))
     if jax.process_index() != 0:
         return
+    rows = []
+    for i, (ex, p) in enumerate(zip(examples, preds, strict=True)):
+        if task.regression:
+            value = f"{p:.3f}"
+        else:
+            value = str(int(p)) if numeric else task.label_names[int(p)]
+        rows.append((i if ex.uid is None else ex.uid, value))
+    if all(isinstance(index, int) for index, _ in rows):
+        rows.sort()  # in the test file's order (TFDS stores its records shuffled)
     with open(temporary_name(path), "w") as f:
         f.write("index\tprediction\n")
-        for i, (ex, p) in enumerate(zip(examples, preds, strict=True)):
-            if task.regression:
-                value = f"{p:.3f}"
-            else:
-                value = str(int(p)) if numeric else task.label_names[int(p)]
-            f.write(f"{i if ex.uid is None else ex.uid}\t{value}\n")
+        f.writelines(f"{index}\t{value}\n" for index, value in rows)
     os.replace(temporary_name(path), path)
     logging.info("wrote the %s predictions of %s to %s", split, task.name, path)
 

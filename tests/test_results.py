@@ -1,6 +1,7 @@
 """The results files of a fine-tuned run (the runs themselves: test_finetune.py)."""
 
 import json
+from types import SimpleNamespace
 
 from gptjax import results
 from gptjax.tasks.tfds_tasks import TFDS_TASKS
@@ -36,3 +37,22 @@ def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
     assert results.choose_step(str(tmp_path), "validation_pearson", "latest") == 400
+
+
+def test_predictions_are_written_in_the_test_files_order(tmp_path):
+    """TFDS hands a prepared split's records back shuffled; GLUE's server reads a
+    submission in its `idx` order, so the rows are sorted by it."""
+    from gptjax.tasks.spec import Example
+
+    uids = [6, 1, 8, 9, 4, 3, 2, 7, 10, 5, 11, 0]
+    examples = [Example((f"s{uid}",), None, uid=uid) for uid in uids]
+    task = SimpleNamespace(name="cola", regression=False, label_names=("0", "1"), submission={})
+    run = SimpleNamespace(
+        task=task,
+        workdir=str(tmp_path),
+        split=lambda split: SimpleNamespace(examples=examples),
+        predictions=lambda output: [uid % 2 for uid in uids],  # each row's answer: its parity
+    )
+    results.write_predictions(run, "test", {"output": None})
+    lines = (tmp_path / "predictions_test.tsv").read_text().splitlines()
+    assert lines == ["index\tprediction"] + [f"{i}\t{i % 2}" for i in range(12)]
