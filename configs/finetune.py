@@ -37,6 +37,7 @@ def get_config(task: str = "custom") -> config_dict.ConfigDict:
     config.task.label_field = "label"
     config.task.choices_field = ""  # multiple choice: a list of answers per row
     config.task.regression = False  # similarity scored as a number (like STS-B)
+    config.task.positive_label = ""  # two-class similarity: the class F1 scores (else 1/true)
     config.task.encoding = "utf-8"
 
     config.finetune = config_dict.ConfigDict()

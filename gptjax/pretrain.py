@@ -172,12 +172,18 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
             f"{workdir} holds a run of another model ({changed}); resume it with the same "
             "config or use a new --workdir"
         )
-    # A fine-tune's task, except its test file, which training never reads.
+    # A fine-tune's task, except its test file, which training never reads. A key that a
+    # run saved before it existed (task.positive_label) reads as its empty default.
     saved_task = saved.get("task") or {}
+    current_task = current.get("task", {})
+
+    def differs(k: str) -> bool:
+        if k not in saved_task:
+            return bool(current_task[k])
+        return saved_task[k] != current_task.get(k)
+
     changed = sorted(
-        k
-        for k in set(saved_task) | set(current.get("task", {}))
-        if k != "test_path" and saved_task.get(k) != current["task"].get(k)
+        k for k in set(saved_task) | set(current_task) if k != "test_path" and differs(k)
     )
     if "task" in current and changed:
         raise UserError(

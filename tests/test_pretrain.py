@@ -52,6 +52,15 @@ def test_a_fine_tune_resumes_only_on_its_task():
     with pytest.raises(UserError, match=r"another task \(task.train_path differ"):
         pretrain.check_resumable("run", before, config)
 
+    # A run saved before task.positive_label existed resumes with it unset, not set.
+    config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom")
+    older = saved(config)
+    del older["task"]["positive_label"]
+    pretrain.check_resumable("run", older, config)
+    config.task.positive_label = "yes"  # it would swap the label ids
+    with pytest.raises(UserError, match=r"task.positive_label differ"):
+        pretrain.check_resumable("run", older, config)
+
 
 def test_a_changed_schedule_is_named_in_a_warning(caplog):
     config = tiny_config()

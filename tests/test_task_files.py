@@ -106,6 +106,38 @@ def test_similarity_with_more_classes_has_no_f1(tmp_path):
     assert task.metrics == ("accuracy",)
 
 
+def test_f1_scores_the_positive_class_never_a_sorted_name(tmp_path):
+    """duplicate sorts before not_duplicate: F1 only once positive_label names the class
+    it scores, which then becomes label 1 (the class `metrics.compute`'s F1 scores)."""
+    from gptjax.tasks import metrics
+
+    rows = [{"a": f"q{i}", "b": "p", "label": "not_duplicate"} for i in range(18)]
+    rows += [{"a": f"d{i}", "b": "p", "label": "duplicate"} for i in range(2)]
+    train = write(tmp_path / "train.jsonl", rows)
+    task = load_file_task("similarity", str(train), str(train), "a,b", "label")
+    assert task.metrics == ("accuracy",)
+    task = load_file_task(
+        "similarity", str(train), str(train), "a,b", "label", positive_label="duplicate"
+    )
+    assert task.label_names == ("not_duplicate", "duplicate") and "f1" in task.metrics
+    labels = [e.label for e in task.load("validation", "")]
+    assert labels == [0] * 18 + [1] * 2
+    never_duplicate = metrics.compute(task.metrics, [0] * 20, labels)
+    assert never_duplicate == {"accuracy": 90.0, "f1": 0.0}
+    flipped = load_file_task(
+        "similarity", str(train), str(train), "a,b", "label", positive_label="not_duplicate"
+    )
+    assert flipped.label_names == ("duplicate", "not_duplicate")
+    three = write(tmp_path / "three.jsonl", rows + [{"a": "x", "b": "y", "label": "maybe"}])
+    for path, positive, words in (
+        (train, "same", "must be one of the 2 classes"),  # not a class
+        (three, "duplicate", "must be one of the 2 classes"),  # three classes
+    ):
+        error(words, "similarity", str(path), str(path), "a,b", "label", positive_label=positive)
+    regression = dict(regression=True, positive_label="duplicate")
+    error("applies to classes", "similarity", str(train), str(train), "a,b", "label", **regression)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_similarity_regression(tmp_path, fmt):
     rows = [

@@ -22,6 +22,7 @@ evaluation. Examples keep their row's 0-based index in its file as ``uid``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ from gptjax.tasks.spec import KINDS, Example, TaskSpec
 __all__ = ["EXTENSIONS", "load_file_task"]
 
 _INTEGER = re.compile(r"[+-]?\d+")
+# The second class F1 is computed for without task.positive_label: 1 of 0/1, true of false/true.
+POSITIVE = ("1", "true")
 
 
 def _listing(names: Sequence[str], limit: int = 12) -> str:
@@ -51,6 +54,7 @@ def load_file_task(
     regression: bool = False,
     encoding: str = "utf-8",
     test_path: str = "",
+    positive_label: str = "",
 ) -> TaskSpec:
     """Reads and checks the files and returns the task ``custom`` made of them.
 
@@ -59,8 +63,11 @@ def load_file_task(
     be missing) for ``test``; ``data_dir`` is not used. Anything wrong with the settings
     or the files raises UserError naming the file, the line and the fix.
 
-    Metrics: accuracy; for similarity with two classes also F1 of the class sorted second
-    (e.g. ``1`` of ``0``/``1``); Pearson and Spearman correlation for regression.
+    Metrics: accuracy; for similarity with two classes also F1 of the positive class:
+    ``positive_label`` when given (it becomes label 1), else ``1`` of ``0``/``1`` or
+    ``true`` of ``false``/``true`` (with other labels F1 needs ``positive_label``: sorted
+    names say nothing about which class is the positive one); Pearson and Spearman
+    correlation for regression.
     """
     fields = _text_fields(text_fields)
     _check_settings(kind, fields, label_field, choices_field, regression, train_path, eval_path)
@@ -73,13 +80,26 @@ def load_file_task(
     reader = _ExampleReader(kind, fields, label_field, choices_field, regression)
     label_names: tuple[str, ...] = ()
     if kind != "multiple_choice" and not regression:
-        label_names = reader.set_classes(tables["train"])
+        label_names = reader.set_classes(tables["train"], positive_label)
+    elif positive_label:
+        raise UserError(f"{opt('positive_label')} applies to classes, not to {kind} tasks")
     examples = {split: tuple(reader.examples(table)) for split, table in tables.items()}
 
     if regression:
         metrics: tuple[str, ...] = ("pearson", "spearman")
-    elif kind == "similarity" and len(label_names) == 2:
+    elif (
+        kind == "similarity"
+        and len(label_names) == 2
+        and (positive_label or label_names[1] in POSITIVE)
+    ):
         metrics = ("accuracy", "f1")
+    elif kind == "similarity" and len(label_names) == 2:
+        metrics = ("accuracy",)
+        logging.info(
+            "F1 needs the positive class: set %s to %s or %s",
+            opt("positive_label"),
+            *map(repr, label_names),
+        )
     else:
         metrics = ("accuracy",)
 
@@ -185,8 +205,9 @@ class _ExampleReader:
 
     # -- Classes --------------------------------------------------------------------------
 
-    def set_classes(self, table: Table) -> tuple[str, ...]:
-        """The sorted distinct labels of the training file, which become the classes."""
+    def set_classes(self, table: Table, positive: str = "") -> tuple[str, ...]:
+        """The sorted distinct labels of the training file, which become the classes;
+        with two, a `positive` one (the class F1 scores) is made the second."""
         self._check_columns(table)
         self.train_path = table.path
         keys: dict[str, None] = {}
@@ -209,6 +230,15 @@ class _ExampleReader:
                 f"the training file {table.path} has only {len(names)} distinct label "
                 f"({_listing(names)}); a classifier needs examples of at least 2 classes"
             )
+        if positive:
+            positive = positive.strip()
+            positive = str(int(positive)) if _INTEGER.fullmatch(positive) else positive
+            if len(names) != 2 or positive not in names:
+                raise UserError(
+                    f"{opt('positive_label')}={positive!r} must be one of the 2 classes of "
+                    f"{table.path}, which has {len(names)}: {_listing(names)}"
+                )
+            names = [n for n in names if n != positive] + [positive]
         self.classes = {name: i for i, name in enumerate(names)}
         return tuple(names)
 

@@ -23,6 +23,7 @@ def get_task(task_cfg: ml_collections.ConfigDict) -> TaskSpec:
             regression=task_cfg.regression,
             encoding=task_cfg.encoding,
             test_path=task_cfg.test_path,
+            positive_label=task_cfg.get("positive_label", ""),
         )
     if name == bbc_news.BBC_NEWS.name:
         return bbc_news.BBC_NEWS
