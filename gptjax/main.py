@@ -68,8 +68,9 @@ def main(argv):
     with reported():
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)
-        if _MODE.value in ("eval", "zeroshot", "estimate") and os.path.isdir(_WORKDIR.value):
-            pretrain.check_writable(_WORKDIR.value)  # their results go there, at the end
+        if _MODE.value in ("eval", "zeroshot", "estimate"):
+            # Their results go there, at the end; the others read a run from it first.
+            pretrain.check_output_dir(_WORKDIR.value, create=_MODE.value == "estimate")
         if _MODE.value == "generate":  # from the workdir's own model and tokenizer
             from gptjax import generate
 

@@ -72,16 +72,25 @@ def check_writable(workdir: str):
         raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
 
 
+def check_output_dir(workdir: str, create: bool = True):
+    """UserError unless the workdir is (or, `create`, becomes) a writable directory."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} is a file, not a directory; pick another --workdir")
+    if create:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"workdir {workdir} is not writable ({e.strerror}); pick another"
+            ) from None
+    if os.path.isdir(workdir):
+        check_writable(workdir)
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: bool):
     """Creates the workdir and checks it is writable. Resuming a run of another model
     shape is an error rather than a silent restart."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserError(f"workdir {workdir} is a file, not a directory; pick another --workdir")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
-    check_writable(workdir)
+    check_output_dir(workdir)
     aside = os.path.join(workdir, checkpoint.CORRUPT_DIR)
     if not resuming and os.path.isdir(aside) and os.listdir(aside):
         raise UserError(

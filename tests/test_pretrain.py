@@ -112,3 +112,18 @@ def test_a_read_only_workdir_is_refused_before_the_work(mode, capsys):
 
     status, last = main_in_process("/proc", f"--mode={mode}", capsys=capsys)
     assert status == 2 and "workdir /proc is not writable" in last, last
+
+
+@pytest.mark.parametrize("mode", ["eval", "zeroshot", "estimate"])
+@pytest.mark.parametrize("below", [False, True])
+def test_a_workdir_that_is_a_file_is_refused_before_the_work(mode, below, tmp_path, capsys):
+    """A file (or a path under one) as the workdir of a mode that writes its results at
+    the end is named at the start, the file untouched."""
+    from cli import main_in_process
+
+    (tmp_path / "afile").write_text("mine")
+    workdir = tmp_path / "afile" / "sub" if below else tmp_path / "afile"
+    status, last = main_in_process(workdir, f"--mode={mode}", capsys=capsys)
+    words = "not writable" if below and mode == "estimate" else "afile"
+    assert status == 2 and last.startswith("error: ") and words in last, last
+    assert (tmp_path / "afile").read_text() == "mine"
