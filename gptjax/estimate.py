@@ -199,7 +199,10 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         "accelerator": acc.name,
         "accelerator_peak_flops": acc.peak_flops,
         "accelerator_memory_bytes": acc.memory_bytes,
-        "fits_in_memory": mem["peak_bytes"] <= acc.memory_bytes,
+        # Unknown (None) when the step was compiled for another number of devices.
+        "fits_in_memory": (
+            mem["peak_bytes"] <= acc.memory_bytes if mesh.size == est["devices"] else None
+        ),
         "devices": est["devices"],
         "mfu": est["mfu"],
         "train_seconds": seconds,
@@ -223,7 +226,9 @@ def table(result: dict) -> str:
             f"; for {r['devices']}, run with JAX_PLATFORMS=cpu "
             f"XLA_FLAGS=--xla_force_host_platform_device_count={r['devices']}"
         )
-    fits = "fits" if r["fits_in_memory"] else "does NOT fit"
+    fits = {True: "fits", False: "does NOT fit"}.get(
+        r["fits_in_memory"], f"fit unknown: compiled for {mesh_devices} device(s)"
+    )
     peak_tflops = r["accelerator_peak_flops"] / 1e12
     rows = {
         "parameters": f"{r['num_params']:,}",

@@ -319,6 +319,17 @@ def test_estimate_memory_analysis_and_time(estimated, result):
     assert r["train_seconds"] == pytest.approx(r["tokens"] * r["flops_per_token"] / throughput)
     # configs/bench_cpu.py's estimate section (the tiny config is derived from it).
     assert (r["accelerator"], r["devices"], r["mfu"]) == ("H100", 1, 0.4)
+    assert r["fits_in_memory"] is (mem["peak_bytes"] <= r["accelerator_memory_bytes"])
+
+
+def test_estimate_for_other_devices_than_compiled_says_fit_unknown():
+    """The memory analysis is of the step compiled for this machine's devices (here one
+    holding the whole batch): no verdict for 16."""
+    config = bench.load_config("tiny")
+    config.estimate.devices = 16
+    r = estimate.estimate(config)
+    assert r["fits_in_memory"] is None
+    assert "fit unknown: compiled for 1 device(s)" in estimate.table(r)
 
 
 def test_estimate_run_prints_a_table_and_writes_json(estimated, tmp_path, capsys, monkeypatch):
