@@ -5,7 +5,8 @@
 #
 # Commands:
 #   create NAME    create a slice (--spot for spot VMs, --queued for a queued resource)
-#   install NAME   clone --repo (its default branch) and pip-install it on every worker
+#   install NAME   clone --repo (its default branch) and install it on every worker, in a
+#                  Python 3.11 venv at ~/gptjax-venv (made with uv)
 #   train NAME     start training on every worker, detached, logging to ~/gptjax-train.log
 #   resume NAME    the same as train: gptjax resumes from the workdir's latest checkpoint
 #   status NAME    show the slice and the last lines of every worker's log
@@ -114,9 +115,12 @@ train_command() {
   args=$(printf '%q ' "--config=$config" "--workdir=$workdir" "--config.data.books=$books" ${extra[@]+"${extra[@]}"})
   # GPTJAX_DISTRIBUTED=auto: every worker joins through jax.distributed.initialize().
   # setsid + nohup: the run outlives the ssh session; the log stays on each worker.
-  echo "cd ~/gptjax && GPTJAX_DISTRIBUTED=auto setsid nohup python3 -m gptjax.main ${args}>> ~/gptjax-train.log 2>&1 < /dev/null &"
+  echo "cd ~/gptjax && GPTJAX_DISTRIBUTED=auto setsid nohup $venv/bin/python -m gptjax.main ${args}>> ~/gptjax-train.log 2>&1 < /dev/null &"
 }
 
+# gptjax's Python 3.11 environment; the ~ is the worker's, expanded by its shell.
+# shellcheck disable=SC2088
+venv='~/gptjax-venv'
 n=$(workers)
 echo "# slice $name: $type in $zone, $n worker(s): $(seq -s ' ' 0 $((n - 1)))"
 if [[ -z $workdir ]]; then
@@ -141,8 +145,11 @@ case "$command" in
     fi ;;
   install)
     [[ -n $repo ]] || { echo "error: --repo URL (where the workers clone gptjax) is required" >&2; exit 2; }
-    # Runs live outside the clone, so re-installing never touches them.
-    ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax fetch --depth 1 origin && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $(printf '%q' "$repo") ~/gptjax; fi && python3 -m pip install -e ~/gptjax 'jax[tpu]>=0.10.2,<0.12'" ;;
+    # Runs live outside the clone, so re-installing never touches them. The TPU images
+    # are Ubuntu 22.04, whose python3 is 3.10, and gptjax's JAX needs 3.11 or later:
+    # uv (installed for the user) makes a venv with a Python 3.11 it fetches itself.
+    install_python="python3 -m pip install --user --quiet uv && ~/.local/bin/uv venv --allow-existing --python 3.11 $venv && ~/.local/bin/uv pip install --python $venv/bin/python -e ~/gptjax 'jax[tpu]>=0.10.2,<0.12'"
+    ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax fetch --depth 1 origin && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $(printf '%q' "$repo") ~/gptjax; fi && $install_python" ;;
   train|resume)
     [[ -n $books ]] || { echo "error: --books PATH (the corpus on every worker) is required" >&2; exit 2; }
     ssh_all "$(train_command)" ;;

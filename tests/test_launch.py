@@ -77,6 +77,11 @@ def test_several_workers_need_a_shared_workdir():
 def test_reinstall_keeps_runs():
     out = launch("launch/tpu.sh", "--dry-run", "install", "s", "--repo", "r").stdout
     assert "rm -rf" not in out and "reset\\ --hard\\ FETCH_HEAD" in out
+    # The TPU images' python3 is 3.10; gptjax's JAX needs 3.11: a venv of its own.
+    assert "uv\\ venv\\ --allow-existing\\ --python\\ 3.11\\ ~/gptjax-venv" in out
+    assert "--python\\ ~/gptjax-venv/bin/python\\ -e\\ ~/gptjax" in out
+    out = launch("launch/tpu.sh", "--dry-run", "train", "s", "--type", "v4-8", "--books", "/b")
+    assert "~/gptjax-venv/bin/python\\ -m\\ gptjax.main" in out.stdout
 
 
 def test_tpu_missing_settings_are_errors():
