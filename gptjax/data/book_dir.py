@@ -138,6 +138,13 @@ def _list_book_files(books: str) -> tuple[str, list[_BookFile]]:
             continue
         seen.add((st.st_dev, st.st_ino))
         relpath = os.path.relpath(path, root).replace(os.sep, "/")
+        try:
+            relpath.encode("utf-8")  # the book's title, hashed for its split and cached
+        except UnicodeEncodeError:
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UserError(
+                f"the book file name {shown} is not UTF-8; rename it (e.g. with convmv)"
+            ) from None
         files.append(_BookFile(relpath, path, st.st_size, st.st_mtime_ns))
     files.sort(key=lambda f: f.relpath)
     return root, files

@@ -1,7 +1,6 @@
 """The pretraining data of a run: corpus -> tokenizer -> token streams -> packed windows."""
 
 import dataclasses
-import json
 import logging
 import os
 
@@ -15,6 +14,7 @@ from gptjax.data.pipeline import (
     PackedWindows,
     StaleCache,
     load_cached_tokens,
+    read_meta,
     save_tokens,
     tokenize_books,
 )
@@ -64,11 +64,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
                     f"--config.model.vocab_size={tokenizer.vocab_size} or a new --workdir"
                 )
             tokenizer = None  # nothing trained with it yet: learn a new one
-        elif not resuming and _cached_fingerprint(paths["train"]) != (
-            f"{corpus_fingerprint}:{tokenizer.digest}"
+        elif not resuming and not _made_with(
+            read_meta(paths["train"]), f"{corpus_fingerprint}:{tokenizer.digest}", config.data
         ):
-            # The streams saved with it were made from another corpus (or are gone), and
-            # nothing was trained with it yet: learn one from this corpus.
+            # The streams saved with it were made from another corpus or tokenizer setting
+            # (or are gone), and nothing was trained with it yet: learn one from this corpus.
             tokenizer = None
     if tokenizer is None:
         tokenizer = tokenizer_lib.train_sentencepiece(
@@ -102,10 +102,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
                 f"of model.n_ctx + 1 = {config.model.n_ctx + 1}; add text or lower "
                 "--config.model.n_ctx"
             )
-    if new_tokenizer:
-        tokenizer.save(tokenizer_path)
+    sample_lines = config.data.tokenizer_sample_lines
     for split in fresh:
-        tokens[split] = save_tokens(paths[split], tokens[split], fingerprint)
+        tokens[split] = save_tokens(
+            paths[split], tokens[split], fingerprint, tokenizer_sample_lines=sample_lines
+        )
+    if new_tokenizer:  # last: a tokenizer in a workdir is one its streams were made with
+        tokenizer.save(tokenizer_path)
     return LMData(
         tokenizer=tokenizer,
         tokens=tokens,
@@ -118,10 +121,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
     )
 
 
-def _cached_fingerprint(path: str) -> str | None:
-    """The corpus and tokenizer a cached token stream was made from (see save_tokens)."""
-    try:
-        with open(path + ".json") as f:
-            return json.load(f).get("fingerprint")
-    except (OSError, ValueError):
-        return None
+def _made_with(meta: dict | None, fingerprint: str, data_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the saved stream of `meta` (see save_tokens) was made from this corpus and
+    tokenizer, with this `data.tokenizer_sample_lines` (streams saved before it was
+    recorded count as made with it)."""
+    if meta is None or meta.get("fingerprint") != fingerprint:
+        return False
+    return meta.get("tokenizer_sample_lines", data_cfg.tokenizer_sample_lines) == (
+        data_cfg.tokenizer_sample_lines
+    )

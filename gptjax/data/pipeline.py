@@ -8,6 +8,7 @@ stream position is an input exactly once and a target exactly once: no token los
 duplicated. The last window is padded, and its padded targets have weight 0.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import grain
 import numpy as np
 
 from gptjax.atomic import temporary_name
+from gptjax.errors import UserError
 from gptjax.tokenizer import SentencePieceTokenizer
 
 
@@ -45,12 +47,16 @@ def load_cached_tokens(path: str, fingerprint: str) -> np.ndarray | None:
     meta_path = path + ".json"
     if not (os.path.exists(path) and os.path.exists(meta_path)):
         return None
+    meta = read_meta(path)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
         tokens = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as e:  # truncated or overwritten
         logging.warning("the cached tokens %s are unreadable (%s): tokenizing again", path, e)
+        return None
+    if meta is None:
+        logging.warning(
+            "the cached tokens %s have no readable %s.json: tokenizing again", path, path
+        )
         return None
     if meta.get("fingerprint") != fingerprint:
         raise StaleCache(path)
@@ -60,16 +66,41 @@ def load_cached_tokens(path: str, fingerprint: str) -> np.ndarray | None:
     return tokens
 
 
-def save_tokens(path: str, tokens: np.ndarray, fingerprint: str) -> np.ndarray:
-    """Saves a token stream with its fingerprint (temporary names, then renames) and
-    returns it memory-mapped."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(temporary_name(path), "wb") as f:
-        np.save(f, tokens)
-    os.replace(temporary_name(path), path)
-    with open(temporary_name(path + ".json"), "w") as f:
-        json.dump({"fingerprint": fingerprint, "num_tokens": int(tokens.size)}, f)
-    os.replace(temporary_name(path + ".json"), path + ".json")
+def read_meta(path: str) -> dict | None:
+    """The JSON saved beside the token stream at `path` (see save_tokens); None if it is
+    missing or damaged."""
+    try:
+        with open(path + ".json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def save_tokens(path: str, tokens: np.ndarray, fingerprint: str, **extra) -> np.ndarray:
+    """Saves a token stream with its fingerprint and `extra` facts (temporary names, then
+    renames) and returns it memory-mapped. A failed write (a full disk, `data` a file)
+    is a UserError that leaves no temporary file behind."""
+    meta = {"fingerprint": fingerprint, "num_tokens": int(tokens.size), **extra}
+    written = []
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for target, write in (
+            (path, lambda f: np.save(f, tokens)),
+            (path + ".json", lambda f: f.write(json.dumps(meta).encode())),
+        ):
+            written.append(temporary_name(target))
+            with open(written[-1], "wb") as f:
+                write(f)
+            os.replace(written.pop(), target)
+    except OSError as e:
+        for tmp in written:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise UserError(
+            f"cannot write the token cache {path} ({e.strerror or e}); free some space, or "
+            "move what is in the way of the workdir's data/ folder"
+        ) from None
     return np.load(path, mmap_mode="r")
 
 

@@ -29,8 +29,8 @@ FILE_FORMAT = "array_record"
 class BookTexts(Sequence[str]):
     """Random-access view of one split: ``len()`` and ``[i]`` give book texts as ``str``."""
 
-    def __init__(self, source: Sequence[Any]):
-        self._source = source
+    def __init__(self, source: Sequence[Any], where: str = ""):
+        self._source, self._where = source, where  # `where`: the dataset's directory
 
     def __len__(self) -> int:
         return len(self._source)
@@ -48,18 +48,24 @@ class BookTexts(Sequence[str]):
     def __getitem__(self, index: int | slice) -> str | list[str]:  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return _as_str(self._record(index)["text"])
+        return _as_str(self._record(index)["text"], self._where)
 
     def title(self, index: int) -> str:
         """Title of book ``index``: the relative file path, or the demo work's name."""
-        return _as_str(self._record(index)["title"])
+        return _as_str(self._record(index)["title"], self._where)
 
     def __repr__(self) -> str:
         return f"BookTexts({len(self)} books)"
 
 
-def _as_str(value: Any) -> str:
-    """Decodes a Text feature, which data sources return as UTF-8 bytes."""
+def _as_str(value: Any, where: str = "") -> str:
+    """Decodes a Text feature, which data sources return as UTF-8 bytes. A damaged record
+    file (truncated, overwritten) decodes to None: an error, never the text "None"."""
+    if value is None:
+        raise UserError(
+            f"the prepared corpus {where or 'in the cache'} is damaged (a record cannot be "
+            "read); delete that directory and run again to prepare it anew"
+        )
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -103,7 +109,10 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
             except OSError:
                 break
             path = os.path.dirname(path)
-        if isinstance(e, OSError):  # Book files raise UserError, so this is about data_dir.
+        # array_record's writer reports a failed write (a full disk) as a RuntimeError.
+        if isinstance(e, OSError) or (
+            isinstance(e, RuntimeError) and "write() failed" in str(e)
+        ):  # Book files raise UserError, so this is about data_dir.
             reason = " ".join(str(e).split())
             raise UserError(
                 f"cannot write the prepared corpus under {root} ({reason}); free some space or "
@@ -136,4 +145,4 @@ def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
 
 def open_splits(builder: tfds.core.DatasetBuilder) -> dict[str, BookTexts]:
     sources = builder.as_data_source()
-    return {split: BookTexts(sources[split]) for split in SPLITS}
+    return {split: BookTexts(sources[split], builder.data_dir) for split in SPLITS}
