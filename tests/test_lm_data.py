@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_a_cache_that_cannot_be_written_is_a_user_error_leaving_nothing(books, t
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "data").write_text("in the way")
-    with pytest.raises(UserError, match="cannot write the token cache .*data/"):
+    with pytest.raises(UserError, match="cannot write .*data/train.npy"):
         lm_data.prepare(config, str(workdir), resuming=False)
     assert sorted(os.listdir(workdir)) == ["data"]  # no tokenizer without its streams
 
@@ -152,3 +153,22 @@ def test_odd_cache_metadata_and_a_tokenizer_directory(books, tmp_path):
     (workdir / "tokenizer.model").mkdir()
     with pytest.raises(UserError, match="cannot read .*tokenizer.model"):
         lm_data.prepare(config, str(workdir), resuming=True)
+
+
+def test_a_changed_corpus_is_refused_on_resume_even_without_the_cached_streams(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lm_data.prepare(config, str(workdir), resuming=False)
+    record = (workdir / lm_data.STREAMS_FILE).read_text()
+    shutil.rmtree(workdir / "data")  # a cache: it may go
+    lm_data.prepare(config, str(workdir), resuming=True)  # the same corpus: made again
+    assert (workdir / lm_data.STREAMS_FILE).read_text() == record
+    shutil.rmtree(workdir / "data")
+    write_books(books, num_books=8)
+    with pytest.raises(UserError, match="not the one this run's checkpoints"):
+        lm_data.prepare(config, str(workdir), resuming=True)
+    # A run from before the record existed resumes as it did, and gets one.
+    os.remove(workdir / lm_data.STREAMS_FILE)
+    lm_data.prepare(config, str(workdir), resuming=True)
+    assert (workdir / lm_data.STREAMS_FILE).exists()

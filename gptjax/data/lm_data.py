@@ -14,13 +14,16 @@ from gptjax.data.pipeline import (
     PackedWindows,
     StaleCache,
     load_cached_tokens,
+    read_json,
     read_meta,
     save_tokens,
     tokenize_books,
+    write_json,
 )
 from gptjax.errors import UserError
 
 SPLITS = ("train", "validation")
+STREAMS_FILE = "data.json"  # in the workdir: the corpus and tokenizer the streams are of
 
 
 @dataclasses.dataclass
@@ -80,18 +83,23 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
         logging.info("trained a %d-piece SentencePiece BPE tokenizer", tokenizer.vocab_size)
 
     fingerprint = f"{corpus_fingerprint}:{tokenizer.digest}"
+    other_corpus = UserError(
+        f"the corpus ({description}) is not the one this run's checkpoints were trained "
+        "on, so the saved data position would be wrong (a corpus moved or copied anew "
+        "counts as another: its files' paths and times are part of its identity); restore "
+        "the original books or use a new --workdir"
+    )
+    # The streams' record, kept beside the tokenizer: it outlives a deleted data/ folder.
+    record_path = os.path.join(workdir, STREAMS_FILE)
+    if resuming and read_json(record_path).get("fingerprint", fingerprint) != fingerprint:
+        raise other_corpus
     tokens, fresh = {}, set()
     for split in SPLITS:
         try:
             tokens[split] = None if new_tokenizer else load_cached_tokens(paths[split], fingerprint)
         except StaleCache:
             if resuming:
-                raise UserError(
-                    f"the corpus ({description}) is not the one this run's checkpoints were "
-                    "trained on, so the saved data position would be wrong (a corpus moved "
-                    "or copied anew counts as another: its files' paths and times are part "
-                    "of its identity); restore the original books or use a new --workdir"
-                ) from None
+                raise other_corpus from None
             tokens[split] = None
         if tokens[split] is None:
             tokens[split] = tokenize_books(books[split], tokenizer, split)
@@ -103,10 +111,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
                 "--config.model.n_ctx"
             )
     sample_lines = config.data.tokenizer_sample_lines
-    for split in fresh:
+    for split in (s for s in SPLITS if s in fresh):
         tokens[split] = save_tokens(
             paths[split], tokens[split], fingerprint, tokenizer_sample_lines=sample_lines
         )
+    if fresh or not os.path.exists(record_path):
+        write_json(record_path, {"fingerprint": fingerprint, "corpus": description})
     if new_tokenizer:  # last: a tokenizer in a workdir is one its streams were made with
         tokenizer.save(tokenizer_path)
     return LMData(

@@ -66,29 +66,49 @@ def load_cached_tokens(path: str, fingerprint: str) -> np.ndarray | None:
     return tokens
 
 
+def read_json(path: str) -> dict:
+    """The JSON object at `path`; {} if it is missing, damaged or not an object."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def read_meta(path: str) -> dict | None:
     """The JSON saved beside the token stream at `path` (see save_tokens); None if it is
     missing or damaged."""
-    try:
-        with open(path + ".json") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    return read_json(path + ".json") or None
+
+
+def write_json(path: str, value: dict):
+    """`value` as JSON at `path`, written whole or not at all (see _write_whole)."""
+    _write_whole([(path, lambda f: f.write(json.dumps(value).encode()))], path)
 
 
 def save_tokens(path: str, tokens: np.ndarray, fingerprint: str, **extra) -> np.ndarray:
-    """Saves a token stream with its fingerprint and `extra` facts (temporary names, then
-    renames) and returns it memory-mapped. A failed write (a full disk, `data` a file)
-    is a UserError that leaves no temporary file behind."""
+    """Saves a token stream with its fingerprint and `extra` facts and returns it
+    memory-mapped."""
     meta = {"fingerprint": fingerprint, "num_tokens": int(tokens.size), **extra}
-    written = []
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        for target, write in (
+    _write_whole(
+        [
             (path, lambda f: np.save(f, tokens)),
             (path + ".json", lambda f: f.write(json.dumps(meta).encode())),
-        ):
+        ],
+        path,
+    )
+    return np.load(path, mmap_mode="r")
+
+
+def _write_whole(files, what: str):
+    """Each (path, write) of `files` written under a temporary name, then renamed. A
+    failed write (a full disk, `data` a file) is a UserError naming `what` that leaves
+    no temporary file behind."""
+    written = []
+    try:
+        os.makedirs(os.path.dirname(files[0][0]), exist_ok=True)
+        for target, write in files:
             written.append(temporary_name(target))
             with open(written[-1], "wb") as f:
                 write(f)
@@ -98,10 +118,9 @@ def save_tokens(path: str, tokens: np.ndarray, fingerprint: str, **extra) -> np.
             with contextlib.suppress(OSError):
                 os.remove(tmp)
         raise UserError(
-            f"cannot write the token cache {path} ({e.strerror or e}); free some space, or "
-            "move what is in the way of the workdir's data/ folder"
+            f"cannot write {what} ({e.strerror or e}); free some space, or move what is in "
+            "the way in the workdir"
         ) from None
-    return np.load(path, mmap_mode="r")
 
 
 class StaleCache(Exception):
