@@ -35,29 +35,33 @@ def workdir_lock(workdir: str):
     first runs is refused (two would delete each other's checkpoint saves and interleave
     their metrics). An advisory lock on the directory itself, so nothing is written into
     it; the operating system releases it when the process ends, however it ends. Process
-    0 locks for all; where the filesystem has no locks, a warning says it is unlocked."""
-    if jax.process_index() != 0 or (os.path.exists(workdir) and not os.path.isdir(workdir)):
-        yield  # a file: check_workdir names it
-        return
+    0 locks for all and tells the others, which would otherwise wait for it in their
+    first collective; where the filesystem has no locks, a warning says it is unlocked."""
+    fd, taken = None, False
+    # A file, or a directory that cannot be made or read: check_workdir says why.
+    if jax.process_index() == 0 and not (os.path.exists(workdir) and not os.path.isdir(workdir)):
+        with contextlib.suppress(OSError):
+            os.makedirs(workdir, exist_ok=True)
+            fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        yield  # cannot be created or read: check_workdir says why
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                taken = True
+            except OSError as e:
+                logging.warning("cannot lock %s (%s): two runs there would collide", workdir, e)
+        if jax.process_count() > 1:
+            taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))
+        if taken:
             raise UserError(
                 f"another gptjax command is training in {workdir}; wait for it to end (or "
                 "stop it: it resumes from its last checkpoint), or use another --workdir"
-            ) from None
-        except OSError as e:
-            logging.warning("cannot lock %s (%s): two runs there would collide", workdir, e)
+            )
         yield
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def check_writable(workdir: str):

@@ -129,3 +129,25 @@ def test_a_preemption_notice_to_one_process_stops_both_at_the_same_step(tmp_path
     assert len(steps) == 1 and steps[0] >= 3
     for _, err in outputs:
         assert f"at step {steps[0]}; checkpoint saved" in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_workdir_in_use_stops_every_process_not_just_process_0(tmp_path):
+    """Process 0 takes the lock for all; the others learn its answer instead of waiting
+    for it in their first collective."""
+    import fcntl
+    import os
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another command training there
+    try:
+        procs = start_two(workdir, books=tmp_path / "books", cache=tmp_path / "cache")
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        os.close(fd)
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 2, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith("error: another gptjax command")
+    assert os.listdir(workdir) == []
