@@ -29,16 +29,30 @@ def choose_step(workdir: str, key: str, which: str) -> int:
         raise UserError(f"no checkpoint in {workdir}: fine-tune there first (--mode=train)")
     if which == "latest":
         return steps[-1]
-    scored = {
+    evaluated = {
         r["step"]: r[key]
         for r in read_metrics(workdir)
         # A NaN score (e.g. Pearson of non-finite predictions) would win every comparison.
-        if key in r and r["step"] in steps and math.isfinite(r[key])
+        if key in r and math.isfinite(r[key])
     }
+    scored = {step: value for step, value in evaluated.items() if step in steps}
     if not scored:
         logging.warning("no evaluated checkpoint in %s: using the latest", workdir)
         return steps[-1]
-    return max(scored, key=lambda s: (scored[s], s))
+    best = max(scored, key=lambda s: (scored[s], s))
+    overall = max(evaluated, key=lambda s: (evaluated[s], s))
+    if evaluated[overall] > scored[best]:
+        logging.warning(
+            "the best evaluation (step %d, %s %.4g) has no checkpoint left: more were saved "
+            "after it than train.keep_checkpoints keeps; using the best kept, step %d (%.4g). "
+            "Raise train.keep_checkpoints or evaluate less often to keep it",
+            overall,
+            key,
+            evaluated[overall],
+            best,
+            scored[best],
+        )
+    return best
 
 
 def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:

@@ -25,7 +25,7 @@ def test_results_table_puts_each_split_next_to_its_paper_number():
     ]
 
 
-def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch):
+def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(results.checkpoint, "all_steps", lambda workdir: [100, 200, 300, 400])
     rows = [
         {"step": 100, "validation_pearson": float("nan")},  # NaN would win every comparison
@@ -36,7 +36,15 @@ def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
+    # The better step 350 lost its checkpoint to train.keep_checkpoints: the log says so.
+    assert "best evaluation (step 350, validation_pearson 90)" in caplog.text
+    assert "train.keep_checkpoints" in caplog.text
+    caplog.clear()
     assert results.choose_step(str(tmp_path), "validation_pearson", "latest") == 400
+    rows[3]["validation_pearson"] = 70.0
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
+    assert "no checkpoint left" not in caplog.text
 
 
 def test_predictions_are_written_in_the_test_files_order(tmp_path):
