@@ -29,6 +29,8 @@ setup(
         "importlib_resources>=6",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # SentencePiece's model proto (gptjax.tokenizer rewrites one field of it).
+        "protobuf>=3.20",
         # Fine-tuning metrics: F1, Matthews correlation, Pearson and Spearman.
         "scikit-learn>=1.5",
         "scipy>=1.11",

@@ -24,9 +24,13 @@ class WriteFailed(UserError):
 EXIT_PREEMPTED = 75
 
 
-class Preempted(Exception):
+class Preempted(BaseException):
     """Training stopped early on a signal, after a synchronous checkpoint at `step`, or
-    (`step` None) outside the training loop, with nothing unsaved to lose."""
+    (`step` None) outside the training loop, with nothing unsaved to lose.
+
+    A BaseException, like KeyboardInterrupt: raised from a signal handler anywhere, it
+    must pass through the `except Exception` that read a failure as a damaged checkpoint
+    or a full disk (a good checkpoint moved aside on a Ctrl-C during its restore)."""
 
     def __init__(self, step: int | None, reason: str):
         where = (

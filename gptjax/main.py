@@ -70,7 +70,7 @@ def main(argv):
         enable_compilation_cache(config)
         if _MODE.value in ("eval", "zeroshot", "estimate"):
             # Their results go there, at the end; the others read a run from it first.
-            pretrain.check_output_dir(_WORKDIR.value, create=_MODE.value == "estimate")
+            pretrain.check_output_dir(_WORKDIR.value, create=False)
         if _MODE.value == "generate":  # from the workdir's own model and tokenizer
             from gptjax import generate
 

@@ -77,7 +77,10 @@ def check_writable(workdir: str):
 
 
 def check_output_dir(workdir: str, create: bool = True):
-    """UserError unless the workdir is (or, `create`, becomes) a writable directory."""
+    """UserError unless the workdir is (or, `create`, becomes; else could become) a
+    writable directory. An empty `workdir` (estimate's "write nothing") passes."""
+    if not workdir:
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} is a file, not a directory; pick another --workdir")
     if create:
@@ -89,6 +92,14 @@ def check_output_dir(workdir: str, create: bool = True):
             ) from None
     if os.path.isdir(workdir):
         check_writable(workdir)
+        return
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"workdir {workdir} is under {parent}, a file; pick another --workdir")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"workdir {workdir} cannot be made: {parent} is not writable")
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: bool):

@@ -42,13 +42,20 @@ def choose_step(workdir: str, key: str, which: str) -> int:
     best = max(scored, key=lambda s: (scored[s], s))
     overall = max(evaluated, key=lambda s: (evaluated[s], s))
     if evaluated[overall] > scored[best]:
+        why = (
+            "more were saved after it than train.keep_checkpoints keeps (raise it, or "
+            "evaluate less often)"
+            if overall < steps[0]
+            else "none was saved at that step (make train.eval_every a multiple of "
+            "train.ckpt_every), or it was lost to a kill"
+        )
         logging.warning(
-            "the best evaluation (step %d, %s %.4g) has no checkpoint left: more were saved "
-            "after it than train.keep_checkpoints keeps; using the best kept, step %d (%.4g). "
-            "Raise train.keep_checkpoints or evaluate less often to keep it",
+            "the best evaluation (step %d, %s %.4g) has no checkpoint: %s; using the best "
+            "kept, step %d (%.4g)",
             overall,
             key,
             evaluated[overall],
+            why,
             best,
             scored[best],
         )

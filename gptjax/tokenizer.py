@@ -8,6 +8,7 @@ appends their embedding rows (Section 3.3 of the paper). The released GPT-1 voca
 (`gptjax.bpe.BPETokenizer`) has the same interface; `load_dir` picks whichever a directory holds.
 """
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -58,11 +59,17 @@ class SentencePieceTokenizer:
             ) from None
 
     def save(self, path: str):
-        """Written under a temporary name and renamed: never half-written."""
+        """Written under a temporary name and renamed: never half-written (a failed
+        write, a full disk, is a UserError that leaves no temporary file)."""
         tmp = temporary_name(path)
-        with open(tmp, "wb") as f:
-            f.write(self.model_proto)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self.model_proto)
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise UserError(f"cannot write {path} ({e.strerror or e}); free some space") from None
 
     @property
     def digest(self) -> str:

@@ -124,6 +124,15 @@ def test_a_workdir_that_is_a_file_is_refused_before_the_work(mode, below, tmp_pa
     (tmp_path / "afile").write_text("mine")
     workdir = tmp_path / "afile" / "sub" if below else tmp_path / "afile"
     status, last = main_in_process(workdir, f"--mode={mode}", capsys=capsys)
-    words = "not writable" if below and mode == "estimate" else "afile"
+    words = "afile, a file; pick another" if below else "afile is a file, not a directory"
     assert status == 2 and last.startswith("error: ") and words in last, last
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_refused_estimate_makes_no_workdir(tmp_path, capsys):
+    from cli import main_in_process
+
+    flags = ["--mode=estimate", "--config.estimate.accelerator=nope"]
+    status, last = main_in_process(tmp_path / "new", *flags, capsys=capsys)
+    assert status == 2 and "estimate.accelerator='nope' is unknown" in last, last
+    assert not (tmp_path / "new").exists()

@@ -227,3 +227,23 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(pretrained,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from the checkpoint at step 4" in result.stderr
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_outside_the_loop_is_never_read_as_a_failure(sig):
+    """Checkpoint reads and writes turn any Exception into "damaged" or "disk full"; a
+    signal during them must stop the command instead (and leave the checkpoint alone)."""
+    from gptjax import preemption
+    from gptjax.errors import Preempted
+
+    read_as_damage = []
+    with (
+        pytest.raises(Preempted, match=f"stopped by {sig.name}"),
+        preemption.stop_outside_the_loop(),
+    ):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(1)  # the handler runs here
+        except Exception as e:  # as checkpoint.restore_latest_good's handler
+            read_as_damage.append(e)
+    assert read_as_damage == []

@@ -36,9 +36,15 @@ def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
-    # The better step 350 lost its checkpoint to train.keep_checkpoints: the log says so.
-    assert "best evaluation (step 350, validation_pearson 90)" in caplog.text
-    assert "train.keep_checkpoints" in caplog.text
+    # The better step 350 has no checkpoint: evaluated between two saves.
+    assert "best evaluation (step 350, validation_pearson 90) has no checkpoint" in caplog.text
+    assert "make train.eval_every a multiple of train.ckpt_every" in caplog.text
+    caplog.clear()
+    rows.insert(0, {"step": 50, "validation_pearson": 95.0})  # before the oldest kept
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
+    assert "step 50" in caplog.text and "than train.keep_checkpoints keeps" in caplog.text
+    del rows[0]
     caplog.clear()
     assert results.choose_step(str(tmp_path), "validation_pearson", "latest") == 400
     rows[3]["validation_pearson"] = 70.0

@@ -527,3 +527,20 @@ def test_quotes_are_never_dropped_or_rows_merged_silently(tmp_path, content):
     write(train, [{"t": '"Yes" is his answer', "y": 1}, {"t": "no", "y": 0}])
     task = load_file_task("classification", str(train), str(train), "t", "y")
     assert task.load("train", "")[0].texts == ('"Yes" is his answer',)
+
+
+def test_csv_true_false_labels_score_f1_of_true(tmp_path):
+    rows = [{"a": "x", "b": "y", "label": label} for label in ("True", "False")]
+    train = write(tmp_path / "train.csv", rows)
+    task = load_file_task("similarity", str(train), str(train), "a,b", "label")
+    assert task.label_names == ("False", "True") and task.metrics == ("accuracy", "f1")
+
+
+def test_positive_label_is_refused_for_a_benchmark_task():
+    import ml_collections
+
+    from gptjax.tasks import registry
+
+    config = ml_collections.ConfigDict({"name": "mrpc", "positive_label": "1"})
+    with pytest.raises(UserError, match="task.positive_label is for your own files"):
+        registry.get_task(config)

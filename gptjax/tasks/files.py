@@ -35,7 +35,8 @@ from gptjax.tasks.spec import KINDS, Example, TaskSpec
 __all__ = ["EXTENSIONS", "load_file_task"]
 
 _INTEGER = re.compile(r"[+-]?\d+")
-# The second class F1 is computed for without task.positive_label: 1 of 0/1, true of false/true.
+# The second class F1 is computed for without task.positive_label: 1 of 0/1, true of
+# false/true (in any case: CSV files write True/False).
 POSITIVE = ("1", "true")
 
 
@@ -90,7 +91,7 @@ def load_file_task(
     elif (
         kind == "similarity"
         and len(label_names) == 2
-        and (positive_label or label_names[1] in POSITIVE)
+        and (positive_label or label_names[1].lower() in POSITIVE)
     ):
         metrics = ("accuracy", "f1")
     elif kind == "similarity" and len(label_names) == 2:

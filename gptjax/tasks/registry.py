@@ -25,6 +25,11 @@ def get_task(task_cfg: ml_collections.ConfigDict) -> TaskSpec:
             test_path=task_cfg.test_path,
             positive_label=task_cfg.get("positive_label", ""),
         )
+    if task_cfg.get("positive_label"):
+        raise UserError(
+            f"task.positive_label is for your own files (task custom); {name}'s classes "
+            "and metrics are the benchmark's: unset it"
+        )
     if name == bbc_news.BBC_NEWS.name:
         return bbc_news.BBC_NEWS
     if name in tfds_tasks.TFDS_TASKS:
