@@ -4,8 +4,8 @@ Packing (Section 4.1: "contiguous sequences of 512 tokens"): every split is one 
 token ids, the books concatenated, each ended by </s>. Window i holds the n_ctx + 1 ids
 stream[i * n_ctx : i * n_ctx + n_ctx + 1]; the model reads the first n_ctx and predicts
 the last n_ctx. Consecutive windows overlap by one id, so across all windows every
-stream position is an input exactly once and a target exactly once: no token lost or
-duplicated. The last window is padded, and its padded targets have weight 0.
+stream position but the last is an input exactly once and every one but the first a
+target exactly once: no token lost or duplicated. The last window is padded, and its padded targets have weight 0.
 """
 
 import contextlib
