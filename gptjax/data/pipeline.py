@@ -5,7 +5,8 @@ token ids, the books concatenated, each ended by </s>. Window i holds the n_ctx 
 stream[i * n_ctx : i * n_ctx + n_ctx + 1]; the model reads the first n_ctx and predicts
 the last n_ctx. Consecutive windows overlap by one id, so across all windows every
 stream position but the last is an input exactly once and every one but the first a
-target exactly once: no token lost or duplicated. The last window is padded, and its padded targets have weight 0.
+target exactly once: no token lost or duplicated. The last window is padded, and its
+padded targets have weight 0.
 """
 
 import contextlib
