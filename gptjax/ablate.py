@@ -71,6 +71,8 @@ def main(argv):
     from gptjax import finetune
 
     config = config_value(_CONFIG)
+    config_lib.expand_home(config)
+    workdir = os.path.expanduser(_WORKDIR.value)
     with reported():
         unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
         if unknown or not _VARIANTS.value:
@@ -87,13 +89,11 @@ def main(argv):
             cfg = variant_config(config, variant)
             config_lib.validate(cfg)
             logging.info("variant %s", variant)
-            reports[variant] = finetune.train_and_evaluate(
-                cfg, os.path.join(_WORKDIR.value, variant)
-            )
+            reports[variant] = finetune.train_and_evaluate(cfg, os.path.join(workdir, variant))
     text = table(reports)
-    with open(os.path.join(_WORKDIR.value, "ablation.md"), "w") as f:
+    with open(os.path.join(workdir, "ablation.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(_WORKDIR.value, "ablation.json"), "w") as f:
+    with open(os.path.join(workdir, "ablation.json"), "w") as f:
         json.dump(reports, f, indent=2)
     print(text)
 

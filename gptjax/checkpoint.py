@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gptjax.errors import UserError, WriteFailed
+from gptjax.errors import UserError, WriteFailed, silence_abandoned_work
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"  # beside CHECKPOINT_DIR: unreadable ones moved aside
@@ -180,7 +180,7 @@ def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     Returns (state, data_state, step). When no checkpoint reads back, raises UserError
     rather than start again from scratch.
     """
-    with _quiet_abandoned_reads():
+    with quiet_abandoned_reads():
         return _restore_latest_good(mngr, abstract_state)
 
 
@@ -198,6 +198,7 @@ def _restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
             return state, data_state, step
         except Exception as e:  # what a damaged directory raises depends on the damage
             message = _brief(e)
+            _settle_abandoned_reads()
         aside = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
         if jax.process_index() == 0:  # one mover on a shared filesystem
             os.makedirs(aside, exist_ok=True)
@@ -221,16 +222,28 @@ def _restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
 
 
 @contextlib.contextmanager
-def _quiet_abandoned_reads():
+def quiet_abandoned_reads():
     """A failed restore leaves the storage library's pending reads (and their event
-    loop) behind, each of which prints "Exception ignored ... Traceback" when collected,
-    after the failure was reported in one warning: they are collected here, quietly."""
-    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    loop) behind, each of which prints a traceback when collected or when it finishes,
+    after the failure was reported in one line or one warning: while in this context
+    they are waited for and collected quietly (`errors.silence_abandoned_work`)."""
+    hooks = sys.unraisablehook, sys.excepthook
+    asyncio_logger = logging.getLogger("asyncio")
+    asyncio_disabled = asyncio_logger.disabled
+    silence_abandoned_work()
     try:
         yield
     finally:
         gc.collect()
-        sys.unraisablehook = hook
+        sys.unraisablehook, sys.excepthook = hooks
+        asyncio_logger.disabled = asyncio_disabled
+
+
+def _settle_abandoned_reads():
+    """After a failed restore, in `quiet_abandoned_reads`: the reads it abandoned finish
+    within milliseconds on a local disk, and are collected before the context ends."""
+    time.sleep(0.2)
+    gc.collect()
 
 
 def _brief(error: Exception) -> str:
@@ -238,16 +251,19 @@ def _brief(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _unreadable(step: int, where, alternative: str):
+def unreadable(step: int, where, alternative: str):
     """A damaged checkpoint's error, whatever the damage made the library raise, as a
-    UserError naming the checkpoint."""
-    try:
-        yield
-    except Exception as e:
-        raise UserError(
-            f"checkpoint {step} in {where} is unreadable ({_brief(e)}); restore it from a "
-            f"copy, {alternative}"
-        ) from None
+    UserError naming the checkpoint, with nothing printed after it by the reads the
+    failure abandoned."""
+    with quiet_abandoned_reads():
+        try:
+            yield
+        except Exception as e:
+            _settle_abandoned_reads()
+            raise UserError(
+                f"checkpoint {step} in {where} is unreadable ({_brief(e)}); restore it from "
+                f"a copy, {alternative}"
+            ) from None
 
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):
@@ -262,7 +278,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
                 f"checkpoint {step} in {mngr.directory} holds another model's parameters "
                 f"({other}); point at a pretraining (or converted) run of these sizes"
             )
-        with _unreadable(step, mngr.directory, "or use another run"):
+        with unreadable(step, mngr.directory, "or use another run"):
             restored = mngr.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
             )
@@ -279,7 +295,7 @@ def read_params(workdir: str, step: int | None = None) -> dict:
         raise UserError(f"{workdir} has no checkpoint{which} (steps: {steps or 'none'})")
     step = steps[-1] if step is None else step
     path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "params")
-    with _unreadable(step, workdir, "or pick another step"):
+    with unreadable(step, workdir, "or pick another step"):
         tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)

@@ -1,6 +1,7 @@
 """Checks on a config beyond what ml_collections' typed fields already enforce."""
 
 import math
+import os
 
 import ml_collections
 
@@ -182,3 +183,35 @@ def validate_finetune(config: ml_collections.ConfigDict):
     check_reals({"adapt.lr": (a.lr, (lambda x: x > 0, "positive, or unset"))})
     if config.eval.checkpoint not in ("best", "latest"):
         raise UserError(f"eval.checkpoint is {config.eval.checkpoint!r}; use 'best' or 'latest'")
+
+
+# Settings that name a file or directory. The shell expands a leading ~ only where it
+# starts a word, not in --config.init_from=~/runs/x; Python's file functions never do.
+PATH_SETTINGS = (
+    "init_from",
+    "finetune.tokenizer",
+    "task.train_path",
+    "task.eval_path",
+    "task.test_path",
+    "generate.prompts_file",
+    "data.books",
+    "data.cache_dir",
+    "zeroshot.sst2_path",
+    "zeroshot.cola_path",
+    "zeroshot.cola_train_path",
+    "zeroshot.race_path",
+    "zeroshot.dprd_path",
+)
+
+
+def expand_home(config: ml_collections.ConfigDict):
+    """Expands a leading ~ in the path settings the config has, in place."""
+    for name in PATH_SETTINGS:
+        *parents, key = name.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent)
+            if node is None:
+                break
+        if node is not None and isinstance(node.get(key), str):
+            node[key] = os.path.expanduser(node[key])

@@ -53,12 +53,21 @@ def fail(message: str, at_once: bool = False):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2)
-    # The storage library's abandoned reads (a damaged checkpoint) are collected at exit
-    # and would each print "Exception ignored ... Traceback" (or, from asyncio's logger,
-    # "Task exception was never retrieved" and its traceback) after the one line.
-    sys.unraisablehook = lambda unraisable: None
-    logging.getLogger("asyncio").disabled = True
+    silence_abandoned_work()
     sys.exit(2)
+
+
+def silence_abandoned_work():
+    """Keeps the storage library's abandoned reads (a damaged checkpoint) from printing
+    tracebacks after a failure was reported in one line: collected, each prints
+    "Exception ignored ... Traceback" (sys.unraisablehook); finishing after their event
+    loop closed, TensorStore's threads print "Event loop is closed" and its traceback
+    (PyErr_Print, through sys.excepthook); asyncio's logger reports "Task exception was
+    never retrieved". For the rest of the process: only at its end, or undone by the
+    caller (`checkpoint.quiet_abandoned_reads`)."""
+    sys.unraisablehook = lambda unraisable: None
+    sys.excepthook = lambda *exc_info: None
+    logging.getLogger("asyncio").disabled = True
 
 
 @contextlib.contextmanager

@@ -65,20 +65,22 @@ def main(argv):
     logging.info(host_memory.describe())
 
     config = config_value(_CONFIG)
+    config_lib.expand_home(config)
+    workdir = os.path.expanduser(_WORKDIR.value)  # --workdir=~/x reaches us unexpanded
     with reported():
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)
         if _MODE.value in ("eval", "zeroshot", "estimate"):
             # Their results go there, at the end; the others read a run from it first.
-            pretrain.check_output_dir(_WORKDIR.value, create=False)
+            pretrain.check_output_dir(workdir, create=False)
         if _MODE.value == "generate":  # from the workdir's own model and tokenizer
             from gptjax import generate
 
-            generate.run(config, _WORKDIR.value)
+            generate.run(config, workdir)
         elif _MODE.value == "zeroshot":  # likewise
             from gptjax import zeroshot
 
-            zeroshot.run(config, _WORKDIR.value)
+            zeroshot.run(config, workdir)
         elif "task" in config:  # configs/finetune.py
             from gptjax import finetune, results
 
@@ -90,22 +92,22 @@ def main(argv):
             finetune.resolve_model(config)
             config_lib.validate(config)
             if _MODE.value == "train":
-                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(_WORKDIR.value):
-                    finetune.train_and_evaluate(config, _WORKDIR.value)
+                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(workdir):
+                    finetune.train_and_evaluate(config, workdir)
             else:
-                run = finetune.FineTune(config, _WORKDIR.value, read_only=True)
+                run = finetune.FineTune(config, workdir, read_only=True)
                 results.evaluate_checkpoint(run)
         else:
             config_lib.validate(config)
             if _MODE.value == "estimate":
                 from gptjax import estimate
 
-                estimate.run(config, _WORKDIR.value)
+                estimate.run(config, workdir)
             elif _MODE.value == "train":
-                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(_WORKDIR.value):
-                    pretrain.train_and_evaluate(config, _WORKDIR.value)
+                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(workdir):
+                    pretrain.train_and_evaluate(config, workdir)
             else:
-                pretrain.evaluate_checkpoint(config, _WORKDIR.value)
+                pretrain.evaluate_checkpoint(config, workdir)
 
 
 if __name__ == "__main__":

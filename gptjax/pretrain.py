@@ -376,13 +376,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     if checkpoint.latest_step(workdir) is None:
         raise UserError(f"no checkpoint in {workdir}: train there first (--mode=train)")
     run = Run(config, workdir, read_only=True)
-    try:
+    fallback = "or run --mode=train once to fall back to the previous checkpoint"
+    with checkpoint.unreadable(run.resume_step, workdir, fallback):  # eval moves nothing
         state, _ = checkpoint.restore(run.ckpt, train.abstract_state(run.state, run.shardings))
-    except Exception as e:  # reported, nothing moved: eval only reads
-        raise UserError(
-            f"checkpoint {run.resume_step} in {workdir} cannot be read ({str(e)[:150]}); "
-            "run --mode=train once to fall back to the previous checkpoint"
-        ) from None
     run.ckpt.close()
     metrics = run.evaluate(state.params)
     report(run, {"step": run.resume_step, **metrics})

@@ -73,13 +73,9 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
     step = choose_step(workdir, run.selection_key, config.eval.checkpoint)
     abstract = run.abstract
     with checkpoint.manager(workdir, read_only=True) as mngr:
-        try:
+        other = "choose another with --config.eval.checkpoint=latest, or re-run training"
+        with checkpoint.unreadable(step, workdir, other):
             state, _ = checkpoint.restore(mngr, abstract, step)
-        except Exception as e:
-            raise UserError(
-                f"checkpoint {step} in {workdir} cannot be read ({str(e)[:150]}); choose "
-                "another with --config.eval.checkpoint=latest or re-run training"
-            ) from None
     splits = splits or (*run.task.eval_splits, *run.task.test_splits)
     results = []
     for name in splits:

@@ -88,7 +88,6 @@ def main_in_process(workdir, *flags, books=None, cache=None, config="configs/gpt
     args, _ = command(workdir, *flags, books=books, cache=cache, config=config)
     argv = ["gptjax.main", *args[3:]]
     cache_dir, sys_argv = jax.config.jax_compilation_cache_dir, sys.argv
-    unraisablehook = sys.unraisablehook  # errors.fail silences it for the exit
     absl_flags.FLAGS.unparse_flags()
     try:
         sys.argv = argv  # ml_collections reads the config overrides from sys.argv
@@ -97,7 +96,7 @@ def main_in_process(workdir, *flags, books=None, cache=None, config="configs/gpt
     except SystemExit as e:
         status = e.code
     finally:
-        sys.argv, sys.unraisablehook = sys_argv, unraisablehook
+        sys.argv = sys_argv  # (conftest puts back the hooks errors.fail silences)
         absl_flags.FLAGS.unparse_flags()
         for name in [n for n in absl_flags.FLAGS if n.startswith("config.")]:
             delattr(absl_flags.FLAGS, name)  # the overrides this parse defined

@@ -1,9 +1,14 @@
 """Shared fixtures: tiny configs that exercise every code path quickly on a CPU."""
 
+import ctypes
+import logging
 import os
 import pathlib
 import random
 import runpy
+import sys
+import threading
+import time
 
 import pytest
 
@@ -13,6 +18,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # command they start (which inherit this environment). Compiling dominates the time of
 # these tiny models; the benchmark (`python -m gptjax.bench`) measures speed instead.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _error_hooks():
+    """Puts back what `errors.fail` silences for the rest of a process (tracebacks from
+    threads and collected objects) after a test that ran a command in this process, so
+    that no later test loses them."""
+    hooks = sys.excepthook, sys.unraisablehook
+    yield
+    sys.excepthook, sys.unraisablehook = hooks
+    logging.getLogger("asyncio").disabled = False
 
 
 def gpt1_config():
@@ -95,3 +111,16 @@ def pretrained(tmp_path_factory):
     result = run_main(root / "run", books=books, cache=root / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return root
+
+
+def straggler(delay: float) -> threading.Thread:
+    """What TensorStore's thread does when a read abandoned by a failed restore finishes
+    after its event loop closed: PyErr_Print, from a thread Python did not start."""
+
+    def finish():
+        time.sleep(delay)
+        ctypes.pythonapi.PyRun_SimpleString(b"raise RuntimeError('Event loop is closed')")
+
+    thread = threading.Thread(target=finish)
+    thread.start()
+    return thread

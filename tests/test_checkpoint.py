@@ -10,7 +10,7 @@ from gptjax import checkpoint, optim, sharding, train
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig
 
-from conftest import tiny_config
+from conftest import straggler, tiny_config
 
 
 def make_state(config, seed=0):
@@ -106,6 +106,23 @@ def test_params_of_a_damaged_checkpoint_are_a_user_error(tmp_path):
         checkpoint.restore_params(str(tmp_path), abstract)
     with pytest.raises(UserError, match="checkpoint 1 in .* is unreadable"):
         checkpoint.read_params(str(tmp_path))
+
+
+def test_reads_a_failed_restore_abandons_print_nothing_after_its_error(capfd):
+    """A read that finishes after the failure (the race that left "Event loop is closed"
+    and a traceback after the one-line error) is waited for, silenced, and the hooks put
+    back afterwards."""
+    hooks = sys.excepthook, sys.unraisablehook
+    expected = "checkpoint 3 in w is unreadable .*another step"
+    with (
+        pytest.raises(UserError, match=expected),
+        checkpoint.unreadable(3, "w", "or pick another step"),
+    ):
+        late = straggler(0.15)
+        raise ValueError("truncated")
+    late.join()
+    assert "Traceback" not in capfd.readouterr().err
+    assert (sys.excepthook, sys.unraisablehook) == hooks
 
 
 def test_a_damaged_checkpoint_is_moved_aside_quietly(tmp_path):

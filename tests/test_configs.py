@@ -181,3 +181,28 @@ def test_lm_head_pad_to_is_a_positive_whole_number(value):
     c.train.lm_head_pad_to = value
     with pytest.raises(UserError, match="train.lm_head_pad_to=.* must be a whole number"):
         config_lib.validate(c)
+
+
+def test_expand_home_reaches_every_path_setting(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    finetune = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("rte")
+
+    def nodes(config):  # (parent ConfigDict, key) of each path setting the config has
+        for name in config_lib.PATH_SETTINGS:
+            *parents, key = name.split(".")
+            node = config
+            for parent in parents:
+                node = node.get(parent) if node is not None else None
+            if node is not None and key in node:
+                yield name, node, key
+
+    seen = set()
+    for config in (gpt1_config(), finetune):
+        for name, node, key in nodes(config):
+            node[key] = "~/x"
+            seen.add(name)
+        config_lib.expand_home(config)
+        for name, node, key in nodes(config):
+            assert node[key] == "/home/someone/x", name
+    # Every listed setting is in one of the configs: a renamed key is not left out.
+    assert seen == set(config_lib.PATH_SETTINGS)

@@ -157,6 +157,22 @@ def test_inconsistent_config(tmp_path, capsys):
     error_in_process(capsys, tmp_path / "run", "--config.model.n_head=3", words=["model.n_head"])
 
 
+def test_a_tilde_in_the_workdir_and_config_paths_means_home(trained):
+    # `--workdir=~/run` reaches the program unexpanded (the shell expands ~ only at a
+    # word's start); it names the home directory, not a directory called "~".
+    root, _ = trained
+    result = run_main(
+        "~/run",
+        "--mode=eval",
+        books="~/books",
+        cache=root / "cache",
+        wrapper=("env", f"HOME={root}"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (ROOT / "~").exists()
+    assert json.loads((root / "run" / "results.json").read_text())["eval_ppl"] > 0
+
+
 def test_other_model_in_workdir_is_refused(trained, tmp_path):
     root, _ = trained
     copy = tmp_path / "run"
@@ -194,7 +210,7 @@ def test_eval_of_a_damaged_checkpoint_ends_in_one_line(trained, tmp_path):
     biggest = max((latest / "params").rglob("*"), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # truncated
     result = run_main(copy, "--mode=eval", books=root / "books", cache=root / "cache")
-    assert_one_line_error(result, f"checkpoint {latest.name}", "cannot be read")
+    assert_one_line_error(result, f"checkpoint {latest.name}", "is unreadable")
     assert "Task exception was never retrieved" not in result.stderr
 
 
