@@ -48,11 +48,17 @@ class Sampling:
                 "generate.temperature and generate.top_k must be >= 0 and generate.top_p in "
                 f"(0, 1] (got {self.temperature}, {self.top_k}, {self.top_p})"
             )
+        if not 0 <= self.seed < 2**32:  # what a PRNG key holds
+            raise UserError(f"generate.seed is {self.seed}; it must be in [0, 2**32)")
 
 
 def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
     """Temperature, then top-k, then top-p (nucleus): excluded tokens get -inf."""
-    logits_BxV = logits_BxV.astype(jnp.float32) / sampling.temperature
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    # The largest logit subtracted first: divided by a tiny temperature, the logits
+    # themselves overflow to +-inf (and inf - inf is NaN in the softmax); their
+    # differences from the largest only go to -inf.
+    logits_BxV = (logits_BxV - logits_BxV.max(-1, keepdims=True)) / sampling.temperature
     if 0 < sampling.top_k < logits_BxV.shape[-1]:  # k of at least the vocabulary keeps all
         kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)

@@ -15,8 +15,15 @@ def lm_loss(
     micro-batches, devices and evaluation batches.
     """
     losses_BxL = token_cross_entropy(logits_BxLxV.astype(jnp.float32), targets_BxL)
-    weights_BxL = weights_BxL.astype(jnp.float32)
-    return jnp.sum(losses_BxL * weights_BxL), jnp.sum(weights_BxL)
+    return _weighted_sum(losses_BxL, weights_BxL)
+
+
+def _weighted_sum(losses: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of losses x weights, sum of weights), where a weight-0 entry (padding) counts
+    as 0 even when its loss is not finite: NaN x 0 is NaN, and one overflowed padding row
+    would otherwise make the batch's loss and every gradient NaN."""
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(jnp.where(weights > 0, losses, 0.0) * weights), jnp.sum(weights)
 
 
 @jax.custom_vjp
@@ -52,6 +59,9 @@ def _cross_entropy_backward(residuals, g_N):
     vocab = jax.lax.broadcasted_iota(targets_N.dtype, logits_NxV.shape, logits_NxV.ndim - 1)
     one_hot = (vocab == targets_N[..., None]).astype(logits_NxV.dtype)
     grad = (jnp.exp(logits_NxV - lse_N[..., None]) - one_hot) * g_N[..., None]
+    # A position with no weight (padding) has no gradient, even when its logits are not
+    # finite (NaN x 0 is NaN): see `_weighted_sum`.
+    grad = jnp.where(g_N[..., None] != 0, grad, 0.0)
     return grad, np.zeros(targets_N.shape, jax.dtypes.float0)
 
 
@@ -65,9 +75,12 @@ def task_loss(
     class (or choice) logits [B, C] against integer labels, or the squared error of a
     predicted score [B] (STS-B's similarity is regressed on its 0-5 score)."""
     out = out.astype(jnp.float32)
+    # Padding rows' outputs set to 0 before the loss, so that neither their loss nor
+    # its gradient is NaN when they are not finite (see `_weighted_sum`).
+    padding = (weights_B <= 0).reshape(weights_B.shape + (1,) * (out.ndim - 1))
+    out = jnp.where(padding, 0.0, out)
     if regression:
         losses_B = jnp.square(out - labels_B.astype(jnp.float32))
     else:
         losses_B = optax.softmax_cross_entropy_with_integer_labels(out, labels_B)
-    weights_B = weights_B.astype(jnp.float32)
-    return jnp.sum(losses_B * weights_B), jnp.sum(weights_B)
+    return _weighted_sum(losses_B, weights_B)

@@ -390,6 +390,7 @@ class GPT(nn.Module):
         length = tokens_BxL.shape[1]
         positions_BxL = pos_B[:, None] + jnp.arange(length)
         x_BxLxD = self.tokens_embed(tokens_BxL) + self.positions_embed(positions_BxL)
+        x_BxLxD = x_BxLxD.astype(self.cfg.dtype)  # as in `encode`
         new_caches = []
         for block, cache in zip(self.blocks, caches, strict=True):
             x_BxLxD, cache = block(x_BxLxD, True, cache)

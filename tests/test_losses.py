@@ -53,3 +53,27 @@ def test_the_gradient_is_one_element_wise_expression_without_a_scatter():
 
     assert "scatter" in hlo(optax_lm_loss)
     assert "scatter" not in hlo(losses.lm_loss)
+
+
+@pytest.mark.parametrize("kind", ["lm", "classes", "regression"])
+def test_a_padding_entry_that_overflowed_changes_neither_loss_nor_gradient(kind):
+    """NaN x weight 0 would be NaN: one non-finite padding row must not poison the batch."""
+    rng = np.random.default_rng(0)
+    out = jnp.asarray(rng.normal(size=(3, 5) if kind != "regression" else (3,)), jnp.float32)
+    labels = jnp.array([1, 4, 2]) if kind != "regression" else jnp.array([0.5, 2.0, 4.0])
+    weights = jnp.array([1.0, 1.0, 0.0])
+
+    def loss(out):
+        if kind == "lm":  # three positions of one sequence
+            total, count = losses.lm_loss(out[None], labels[None], weights[None])
+        else:
+            total, count = losses.task_loss(out, labels, weights, kind == "regression")
+        return total / count
+
+    clean_loss, clean_grad = jax.value_and_grad(loss)(out)
+    poisoned = out.at[2].set(jnp.nan)  # the padding row
+    poisoned_loss, poisoned_grad = jax.value_and_grad(loss)(poisoned)
+    assert np.isfinite(clean_loss)
+    np.testing.assert_allclose(poisoned_loss, clean_loss, rtol=1e-6)
+    np.testing.assert_allclose(poisoned_grad[:2], clean_grad[:2], rtol=1e-6)
+    np.testing.assert_array_equal(poisoned_grad[2], np.zeros_like(poisoned_grad[2]))
