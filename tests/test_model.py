@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import dropout as dropout_lib
+from gptjax import model as model_lib
 from gptjax.model import (
     GPT,
     ModelConfig,
@@ -60,8 +62,11 @@ def test_init_statistics():
         vocab_size=1000, n_ctx=64, n_layer=1, n_head=4, d_model=256, d_mlp=1024, dropout=0.1
     )
     params = init(cfg)
-    kernel = np.asarray(params["h_0"]["mlp"]["c_fc"]["kernel"])
-    assert abs(kernel.std() - 0.02) < 0.001 and abs(kernel.mean()) < 0.001
+    # Every weight matrix and both embeddings: N(0, 0.02) (Section 4.1).
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if jax.tree_util.keystr(path).endswith(("['kernel']", "['embedding']")):
+            leaf = np.asarray(leaf)
+            assert abs(leaf.std() - 0.02) < 0.001 and abs(leaf.mean()) < 0.001, path
     assert np.all(np.asarray(params["h_0"]["mlp"]["c_fc"]["bias"]) == 0)
     assert np.all(np.asarray(params["h_0"]["ln_1"]["scale"]) == 1)
 
@@ -116,6 +121,28 @@ def test_dropout_only_with_rng_and_not_deterministic():
     assert not np.allclose(a, det) and not np.allclose(a, b)
 
 
+def test_dropout_sites_are_the_embeddings_and_each_blocks_three(monkeypatch):
+    """Embeddings, then per block the attention probabilities and the two residual
+    branches (Section 4.1's "residual, embedding, and attention dropouts"), each with
+    its own key."""
+    cfg = ModelConfig.from_config(tiny_config().model)
+    calls = []
+    real = dropout_lib.dropout
+
+    def recorded(x, rate, key, *args, **kwargs):
+        calls.append((x.shape, tuple(np.asarray(jax.random.key_data(key)).ravel())))
+        return real(x, rate, key, *args, **kwargs)
+
+    monkeypatch.setattr(dropout_lib, "dropout", recorded)  # the Dropout layer's
+    monkeypatch.setattr(model_lib, "dropout", recorded)  # attention's
+    tokens = jnp.zeros((2, cfg.n_ctx), jnp.int32)
+    GPT(cfg).apply({"params": init(cfg)}, tokens, False, rngs={"dropout": jax.random.key(0)})
+    stream = (2, cfg.n_ctx, cfg.d_model)
+    probs = (2, cfg.n_head, cfg.n_ctx, cfg.n_ctx)
+    assert [shape for shape, _ in calls] == [stream, *[probs, stream, stream] * cfg.n_layer]
+    assert len({key for _, key in calls}) == len(calls) == 1 + 3 * cfg.n_layer
+
+
 def test_too_long_sequence_rejected():
     cfg = ModelConfig.from_config(tiny_config().model)
     params = init(cfg)
@@ -159,17 +186,24 @@ def reference_gpt1(params, cfg: ModelConfig, tokens):
     return x @ emb.T
 
 
-def test_matches_a_numpy_reference_of_gpt1():
+# scale 1e-3: every parameter but the LayerNorms' that small, so the LayerNorms' inputs
+# have a variance (~1e-7) below their epsilon (1e-5), which then decides their outputs.
+@pytest.mark.parametrize("scale", [1.0, 1e-3])
+def test_matches_a_numpy_reference_of_gpt1(scale):
     cfg = ModelConfig.from_config(tiny_config().model)
     rng = np.random.default_rng(0)
     # Perturb every parameter (biases and LN included) so that no term is trivially zero.
-    params = jax.tree.map(
-        lambda x: np.asarray(x) + rng.normal(0, 0.3, x.shape).astype(np.float32), init(cfg)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            (np.asarray(x) + rng.normal(0, 0.3, x.shape).astype(np.float32))
+            * (1.0 if "ln_" in jax.tree_util.keystr(path) else scale)
+        ),
+        init(cfg),
     )
     tokens = rng.integers(0, cfg.vocab_size, (2, cfg.n_ctx))
     logits = GPT(cfg).apply({"params": params}, tokens)
     expected = reference_gpt1(params, cfg, tokens)
-    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
