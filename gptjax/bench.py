@@ -36,8 +36,8 @@ import numpy as np
 from gptjax import config as config_lib
 from gptjax import host_memory, optim, profiling, sharding, train
 from gptjax.bench_parts import bench_checkpoint, bench_generate, bench_pipeline
-from gptjax.bench_torch import TorchReference
-from gptjax.errors import UserError, argument_parser, fail
+from gptjax.bench_torch import TorchReference, check_comparable
+from gptjax.errors import UserError, argument_parser, fail, one_line
 from gptjax.estimate import compile_step, memory
 from gptjax.measure import (
     fresh_compilation_cache,
@@ -167,7 +167,13 @@ def load_config(
     path = CONFIGS / NAMED_CONFIGS.get(name, "bench_cpu.py") if named else pathlib.Path(name)
     if not path.is_file():
         raise UserError(f"--config={name}: use tiny, {', '.join(NAMED_CONFIGS)} or a config file")
-    config = runpy.run_path(str(path))["get_config"]()
+    try:
+        config = runpy.run_path(str(path))["get_config"]()
+    except Exception as e:  # whatever a file that is not a config raises on running
+        raise UserError(
+            f"--config={name}: not a config file ({type(e).__name__}: {one_line(e)[:200]}); "
+            "give a file defining get_config(), as in configs/"
+        ) from None
     if name == "tiny":
         config.model.update(vocab_size=64, n_ctx=32, n_layer=1, n_head=2, d_model=16, d_mlp=64)
         config.train.update(batch_size=4, num_steps=10, warmup_steps=2, cpu_matmuls="xla")
@@ -257,6 +263,8 @@ def run(
     `versus`: variants, each overrides applied after `overrides`. `profile_dir`: trace
     the baseline's step there after timing it (see `gptjax.profiling`)."""
     config = load_config(config_name, overrides)
+    if vs_torch:
+        check_comparable(config)
     # Every variant's config checked before anything is compiled.
     variants = {spec: load_config(config_name, overrides, spec) for spec in versus}
     step = TrainStep(config)
@@ -574,6 +582,8 @@ def main(argv: list[str] | None = None) -> dict:
         fail(f"--json={args.json}: its directory does not exist; create it first")
     if args.json and os.path.isdir(args.json):
         fail(f"--json={args.json} is a directory; give a file name")
+    if args.json and not writable(args.json):
+        fail(f"--json={args.json}: cannot be written (permissions); give another path")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         fail(f"--peak-tflops={args.peak_tflops}: it must be positive")
     if args.vs_torch and jax.default_backend() != "cpu":
@@ -607,10 +617,20 @@ def main(argv: list[str] | None = None) -> dict:
         fail(str(e))
     print(report(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        except OSError as e:  # e.g. the disk filled during the run
+            fail(f"--json={args.json}: could not write it ({e.strerror}); the results are above")
         logging.info("wrote %s", args.json)
     return result
+
+
+def writable(path: str) -> bool:
+    """Whether `path` (a file, or a name in an existing directory) can be written."""
+    if os.path.exists(path):
+        return os.access(path, os.W_OK)
+    return os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK | os.X_OK)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,40 @@ and optimiser in HuggingFace transformers, and its generation with and without a
 key/value cache. torch and transformers are imported only when it is built (they live
 in the `bench` and `test` extras)."""
 
+import importlib.util
 from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 
 from gptjax.errors import UserError
+
+
+def check_comparable(config: ml_collections.ConfigDict):
+    """UserError unless the torch peer computes what the config's step computes, before
+    anything is compiled: torch and transformers installed; HF's MLP of 4 x n_embd; and
+    the step float32, in one micro-batch, without rematerialisation (the peer has
+    neither bfloat16 nor gptjax's levers, so its ratio would compare other work)."""
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"--vs-torch needs {' and '.join(missing)}, not installed: pip install -e '.[bench]'"
+        )
+    m, t = config.model, config.train
+    if m.d_mlp != 4 * m.d_model:
+        raise UserError("--vs-torch needs model.d_mlp = 4 x d_model (HF openai-gpt's MLP)")
+    levers = {
+        "train.compute_dtype": (t.compute_dtype, "float32"),
+        "train.microbatches": (t.microbatches, 1),
+        "train.remat": (t.remat, "none"),
+    }
+    for name, (value, plain) in levers.items():
+        if value != plain:
+            raise UserError(
+                f"--vs-torch compares float32 steps of one micro-batch without "
+                f"rematerialisation, and {name}={value!r}: set {name}={plain!r}, or time the "
+                "lever against the plain step with --versus"
+            )
 
 
 class TorchReference:
@@ -31,8 +59,6 @@ class TorchReference:
         torch.set_num_threads(num_threads)
         torch.manual_seed(0)
         m, t = config.model, config.train
-        if m.d_mlp != 4 * m.d_model:
-            raise UserError("--vs-torch needs model.d_mlp = 4 x d_model (HF openai-gpt's MLP)")
         self.shape = {
             "vocab_size": m.vocab_size,
             "n_positions": m.n_ctx,

@@ -39,14 +39,17 @@ class Accelerator:
 
 
 # Vendors' datasheets (NVIDIA's SXM parts unless named). Earlier entries win when several
-# match a device_kind ("H100 PCIe" before "H100", "GH200" before "H200", "TPU v5 lite"
-# (a v5e) before "TPU v5" (a v5p)). A GH200's GPU has 96 or 144 GB: the smaller is taken.
+# match a device_kind ("H100 PCIe" before "H100", "GH200" and "H200 NVL" before "H200",
+# "A100-SXM4-40GB" before "A100", "TPU v5 lite" (a v5e) before "TPU v5" (a v5p)). A
+# GH200's GPU has 96 or 144 GB: the smaller is taken.
 ACCELERATORS = (
     Accelerator("GH200", 989e12, 96e9, ("GH200",)),
+    Accelerator("H200 NVL", 835e12, 141e9, ("H200 NVL",)),
     Accelerator("H200", 989e12, 141e9, ("H200",)),
     Accelerator("H100 PCIe", 756e12, 80e9, ("H100 PCIe",)),
     Accelerator("H100 NVL", 835e12, 94e9, ("H100 NVL",)),
     Accelerator("H100", 989e12, 80e9, ("H100",)),
+    Accelerator("A100 40GB", 312e12, 40e9, ("A100-SXM4-40GB", "A100-PCIE-40GB")),
     Accelerator("A100", 312e12, 80e9, ("A100",)),
     Accelerator("v4", 275e12, 32e9, ("TPU v4",)),
     Accelerator("v5e", 197e12, 16e9, ("TPU v5 lite", "TPU v5e")),
@@ -56,7 +59,7 @@ ACCELERATORS = (
 
 # BookCorpus (the paper's data): ~985M words (Zhu et al., 2015); at ~1.3 BPE tokens per
 # English word, ~1.28B tokens per epoch. 100 epochs of it at 0.76 GFLOP per token is
-# ~1.1 petaflop/s-days, the original run's reported compute.
+# ~1.1 petaflop/s-days, near the 0.96 petaflop/s-days OpenAI reported for the run.
 BOOKCORPUS_TOKENS = 1_280_000_000
 
 # `config.estimate`, when the config has none. See docs/benchmarks.md.

@@ -111,14 +111,19 @@ def read_bytes_per_s(num_bytes: int, repeats: int = 5, passes: int = 10) -> floa
 
 
 def peak_flops(device_kind: str, matmul: float, given_tflops: float | None):
-    """(peak FLOP/s for the MFU, its source): `given_tflops`, else the published bf16
-    dense peak of estimate.ACCELERATORS times the device count, else (a CPU) the
-    measured matmul, which already uses every core."""
+    """(peak FLOP/s for the MFU, its source): `given_tflops` (one device's; on a CPU,
+    the host's) or else the published bf16 dense peak of estimate.ACCELERATORS, times
+    the device count; else (a CPU) the measured matmul, which already uses every core.
+    A CPU's devices (--xla_force_host_platform_device_count) share the host's cores, so
+    there the device count multiplies nothing."""
+    cpu = jax.default_backend() == "cpu"
+    devices = 1 if cpu else jax.device_count()
+    per = "" if devices == 1 else f" x {devices} devices"
     if given_tflops:
-        return given_tflops * 1e12, "--peak-tflops"
-    if jax.default_backend() == "cpu":
+        return given_tflops * 1e12 * devices, f"--peak-tflops{per}"
+    if cpu:
         return matmul, "measured float32 matmul"
     acc = find_accelerator(device_kind)
     if acc is None:
         return None, f"unknown device {device_kind!r}: give --peak-tflops"
-    return acc.peak_flops * jax.device_count(), f"published bf16 dense peak of {acc.name}"
+    return acc.peak_flops * devices, f"published bf16 dense peak of {acc.name}{per}"

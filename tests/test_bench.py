@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gptjax import bench, bench_parts, estimate
+from gptjax import bench, bench_parts, estimate, measure
 from gptjax.data import pipeline
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig, flops_per_token
@@ -227,6 +227,71 @@ def test_the_torch_peer_is_refused_off_the_cpu(capsys, monkeypatch):
     assert "--vs-torch times PyTorch on the CPU, against gptjax on gpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, missing, message",
+    [
+        ([], "torch", "--vs-torch needs torch, not installed: pip install -e '.[bench]'"),
+        (["--set=train.compute_dtype=bfloat16"], None, "train.compute_dtype='bfloat16': set"),
+        (["--set=train.microbatches=2"], None, "train.microbatches=2: set train.microbatches=1"),
+        (["--set=train.remat=full"], None, "train.remat='full': set train.remat='none'"),
+        (["--set=model.d_mlp=32"], None, "--vs-torch needs model.d_mlp = 4 x d_model"),
+    ],
+)
+def test_a_torch_peer_that_cannot_run_or_compare_is_refused_before_compiling(
+    flags, missing, message, capsys, monkeypatch
+):
+    found = importlib.util.find_spec
+    monkeypatch.setattr(  # torch and transformers present (or not), whatever is installed
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == missing else (found(name, *a) or types.SimpleNamespace()),
+    )
+    monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config=tiny", "--vs-torch", *flags])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_config_is_one_line(tmp_path, capsys, monkeypatch):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("batch size 64, lr 2.5e-4\n")
+    monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        bench.main([f"--config={notes}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config={notes}: not a config file (SyntaxError")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_results_file_that_cannot_be_written_is_one_line_after_the_report(capsys, monkeypatch):
+    """The disk filling during the run: /dev/full exists and opens, and every write fails."""
+    monkeypatch.setattr(bench, "run", lambda *a, **k: {"step_time_s": 1.0})
+    monkeypatch.setattr(bench, "report", lambda r: "the report")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config=tiny", "--json=/dev/full"])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "the report\n"
+    no_space = "could not write it (No space left on device); the results are above"
+    assert err == f"error: --json=/dev/full: {no_space}\n"
+
+
+def test_a_given_peak_is_one_devices(monkeypatch):
+    """--peak-tflops is per device: 8 accelerators have 8 times the peak. A CPU's forced
+    devices share its cores, so there the peak is the host's."""
+    monkeypatch.setattr(measure.jax, "device_count", lambda: 8)
+    monkeypatch.setattr(measure.jax, "default_backend", lambda: "gpu")
+    assert measure.peak_flops("NVIDIA H100 80GB HBM3", 0, 100) == (
+        8e14,
+        "--peak-tflops x 8 devices",
+    )
+    assert measure.peak_flops("NVIDIA H100 80GB HBM3", 0, None)[0] == 8 * 989e12
+    monkeypatch.setattr(measure.jax, "default_backend", lambda: "cpu")
+    assert measure.peak_flops("cpu", 5e11, 100) == (1e14, "--peak-tflops")
+
+
 def test_flops_per_token_by_hand():
     gpt1 = ModelConfig(
         vocab_size=40478, n_ctx=512, n_layer=12, n_head=12, d_model=768, d_mlp=3072, dropout=0.1
@@ -359,7 +424,9 @@ def test_estimate_length_of_an_epoch_run():
         ("NVIDIA H100 NVL", "H100 NVL"),
         ("NVIDIA H200", "H200"),
         ("NVIDIA GH200 480GB", "GH200"),
-        ("NVIDIA A100-SXM4-40GB", "A100"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+        ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
         ("TPU v4", "v4"),
         ("TPU v5 lite", "v5e"),
         ("TPU v5", "v5p"),
