@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from gptjax.errors import UserError, WriteFailed, silence_abandoned_work
+from gptjax.errors import UserError, WriteFailed, out_of_memory, silence_abandoned_work
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"  # beside CHECKPOINT_DIR: unreadable ones moved aside
@@ -175,7 +175,9 @@ def shape_mismatch(step_dir: str, abstract_params) -> str | None:
 def restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
     """Restores the newest checkpoint that reads back; unreadable newer ones (a truncated
     or corrupted directory) are moved to `corrupt_checkpoints/` beside `checkpoints/`,
-    with a warning, so they are neither picked again nor overwritten.
+    with a warning, so they are neither picked again nor overwritten. A checkpoint is
+    tried twice before it is moved, and one that fails for want of memory or of read
+    permission is left in place, the failure passed up.
 
     Returns (state, data_state, step). When no checkpoint reads back, raises UserError
     rather than start again from scratch.
@@ -194,9 +196,12 @@ def _restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
                 f"({other}); resume with the config it was written with, or use a new --workdir"
             )
         try:
-            state, data_state = restore(mngr, abstract_state, step)
+            state, data_state = _restore_retrying(mngr, abstract_state, step)
             return state, data_state, step
+        except UserError:  # not damage: nothing to move
+            raise
         except Exception as e:  # what a damaged directory raises depends on the damage
+            _raise_unless_damage(e, step, mngr.directory)
             message = _brief(e)
             _settle_abandoned_reads()
         aside = os.path.join(os.path.dirname(str(mngr.directory)), CORRUPT_DIR)
@@ -219,6 +224,30 @@ def _restore_latest_good(mngr: ocp.CheckpointManager, abstract_state):
         f"the unreadable ones are in {CORRUPT_DIR}/; restore one from a copy, or use a new "
         "--workdir"
     )
+
+
+def _restore_retrying(mngr: ocp.CheckpointManager, abstract_state, step: int):
+    """`restore`, tried a second time before its failure is taken for damage (and the
+    checkpoint moved aside): a read can fail once on a busy network filesystem."""
+    try:
+        return restore(mngr, abstract_state, step)
+    except Exception as e:
+        _raise_unless_damage(e, step, mngr.directory)
+        _settle_abandoned_reads()
+        logging.warning("restoring checkpoint %d failed (%s); trying again", step, _brief(e))
+    return restore(mngr, abstract_state, step)
+
+
+def _raise_unless_damage(error: Exception, step: int, directory):
+    """Passes up, moving nothing, the failures that say nothing about the checkpoint:
+    out of memory (reported by `errors.reported`) and a permission refused."""
+    if isinstance(error, MemoryError) or out_of_memory(error):
+        raise error
+    if isinstance(error, PermissionError):
+        raise UserError(
+            f"checkpoint {step} in {directory} cannot be read ({_brief(error)}); nothing was "
+            "moved: give this user read access, or use a new --workdir"
+        ) from None
 
 
 @contextlib.contextmanager

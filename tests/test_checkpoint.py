@@ -125,6 +125,42 @@ def test_reads_a_failed_restore_abandons_print_nothing_after_its_error(capfd):
     assert (sys.excepthook, sys.unraisablehook) == hooks
 
 
+@pytest.mark.parametrize(
+    "error, outcome",
+    [
+        (OSError(5, "Input/output error"), "restored"),  # once: a network filesystem's hiccup
+        (MemoryError(), MemoryError),
+        (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"), RuntimeError),
+        (PermissionError(13, "Permission denied"), UserError),
+    ],
+)
+def test_a_failure_that_is_not_damage_moves_nothing(tmp_path, monkeypatch, error, outcome):
+    state, shardings = make_state(tiny_config())
+    with checkpoint.manager(str(tmp_path), keep=2) as mngr:
+        for step in (1, 2):
+            checkpoint.save(mngr, state.replace(step=state.step + step), {"next_index": step})
+        mngr.wait_until_finished()
+    real, failures = checkpoint.restore, []
+
+    def failing(*args):
+        if not failures or outcome != "restored":
+            failures.append(error)
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(checkpoint, "restore", failing)
+    with checkpoint.manager(str(tmp_path)) as mngr:
+        target = train.abstract_state(state, shardings)
+        if outcome == "restored":
+            _, data_state, step = checkpoint.restore_latest_good(mngr, target)
+            assert (step, data_state, len(failures)) == (2, {"next_index": 2}, 1)
+        else:
+            with pytest.raises(outcome):
+                checkpoint.restore_latest_good(mngr, target)
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+
+
 def test_a_damaged_checkpoint_is_moved_aside_quietly(tmp_path):
     """The previous one is restored, and the storage library's failed reads are not left
     to print "Exception ignored ... Traceback" when they are collected."""
