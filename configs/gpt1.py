@@ -39,8 +39,9 @@ def get_config() -> config_dict.ConfigDict:
     config.train.nonfinite = "skip"
     config.train.nonfinite_limit = 100
     config.train.seed = 0
-    # Memory levers (change no value): gradient accumulation over this many slices of
-    # each batch, and rematerialisation of each block: "none", "full" or "save_dots".
+    # Memory levers: gradient accumulation over this many slices of each batch (the same
+    # update, but each slice draws its own dropout mask), and rematerialisation of each
+    # block, which changes no value: "none", "full" or "save_dots".
     config.train.microbatches = 1
     config.train.remat = "none"
     # Parameters stacked per kind of layer (under `h`) and the blocks applied by nn.scan,

@@ -158,6 +158,11 @@ RESUME_FIXED = {
 }
 # What a resumed run may change, with a warning: the learning-rate schedule is rebuilt,
 # or the optimiser updates differently from there.
+# Settings a run may resume with changed that change its steps' values, not what it
+# trains: micro-batches draw their own dropout masks (and sum in another order), and
+# the compute dtype rounds differently. (train.remat recomputes the same values.)
+RESUME_NUMERICS = ("train.microbatches", "train.compute_dtype")
+
 RESUME_SCHEDULE = (
     "train.num_steps",
     "train.epochs",
@@ -223,16 +228,25 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
                 f"{workdir} was trained with {key}={was} ({why}); resume with "
                 f"--config.{key}={was} or use a new --workdir"
             )
-    changed = [
-        f"{key} {lookup(saved, key)} -> {lookup(current, key)}"
-        for key in RESUME_SCHEDULE
-        if lookup(saved, key) != lookup(current, key)
-    ]
-    if changed:
+
+    def changes(keys) -> str:
+        return ", ".join(
+            f"{key} {lookup(saved, key)} -> {lookup(current, key)}"
+            for key in keys
+            if lookup(saved, key) != lookup(current, key)
+        )
+
+    if changed := changes(RESUME_SCHEDULE):
         logging.warning(
             "resuming with %s: the learning-rate schedule and optimiser are rebuilt with the "
             "new values, so the steps from here differ from a run started with them",
-            ", ".join(changed),
+            changed,
+        )
+    if changed := changes(RESUME_NUMERICS):
+        logging.warning(
+            "resuming with %s: the run goes on correctly, but its steps from here are not "
+            "those it would have taken (other dropout masks, other rounding)",
+            changed,
         )
 
 

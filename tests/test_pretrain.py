@@ -136,3 +136,23 @@ def test_a_refused_estimate_makes_no_workdir(tmp_path, capsys):
     status, last = main_in_process(tmp_path / "new", *flags, capsys=capsys)
     assert status == 2 and "estimate.accelerator='nope' is unknown" in last, last
     assert not (tmp_path / "new").exists()
+
+
+def test_changed_numerics_are_named_in_a_warning(caplog):
+    """Micro-batches draw other dropout masks and bfloat16 rounds otherwise: a resumed
+    run's steps then differ from those it would have taken, and it says so."""
+    config = tiny_config()
+    before = saved(config)
+    config.train.microbatches = 2
+    config.train.compute_dtype = "bfloat16"
+    with caplog.at_level(logging.WARNING):
+        pretrain.check_resumable("run", before, config)
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "train.microbatches 1 -> 2, train.compute_dtype float32 -> bfloat16" in message
+    assert "other dropout masks" in message
+    config.train.remat = "full"  # the same values, recomputed: no word about it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pretrain.check_resumable("run", saved(config), config)
+    assert not caplog.records
