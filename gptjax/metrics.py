@@ -93,3 +93,13 @@ def _rows(path: str) -> list[dict]:
 
 def read_metrics(workdir: str) -> list[dict]:
     return _rows(os.path.join(workdir, METRICS_FILE))
+
+
+def evaluated_at(workdir: str, step: int) -> bool:
+    """Whether the workdir's metrics hold an evaluation row (one without the training
+    rows' "loss") at `step`. Read from the file on every process (a multi-host workdir
+    is shared), so that all of them decide alike whether to evaluate."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return False
+    return any(row["step"] == step and "loss" not in row for row in _rows(path))

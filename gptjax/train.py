@@ -17,7 +17,7 @@ from flax.training import train_state
 
 from gptjax import checkpoint, losses, optim, sharding
 from gptjax.errors import Preempted, UserError
-from gptjax.metrics import MetricsWriter
+from gptjax.metrics import MetricsWriter, evaluated_at
 from gptjax.model import GPT, stack_layers
 from gptjax.preemption import PreemptionGuard
 
@@ -369,18 +369,33 @@ def fit(
             writer.write(step, row)
             log_progress(step, total_steps, row, eta)
         if (step % train_cfg.eval_every == 0 or last) and not (stop and not last):
-            # (a stop signal leaves no time for an evaluation before the save)
-            eval_metrics = evaluate_fn(state.params)
-            writer.write(step, eval_metrics)
-            logging.info(
-                "step %d %s", step, " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-            )
+            # (a stop signal leaves no time for an evaluation before the save: the
+            # resumed run makes it up, `evaluate_missed`)
+            eval_metrics = evaluate_and_write(step, state.params, evaluate_fn, writer)
             throughput.update(step, total_steps)  # evaluation time is not training time
         if save:
             save_checkpoint(state, train_iter.get_state(), force=last or stop, wait=stop)
         if stop and not last:
             raise Preempted(step, guard.signal_name)
     return state, eval_metrics
+
+
+def evaluate_and_write(step: int, params, evaluate_fn: Callable, writer) -> dict[str, float]:
+    """`evaluate_fn(params)`, written as the eval row of `step` and logged."""
+    eval_metrics = evaluate_fn(params)
+    writer.write(step, eval_metrics)
+    logging.info("step %d %s", step, " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+    return eval_metrics
+
+
+def evaluate_missed(state, evaluate_fn, writer, workdir: str, train_cfg, total_steps: int):
+    """At a resume from an evaluation step, that step's evaluation if the stopped run
+    skipped it (a stop signal there leaves no time for one before the save); the last
+    step's evaluation is `fit`'s, after its training."""
+    step = int(jax.device_get(state.step))
+    due = 0 < step < total_steps and step % train_cfg.eval_every == 0
+    if due and not evaluated_at(workdir, step):
+        evaluate_and_write(step, state.params, evaluate_fn, writer)
 
 
 def run_phase(
@@ -419,6 +434,7 @@ def run_phase(
     failed = True
     try:
         with PreemptionGuard() as guard:
+            evaluate_missed(state, evaluate_fn, writer, workdir, train_cfg, total_steps)
             state, eval_metrics = fit(
                 state,
                 p_train,

@@ -1,4 +1,5 @@
 import collections
+import json
 import math
 import re
 import shutil
@@ -180,6 +181,30 @@ def test_resume_continues_exactly(books, tmp_path):
 
     assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == losses(straight)
+
+
+def test_an_evaluation_a_stop_skipped_is_made_up_at_the_resume(books, tmp_path):
+    """A stop signal at an evaluation step saves without evaluating; the resumed run
+    evaluates that step first, once, with the values of the uninterrupted run."""
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=6, ckpt_every=3, eval_every=3)
+    straight = tmp_path / "straight"
+    pretrain.train_and_evaluate(config, str(straight))
+
+    def evals(workdir):
+        return [r for r in read_metrics(workdir) if "loss" not in r]
+
+    assert [r["step"] for r in evals(straight)] == [3, 6]
+    for skipped in (True, False):  # stopped at step 3 (no eval row); killed after it
+        resumed = tmp_path / f"resumed-{skipped}"
+        shutil.copytree(straight, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "6")
+        rows = [r for r in read_metrics(resumed) if r["step"] <= 3]
+        if skipped:
+            rows = [r for r in rows if r["step"] < 3 or "loss" in r]
+        (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pretrain.train_and_evaluate(config, str(resumed))
+        assert evals(resumed) == evals(straight)
 
 
 def test_total_steps_from_epochs_unless_num_steps_set():
