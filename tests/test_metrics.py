@@ -10,9 +10,9 @@ from gptjax.errors import UserError
 from gptjax.metrics import MetricsWriter, read_metrics
 
 
-def _scalars(tensorboard_dir) -> list[tuple[int, str, float]]:
-    """(step, tag, value) of every scalar in the directory's event files, read as
-    TensorBoard reads them: records of a length, its checksum, an Event proto, a checksum."""
+def _events(tensorboard_dir) -> list:
+    """Every Event proto in the directory's event files, read as TensorBoard reads them:
+    records of a length, its checksum, an Event proto, a checksum."""
     from tensorboardX.proto import event_pb2
 
     found = []
@@ -21,10 +21,29 @@ def _scalars(tensorboard_dir) -> list[tuple[int, str, float]]:
         at = 0
         while at < len(data):
             (length,) = struct.unpack("<Q", data[at : at + 8])
-            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            found.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + length]))
             at += 12 + length + 4
-            found += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
     return found
+
+
+def _scalars(tensorboard_dir) -> list[tuple[int, str, float]]:
+    """(step, tag, value) of every scalar in the directory's event files."""
+    return [
+        (e.step, v.tag, v.simple_value) for e in _events(tensorboard_dir) for v in e.summary.value
+    ]
+
+
+def _purges(tensorboard_dir) -> list[int]:
+    """The steps of the SessionLog.START events, from which TensorBoard drops the points
+    earlier event files hold (a killed run's steps after its last checkpoint)."""
+    from tensorboardX.proto import event_pb2
+
+    start = event_pb2.SessionLog.START
+    return [
+        e.step
+        for e in _events(tensorboard_dir)
+        if e.HasField("session_log") and e.session_log.status == start
+    ]
 
 
 def test_rows_tensorboard_and_resume_truncation(tmp_path):
@@ -48,6 +67,8 @@ def test_rows_tensorboard_and_resume_truncation(tmp_path):
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
+    # TensorBoard's curves too: the old step 3 is purged from the resumed run's first step.
+    assert _purges(tmp_path / "tensorboard") == [3]
 
 
 @pytest.mark.parametrize("blocked", ["metrics.jsonl", "tensorboard"])
