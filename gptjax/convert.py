@@ -1,8 +1,12 @@
 """GPT-1 weights in and out: the original OpenAI release and HuggingFace's `openai-gpt`.
 
-    python -m gptjax.convert from-openai SRC DST   # params_shapes.json + params_{0..9}.npy
+    python -m gptjax.convert from-openai SRC DST   # the original release's files (below)
     python -m gptjax.convert from-hf SRC DST       # a save_pretrained directory
     python -m gptjax.convert to-hf SRC DST         # a gptjax workdir -> save_pretrained layout
+
+`from-openai` reads params_shapes.json, params_0.npy .. params_9.npy, encoder_bpe_40000.json
+and vocab_40000.bpe; the release does not record the number of attention heads, so
+`--n_head` gives it (default 12, GPT-1's; it must divide the width).
 
 `from-*` write a gptjax workdir: `config.json` (configs/gpt1.py with the source's sizes,
 plus `converted_from`), an Orbax checkpoint at step 0 holding only `params` (what
@@ -319,9 +323,15 @@ def main(argv: list[str] | None = None):
     )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("from-openai", help="the original release -> a gptjax workdir")
-    p.add_argument("src", help="directory with params_shapes.json and params_0..9.npy")
+    p.add_argument(
+        "src",
+        help="directory with params_shapes.json, params_0..9.npy, encoder_bpe_40000.json and "
+        "vocab_40000.bpe",
+    )
     p.add_argument("dst", help="new gptjax workdir")
-    p.add_argument("--n_head", type=int, default=12, help="attention heads (not in the files)")
+    p.add_argument(
+        "--n_head", type=int, default=12, help="attention heads, not in the files (default: 12)"
+    )
     p = commands.add_parser("from-hf", help="an HF openai-gpt directory -> a gptjax workdir")
     p.add_argument("src", help="directory written by save_pretrained")
     p.add_argument("dst", help="new gptjax workdir")

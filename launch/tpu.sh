@@ -31,7 +31,7 @@
 # Anything after `--` is passed to `python -m gptjax.main` (e.g. --config.train.num_steps=10).
 set -euo pipefail
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }  # the header comment
 
 dry_run=0
 zone=${GPTJAX_ZONE:-us-central2-b}

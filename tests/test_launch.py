@@ -134,3 +134,15 @@ def test_an_option_without_its_value_is_a_usage_error():
         result.returncode == 2
         and result.stderr.strip() == "error: --zone needs a value (see --help)"
     )
+
+
+def test_help_is_the_whole_header_comment():
+    """--help prints the script's header, from its usage line to its last line."""
+    result = launch("launch/tpu.sh", "--help")
+    header = (ROOT / "launch" / "tpu.sh").read_text().splitlines()[1:]  # after the shebang
+    comment = header[: next(i for i, line in enumerate(header) if not line.startswith("#"))]
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        line[2:] if line.startswith("# ") else line[1:] for line in comment
+    ]
+    assert result.stdout.splitlines()[-1].startswith("Anything after `--` is passed")
