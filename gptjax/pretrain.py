@@ -158,11 +158,6 @@ RESUME_FIXED = {
 }
 # What a resumed run may change, with a warning: the learning-rate schedule is rebuilt,
 # or the optimiser updates differently from there.
-# Settings a run may resume with changed that change its steps' values, not what it
-# trains: micro-batches draw their own dropout masks (and sum in another order), and
-# the compute dtype rounds differently. (train.remat recomputes the same values.)
-RESUME_NUMERICS = ("train.microbatches", "train.compute_dtype")
-
 RESUME_SCHEDULE = (
     "train.num_steps",
     "train.epochs",
@@ -177,10 +172,15 @@ RESUME_SCHEDULE = (
     "train.eps",
 )
 
+# Settings a run may resume with changed that change its steps' values, not what it
+# trains: micro-batches draw their own dropout masks (and sum in another order), and
+# the compute dtype rounds differently. (train.remat recomputes the same values.)
+RESUME_NUMERICS = ("train.microbatches", "train.compute_dtype")
+
 
 def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict):
     """Refuses to resume the run saved in `workdir` (its config.json, `saved`) with a
-    config that would not continue it; warns where the schedule changes."""
+    config that would not continue it; warns where the schedule or the numerics change."""
 
     def lookup(tree, dotted):
         for key in dotted.split("."):
