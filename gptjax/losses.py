@@ -21,9 +21,10 @@ def lm_loss(
 def _weighted_sum(losses: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum of losses x weights, sum of weights), where a weight-0 entry (padding) counts
     as 0 even when its loss is not finite: NaN x 0 is NaN, and one overflowed padding row
-    would otherwise make the batch's loss and every gradient NaN."""
+    would otherwise make the batch's loss and every gradient NaN. (Only an exact 0: a
+    NaN weight is a fault to surface, and it still makes the step non-finite.)"""
     weights = weights.astype(jnp.float32)
-    return jnp.sum(jnp.where(weights > 0, losses, 0.0) * weights), jnp.sum(weights)
+    return jnp.sum(jnp.where(weights != 0, losses, 0.0) * weights), jnp.sum(weights)
 
 
 @jax.custom_vjp
@@ -77,7 +78,7 @@ def task_loss(
     out = out.astype(jnp.float32)
     # Padding rows' outputs set to 0 before the loss, so that neither their loss nor
     # its gradient is NaN when they are not finite (see `_weighted_sum`).
-    padding = (weights_B <= 0).reshape(weights_B.shape + (1,) * (out.ndim - 1))
+    padding = (weights_B == 0).reshape(weights_B.shape + (1,) * (out.ndim - 1))
     out = jnp.where(padding, 0.0, out)
     if regression:
         losses_B = jnp.square(out - labels_B.astype(jnp.float32))

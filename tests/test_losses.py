@@ -77,3 +77,17 @@ def test_a_padding_entry_that_overflowed_changes_neither_loss_nor_gradient(kind)
     np.testing.assert_allclose(poisoned_loss, clean_loss, rtol=1e-6)
     np.testing.assert_allclose(poisoned_grad[:2], clean_grad[:2], rtol=1e-6)
     np.testing.assert_array_equal(poisoned_grad[2], np.zeros_like(poisoned_grad[2]))
+
+
+def test_a_nan_weight_still_makes_the_loss_and_gradient_nan():
+    """Only weight 0 is padding: a NaN weight is a fault, and the step must see it as
+    non-finite (the optimiser then skips it)."""
+    logits = jnp.zeros((1, 3, 5))
+    weights = jnp.array([[1.0, jnp.nan, 0.0]])
+
+    def loss(logits):
+        total, count = losses.lm_loss(logits, jnp.array([[1, 2, 3]]), weights)
+        return total / count
+
+    value, grad = jax.value_and_grad(loss)(logits)
+    assert np.isnan(value) and np.isnan(np.asarray(grad)).any()
