@@ -10,7 +10,10 @@ setup(
     description="A faithful JAX/Flax reproduction of GPT-1: pretraining and fine-tuning.",
     long_description=(pathlib.Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["gptjax", "gptjax.*"]),
+    # configs/ goes into the package as gptjax/configs, so that an install that is not
+    # editable still finds the configs gptjax reads (gptjax.config.shipped_config).
+    packages=[*find_packages(include=["gptjax", "gptjax.*"]), "gptjax.configs"],
+    package_dir={"gptjax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=[
         # The design card's packages, in ranges known to install together on Python 3.11

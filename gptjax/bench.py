@@ -60,7 +60,6 @@ from gptjax.model import (
 )
 from gptjax.pretrain import check_batch
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 NAMED_CONFIGS = {"bench-cpu": "bench_cpu.py", "gpt1": "gpt1.py"}
 # The learning-rate schedule's length for a config that counts epochs (its value does
 # not change the step's cost).
@@ -164,7 +163,9 @@ def load_config(
     path of a config file; then `overrides` (--set), then a --versus `variant`, each
     "section.key=value"."""
     named = name == "tiny" or name in NAMED_CONFIGS
-    path = CONFIGS / NAMED_CONFIGS.get(name, "bench_cpu.py") if named else pathlib.Path(name)
+    path = pathlib.Path(
+        config_lib.shipped_config(NAMED_CONFIGS.get(name, "bench_cpu.py")) if named else name
+    )
     if not path.is_file():
         raise UserError(f"--config={name}: use tiny, {', '.join(NAMED_CONFIGS)} or a config file")
     try:

@@ -10,6 +10,24 @@ from gptjax import flash
 from gptjax.errors import UserError
 
 
+def shipped_config(name: str) -> str:
+    """The path of one of the project's configs, `configs/NAME`.
+
+    A checkout (and an editable install) has them beside the package; a regular
+    `pip install .` copies them into it as `gptjax/configs` (setup.py's package_dir), as
+    site-packages has no checkout around it. The package's own copy is looked at first,
+    so another project's top-level `configs/` in site-packages is never taken."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(package, "configs"), os.path.join(package, os.pardir, "configs")):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    raise UserError(
+        f"configs/{name} is neither beside the gptjax package nor installed in it; "
+        "reinstall gptjax from its checkout (pip install .)"
+    )
+
+
 def validate(config: ml_collections.ConfigDict):
     """Raises UserError naming the first inconsistent setting and how to fix it."""
     m, t = config.model, config.train

@@ -55,7 +55,6 @@ from gptjax.hf_format import (
 )
 from gptjax.hf_source import HF_CONFIG, HF_WEIGHTS, MERGES_FILE, VOCAB_FILE
 
-ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 TASK_HEAD_FILE = "task_head.safetensors"
 OPENAI_SHARDS = 10
 OPENAI_VOCAB, OPENAI_MERGES = "encoder_bpe_40000.json", "vocab_40000.bpe"
@@ -81,7 +80,9 @@ def run_config(sizes: dict, dropout: float, source: dict, clf_dropout: float | N
     """configs/gpt1.py (or, for a multiple-choice model, configs/finetune.py with
     task.kind=multiple_choice) with the converted model's sizes, as JSON."""
     name = "gpt1.py" if clf_dropout is None else "finetune.py"
-    config = runpy.run_path(os.path.join(ROOT, "configs", name))["get_config"]()
+    from gptjax.config import shipped_config
+
+    config = runpy.run_path(shipped_config(name))["get_config"]()
     with config.unlocked():
         config.model.update(sizes, dropout=dropout)
         if clf_dropout is not None:

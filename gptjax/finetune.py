@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import adapt, checkpoint, losses, optim, results, sharding, train
+from gptjax import config as config_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.data.corpus import cache_dir
 from gptjax.data.pipeline import eval_batches, train_iterator
@@ -64,7 +65,7 @@ def resolve_model(config: ml_collections.ConfigDict):
             )
         source = saved
     else:
-        gpt1 = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "gpt1.py")
+        gpt1 = config_lib.shipped_config("gpt1.py")
         source = runpy.run_path(gpt1)["get_config"]().model.to_dict()
     with config.unlocked():
         for k in ARCHITECTURE:

@@ -1,5 +1,9 @@
+import os
 import re
 import runpy
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -206,3 +210,40 @@ def test_expand_home_reaches_every_path_setting(monkeypatch):
             assert node[key] == "/home/someone/x", name
     # Every listed setting is in one of the configs: a renamed key is not left out.
     assert seen == set(config_lib.PATH_SETTINGS)
+
+
+def test_a_regular_install_ships_the_configs_gptjax_reads(tmp_path):
+    """`pip install .` (not editable) leaves no checkout beside the package: bench's named
+    configs, convert and fine-tuning's architecture defaults read the copy installed in it."""
+    pytest.importorskip("setuptools")
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build writes into it
+    for name in ("gptjax", "configs"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--no-index", "--target", str(target), str(source)],
+        check=True,
+        capture_output=True,
+    )
+    shipped = sorted(p.name for p in (target / "gptjax" / "configs").glob("*.py"))
+    assert shipped == sorted(p.name for p in (ROOT / "configs").glob("*.py"))
+    code = (
+        "import runpy; from gptjax.config import shipped_config as s; print(s('gpt1.py')); "
+        "print(runpy.run_path(s('bench_cpu.py'))['get_config']().model.d_model)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert out == [str(target / "gptjax" / "configs" / "gpt1.py"), "384"]
+
+
+def test_shipped_config_names_a_missing_file():
+    with pytest.raises(UserError, match=r"configs/nope\.py .*pip install"):
+        config_lib.shipped_config("nope.py")
