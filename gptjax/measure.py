@@ -83,13 +83,21 @@ def fresh_compilation_cache():
             compilation_cache.reset_cache()
 
 
-def matmul_flops_per_s(n: int, repeats: int = 5) -> float:
-    """The best of `repeats` n x n by n x n float32 matmuls, in FLOP/s (2 n^3 each)."""
+def matmul_flops_per_s(n: int, repeats: int = 5, libraries: tuple[dict, ...] = ({},)) -> float:
+    """The best of `repeats` n x n by n x n float32 matmuls, in FLOP/s (2 n^3 each),
+    compiled with each of `libraries` (XLA compiler options; {}: XLA's defaults): the
+    fastest of them, so that a step through any of these libraries is measured against
+    the faster matmul."""
     a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    jax.block_until_ready(matmul(a, b))
-    best = min(timed(lambda: jax.block_until_ready(matmul(a, b))) for _ in range(repeats))
-    return 2 * n**3 / best
+
+    def best_time(matmul) -> float:
+        jax.block_until_ready(matmul(a, b))
+        return min(timed(lambda: jax.block_until_ready(matmul(a, b))) for _ in range(repeats))
+
+    compiled = (
+        jax.jit(jnp.matmul).lower(a, b).compile(compiler_options=o or None) for o in libraries
+    )
+    return 2 * n**3 / min(best_time(matmul) for matmul in compiled)
 
 
 def read_bytes_per_s(num_bytes: int, repeats: int = 5, passes: int = 10) -> float:

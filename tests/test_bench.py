@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gptjax import bench, bench_parts, estimate, measure
+from gptjax import bench, bench_parts, estimate, measure, train
 from gptjax.data import pipeline
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig, flops_per_token
@@ -24,6 +24,13 @@ ON_CPU = jax.default_backend() == "cpu"
 # A --versus variant whose step fails when it runs, as one that runs out of memory would.
 FAILING = "train.seed=7"
 VARIANT_STEP = bench.variant_step
+MATMUL = bench.matmul_flops_per_s
+MATMUL_LIBRARIES = []  # the libraries the fixture's run measured its matmul peak with
+
+
+def _recorded_matmul(n, **kwargs):
+    MATMUL_LIBRARIES.append(kwargs.get("libraries"))
+    return MATMUL(n, **kwargs)
 
 
 def _failing_variant_step(spec, config, warmup):
@@ -50,6 +57,7 @@ def result(tmp_path_factory):
     argv += [f"--versus={FAILING}"] + ["--vs-torch"] * HAS_TORCH
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench, "variant_step", _failing_variant_step)
+        patch.setattr(bench, "matmul_flops_per_s", _recorded_matmul)
         returned = bench.main(argv)
     written = json.loads(path.read_text())
     assert written == json.loads(json.dumps(returned))
@@ -290,6 +298,20 @@ def test_a_given_peak_is_one_devices(monkeypatch):
     assert measure.peak_flops("NVIDIA H100 80GB HBM3", 0, None)[0] == 8 * 989e12
     monkeypatch.setattr(measure.jax, "default_backend", lambda: "cpu")
     assert measure.peak_flops("cpu", 5e11, 100) == (1e14, "--peak-tflops")
+
+
+def test_a_cpus_peak_is_the_faster_of_xla_and_onednn_matmuls(result, monkeypatch):
+    """On some CPUs oneDNN's matmul is the faster (an AMD EPYC's by 5-10%): a step
+    through it would read above a peak measured with XLA's own matmul alone."""
+    expected = ({}, train.ONEDNN_CPU_OPTIONS) if ON_CPU else ({},)
+    assert [expected] == MATMUL_LIBRARIES
+    n, repeats = 8, 3
+    for first, second in ((2.0, 1.0), (1.0, 2.0)):  # the faster wins, in either place
+        times = iter([first] * repeats + [second] * repeats)
+        monkeypatch.setattr(measure, "timed", lambda fn, times=times: next(times))
+        flops = measure.matmul_flops_per_s(n, repeats, libraries=({}, train.ONEDNN_CPU_OPTIONS))
+        assert flops == 2 * n**3 / 1.0
+        assert next(times, None) is None  # every library timed `repeats` times
 
 
 def test_flops_per_token_by_hand():
