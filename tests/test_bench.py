@@ -301,7 +301,7 @@ def test_a_given_peak_is_one_devices(monkeypatch):
 
 
 def test_a_cpus_peak_is_the_faster_of_xla_and_onednn_matmuls(result, monkeypatch):
-    """On some CPUs oneDNN's matmul is the faster (an AMD EPYC's by 5-10%): a step
+    """On some CPUs oneDNN's matmul is the faster (often, on an AMD EPYC): a step
     through it would read above a peak measured with XLA's own matmul alone."""
     expected = ({}, train.ONEDNN_CPU_OPTIONS) if ON_CPU else ({},)
     assert [expected] == MATMUL_LIBRARIES
