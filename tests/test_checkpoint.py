@@ -1,4 +1,5 @@
 import gc
+import logging
 import os
 import sys
 
@@ -185,3 +186,18 @@ def test_a_damaged_checkpoint_is_moved_aside_quietly(tmp_path):
     assert (step, data_state) == (1, {"next_index": 1})
     assert not unraisable, unraisable[0].exc_value
     assert [p.name[:2] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["2-"]
+
+
+def test_reading_a_workdirs_checkpoints_logs_no_orbax_notices(tmp_path, caplog):
+    """Looking at checkpoints (latest step, a fine-tune's init_from, generation's
+    parameters) warns of nothing: Orbax's read-only and item-metadata notices are not
+    news to a user."""
+    state, _ = make_state(tiny_config())
+    save_one(tmp_path, state)
+    caplog.set_level(logging.INFO)
+    assert checkpoint.latest_step(str(tmp_path)) == 1
+    params = checkpoint.read_params(str(tmp_path))
+    assert_trees_equal(params, state.params)
+    assert checkpoint.shape_mismatch(str(tmp_path / "checkpoints" / "1"), params) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
