@@ -213,6 +213,15 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
     }
 
 
+def duration(seconds: float) -> str:
+    """A time to train in the unit a reader wants: days from one day up, else hours,
+    minutes or seconds (a demo's 0.013 s is not "0.00 days")."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.2f} {unit}"
+    return f"{seconds:.2g} seconds"
+
+
 def table(result: dict) -> str:
     """`estimate`'s result as aligned lines for a terminal."""
     r, mem = result, result["memory_per_device"]
@@ -245,7 +254,7 @@ def table(result: dict) -> str:
         f"{mem['temp_bytes'] / gib:.2f} GiB, peak {mem['peak_bytes'] / gib:.2f} GiB",
         "accelerator": f"{r['devices']} x {r['accelerator']} ({peak_tflops:.0f} TFLOP/s bf16, "
         f"{r['accelerator_memory_bytes'] / 1e9:.0f} GB: {fits})",
-        "time to train": f"{r['train_days']:.2f} days at {r['mfu']:.0%} MFU",
+        "time to train": f"{duration(r['train_seconds'])} at {r['mfu']:.0%} MFU",
     }
     width = max(map(len, rows))
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())

@@ -427,6 +427,21 @@ def test_estimate_run_prints_a_table_and_writes_json(estimated, tmp_path, capsys
     assert json.loads((tmp_path / "estimate.json").read_text()) == json.loads(json.dumps(r))
 
 
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0.0128, "0.013 seconds"),
+        (59, "59 seconds"),
+        (90, "1.50 minutes"),
+        (8.4 * 3600, "8.40 hours"),
+        (86400, "1.00 days"),
+        (30.2 * 86400, "30.20 days"),
+    ],
+)
+def test_the_time_to_train_reads_in_a_fitting_unit(seconds, text):
+    assert estimate.duration(seconds) == text
+
+
 def test_estimate_length_of_an_epoch_run():
     config = gpt1_config()  # 100 epochs of 64 x 512
     steps, tokens = estimate.training_length(config, estimate.BOOKCORPUS_TOKENS)
