@@ -26,16 +26,24 @@ CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"  # beside CHECKPOINT_DIR: unreadable ones moved aside
 
 
+ITEMS = ("params", "opt_state", "data")  # a checkpoint step's items, each a directory
+
+
 class _OrbaxNotices(logging.Filter):
     """Drops Orbax's warnings that tell a user nothing: that a read-only manager (every
-    look at a workdir's checkpoints, a fine-tune's `init_from`) is read-only, and that a
-    checkpoint's `params` item has no metadata file of its own (the step has it; the
-    item's tree is read all the same). A fine-tuning ablation printed 28 of them."""
-
-    NOTICES = ("Given directory is read only", "Metadata file does not exist")
+    look at a workdir's checkpoints, a fine-tune's `init_from`) is read-only, and that
+    an item of a step (`params`) has no metadata file of its own (the step has it; the
+    item's tree is read all the same). A fine-tuning ablation printed 28 of them. A
+    step's own missing metadata file is still said."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOTICES)
+        message = str(record.msg)
+        if message.startswith("Given directory is read only"):
+            return False
+        if message.startswith("Metadata file does not exist") and record.args:
+            item = os.path.basename(os.path.dirname(str(record.args[0])))
+            return item not in ITEMS
+        return True
 
 
 logging.getLogger("absl").addFilter(_OrbaxNotices())  # Orbax logs through absl
@@ -47,7 +55,7 @@ def manager(
     """The workdir's checkpoint manager; `read_only` creates and deletes nothing."""
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-        item_names=("params", "opt_state", "data"),
+        item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(
             # A read-only manager keeps and saves nothing (set so, Orbax does not warn).
             max_to_keep=None if read_only else keep,

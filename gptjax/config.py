@@ -15,13 +15,16 @@ def shipped_config(name: str) -> str:
 
     A checkout (and an editable install) has them beside the package; a regular
     `pip install .` copies them into it as `gptjax/configs` (setup.py's package_dir), as
-    site-packages has no checkout around it. The package's own copy is looked at first,
-    so another project's top-level `configs/` in site-packages is never taken."""
+    site-packages has no checkout around it. Where the package has its own copy, only
+    that is read, so another project's top-level `configs/` in site-packages is never
+    taken."""
     package = os.path.dirname(os.path.abspath(__file__))
-    for folder in (os.path.join(package, "configs"), os.path.join(package, os.pardir, "configs")):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return os.path.normpath(path)
+    folder = os.path.join(package, "configs")
+    if not os.path.isdir(folder):
+        folder = os.path.join(os.path.dirname(package), "configs")
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+        return path
     raise UserError(
         f"configs/{name} is neither beside the gptjax package nor installed in it; "
         "reinstall gptjax from its checkout (pip install .)"

@@ -217,9 +217,9 @@ def duration(seconds: float) -> str:
     """A time to train in the unit a reader wants: days from one day up, else hours,
     minutes or seconds (a demo's 0.013 s is not "0.00 days")."""
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= size:
+        if round(seconds / size, 2) >= 1:  # 86,399 s is "1.00 days", not "24.00 hours"
             return f"{seconds / size:.2f} {unit}"
-    return f"{seconds:.2g} seconds"
+    return f"{seconds:.3g} seconds" if seconds >= 1e-3 else "under a millisecond"
 
 
 def table(result: dict) -> str:

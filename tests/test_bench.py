@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import pathlib
 import types
 
@@ -314,6 +315,16 @@ def test_a_cpus_peak_is_the_faster_of_xla_and_onednn_matmuls(result, monkeypatch
         assert next(times, None) is None  # every library timed `repeats` times
 
 
+def test_a_matmul_library_xla_cannot_compile_is_left_out(caplog):
+    """oneDNN exists only in x86 builds of XLA: elsewhere the peak is XLA's own matmul."""
+    missing = {"xla_cpu_no_such_library": True}
+    with pytest.raises(RuntimeError, match="xla_cpu_no_such_library"):
+        measure.matmul_flops_per_s(8, 1, libraries=(missing,))  # no library left: an error
+    caplog.set_level(logging.WARNING)
+    assert measure.matmul_flops_per_s(8, 1, libraries=({}, missing)) > 0
+    assert "xla_cpu_no_such_library" in caplog.text
+
+
 def test_flops_per_token_by_hand():
     gpt1 = ModelConfig(
         vocab_size=40478, n_ctx=512, n_layer=12, n_head=12, d_model=768, d_mlp=3072, dropout=0.1
@@ -430,8 +441,11 @@ def test_estimate_run_prints_a_table_and_writes_json(estimated, tmp_path, capsys
 @pytest.mark.parametrize(
     "seconds, text",
     [
-        (0.0128, "0.013 seconds"),
-        (59, "59 seconds"),
+        (1e-5, "under a millisecond"),
+        (0.0128, "0.0128 seconds"),
+        (59.6, "59.6 seconds"),
+        (3599.9, "1.00 hours"),
+        (86399, "1.00 days"),
         (90, "1.50 minutes"),
         (8.4 * 3600, "8.40 hours"),
         (86400, "1.00 days"),

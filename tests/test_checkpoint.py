@@ -201,3 +201,17 @@ def test_reading_a_workdirs_checkpoints_logs_no_orbax_notices(tmp_path, caplog):
     assert checkpoint.shape_mismatch(str(tmp_path / "checkpoints" / "1"), params) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == []
+
+
+def test_a_steps_missing_metadata_is_still_said(caplog):
+    """Only an item's missing metadata file (read all the same) is hushed, not a step's."""
+    from absl import logging as absl_logging
+
+    caplog.set_level(logging.INFO)
+    for path in (
+        "/w/checkpoints/7/params/_CHECKPOINT_METADATA",
+        "/w/checkpoints/7/_CHECKPOINT_METADATA",
+    ):
+        absl_logging.warning("Metadata file does not exist: %s", path)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == ["Metadata file does not exist: /w/checkpoints/7/_CHECKPOINT_METADATA"]
