@@ -72,7 +72,18 @@ MAX_GROUPS = 2**32
 def keep_threshold(rate: float) -> jax.Array:
     """The 16-bit integer from which an element's random bits keep it: 1 - rate of them,
     to within 2**-16 (GPT-1's 0.1 drops 6,554 of 65,536: 0.100006)."""
-    return jnp.uint32(min(round(rate * 2**DECISION_BITS), 2**DECISION_BITS - 1))
+    return jnp.uint32(_dropped_numbers(rate))
+
+
+def _dropped_numbers(rate: float) -> int:
+    return min(round(rate * 2**DECISION_BITS), 2**DECISION_BITS - 1)
+
+
+def keep_scale(rate: float) -> float:
+    """What `keep_mask`'s kept elements are multiplied by: 1 / the probability that it
+    keeps one, its 1 - rate rounded to 2**-16 (GPT-1's 0.1: 65,536 / 58,982, not 1 / 0.9),
+    so that dropout leaves every element's expectation exactly as it was."""
+    return 2**DECISION_BITS / (2**DECISION_BITS - _dropped_numbers(rate))
 
 
 def hash_groups(k0, k1, index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -175,10 +186,10 @@ def dropout(
     x: jax.Array, rate: float, key: jax.Array, broadcast_dims=(), within: Block | None = None
 ) -> jax.Array:
     """Inverted dropout: each element kept with probability 1 - rate (to within 2**-16;
-    `keep_mask`) and scaled by 1 / (1 - rate), one mask shared along `broadcast_dims`.
-    The scale is a product (no uniform floats, no division). With `within` = (shape,
-    start), `x` is the block of a larger array of that shape starting there, and gets
-    that block of its mask."""
+    `keep_mask`) and scaled by 1 / that probability (`keep_scale`), one mask shared along
+    `broadcast_dims`. The scale is a product (no uniform floats, no division). With
+    `within` = (shape, start), `x` is the block of a larger array of that shape starting
+    there, and gets that block of its mask."""
     shape = tuple(1 if axis in broadcast_dims else n for axis, n in enumerate(x.shape))
     if within is None:
         keep = keep_mask(key, shape, rate)
@@ -187,7 +198,8 @@ def dropout(
             raise ValueError("dropout of a block (within=...) shares no mask along axes")
         full_shape, start = within
         keep = keep_mask(key, full_shape, rate, (start, shape))
-    scale = jnp.asarray(1.0 / (1.0 - rate), x.dtype)
+    exact = threefry_key_words(key) is None  # jax.random.bernoulli's 1 - rate
+    scale = jnp.asarray(1.0 / (1.0 - rate) if exact else keep_scale(rate), x.dtype)
     return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
 
 

@@ -13,8 +13,9 @@ key of each group of four probabilities' number in the [B, H, L, L] array). So i
 exactly the probabilities `train.attention=xla` keeps, and computes the same values to
 rounding (tests/test_flash.py).
 
-With the dropped probabilities P' = P * keep / (1 - rate) and O = P' V, the gradients
-are dV = P'^T dO, dP = keep / (1 - rate) * (dO V^T), and dS = P * (dP - D) with
+With the dropped probabilities P' = P * keep * s (s = `dropout.keep_scale(rate)`, 1 /
+(1 - rate) to within 2**-16) and O = P' V, the gradients are dV = P'^T dO,
+dP = keep * s * (dO V^T), and dS = P * (dP - D) with
 D = rowsum(dO * O) (= rowsum(P * dP)): two kernels, one over blocks of keys (dK, dV) and
 one over blocks of queries (dQ), each recomputing P of its blocks and reading their mask,
 which the forward pass stores (one byte a probability; see `_call`).
@@ -283,10 +284,11 @@ def _probabilities(q, k, lse, rows, cols):
 
 
 def _dropped(kept, x, rate: float):
-    """Dropout of x by the mask `kept` (None: none), the kept ones scaled by 1/(1 - rate)."""
+    """Dropout of x by the mask `kept` (None: none), the kept ones scaled by 1 / their
+    probability (`dropout.keep_scale`: 1 / (1 - rate) to within 2**-16)."""
     if kept is None:
         return x
-    return jnp.where(kept, x * (1.0 / (1.0 - rate)), 0.0)
+    return jnp.where(kept, x * dropout_lib.keep_scale(rate), 0.0)
 
 
 def _forward_kernel(

@@ -112,7 +112,8 @@ def test_dropout_keeps_the_right_fraction_and_scales_the_rest():
     kept = y != 0
     # 1e6 Bernoulli(0.9) draws: the fraction is within 5 standard deviations (0.0015).
     assert abs(kept.mean() - 0.9) < 0.0015
-    np.testing.assert_allclose(y[kept], 2.0 / 0.9, rtol=1e-6)
+    # Kept ones are scaled by 1 / the mask's keep probability, 58,982 of 65,536.
+    np.testing.assert_allclose(y[kept], 2.0 * 65536 / 58982, rtol=1e-7)
     assert abs(y.mean() - 2.0) < 0.01  # expectation preserved
     # Rows and columns are not correlated (a counter bug would give stripes).
     assert np.ptp(kept.mean(axis=0)) < 0.2 and np.ptp(kept.mean(axis=1)) < 0.2
@@ -124,6 +125,22 @@ def test_dropout_keeps_the_right_fraction_and_scales_the_rest():
         assert abs(pieces[..., t].mean() - 0.9) < 0.003, t
         for u in range(t + 1, 4):
             assert abs((pieces[..., t] == pieces[..., u]).mean() - 0.82) < 0.004, (t, u)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.5, 0.9999])
+def test_dropout_keeps_each_elements_expectation_exactly(rate):
+    """Kept elements are scaled by 1 / the probability that the mask's 16-bit comparison
+    keeps one, not by 1 / (1 - rate): at 0.9999 the mask keeps 7 numbers of 65,536
+    (1.068e-4), 7% more than 1e-4, and 1 / (1 - rate) would inflate the expectation so."""
+    keep_probability = (2**16 - int(dropout_lib.keep_threshold(rate))) / 2**16
+    x = jnp.full((1000, 1000), 3.0)
+    y = np.asarray(dropout(x, rate, KEYS["raw"]))
+    kept = y[y != 0]
+    assert kept.size > 50  # 1e6 draws: ~107 kept at 0.9999
+    np.testing.assert_allclose(kept * keep_probability, 3.0, rtol=1e-7)
+    # Other key kinds draw jax.random.bernoulli(1 - rate): 1 / (1 - rate) is exact there.
+    z = np.asarray(dropout(x, rate, jax.random.key(0, impl="rbg")))
+    np.testing.assert_allclose(z[z != 0] * (1 - rate), 3.0, rtol=1e-6)
 
 
 def test_dropout_masks_differ_by_key_and_repeat_for_the_same_key():

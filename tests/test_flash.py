@@ -268,4 +268,7 @@ def test_meshes_give_one_devices_values(tmp_path):
     one = results[str((1, 1, 1))]
     for shape in MESHES:
         for got, want in zip(results[str(shape)], one, strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(shape))
+            # Float32 rounding at the array's scale: a row whose gradient cancels to 0 on
+            # one device may come out as a few ulps of its neighbours' values on another.
+            scale = np.abs(np.asarray(want)).max()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale, err_msg=str(shape))
