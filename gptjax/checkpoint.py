@@ -320,8 +320,11 @@ def unreadable(step: int, where, alternative: str):
             ) from None
 
 
-def restore_params(workdir: str, abstract_params, step: int | None = None):
-    """Only the model parameters of another run's checkpoint (for a later phase)."""
+def restore_params(
+    workdir: str, abstract_params, step: int | None = None, alternative: str = "or use another run"
+):
+    """Only the model parameters of a checkpoint (another run's, for a later phase, or
+    one to evaluate); `alternative` ends the error of an unreadable one."""
     with manager(workdir, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
@@ -332,7 +335,7 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
                 f"checkpoint {step} in {mngr.directory} holds another model's parameters "
                 f"({other}); point at a pretraining (or converted) run of these sizes"
             )
-        with unreadable(step, mngr.directory, "or use another run"):
+        with unreadable(step, mngr.directory, alternative):
             restored = mngr.restore(
                 step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
             )

@@ -102,9 +102,12 @@ def check_output_dir(workdir: str, create: bool = True):
         raise UserError(f"workdir {workdir} cannot be made: {parent} is not writable")
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: bool):
+def check_workdir(
+    workdir: str, config: ml_collections.ConfigDict, resuming: bool, evaluating: bool = False
+):
     """Creates the workdir and checks it is writable. Resuming a run of another model
-    shape is an error rather than a silent restart."""
+    shape is an error rather than a silent restart; so is `evaluating` its checkpoint as
+    another model (see `check_resumable`)."""
     check_output_dir(workdir)
     aside = os.path.join(workdir, checkpoint.CORRUPT_DIR)
     if not resuming and os.path.isdir(aside) and os.listdir(aside):
@@ -116,7 +119,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, resuming: boo
     path = os.path.join(workdir, CONFIG_FILE)
     if resuming and os.path.exists(path):
         saved = read_config(path, "restore it, or delete it to resume without checking the config")
-        check_resumable(workdir, saved, config)
+        check_resumable(workdir, saved, config, evaluating)
 
 
 # The sizes a run's saved config holds in `model`: what reading a checkpoint needs.
@@ -151,6 +154,9 @@ def saved_config(workdir: str, role: str) -> dict:
 
 # What a resumed run must keep, and why: the checkpoint's parameters, and the data
 # position, which counts batches of `train.batch_size` windows in `train.seed`'s shuffle.
+# What the parameters' layout depends on beyond the model's sizes: evaluating a
+# checkpoint needs these too, and nothing else of RESUME_FIXED.
+LAYOUT_FIXED = ("train.scan_layers",)
 RESUME_FIXED = {
     "train.scan_layers": "another parameter layout",
     "train.batch_size": "the saved data position counts batches of that size",
@@ -178,9 +184,13 @@ RESUME_SCHEDULE = (
 RESUME_NUMERICS = ("train.microbatches", "train.compute_dtype")
 
 
-def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict):
+def check_resumable(
+    workdir: str, saved: dict, config: ml_collections.ConfigDict, evaluating: bool = False
+):
     """Refuses to resume the run saved in `workdir` (its config.json, `saved`) with a
-    config that would not continue it; warns where the schedule or the numerics change."""
+    config that would not continue it; warns where the schedule or the numerics change.
+    `evaluating` (reading its checkpoint without training on) refuses only another
+    model or parameter layout: the batch size, seed and schedule are free there."""
 
     def lookup(tree, dotted):
         for key in dotted.split("."):
@@ -198,8 +208,12 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
             if saved_model.get(k) != current["model"].get(k)
         )
         raise UserError(
-            f"{workdir} holds a run of another model ({changed}); resume it with the same "
-            "config or use a new --workdir"
+            f"{workdir} holds a run of another model ({changed}); "
+            + (
+                "evaluate it with its model's sizes"
+                if evaluating
+                else "resume it with the same config or use a new --workdir"
+            )
         )
     # A fine-tune's task, except its test file, which training never reads. A key that a
     # run saved before it existed (task.positive_label) reads as its empty default.
@@ -220,14 +234,19 @@ def check_resumable(workdir: str, saved: dict, config: ml_collections.ConfigDict
             "differ); resume it with the same task or use a new --workdir"
         )
     for key, why in RESUME_FIXED.items():
+        if evaluating and key not in LAYOUT_FIXED:
+            continue
         was = lookup(saved, key)
         if key == "train.scan_layers":
             was = bool(was)  # runs from before the stacked layout saved none
         if was is not None and was != lookup(current, key):
+            fix = "evaluate" if evaluating else "resume"
             raise UserError(
-                f"{workdir} was trained with {key}={was} ({why}); resume with "
-                f"--config.{key}={was} or use a new --workdir"
+                f"{workdir} was trained with {key}={was} ({why}); {fix} with "
+                f"--config.{key}={was}" + ("" if evaluating else " or use a new --workdir")
             )
+    if evaluating:
+        return
 
     def changes(keys) -> str:
         return ", ".join(
@@ -295,7 +314,8 @@ class Run:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
         self.config, self.workdir = config, workdir
         self.resume_step = agreed_resume_step(workdir)
-        check_workdir(workdir, config, resuming=self.resume_step is not None)
+        resuming = self.resume_step is not None
+        check_workdir(workdir, config, resuming, evaluating=read_only)
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh)
         self.data = lm_data.prepare(config, workdir, resuming=self.resume_step is not None)
@@ -390,11 +410,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     if checkpoint.latest_step(workdir) is None:
         raise UserError(f"no checkpoint in {workdir}: train there first (--mode=train)")
     run = Run(config, workdir, read_only=True)
-    fallback = "or run --mode=train once to fall back to the previous checkpoint"
-    with checkpoint.unreadable(run.resume_step, workdir, fallback):  # eval moves nothing
-        state, _ = checkpoint.restore(run.ckpt, train.abstract_state(run.state, run.shardings))
     run.ckpt.close()
-    metrics = run.evaluate(state.params)
+    # Only the parameters, and the fresh state's memory freed first.
+    abstract = train.abstract_state(run.take_state(), run.shardings).params
+    fallback = "or run --mode=train once to fall back to the previous checkpoint"
+    params = checkpoint.restore_params(workdir, abstract, run.resume_step, fallback)
+    metrics = run.evaluate(params)
     report(run, {"step": run.resume_step, **metrics})
     return metrics
 

@@ -71,15 +71,12 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
         run.build(1)
         run.state = None  # restored below
     step = choose_step(workdir, run.selection_key, config.eval.checkpoint)
-    abstract = run.abstract
-    with checkpoint.manager(workdir, read_only=True) as mngr:
-        other = "choose another with --config.eval.checkpoint=latest, or re-run training"
-        with checkpoint.unreadable(step, workdir, other):
-            state, _ = checkpoint.restore(mngr, abstract, step)
+    other = "choose another with --config.eval.checkpoint=latest, or re-run training"
+    params = checkpoint.restore_params(workdir, run.abstract.params, step, other)
     splits = splits or (*run.task.eval_splits, *run.task.test_splits)
     results = []
     for name in splits:
-        out = run.predict(state.params, run.split(name))
+        out = run.predict(params, run.split(name))
         scores = run.score(out)
         if scores:
             results.append({"split": name, **scores})

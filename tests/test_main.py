@@ -60,6 +60,20 @@ def test_cli_eval_mode_restores_the_latest_checkpoint(trained):
     final = [r for r in read_metrics(root / "run") if "eval_ppl" in r][-1]
     assert results["step"] == 4
     assert results["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+    # An evaluation continues nothing: another seed or schedule is neither refused nor
+    # warned about, and the score is the checkpoint's.
+    result = run_main(
+        root / "run",
+        "--mode=eval",
+        "--config.train.seed=7",
+        "--config.train.lr=0.5",
+        books=root / "books",
+        cache=root / "cache",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resum" not in result.stderr
+    again = json.loads((root / "run" / "results.json").read_text())
+    assert again["eval_ppl"] == pytest.approx(results["eval_ppl"], rel=1e-6)
 
 
 def test_rerun_of_a_finished_run_trains_nothing_more(trained):

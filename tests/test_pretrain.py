@@ -138,6 +138,33 @@ def test_a_refused_estimate_makes_no_workdir(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+def test_evaluating_a_checkpoint_checks_only_the_model_and_its_layout(caplog):
+    """--mode=eval reads the parameters and trains nothing: another batch size, seed,
+    schedule or dtype is free there (no error, no warning), another model or parameter
+    layout is not."""
+    config = tiny_config()
+    before = saved(config)
+    for key, value in [
+        ("train.batch_size", 8),
+        ("train.seed", 7),
+        ("train.lr", 1.0),
+        ("train.compute_dtype", "bfloat16"),
+    ]:
+        section, name = key.split(".")
+        config[section][name] = value
+    with caplog.at_level(logging.WARNING):
+        pretrain.check_resumable("run", before, config, evaluating=True)
+    assert not caplog.records
+    with pytest.raises(UserError, match=r"resume with --config.train.batch_size=4"):
+        pretrain.check_resumable("run", before, config)
+    config.train.scan_layers = False
+    with pytest.raises(UserError, match=r"evaluate with --config.train.scan_layers=True$"):
+        pretrain.check_resumable("run", before, config, evaluating=True)
+    config.model.d_model = 64
+    with pytest.raises(UserError, match="another model .*evaluate it with its model's sizes"):
+        pretrain.check_resumable("run", before, config, evaluating=True)
+
+
 def test_changed_numerics_are_named_in_a_warning(caplog):
     """Micro-batches draw other dropout masks and bfloat16 rounds otherwise: a resumed
     run's steps then differ from those it would have taken, and it says so."""
