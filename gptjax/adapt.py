@@ -16,7 +16,7 @@ import numpy as np
 from gptjax import checkpoint, optim, train
 from gptjax.data.pipeline import PackedWindows, eval_batches, train_iterator
 from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
-from gptjax.pretrain import agreed_resume_step
+from gptjax.pretrain import agreed_resume_step, check_workdir
 from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.pretrain import write_config as write_run_config
 
@@ -50,9 +50,16 @@ def adapt(run: "FineTune") -> str:
     with phase_cfg.unlocked():
         phase_cfg.eval_every = phase_cfg.eval_every or per_epoch
         phase_cfg.ckpt_every = phase_cfg.ckpt_every or per_epoch
+    # The phase's own record (config.json in its directory): its train section is the
+    # phase's, so that a resume is checked against what the phase ran.
+    phase_config = cfg.copy_and_resolve_references()
+    with phase_config.unlocked():
+        phase_config.train = phase_cfg
     resume = agreed_resume_step(workdir)
     if resume is not None and resume >= total:
         return workdir
+    if resume is not None:
+        check_workdir(workdir, phase_config, resuming=True)
     model = GPT(ModelConfig.from_config(cfg.model, cfg.train), **layer_options(cfg.train))
     schedule = optim.lr_schedule(phase_cfg, total)
     state, shardings = train.create_state(
@@ -109,6 +116,6 @@ def adapt(run: "FineTune") -> str:
         workdir,
         checkpoint.manager(workdir, phase_cfg.keep_checkpoints),
         resume,
-        record_config=functools.partial(write_run_config, workdir, cfg),
+        record_config=functools.partial(write_run_config, workdir, phase_config),
     )
     return workdir

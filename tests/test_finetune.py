@@ -4,6 +4,7 @@ every TFDS task on mock data, and users' files end to end through the CLI."""
 import dataclasses
 import json
 import runpy
+import shutil
 
 import flax.linen as nn
 import jax
@@ -528,6 +529,16 @@ def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp
     # A fine-tuned run (a GPT under "transformer", and a head) is named as such.
     with pytest.raises(UserError, match="another model's parameters .*a pretraining"):
         run.restore_lm(str(workdir))
+    # The phase records its own steps and learning rate, and a resume of it is checked
+    # against that record like any run's. (It resumes when fine-tuning has not started:
+    # here its checkpoints are removed, and the phase is asked for 3 steps.)
+    recorded = json.loads((workdir / "adapt" / "config.json").read_text())["train"]
+    assert (recorded["num_steps"], recorded["lr"]) == (2, 1e-2)
+    shutil.rmtree(workdir / "checkpoints")
+    config.adapt.num_steps, config.train.seed = 3, config.train.seed + 1
+    with pytest.raises(UserError, match=r"ft/adapt was trained with train.seed=0 \(the saved"):
+        finetune.train_and_evaluate(config, str(workdir))
+    assert checkpoint.all_steps(adapt_dir) == [1, 2]
 
 
 def test_ablation_variants_and_side_by_side_table():
