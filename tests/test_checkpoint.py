@@ -4,6 +4,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -30,7 +31,14 @@ def assert_trees_equal(a, b):
 def test_save_restore_and_params_only(tmp_path):
     config = tiny_config()
     state, shardings = make_state(config)
-    state = state.replace(step=state.step + 7)
+    # An update, so that Adam's moments hold values (a fresh state's are all zeros, which
+    # a restore that swapped or dropped them would reproduce).
+    leaves, tree = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    grads = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    state = state.apply_gradients(grads=jax.tree.unflatten(tree, grads))
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(state.opt_state))
+    state = state.replace(step=state.step + 6)
     with checkpoint.manager(str(tmp_path), keep=2) as mngr:
         checkpoint.save(mngr, state, {"next_index": 7})
         mngr.wait_until_finished()

@@ -96,7 +96,10 @@ def test_lm_head_is_tied_to_token_embedding():
     logits = model.apply({"params": params}, tokens)
     expected = hidden @ params["tokens_embed"]["embedding"].T
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    assert not any("lm_head" in k or "kernel" in k for k in params)  # no separate head
+    # No separate head: the embeddings and the layers are all there is.
+    assert set(params) == {"tokens_embed", "positions_embed"} | {
+        f"h_{i}" for i in range(cfg.n_layer)
+    }
 
 
 def test_post_ln_block_output_is_normalised():
