@@ -16,6 +16,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from gptjax.atomic import replacing
 from gptjax.errors import UserError, config_value, fail, parse_flags, reported
 
 VARIANTS = ("pretrained", "scratch", "no_aux_lm")
@@ -91,9 +92,9 @@ def main(argv):
             logging.info("variant %s", variant)
             reports[variant] = finetune.train_and_evaluate(cfg, os.path.join(workdir, variant))
     text = table(reports)
-    with open(os.path.join(workdir, "ablation.md"), "w") as f:
+    with replacing(os.path.join(workdir, "ablation.md")) as f:
         f.write(text)
-    with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    with replacing(os.path.join(workdir, "ablation.json")) as f:
         json.dump(reports, f, indent=2)
     print(text)
 

@@ -6,9 +6,27 @@ containers often give each host the same process id) never write into one tempor
 each rename then puts a complete file in place.
 """
 
+import contextlib
 import os
 import socket
 
 
 def temporary_name(path: str) -> str:
     return f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
+
+
+@contextlib.contextmanager
+def replacing(path: str, mode: str = "w", **open_args):
+    """An open file that becomes `path` when the block ends: written under
+    `temporary_name(path)` and renamed over it, so readers see the old file or the whole
+    new one. If the block or the write fails, the temporary file is removed and `path`
+    is left as it was; the error propagates."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, mode, **open_args) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from gptjax.atomic import temporary_name
+from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.tokenizer import SPECIAL_TOKENS
 
@@ -248,10 +248,8 @@ class BPETokenizer:
         vocab_text, merges_text = self._files()
         for name, text in ((VOCAB_FILE, vocab_text), (MERGES_FILE, merges_text)):
             path = os.path.join(directory, name)
-            tmp = temporary_name(path)
-            with open(tmp, "w", encoding="utf-8") as f:
+            with replacing(path, encoding="utf-8") as f:
                 f.write(text)
-            os.replace(tmp, path)
 
     def _files(self) -> tuple[str, str]:
         vocab_text = json.dumps(

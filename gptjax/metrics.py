@@ -10,6 +10,7 @@ import sys
 
 import jax
 
+from gptjax.atomic import replacing
 from gptjax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
@@ -74,9 +75,8 @@ def _drop_rows_after(path: str, step: int):
     if not os.path.exists(path):
         return
     rows = [row for row in _rows(path) if row["step"] <= step]
-    with open(path + ".tmp", "w") as f:
+    with replacing(path) as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
 
 
 def _rows(path: str) -> list[dict]:

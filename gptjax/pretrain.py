@@ -13,7 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from gptjax import checkpoint, optim, sharding, train
-from gptjax.atomic import temporary_name
+from gptjax.atomic import replacing
 from gptjax.data import lm_data
 from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexity
 from gptjax.errors import UserError
@@ -271,10 +271,8 @@ def check_resumable(
 
 def write_config(workdir: str, config: ml_collections.ConfigDict):
     if jax.process_index() == 0:
-        tmp = temporary_name(os.path.join(workdir, CONFIG_FILE))
-        with open(tmp, "w") as f:
+        with replacing(os.path.join(workdir, CONFIG_FILE)) as f:
             f.write(config.to_json_best_effort(indent=2))
-        os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
 
 
 def agreed_resume_step(workdir: str) -> int | None:
@@ -431,6 +429,6 @@ def report(run: Run, metrics: dict):
             metrics["eval_ppl"],
             unigram,
         )
-        with open(os.path.join(run.workdir, "results.json"), "w") as f:
+        with replacing(os.path.join(run.workdir, "results.json")) as f:
             json.dump(results, f, indent=2)
     return results

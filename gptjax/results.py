@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import jax
 
 from gptjax import checkpoint
-from gptjax.atomic import temporary_name
+from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
 
@@ -92,10 +92,10 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
         "paper": run.task.paper,
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, RESULTS_JSON), "w") as f:
+        with replacing(os.path.join(workdir, RESULTS_JSON)) as f:
             json.dump(report, f, indent=2)
         table = results_table(report)
-        with open(os.path.join(workdir, RESULTS_MD), "w") as f:
+        with replacing(os.path.join(workdir, RESULTS_MD)) as f:
             f.write(table)
         logging.info("results of checkpoint %d:\n%s", step, table)
     return report
@@ -146,10 +146,9 @@ def write_predictions(run: "FineTune", split: str, out: dict):
         rows.append((i if ex.uid is None else ex.uid, value))
     if all(isinstance(index, int) for index, _ in rows):
         rows.sort()  # in the test file's order (TFDS stores its records shuffled)
-    with open(temporary_name(path), "w") as f:
+    with replacing(path) as f:
         f.write("index\tprediction\n")
         f.writelines(f"{index}\t{value}\n" for index, value in rows)
-    os.replace(temporary_name(path), path)
     logging.info("wrote the %s predictions of %s to %s", split, task.name, path)
 
 

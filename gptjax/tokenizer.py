@@ -8,7 +8,6 @@ appends their embedding rows (Section 3.3 of the paper). The released GPT-1 voca
 (`gptjax.bpe.BPETokenizer`) has the same interface; `load_dir` picks whichever a directory holds.
 """
 
-import contextlib
 import hashlib
 import io
 import itertools
@@ -20,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from gptjax.atomic import temporary_name
+from gptjax.atomic import replacing
 from gptjax.errors import UserError
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")
@@ -61,14 +60,10 @@ class SentencePieceTokenizer:
     def save(self, path: str):
         """Written under a temporary name and renamed: never half-written (a failed
         write, a full disk, is a UserError that leaves no temporary file)."""
-        tmp = temporary_name(path)
         try:
-            with open(tmp, "wb") as f:
+            with replacing(path, "wb") as f:
                 f.write(self.model_proto)
-            os.replace(tmp, path)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
             raise UserError(f"cannot write {path} ({e.strerror or e}); free some space") from None
 
     @property

@@ -55,7 +55,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import checkpoint, generate
-from gptjax.atomic import temporary_name
+from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.tasks import metrics as task_metrics
@@ -314,10 +314,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 def write_results(rows: list[dict], workdir: str):
     """zeroshot.json and zeroshot.png, each written whole under a temporary name first."""
     path = os.path.join(workdir, RESULTS_FILE)
-    tmp = temporary_name(path)
-    with open(tmp, "w") as f:
+    with replacing(path) as f:
         json.dump(rows, f, indent=2)
-    os.replace(tmp, path)
     plot(rows, os.path.join(workdir, PLOT_FILE))
 
 
@@ -343,6 +341,5 @@ def plot(rows: list[dict], path: str):
     axes.set_title("Zero-shot performance over pretraining (GPT-1, Figure 2 right)")
     axes.legend()
     figure.tight_layout()
-    tmp = temporary_name(path)
-    figure.savefig(tmp, format="png", dpi=120)
-    os.replace(tmp, path)
+    with replacing(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=120)

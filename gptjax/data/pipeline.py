@@ -9,7 +9,6 @@ target exactly once: no token lost or duplicated. The last window is padded, and
 padded targets have weight 0.
 """
 
-import contextlib
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
-from gptjax.atomic import temporary_name
+from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.tokenizer import SentencePieceTokenizer
 
@@ -106,18 +105,12 @@ def _write_whole(files, what: str):
     """Each (path, write) of `files` written under a temporary name, then renamed. A
     failed write (a full disk, `data` a file) is a UserError naming `what` that leaves
     no temporary file behind."""
-    written = []
     try:
         os.makedirs(os.path.dirname(files[0][0]), exist_ok=True)
         for target, write in files:
-            written.append(temporary_name(target))
-            with open(written[-1], "wb") as f:
+            with replacing(target, "wb") as f:
                 write(f)
-            os.replace(written.pop(), target)
     except OSError as e:
-        for tmp in written:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
         raise UserError(
             f"cannot write {what} ({e.strerror or e}); free some space, or move what is in "
             "the way in the workdir"

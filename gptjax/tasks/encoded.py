@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gptjax.atomic import temporary_name
+from gptjax.atomic import replacing
 from gptjax.tasks import transforms
 from gptjax.tasks.spec import Example, TaskSpec
 
@@ -93,14 +93,10 @@ def encode(
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         logging.warning("cannot read %s (%s); encoding %s again", file, e, split)
     arrays = transforms.encode(task, examples, tokenizer, n_ctx)
-    tmp = temporary_name(file)  # hosts may share the cache
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
-        with open(tmp, "wb") as f:
+        with replacing(file, "wb") as f:  # hosts may share the cache
             np.savez(f, **arrays)
-        os.replace(tmp, file)
     except OSError as e:
         logging.warning("cannot cache the encoded %s split in %s: %s", split, file, e)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return arrays
