@@ -35,17 +35,17 @@ from gptjax.model import (
     unstack_layers,
 )
 from gptjax.pretrain import (
+    MODEL_SIZES,
     agreed_resume_step,
     check_batch,
     check_workdir,
     saved_config,
 )
+from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.pretrain import write_config as write_run_config
 from gptjax.tasks import encoded, registry, transforms
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import TaskSpec
-
-ARCHITECTURE = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
 
 
 def resolve_model(config: ml_collections.ConfigDict):
@@ -55,7 +55,7 @@ def resolve_model(config: ml_collections.ConfigDict):
         saved = saved_config(config.init_from, "init_from")["model"]
         wrong = [
             f"model.{k}={config.model[k]} (checkpoint: {saved[k]})"
-            for k in ARCHITECTURE
+            for k in MODEL_SIZES
             if config.model[k] is not None and config.model[k] != saved[k]
         ]
         if wrong:
@@ -68,7 +68,7 @@ def resolve_model(config: ml_collections.ConfigDict):
         gpt1 = config_lib.shipped_config("gpt1.py")
         source = runpy.run_path(gpt1)["get_config"]().model.to_dict()
     with config.unlocked():
-        for k in ARCHITECTURE:
+        for k in MODEL_SIZES:
             if config.model[k] is None:
                 config.model[k] = source[k]
 
@@ -232,12 +232,7 @@ class FineTune:
         return self.config.train.batch_size
 
     def total_steps(self) -> int:
-        train_cfg = self.config.train
-        if train_cfg.num_steps is not None:
-            return train_cfg.num_steps
-        return max(
-            1, train_cfg.epochs * len(self.split(self.task.train_split).rows) // self.batch_size
-        )
+        return pretrain_total_steps(self.config.train, len(self.split(self.task.train_split).rows))
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.split(self.task.train_split).rows) // self.batch_size)
