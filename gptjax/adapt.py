@@ -16,9 +16,9 @@ import numpy as np
 from gptjax import checkpoint, optim, train
 from gptjax.data.pipeline import PackedWindows, eval_batches, train_iterator
 from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
-from gptjax.pretrain import agreed_resume_step, check_workdir
 from gptjax.pretrain import total_steps as pretrain_total_steps
-from gptjax.pretrain import write_config as write_run_config
+from gptjax.workdirs import agreed_resume_step, check_workdir
+from gptjax.workdirs import write_config as write_run_config
 
 if TYPE_CHECKING:
     from gptjax.finetune import FineTune

@@ -34,18 +34,13 @@ from gptjax.model import (
     stack_layers,
     unstack_layers,
 )
-from gptjax.pretrain import (
-    MODEL_SIZES,
-    agreed_resume_step,
-    check_batch,
-    check_workdir,
-    saved_config,
-)
+from gptjax.pretrain import check_batch
 from gptjax.pretrain import total_steps as pretrain_total_steps
-from gptjax.pretrain import write_config as write_run_config
 from gptjax.tasks import encoded, registry, transforms
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import TaskSpec
+from gptjax.workdirs import MODEL_SIZES, agreed_resume_step, check_workdir, saved_config
+from gptjax.workdirs import write_config as write_run_config
 
 
 def resolve_model(config: ml_collections.ConfigDict):

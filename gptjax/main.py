@@ -60,7 +60,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     # Imported here so that `--help` and flag errors answer without loading JAX.
     from gptjax import config as config_lib
-    from gptjax import distributed, host_memory, preemption, pretrain
+    from gptjax import distributed, host_memory, preemption, pretrain, workdirs
 
     logging.info(host_memory.describe())
 
@@ -72,7 +72,7 @@ def main(argv):
         enable_compilation_cache(config)
         if _MODE.value in ("eval", "zeroshot", "estimate"):
             # Their results go there, at the end; the others read a run from it first.
-            pretrain.check_output_dir(workdir, create=False)
+            workdirs.check_output_dir(workdir, create=False)
         if _MODE.value == "generate":  # from the workdir's own model and tokenizer
             from gptjax import generate
 
@@ -92,7 +92,7 @@ def main(argv):
             finetune.resolve_model(config)
             config_lib.validate(config)
             if _MODE.value == "train":
-                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(workdir):
+                with preemption.stop_outside_the_loop(), workdirs.workdir_lock(workdir):
                     finetune.train_and_evaluate(config, workdir)
             else:
                 run = finetune.FineTune(config, workdir, read_only=True)
@@ -104,7 +104,7 @@ def main(argv):
 
                 estimate.run(config, workdir)
             elif _MODE.value == "train":
-                with preemption.stop_outside_the_loop(), pretrain.workdir_lock(workdir):
+                with preemption.stop_outside_the_loop(), workdirs.workdir_lock(workdir):
                     pretrain.train_and_evaluate(config, workdir)
             else:
                 pretrain.evaluate_checkpoint(config, workdir)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, convert, finetune, hf_source, pretrain
+from gptjax import checkpoint, convert, finetune, hf_source, workdirs
 from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
 
 from conftest import ROOT
@@ -101,7 +101,7 @@ def test_from_hf_matches_transformers(lm):
     ft = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]()
     ft.init_from = str(workdir)
     finetune.resolve_model(ft)
-    sizes = {k: ft.model[k] for k in pretrain.MODEL_SIZES}
+    sizes = {k: ft.model[k] for k in workdirs.MODEL_SIZES}
     assert sizes == {k: v for k, v in OURS.items() if k != "dropout"}
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["converted_from"]["format"] == "huggingface"

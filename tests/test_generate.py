@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from cli import main_in_process
 
-from gptjax import generate, kv_cache, pretrain
+from gptjax import generate, kv_cache, workdirs
 from gptjax.errors import UserError
 from gptjax.generate import Generator, Sampling
 from gptjax.kv_cache import init_cache
@@ -288,4 +288,4 @@ def test_a_damaged_config_file_is_named(tmp_path, content):
     with pytest.raises(UserError, match=r"config.json is (unreadable|not a gptjax run's config)"):
         generate.load(str(tmp_path))
     with pytest.raises(UserError, match="delete it to resume without checking"):
-        pretrain.check_workdir(str(tmp_path), tiny_config(), resuming=True)
+        workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=True)

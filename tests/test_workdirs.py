@@ -1,4 +1,6 @@
-"""What a resumed pretraining (or fine-tuning) run must keep of its config, and may change."""
+"""A run's workdir: what a resumed pretraining (or fine-tuning) run must keep of its config
+and may change, the lock against a second training command, and the checks that it can
+be written."""
 
 import json
 import logging
@@ -7,7 +9,7 @@ import runpy
 
 import pytest
 
-from gptjax import pretrain
+from gptjax import workdirs
 from gptjax.errors import UserError
 
 from conftest import ROOT, tiny_config
@@ -20,7 +22,7 @@ def saved(config) -> dict:
 def test_the_same_config_resumes_without_a_word(caplog):
     config = tiny_config()
     with caplog.at_level(logging.WARNING):
-        pretrain.check_resumable("run", saved(config), config)
+        workdirs.check_resumable("run", saved(config), config)
     assert not caplog.records
 
 
@@ -39,7 +41,7 @@ def test_what_a_resumed_run_must_keep(key, value, words):
     section, name = key.split(".")
     config[section][name] = value
     with pytest.raises(UserError, match="resume") as error:
-        pretrain.check_resumable("run", before, config)
+        workdirs.check_resumable("run", before, config)
     assert words in str(error.value)
 
 
@@ -47,19 +49,19 @@ def test_a_fine_tune_resumes_only_on_its_task():
     config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom")
     before = saved(config)
     config.task.test_path = "test.jsonl"  # training never reads it
-    pretrain.check_resumable("run", before, config)
+    workdirs.check_resumable("run", before, config)
     config.task.train_path = "other.jsonl"
     with pytest.raises(UserError, match=r"another task \(task.train_path differ"):
-        pretrain.check_resumable("run", before, config)
+        workdirs.check_resumable("run", before, config)
 
     # A run saved before task.positive_label existed resumes with it unset, not set.
     config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom")
     older = saved(config)
     del older["task"]["positive_label"]
-    pretrain.check_resumable("run", older, config)
+    workdirs.check_resumable("run", older, config)
     config.task.positive_label = "yes"  # it would swap the label ids
     with pytest.raises(UserError, match=r"task.positive_label differ"):
-        pretrain.check_resumable("run", older, config)
+        workdirs.check_resumable("run", older, config)
 
 
 def test_a_changed_schedule_is_named_in_a_warning(caplog):
@@ -69,7 +71,7 @@ def test_a_changed_schedule_is_named_in_a_warning(caplog):
     config.train.schedule = "linear"
     config.train.weight_decay = 0.0
     with caplog.at_level(logging.WARNING):
-        pretrain.check_resumable("run", before, config)
+        workdirs.check_resumable("run", before, config)
     [record] = caplog.records
     for change in ("train.num_steps 6 -> 12", "schedule cosine -> linear", "decay 0.01 -> 0.0"):
         assert change in record.getMessage()
@@ -77,15 +79,15 @@ def test_a_changed_schedule_is_named_in_a_warning(caplog):
 
 
 def test_an_unreadable_saved_config_is_a_user_error(tmp_path):
-    (tmp_path / pretrain.CONFIG_FILE).write_text('{"model": {"vocab')
+    (tmp_path / workdirs.CONFIG_FILE).write_text('{"model": {"vocab')
     with pytest.raises(UserError, match="config.json is unreadable"):
-        pretrain.check_workdir(str(tmp_path), tiny_config(), resuming=True)
+        workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=True)
 
 
 def test_a_workdir_that_is_a_file_is_named_so(tmp_path):
     (tmp_path / "run").write_text("a file")
     with pytest.raises(UserError, match="run is a file, not a directory"):
-        pretrain.check_workdir(str(tmp_path / "run"), tiny_config(), resuming=False)
+        workdirs.check_workdir(str(tmp_path / "run"), tiny_config(), resuming=False)
     assert (tmp_path / "run").read_text() == "a file"
 
 
@@ -93,14 +95,14 @@ def test_a_second_training_command_on_a_workdir_is_refused(tmp_path):
     """The lock is the directory's: a second holder (another process, or another open
     of it here) is refused while the first holds it, and nothing is written into it."""
     workdir = str(tmp_path / "run")
-    with pretrain.workdir_lock(workdir):
+    with workdirs.workdir_lock(workdir):
         with (
             pytest.raises(UserError, match="another gptjax command is training in"),
-            pretrain.workdir_lock(workdir),
+            workdirs.workdir_lock(workdir),
         ):
             pass
         assert os.listdir(workdir) == []
-    with pretrain.workdir_lock(workdir):  # released with the first
+    with workdirs.workdir_lock(workdir):  # released with the first
         pass
 
 
@@ -153,16 +155,16 @@ def test_evaluating_a_checkpoint_checks_only_the_model_and_its_layout(caplog):
         section, name = key.split(".")
         config[section][name] = value
     with caplog.at_level(logging.WARNING):
-        pretrain.check_resumable("run", before, config, evaluating=True)
+        workdirs.check_resumable("run", before, config, evaluating=True)
     assert not caplog.records
     with pytest.raises(UserError, match=r"resume with --config.train.batch_size=4"):
-        pretrain.check_resumable("run", before, config)
+        workdirs.check_resumable("run", before, config)
     config.train.scan_layers = False
     with pytest.raises(UserError, match=r"evaluate with --config.train.scan_layers=True$"):
-        pretrain.check_resumable("run", before, config, evaluating=True)
+        workdirs.check_resumable("run", before, config, evaluating=True)
     config.model.d_model = 64
     with pytest.raises(UserError, match="another model .*evaluate it with its model's sizes"):
-        pretrain.check_resumable("run", before, config, evaluating=True)
+        workdirs.check_resumable("run", before, config, evaluating=True)
 
 
 def test_changed_numerics_are_named_in_a_warning(caplog):
@@ -173,7 +175,7 @@ def test_changed_numerics_are_named_in_a_warning(caplog):
     config.train.microbatches = 2
     config.train.compute_dtype = "bfloat16"
     with caplog.at_level(logging.WARNING):
-        pretrain.check_resumable("run", before, config)
+        workdirs.check_resumable("run", before, config)
     [record] = caplog.records
     message = record.getMessage()
     assert "train.microbatches 1 -> 2, train.compute_dtype float32 -> bfloat16" in message
@@ -181,5 +183,5 @@ def test_changed_numerics_are_named_in_a_warning(caplog):
     config.train.remat = "full"  # the same values, recomputed: no word about it
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        pretrain.check_resumable("run", saved(config), config)
+        workdirs.check_resumable("run", saved(config), config)
     assert not caplog.records

@@ -1,0 +1,280 @@
+"""A run's working directory (`--workdir`): the lock that keeps one training command on
+it, the checks that it can be written, and its saved config (config.json), against which
+a resumed run is checked: what it must keep, and what it may change with a warning.
+
+Every command that trains or reads a workdir goes through here: pretraining, domain
+adaptation, fine-tuning, evaluation, generation, conversion, the estimate and the bench.
+"""
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from gptjax import checkpoint
+from gptjax.atomic import replacing
+from gptjax.errors import UserError
+
+CONFIG_FILE = "config.json"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds the workdir for one training command: a second one started on it while the
+    first runs is refused (two would delete each other's checkpoint saves and interleave
+    their metrics). An advisory lock on the directory itself, so nothing is written into
+    it; the operating system releases it when the process ends, however it ends. Process
+    0 locks for all and tells the others, which would otherwise wait for it in their
+    first collective; where the filesystem has no locks, a warning says it is unlocked."""
+    fd, taken = None, False
+    # A file, or a directory that cannot be made or read: check_workdir says why.
+    if jax.process_index() == 0 and not (os.path.exists(workdir) and not os.path.isdir(workdir)):
+        with contextlib.suppress(OSError):
+            os.makedirs(workdir, exist_ok=True)
+            fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                taken = True
+            except OSError as e:
+                logging.warning("cannot lock %s (%s): two runs there would collide", workdir, e)
+        if jax.process_count() > 1:
+            taken = bool(multihost_utils.broadcast_one_to_all(np.int32(taken)))
+        if taken:
+            raise UserError(
+                f"another gptjax command is training in {workdir}; wait for it to end (or "
+                "stop it: it resumes from its last checkpoint), or use another --workdir"
+            )
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def check_writable(workdir: str):
+    """UserError unless a file can be written in the (existing) workdir: said before a
+    command's work, not after it when the results are written."""
+    try:
+        probe = os.path.join(workdir, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pick another") from None
+
+
+def check_output_dir(workdir: str, create: bool = True):
+    """UserError unless the workdir is (or, `create`, becomes; else could become) a
+    writable directory. An empty `workdir` (estimate's "write nothing") passes."""
+    if not workdir:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} is a file, not a directory; pick another --workdir")
+    if create:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"workdir {workdir} is not writable ({e.strerror}); pick another"
+            ) from None
+    if os.path.isdir(workdir):
+        check_writable(workdir)
+        return
+    parent = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"workdir {workdir} is under {parent}, a file; pick another --workdir")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"workdir {workdir} cannot be made: {parent} is not writable")
+
+
+def check_workdir(
+    workdir: str, config: ml_collections.ConfigDict, resuming: bool, evaluating: bool = False
+):
+    """Creates the workdir and checks it is writable. Resuming a run of another model
+    shape is an error rather than a silent restart; so is `evaluating` its checkpoint as
+    another model (see `check_resumable`)."""
+    check_output_dir(workdir)
+    aside = os.path.join(workdir, checkpoint.CORRUPT_DIR)
+    if not resuming and os.path.isdir(aside) and os.listdir(aside):
+        raise UserError(
+            f"no checkpoint of {workdir} read back (they are in {aside}); copy one back to "
+            f"{checkpoint.CHECKPOINT_DIR}/ to resume from it, or delete {checkpoint.CORRUPT_DIR}/ "
+            "to start this run again from scratch"
+        )
+    path = os.path.join(workdir, CONFIG_FILE)
+    if resuming and os.path.exists(path):
+        saved = read_config(path, "restore it, or delete it to resume without checking the config")
+        check_resumable(workdir, saved, config, evaluating)
+
+
+# The sizes a run's saved config holds in `model`: what reading a checkpoint needs.
+MODEL_SIZES = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
+
+
+def read_config(path: str, fix: str) -> dict:
+    """A run's saved config (config.json) as a dict; UserError naming the file and `fix`
+    when it does not parse or holds no model sizes (a damaged or foreign file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); {fix}") from None
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in MODEL_SIZES):
+        raise UserError(f"{path} is not a gptjax run's config (no model sizes); {fix}")
+    return saved
+
+
+def saved_config(workdir: str, role: str) -> dict:
+    """The saved config of the run in `workdir`, which the command reads as `role` (e.g.
+    "init_from"): UserError when it is not a gptjax workdir or its config is damaged."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{role} {workdir} is not a gptjax workdir (no {CONFIG_FILE}); point it at a "
+            "run's --workdir"
+        )
+    return read_config(path, "restore it from a copy")
+
+
+# What a resumed run must keep, and why: the checkpoint's parameters, and the data
+# position, which counts batches of `train.batch_size` windows in `train.seed`'s shuffle.
+# What the parameters' layout depends on beyond the model's sizes: evaluating a
+# checkpoint needs these too, and nothing else of RESUME_FIXED.
+LAYOUT_FIXED = ("train.scan_layers",)
+RESUME_FIXED = {
+    "train.scan_layers": "another parameter layout",
+    "train.batch_size": "the saved data position counts batches of that size",
+    "train.seed": "the saved data position is in that seed's shuffle",
+}
+# What a resumed run may change, with a warning: the learning-rate schedule is rebuilt,
+# or the optimiser updates differently from there.
+RESUME_SCHEDULE = (
+    "train.num_steps",
+    "train.epochs",
+    "train.warmup_steps",
+    "train.warmup_fraction",
+    "train.schedule",
+    "train.lr",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.b1",
+    "train.b2",
+    "train.eps",
+)
+
+# Settings a run may resume with changed that change its steps' values, not what it
+# trains: micro-batches draw their own dropout masks (and sum in another order), and
+# the compute dtype rounds differently. (train.remat recomputes the same values.)
+RESUME_NUMERICS = ("train.microbatches", "train.compute_dtype")
+
+
+def check_resumable(
+    workdir: str, saved: dict, config: ml_collections.ConfigDict, evaluating: bool = False
+):
+    """Refuses to resume the run saved in `workdir` (its config.json, `saved`) with a
+    config that would not continue it; warns where the schedule or the numerics change.
+    `evaluating` (reading its checkpoint without training on) refuses only another
+    model or parameter layout: the batch size, seed and schedule are free there."""
+
+    def lookup(tree, dotted):
+        for key in dotted.split("."):
+            if not isinstance(tree, dict) or key not in tree:
+                return None
+            tree = tree[key]
+        return tree
+
+    current = json.loads(config.to_json_best_effort())  # as saved: tuples as lists
+    saved_model = saved.get("model") or {}
+    if saved_model != current["model"]:
+        changed = ", ".join(
+            f"model.{k}={saved_model.get(k)!r} there, {current['model'].get(k)!r} here"
+            for k in sorted(set(saved_model) | set(current["model"]))
+            if saved_model.get(k) != current["model"].get(k)
+        )
+        raise UserError(
+            f"{workdir} holds a run of another model ({changed}); "
+            + (
+                "evaluate it with its model's sizes"
+                if evaluating
+                else "resume it with the same config or use a new --workdir"
+            )
+        )
+    # A fine-tune's task, except its test file, which training never reads. A key that a
+    # run saved before it existed (task.positive_label) reads as its empty default.
+    saved_task = saved.get("task") or {}
+    current_task = current.get("task", {})
+
+    def differs(k: str) -> bool:
+        if k not in saved_task:
+            return bool(current_task[k])
+        return saved_task[k] != current_task.get(k)
+
+    changed = sorted(
+        k for k in set(saved_task) | set(current_task) if k != "test_path" and differs(k)
+    )
+    if "task" in current and changed:
+        raise UserError(
+            f"{workdir} holds a fine-tune of another task (task.{', task.'.join(changed)} "
+            "differ); resume it with the same task or use a new --workdir"
+        )
+    for key, why in RESUME_FIXED.items():
+        if evaluating and key not in LAYOUT_FIXED:
+            continue
+        was = lookup(saved, key)
+        if key == "train.scan_layers":
+            was = bool(was)  # runs from before the stacked layout saved none
+        if was is not None and was != lookup(current, key):
+            fix = "evaluate" if evaluating else "resume"
+            raise UserError(
+                f"{workdir} was trained with {key}={was} ({why}); {fix} with "
+                f"--config.{key}={was}" + ("" if evaluating else " or use a new --workdir")
+            )
+    if evaluating:
+        return
+
+    def changes(keys) -> str:
+        return ", ".join(
+            f"{key} {lookup(saved, key)} -> {lookup(current, key)}"
+            for key in keys
+            if lookup(saved, key) != lookup(current, key)
+        )
+
+    if changed := changes(RESUME_SCHEDULE):
+        logging.warning(
+            "resuming with %s: the learning-rate schedule and optimiser are rebuilt with the "
+            "new values, so the steps from here differ from a run started with them",
+            changed,
+        )
+    if changed := changes(RESUME_NUMERICS):
+        logging.warning(
+            "resuming with %s: the run goes on correctly, but its steps from here are not "
+            "those it would have taken (other dropout masks, other rounding)",
+            changed,
+        )
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict):
+    if jax.process_index() == 0:
+        with replacing(os.path.join(workdir, CONFIG_FILE)) as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def agreed_resume_step(workdir: str) -> int | None:
+    """The latest checkpoint step as process 0 sees it, the same on every process (a
+    process that decided alone could resume from another state than its peers)."""
+    step = checkpoint.latest_step(workdir)
+    if jax.process_count() > 1:
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+        step = None if step < 0 else step
+    return step
