@@ -39,7 +39,15 @@ from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.tasks import encoded, registry, transforms
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import TaskSpec
-from gptjax.workdirs import MODEL_SIZES, agreed_resume_step, check_workdir, saved_config
+from gptjax.workdirs import (
+    CONFIG_FILE,
+    MODEL_SIZES,
+    agreed_resume_step,
+    check_resumable,
+    check_workdir,
+    read_config,
+    saved_config,
+)
 from gptjax.workdirs import write_config as write_run_config
 
 
@@ -66,6 +74,31 @@ def resolve_model(config: ml_collections.ConfigDict):
         for k in MODEL_SIZES:
             if config.model[k] is None:
                 config.model[k] = source[k]
+
+
+def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The config that evaluates the fine-tune in `workdir` (--mode=eval): the command's,
+    with what the run itself was (its config.json) in place of the command's values: the
+    model, its parameter layout, and what it was trained from and with (`init_from`,
+    `finetune.*`), which results.json reports. So the `init_from` run need not still be
+    there, and an ablation variant re-scored is reported as what it was. The command
+    gives the task's files and the evaluation's settings; evaluating another task is an
+    error. Without a saved config (no run there), the model is resolved as for training."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        resolve_model(config)
+        return config
+    saved = read_config(path, "restore it from a copy")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        if "task" in saved:  # else check_resumable names the pretraining run
+            config.model.update({k: v for k, v in saved["model"].items() if k in config.model})
+            config.init_from = saved.get("init_from", config.init_from)
+            run_finetune = saved.get("finetune") or {}
+            config.finetune.update({k: v for k, v in run_finetune.items() if k in config.finetune})
+            config.train.scan_layers = bool((saved.get("train") or {}).get("scan_layers"))
+    check_resumable(workdir, saved, config, evaluating=True)
+    return config
 
 
 def load_tokenizer(config, task: TaskSpec, workdir: str, data_dir: str, started: bool):
@@ -177,7 +210,8 @@ class FineTune:
         self.config, self.workdir = config, workdir
         self.data_dir = os.path.join(cache_dir(config.data), "tfds")
         self.task = registry.get_task(config.task)
-        resolve_model(config)
+        if not read_only:  # an evaluation's config has its model already (`eval_config`)
+            resolve_model(config)
         self.resume_step = agreed_resume_step(workdir)
         if not read_only:
             check_workdir(workdir, config, resuming=self.resume_step is not None)

@@ -89,12 +89,14 @@ def main(argv):
                     "--mode=estimate takes a pretraining config (configs/gpt1.py, "
                     "configs/demo.py): fine-tuning costs a fraction of it"
                 )
-            finetune.resolve_model(config)
-            config_lib.validate(config)
             if _MODE.value == "train":
+                finetune.resolve_model(config)
+                config_lib.validate(config)
                 with preemption.stop_outside_the_loop(), workdirs.workdir_lock(workdir):
                     finetune.train_and_evaluate(config, workdir)
             else:
+                config = finetune.eval_config(config, workdir)
+                config_lib.validate(config)
                 run = finetune.FineTune(config, workdir, read_only=True)
                 results.evaluate_checkpoint(run)
         else:

@@ -29,9 +29,14 @@ def choose_step(workdir: str, key: str, which: str) -> int:
         raise UserError(f"no checkpoint in {workdir}: fine-tune there first (--mode=train)")
     if which == "latest":
         return steps[-1]
+    try:
+        rows = read_metrics(workdir)
+    except (OSError, ValueError) as e:  # e.g. a converted run, which has no evaluations
+        logging.warning("no evaluations to choose from in %s (%s): using the latest", workdir, e)
+        return steps[-1]
     evaluated = {
         r["step"]: r[key]
-        for r in read_metrics(workdir)
+        for r in rows
         # A NaN score (e.g. Pearson of non-finite predictions) would win every comparison.
         if key in r and math.isfinite(r[key])
     }

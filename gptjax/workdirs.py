@@ -147,13 +147,19 @@ def saved_config(workdir: str, role: str) -> dict:
     return read_config(path, "restore it from a copy")
 
 
-# What a resumed run must keep, and why: the checkpoint's parameters, and the data
-# position, which counts batches of `train.batch_size` windows in `train.seed`'s shuffle.
 # What the parameters' layout depends on beyond the model's sizes: evaluating a
 # checkpoint needs these too, and nothing else of RESUME_FIXED.
 LAYOUT_FIXED = ("train.scan_layers",)
+# What makes a fine-tune's task the same task, when its checkpoint is evaluated.
+TASK_IDENTITY = ("name", "kind", "regression")
+# What a resumed run must keep, and why: the checkpoint's parameters, a fine-tune's
+# objective (its record would otherwise name one it was not trained with), and the data
+# position, which counts batches of `train.batch_size` windows in `train.seed`'s shuffle.
 RESUME_FIXED = {
     "train.scan_layers": "another parameter layout",
+    "finetune.lm_coef": "the objective it was trained with",
+    "finetune.clf_dropout": "the objective it was trained with",
+    "finetune.n_transfer": "the blocks it started from",
     "train.batch_size": "the saved data position counts batches of that size",
     "train.seed": "the saved data position is in that seed's shuffle",
 }
@@ -210,10 +216,27 @@ def check_resumable(
                 else "resume it with the same config or use a new --workdir"
             )
         )
-    # A fine-tune's task, except its test file, which training never reads. A key that a
-    # run saved before it existed (task.positive_label) reads as its empty default.
+    if ("task" in saved) != ("task" in current):
+        if "task" in saved:
+            raise UserError(
+                f"{workdir} holds a fine-tune (task {saved['task'].get('name')}), not a "
+                "pretraining run; use its fine-tuning config (configs/finetune.py:TASK) or "
+                "a new --workdir"
+            )
+        raise UserError(
+            f"{workdir} holds a pretraining run, not a fine-tune; fine-tune from it with "
+            f"--config.init_from={workdir} and a new --workdir"
+        )
+    # A fine-tune's task, except its test file, which training never reads (evaluating,
+    # only which task it is: its files may have moved). A key that a run saved before it
+    # existed (task.positive_label) reads as its empty default.
     saved_task = saved.get("task") or {}
     current_task = current.get("task", {})
+    if evaluating:
+        saved_task, current_task = (
+            {k: v for k, v in task.items() if k in TASK_IDENTITY}
+            for task in (saved_task, current_task)
+        )
 
     def differs(k: str) -> bool:
         if k not in saved_task:
@@ -226,7 +249,12 @@ def check_resumable(
     if "task" in current and changed:
         raise UserError(
             f"{workdir} holds a fine-tune of another task (task.{', task.'.join(changed)} "
-            "differ); resume it with the same task or use a new --workdir"
+            "differ); "
+            + (
+                "evaluate it with its own task"
+                if evaluating
+                else "resume it with the same task or use a new --workdir"
+            )
         )
     for key, why in RESUME_FIXED.items():
         if evaluating and key not in LAYOUT_FIXED:

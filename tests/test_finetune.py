@@ -378,6 +378,20 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(pretrained, tmp_pat
         assert set(values) <= {"0", "1"}
     else:  # the label, as the file writes it
         assert set(values) <= {str(row["label"]) for row in rows}
+    if kind != "classification":
+        return
+    # The run's own config.json says what it is: evaluated with an init_from that is gone
+    # and another lm_coef, it scores the same and reports what it was trained from and
+    # with; another task is refused.
+    moved = [f"--config.init_from={tmp_path / 'gone'}", "--config.finetune.lm_coef=0"]
+    status, _ = main_in_process(workdir, *flags, *moved, "--mode=eval", cache=cache, config=FT)
+    assert status == 0
+    again = json.loads((workdir / "results.json").read_text())
+    assert (again["init_from"], again["lm_coef"]) == (str(pretrained / "run"), 0.5)
+    assert again["results"][0] == report["results"][0]
+    other = [*flags, "--config.task.kind=entailment", "--config.task.text_fields=text,text"]
+    status, _ = main_in_process(workdir, *other, "--mode=eval", cache=cache, config=FT)
+    assert status == 2
 
 
 @pytest.fixture

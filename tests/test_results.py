@@ -51,6 +51,13 @@ def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
     assert "no checkpoint left" not in caplog.text
+    # A run with no metrics file (one converted from HuggingFace's double-heads model) or
+    # an unreadable one: the latest, and a warning saying why.
+    (tmp_path / "metrics.jsonl").unlink()
+    assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 400
+    assert "no evaluations to choose from" in caplog.text and "metrics.jsonl" in caplog.text
+    (tmp_path / "metrics.jsonl").mkdir()
+    assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 400
 
 
 def test_predictions_are_written_in_the_test_files_order(tmp_path):

@@ -167,6 +167,30 @@ def test_evaluating_a_checkpoint_checks_only_the_model_and_its_layout(caplog):
         workdirs.check_resumable("run", before, config, evaluating=True)
 
 
+def test_a_fine_tune_and_a_pretraining_run_do_not_resume_each_other():
+    pretraining = tiny_config()
+    fine_tune = tiny_config()
+    with fine_tune.unlocked():
+        fine_tune.task = {"name": "custom", "kind": "classification", "train_path": "a.jsonl"}
+        fine_tune.finetune = {"lm_coef": 0.5, "clf_dropout": 0.1, "n_transfer": None}
+    for evaluating in (False, True):
+        with pytest.raises(UserError, match=r"holds a fine-tune \(task custom\), not a pre"):
+            workdirs.check_resumable("run", saved(fine_tune), pretraining, evaluating)
+        with pytest.raises(UserError, match="holds a pretraining run, not a fine-tune"):
+            workdirs.check_resumable("run", saved(pretraining), fine_tune, evaluating)
+    # A fine-tune resumes with the objective it was trained with; evaluated, its files
+    # may have moved, but not its task.
+    before = saved(fine_tune)
+    fine_tune.finetune.lm_coef = 0.0
+    with pytest.raises(UserError, match=r"finetune.lm_coef=0.5 \(the objective it was"):
+        workdirs.check_resumable("run", before, fine_tune)
+    fine_tune.task.train_path = "moved/a.jsonl"
+    workdirs.check_resumable("run", before, fine_tune, evaluating=True)
+    fine_tune.task.kind = "entailment"
+    with pytest.raises(UserError, match=r"task.kind differ\); evaluate it with its own task"):
+        workdirs.check_resumable("run", before, fine_tune, evaluating=True)
+
+
 def test_changed_numerics_are_named_in_a_warning(caplog):
     """Micro-batches draw other dropout masks and bfloat16 rounds otherwise: a resumed
     run's steps then differ from those it would have taken, and it says so."""
