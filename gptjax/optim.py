@@ -1,5 +1,7 @@
 """The optimiser: Adam with decoupled weight decay, global-norm clipping and a warmup schedule."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,6 +24,12 @@ def lr_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax
     """Linear warmup from 0, then to 0 at `total_steps`: cosine annealing for pretraining
     (Section 4.1 of the paper), linear decay for fine-tuning (`train.schedule`)."""
     warmup = warmup_steps(train_cfg, total_steps)
+    if total_steps == 1 and warmup == 1:
+        logging.warning(
+            "a run of one update trains at learning rate 0 (warmup starts from 0, as the "
+            "original's does), so it changes no weight; give it more updates "
+            "(train.num_steps, train.epochs, or a smaller train.batch_size)"
+        )
     if train_cfg.get("schedule", "cosine") == "linear":
         return optax.join_schedules(
             [

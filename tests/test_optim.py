@@ -1,3 +1,4 @@
+import logging
 import math
 import runpy
 
@@ -59,6 +60,19 @@ def test_finetune_schedule_warms_up_then_decays_linearly(total, warmup):
     middle = warmup + (total - warmup) // 2
     assert at(middle) == pytest.approx(6.25e-5 * (total - middle) / (total - warmup), rel=1e-5)
     assert at(total) == 0.0
+
+
+def test_a_one_update_run_is_told_it_trains_at_rate_zero(caplog):
+    """Warmup starts from 0, so the only update of a one-step run (a tiny task's domain
+    adaptation, a batch larger than the task) applies lr 0: said, not silent."""
+    with caplog.at_level(logging.WARNING):
+        schedule = optim.lr_schedule(finetune_train_config(), total_steps=1)
+    assert float(schedule(0)) == 0.0
+    assert "one update trains at learning rate 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        optim.lr_schedule(finetune_train_config(), total_steps=2)
+    assert not caplog.records
 
 
 def tiny_params():
