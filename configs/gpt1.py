@@ -107,7 +107,7 @@ def get_config() -> config_dict.ConfigDict:
     config.generate.top_k = 0  # 0: no top-k cut
     config.generate.top_p = 1.0  # 1: no nucleus cut
     config.generate.seed = 0
-    config.generate.stop = ""  # comma-separated stop strings; "\n" is a line break
+    config.generate.stop = ""  # comma-separated stop strings; "\n" is a line break, "\," a comma
     config.generate.step = config_dict.placeholder(int)  # unset: the latest checkpoint
 
     # --mode=zeroshot: the paper's zero-shot heuristics (Section 5, Figure 2 right) on the

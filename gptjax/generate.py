@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +238,13 @@ class Generator:
         return row
 
 
+def stop_strings(setting: str) -> tuple[str, ...]:
+    """`generate.stop` as its strings: separated by commas, `\\,` for a comma within
+    one and `\\n` for a line break (a shell passes both as typed inside quotes)."""
+    parts = re.split(r"(?<!\\),", setting)
+    return tuple(p.replace("\\,", ",").replace("\\n", "\n") for p in parts if p)
+
+
 def generate_text(
     generator: Generator,
     tokenizer,
@@ -323,7 +331,7 @@ def run(config, workdir: str):
     )
     sampling.check()  # before the checkpoint is read
     generator, tokenizer = load(workdir, g.step)
-    stop = tuple(s.replace("\\n", "\n") for s in g.stop.split(",") if s)
+    stop = stop_strings(g.stop)
     texts = generate_text(generator, tokenizer, prompts, sampling, stop)
     for prompt, text in zip(prompts, texts, strict=True):
         print(json.dumps({"prompt": prompt, "continuation": text}, ensure_ascii=False))

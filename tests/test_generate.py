@@ -289,3 +289,16 @@ def test_a_damaged_config_file_is_named(tmp_path, content):
         generate.load(str(tmp_path))
     with pytest.raises(UserError, match="delete it to resume without checking"):
         workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=True)
+
+
+@pytest.mark.parametrize(
+    "setting, strings",
+    [
+        ("", ()),
+        ("END,\\n", ("END", "\n")),
+        ("\\,", (",",)),  # a comma, escaped
+        ("x\\,y,,z", ("x,y", "z")),
+    ],
+)
+def test_stop_strings_split_at_unescaped_commas(setting, strings):
+    assert generate.stop_strings(setting) == strings
