@@ -86,7 +86,7 @@ def main(argv):
             raise UserError("give a fine-tuning config with --config.init_from=PRETRAINED_RUN")
         finetune.resolve_model(config)
         reports = {}
-        for variant in _VARIANTS.value:
+        for variant in dict.fromkeys(_VARIANTS.value):  # each once, in the order given
             cfg = variant_config(config, variant)
             config_lib.validate(cfg)
             logging.info("variant %s", variant)

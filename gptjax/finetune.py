@@ -355,6 +355,12 @@ class FineTune:
         labelled = out["labelled"].astype(bool)
         if not labelled.any():
             return {}
+        if not labelled.all():
+            logging.warning(
+                "%d of %d examples have a label: the scores are of those only",
+                labelled.sum(),
+                labelled.size,
+            )
         return task_metrics.compute(
             self.task.metrics, self.predictions(out["output"])[labelled], out["label"][labelled]
         )

@@ -2,9 +2,12 @@
 every TFDS task on mock data, and users' files end to end through the CLI."""
 
 import dataclasses
+import functools
 import json
+import logging
 import runpy
 import shutil
+import types
 
 import flax.linen as nn
 import jax
@@ -568,3 +571,22 @@ def test_ablation_variants_and_side_by_side_table():
         "scratch": {"results": [{"split": "validation", "accuracy": 60.0}]},
     }
     assert ablate.table(reports).splitlines()[2] == "| validation | accuracy | 91.2 | 60.0 |"
+
+
+def test_scores_of_a_partly_labelled_split_say_how_many_they_count(caplog):
+    task = types.SimpleNamespace(metrics=("accuracy",), regression=False)
+    run = types.SimpleNamespace(task=task)
+    run.predictions = functools.partial(finetune.FineTune.predictions, run)
+    out = {
+        "labelled": np.array([1, 1, 0]),
+        "output": np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]),
+        "label": np.array([1, 0, 0]),
+    }
+    with caplog.at_level(logging.WARNING):
+        assert finetune.FineTune.score(run, out) == {"accuracy": 100.0}
+    assert "2 of 3 examples have a label" in caplog.text
+    caplog.clear()
+    out["labelled"][2] = 1
+    with caplog.at_level(logging.WARNING):
+        finetune.FineTune.score(run, out)
+    assert not caplog.records
