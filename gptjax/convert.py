@@ -23,7 +23,9 @@ fine-tuned multiple-choice one `OpenAIGPTDoubleHeadsModel` with our head as
 has no equivalent of our other heads (its sequence classifier reads the last token and
 has no bias; similarity adds two orderings), so other fine-tuned workdirs become
 `OpenAIGPTLMHeadModel` (specials' rows included) plus `task_head.safetensors`: `kernel`
-[D, C] and `bias` [C], applied to the final hidden state at `_classify_`.
+[D, C] and `bias` [C], applied to the final hidden state at `_classify_` (whose id its
+metadata holds). A fine-tuned workdir's export adds `added_tokens.json` (the specials'
+ids, which HF's tokenizers read) and, for a named task, `id2label` in `config.json`.
 
 The tensor maps are in `gptjax.hf_format`, the reading of HF directories in
 `gptjax.hf_source`. HF's openai-gpt calls the tanh-approximated
@@ -54,12 +56,13 @@ from gptjax.hf_format import (
     split_openai,
 )
 from gptjax.hf_source import HF_CONFIG, HF_WEIGHTS, MERGES_FILE, VOCAB_FILE
+from gptjax.tokenizer import SPECIAL_TOKENS
 from gptjax.workdirs import CONFIG_FILE
 
 TASK_HEAD_FILE = "task_head.safetensors"
+ADDED_TOKENS_FILE = "added_tokens.json"  # a fine-tuned model's specials, for HF's tokenizer
 OPENAI_SHARDS = 10
 OPENAI_VOCAB, OPENAI_MERGES = "encoder_bpe_40000.json", "vocab_40000.bpe"
-NUM_SPECIALS = 3  # _start_, _delimiter_, _classify_ (gptjax.tokenizer.SPECIAL_TOKENS)
 
 
 # ---------------------------------------------------------------- gptjax workdirs
@@ -161,16 +164,18 @@ def read_workdir(src: str, step: int | None = None) -> tuple[dict, dict]:
     return config, jax.tree.map(np.asarray, checkpoint.read_params(src, step))
 
 
-def _task_kind(config: dict) -> tuple[str, bool]:
+def _task_kind(config: dict) -> tuple[str, bool, tuple[str, ...]]:
+    """A fine-tuned workdir's task: (kind, regression, its class names where a named task
+    has them; a custom task's come from its files, which the workdir does not hold)."""
     task = config.get("task", {})
     if task.get("name", "custom") == "custom":
-        return task.get("kind", "classification"), bool(task.get("regression", False))
+        return task.get("kind", "classification"), bool(task.get("regression", False)), ()
     import ml_collections
 
     from gptjax.tasks import registry
 
     spec = registry.get_task(ml_collections.ConfigDict(task))
-    return spec.kind, spec.regression
+    return spec.kind, spec.regression, spec.label_names
 
 
 # ---------------------------------------------------------------- the three commands
@@ -241,10 +246,10 @@ def from_hf(src: str, dst: str):
     source = {"format": "huggingface", "source": os.path.abspath(src)}
     clf_dropout = None
     if mc:
-        if sizes["vocab_size"] <= NUM_SPECIALS:
+        if sizes["vocab_size"] <= len(SPECIAL_TOKENS):
             raise UserError(f"{src}: too few token rows for the fine-tuning specials")
         params = {"transformer": params, "head": hf_mc_head(tensors, sizes["d_model"])}
-        sizes["vocab_size"] -= NUM_SPECIALS  # config.model.vocab_size excludes the specials
+        sizes["vocab_size"] -= len(SPECIAL_TOKENS)  # config.model.vocab_size excludes the specials
         source["specials"] = "the last 3 token rows: _start_, _delimiter_, _classify_"
         clf_dropout = float(hf.get("summary_first_dropout", PAPER_DROPOUT))
     config_json = run_config(sizes, hf_source.dropout_rate(hf), source, clf_dropout)
@@ -277,9 +282,13 @@ def to_hf(src: str, dst: str, step: int | None = None):
     }
     dropout = float(config["model"].get("dropout", PAPER_DROPOUT))
     clf_dropout = float(config.get("finetune", {}).get("clf_dropout", PAPER_DROPOUT))
-    architecture, extra = "OpenAIGPTLMHeadModel", {}
+    architecture, extra, labels = "OpenAIGPTLMHeadModel", {}, ()
+    # A fine-tuned model's last three token rows are the specials (tokenizer.py's order).
+    base = sizes["vocab_size"] - len(SPECIAL_TOKENS)
+    specials = {name: base + i for i, name in enumerate(SPECIAL_TOKENS)}
     if head is not None:
-        kind, regression = _task_kind(config)
+        kind, regression, labels = _task_kind(config)
+        labels = () if regression or kind == "multiple_choice" else labels
         kernel_DxC, bias_C = np.asarray(head["kernel"]), np.asarray(head["bias"])
         if kind == "multiple_choice" and kernel_DxC.shape[1] == 1:
             architecture = "OpenAIGPTDoubleHeadsModel"
@@ -292,7 +301,12 @@ def to_hf(src: str, dst: str, step: int | None = None):
             )
             extra[TASK_HEAD_FILE] = (
                 {"kernel": kernel_DxC, "bias": bias_C},
-                {"kind": kind, "regression": str(regression).lower(), "usage": usage},
+                {
+                    "kind": kind,
+                    "regression": str(regression).lower(),
+                    "usage": usage,
+                    "classify_token_id": str(specials["_classify_"]),
+                },
             )
     files = {}
     for name in (VOCAB_FILE, MERGES_FILE):
@@ -300,7 +314,12 @@ def to_hf(src: str, dst: str, step: int | None = None):
             files[name] = hf_source.read_bytes(os.path.join(src, name))
     if not files:  # a SentencePiece tokenizer.model has no openai-gpt equivalent
         logging.warning("%s has no vocab.json + merges.txt: no tokenizer written", src)
+    elif head is not None:  # the specials, as HF's tokenizers read added tokens
+        files[ADDED_TOKENS_FILE] = json.dumps(specials, indent=2).encode()
     hf = hf_config(sizes, dropout, architecture, clf_dropout)
+    if labels:
+        hf["id2label"] = dict(enumerate(labels))
+        hf["label2id"] = {name: i for i, name in enumerate(labels)}
 
     def write(tmp):
         with open(os.path.join(tmp, HF_CONFIG), "w") as fh:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors
 
 from gptjax import checkpoint, convert, finetune, hf_source, workdirs
 from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
@@ -205,13 +206,29 @@ def test_other_heads_export_as_lm_plus_head_file(lm, tmp_path):
     config = json.loads(convert.run_config({**OURS, "vocab_size": 64}, 0.1, {}, clf_dropout=0.1))
     config["task"]["kind"] = "classification"
     params = {"transformer": gpt, "head": head}
-    convert.write_workdir(str(tmp_path / "ft"), params, json.dumps(config), {})
+    # A BPE of 64 pieces: the model's rows 64-66 are the specials.
+    vocab = {"<unk>": 0, **{f"t{i}</w>": i for i in range(1, 64)}}
+    files = {"vocab.json": json.dumps(vocab).encode(), "merges.txt": b"#version: 0.2\n"}
+    convert.write_workdir(str(tmp_path / "ft"), params, json.dumps(config), files)
     assert convert.to_hf(str(tmp_path / "ft"), str(tmp_path / "hf")) == "OpenAIGPTLMHeadModel"
     saved = load_file(tmp_path / "hf" / "task_head.safetensors")
     np.testing.assert_array_equal(saved["kernel"], head["kernel"])
     np.testing.assert_array_equal(saved["bias"], head["bias"])
+    with safetensors.safe_open(tmp_path / "hf" / "task_head.safetensors", "np") as f:
+        assert f.metadata()["classify_token_id"] == "66"
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf["vocab_size"] == 67 and hf["afn"] == "gelu"
+    assert "id2label" not in hf  # a custom task's classes are in its files, not here
+    # HF's tokenizer knows the specials, at the rows the model has for them.
+    tokenizer = transformers.OpenAIGPTTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.convert_tokens_to_ids(["_start_", "_delimiter_", "_classify_"]) == [64, 65, 66]
+    assert tokenizer("_start_ _classify_")["input_ids"] == [64, 66]
+    # A named task's classes become HF's id2label.
+    config["task"] = {**config["task"], "name": "sst2"}
+    convert.write_workdir(str(tmp_path / "sst2"), params, json.dumps(config), files)
+    convert.to_hf(str(tmp_path / "sst2"), str(tmp_path / "sst2_hf"))
+    hf_config = transformers.AutoConfig.from_pretrained(tmp_path / "sst2_hf")
+    assert hf_config.id2label == {0: "negative", 1: "positive"}
 
 
 def openai_release(directory, rng):
