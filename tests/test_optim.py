@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from gptjax import optim
-from gptjax.model import GPT, ModelConfig, stack_layers
+from gptjax.model import GPT, ModelConfig, TaskModel, stack_layers
 
 from conftest import ROOT, gpt1_config, tiny_config
 
@@ -90,6 +90,18 @@ def test_decay_mask_excludes_biases_and_layernorm():
     assert not flat["h_0/ln_1/scale"] and not flat["h_0/ln_2/bias"]
     decayed = {k for k, v in flat.items() if v}
     assert decayed == {k for k in flat if k.endswith(("kernel", "embedding"))}
+
+
+def test_decay_mask_of_a_fine_tune_decays_the_head_kernel_not_its_bias():
+    """The original's fine-tuning decays every matrix, its classifier's included."""
+    cfg = ModelConfig.from_config(tiny_config().model)
+    model = TaskModel(cfg, "classification", 3)
+    inputs = (jnp.zeros((1, 1, 8), jnp.int32), jnp.zeros((1, 1), jnp.int32))
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), *inputs)["params"])
+    mask = optim.decay_mask(params)
+    assert mask["head"] == {"kernel": True, "bias": False}
+    assert mask["transformer"] == optim.decay_mask(params["transformer"])
+    assert mask["transformer"]["tokens_embed"]["embedding"]
 
 
 def test_decay_mask_is_the_same_in_the_stacked_layout():
