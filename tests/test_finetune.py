@@ -613,3 +613,31 @@ def test_a_fine_tune_resumes_exactly(pretrained, tmp_path):
     assert [row[0] for row in losses(resumed)] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == losses(straight)
     assert len({row[1] for row in losses(straight)}) == 6  # the steps differ: a real check
+
+
+def test_domain_adaptation_resumes_exactly(pretrained, tmp_path):
+    """Killed after its step-3 checkpoint (before fine-tuning started), the adaptation
+    phase resumes there and logs exactly the uninterrupted phase's losses."""
+    config = finetune_config(pretrained, **classification_files(tmp_path, n=24))
+    config.adapt.update(enabled=True, num_steps=6, lr=1e-3)
+    config.train.update(batch_size=1, num_steps=1, ckpt_every=3, eval_every=3, keep_checkpoints=3)
+    finetune.resolve_model(config)
+    straight = tmp_path / "straight"
+    finetune.train_and_evaluate(config, str(straight))
+    resumed = tmp_path / "resumed"
+    finetune.train_and_evaluate(config, str(resumed))
+    shutil.rmtree(resumed / "adapt" / "checkpoints" / "6")
+    for name in ("checkpoints", "config.json", "metrics.jsonl", "tensorboard"):
+        path = resumed / name  # fine-tuning had not started
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    finetune.train_and_evaluate(config, str(resumed))
+
+    def losses(workdir):
+        return [(r["step"], r["loss"]) for r in read_metrics(str(workdir / "adapt")) if "loss" in r]
+
+    assert [step for step, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert losses(resumed) == losses(straight)
+    assert len({loss for _, loss in losses(straight)}) == 6
