@@ -14,7 +14,6 @@ import logging
 import os
 import runpy
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -296,18 +295,10 @@ class FineTune:
         """The GPT parameters of a run's latest checkpoint (`init_from`, or the adaptation
         phase), in the unrolled layout whatever layout that run used."""
         cfg = self.config
-        train = saved_config(source, "init_from").get("train")
-        scanned = isinstance(train, dict) and train.get("scan_layers", False)
+        saved_train = saved_config(source, "init_from").get("train")
+        scanned = isinstance(saved_train, dict) and saved_train.get("scan_layers", False)
         lm = GPT(ModelConfig.from_config(cfg.model), scan_layers=scanned)
-        tokens = jnp.zeros((1, cfg.model.n_ctx), jnp.int32)
-        boxed = jax.eval_shape(lambda: lm.init({"params": jax.random.PRNGKey(0)}, tokens))
-        specs = nn.get_partition_spec(boxed)["params"]
-        shardings = sharding.logical_sharding(self.mesh, specs)
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            nn.unbox(boxed)["params"],
-            shardings,
-        )
+        abstract = train.abstract_params(lm, cfg.model.n_ctx, self.mesh)
         params = checkpoint.restore_params(source, abstract)
         return unstack_layers(params) if scanned else params
 

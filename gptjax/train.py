@@ -179,6 +179,16 @@ def state_layout(model: nn.Module, tx, n_ctx: int, mesh, init_inputs: tuple | No
     return nn.unbox(boxed), sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
 
 
+def abstract_params(model: nn.Module, n_ctx: int, mesh, init_inputs: tuple | None = None):
+    """The parameters `model.init` makes, as shapes with their shardings (a restore
+    target), without allocating them."""
+    inputs = init_inputs or (jnp.zeros((1, n_ctx), jnp.int32),)
+    init = lambda rng: model.init({"params": rng}, *inputs)["params"]  # noqa: E731
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
+    return abstract_state(nn.unbox(boxed), shardings)
+
+
 def abstract_state(state: TrainState, shardings) -> TrainState:
     """Shape, dtype and sharding of every array of `state` (a restore target)."""
     return jax.tree.map(
