@@ -126,7 +126,8 @@ def get_config() -> config_dict.ConfigDict:
 
     # --mode=estimate (not from the paper): what this run costs, computed without running it.
     config.estimate = config_dict.ConfigDict()
-    # H100, H100 PCIe, H100 NVL, H200, GH200, A100, v4, v5e, v5p, v6e (or a device_kind)
+    # H100, H100 PCIe, H100 NVL, H200, H200 NVL, GH200, A100, A100 40GB, v4, v5e, v5p, v6e
+    # (or a device_kind)
     config.estimate.accelerator = "H100"
     config.estimate.devices = 8  # the paper trained on 8 GPUs
     config.estimate.mfu = 0.4  # model FLOP utilisation against the bf16 peak

@@ -8,13 +8,20 @@
 #   install NAME   clone --repo (its default branch) and install it on every worker, in a
 #                  Python 3.11 venv at ~/gptjax-venv (made with uv)
 #   train NAME     start training on every worker, detached, logging to ~/gptjax-train.log
+#                  (refused while a run started there is still live; shows each log's
+#                  first lines, so a run that fails at once says so)
 #   resume NAME    the same as train: gptjax resumes from the workdir's latest checkpoint
 #   status NAME    show the slice and the last lines of every worker's log
+#   stop NAME      stop the run on every worker (it saves a checkpoint first)
 #   delete NAME    delete the slice (or the queued resource)
+#
+# A preempted spot slice does not come back: delete it and create, install and resume
+# again (docs/scaling.md). The commands after create read the slice's type from the
+# slice itself (gcloud's describe), so --type is needed only with create and --dry-run.
 #
 # Options (or the environment variables in brackets):
 #   --zone Z             [GPTJAX_ZONE]    default us-central2-b
-#   --type T             [GPTJAX_TYPE]    accelerator type, default v4-32
+#   --type T             [GPTJAX_TYPE]    accelerator type, default v4-32 (create, --dry-run)
 #   --version V          [GPTJAX_VERSION] TPU VM software; default by --type: v2-alpha-tpuv5-lite
 #                                         (v5litepod), v2-alpha-tpuv5 (v5p), v2-alpha-tpuv6e (v6e),
 #                                         else tpu-ubuntu2204-base (v4 and older)
@@ -28,14 +35,15 @@
 #   --spot               with create
 #   --queued             with create and delete (a queued resource)
 #   --dry-run            print the commands instead of running them
-# Anything after `--` is passed to `python -m gptjax.main` (e.g. --config.train.num_steps=10).
+# Options take their value as `--zone Z` or `--zone=Z`. Anything after `--` is passed to
+# `python -m gptjax.main` (e.g. --config.train.num_steps=10).
 set -euo pipefail
 
-usage() { sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }  # the header comment
+usage() { sed -n '2,/^[^#]/{/^#/p;}' "$0" | sed 's/^# \{0,1\}//'; }  # the header comment
 
 dry_run=0
 zone=${GPTJAX_ZONE:-us-central2-b}
-type=${GPTJAX_TYPE:-v4-32}
+type=${GPTJAX_TYPE:-}
 version=${GPTJAX_VERSION:-}
 repo=${GPTJAX_REPO:-}
 config=${GPTJAX_CONFIG:-configs/gpt1.py}
@@ -50,6 +58,9 @@ extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
+    --zone=*|--type=*|--version=*|--repo=*|--config=*|--workdir=*|--books=*)
+      set -- "${1%%=*}" "${1#*=}" "${@:2}"
+      continue ;;
     --zone|--type|--version|--repo|--config|--workdir|--books)
       [[ $# -gt 1 ]] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
       case "$1" in
@@ -78,6 +89,19 @@ done
 
 [[ -n $command && -n $name ]] || { usage >&2; exit 2; }
 
+# The slice's type: given, or (after create) the slice's own, or create's default.
+if [[ -z $type ]]; then
+  if [[ $command == create || $dry_run -eq 1 ]]; then
+    type=v4-32
+  elif ! type=$(gcloud compute tpus tpu-vm describe "$name" --zone="$zone" \
+      --format='value(acceleratorType)') || [[ -z $type ]]; then
+    echo "error: cannot read the type of slice $name in $zone (give --type, or create it" \
+      "first)" >&2
+    exit 2
+  fi
+  type=${type##*/}  # some gcloud versions print the type's whole resource path
+fi
+
 # The TPU VM software each generation needs (Cloud TPU's "TPU software versions").
 if [[ -z $version ]]; then
   case "$type" in
@@ -99,6 +123,9 @@ workers() {
   esac
 }
 
+# shellcheck disable=SC2088
+pid_file='~/gptjax-train.pid'  # the worker's ~, expanded by its shell
+
 run() {
   # Prints the command, shell-quoted, and runs it unless --dry-run.
   printf '%q ' "$@"
@@ -113,9 +140,16 @@ ssh_all() {
 train_command() {
   local args
   args=$(printf '%q ' "--config=$config" "--workdir=$workdir" "--config.data.books=$books" ${extra[@]+"${extra[@]}"})
-  # GPTJAX_DISTRIBUTED=auto: every worker joins through jax.distributed.initialize().
-  # setsid + nohup: the run outlives the ssh session; the log stays on each worker.
-  echo "cd ~/gptjax && GPTJAX_DISTRIBUTED=auto setsid nohup $venv/bin/python -m gptjax.main ${args}>> ~/gptjax-train.log 2>&1 < /dev/null &"
+  # A run still live on a worker (its pid file names a live process) is not started
+  # twice. GPTJAX_DISTRIBUTED=auto: every worker joins through
+  # jax.distributed.initialize(). setsid + nohup: the run outlives the ssh session; the
+  # log stays on each worker; `&` on the command alone, so that $! is its process (setsid
+  # and nohup exec it). Then 30 s of its log, where a run that fails at once says why.
+  echo "if [ -f $pid_file ] && kill -0 \$(cat $pid_file) 2>/dev/null; then" \
+    "echo \"a run is live here (pid \$(cat $pid_file)): launch/tpu.sh stop first\" >&2; exit 1; fi;" \
+    "cd ~/gptjax || exit 1; GPTJAX_DISTRIBUTED=auto setsid nohup $venv/bin/python -m gptjax.main" \
+    "${args}>> ~/gptjax-train.log 2>&1 < /dev/null & echo \$! > $pid_file;" \
+    "sleep 30; tail -n 5 ~/gptjax-train.log"
 }
 
 # gptjax's Python 3.11 environment; the ~ is the worker's, expanded by its shell.
@@ -153,11 +187,16 @@ case "$command" in
   train|resume)
     [[ -n $books ]] || { echo "error: --books PATH (the corpus on every worker) is required" >&2; exit 2; }
     ssh_all "$(train_command)" ;;
-  status)
-    run gcloud compute tpus tpu-vm describe "$name" --zone="$zone" --format="value(state,health)"
+  status)  # every worker, whichever cannot answer
+    run gcloud compute tpus tpu-vm describe "$name" --zone="$zone" --format="value(state,health)" ||
+      echo "slice $name: not described (deleted or preempted?)"
     for ((w = 0; w < n; w++)); do
-      run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker="$w" --command="tail -n 3 ~/gptjax-train.log"
+      run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker="$w" \
+        --command="tail -n 3 ~/gptjax-train.log 2>/dev/null || echo '(no log yet)'" ||
+        echo "worker $w: unreachable"
     done ;;
+  stop)  # SIGTERM: gptjax saves a checkpoint and exits 75
+    ssh_all "if [ -f $pid_file ] && kill -0 \$(cat $pid_file) 2>/dev/null; then kill -TERM \$(cat $pid_file) && echo stopping \$(cat $pid_file); else echo 'no live run'; fi" ;;
   delete)
     if [[ $queued -eq 1 ]]; then
       run gcloud compute tpus queued-resources delete "$name" --zone="$zone" --force --quiet

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -101,8 +102,9 @@ def test_slurm_dry_run():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
-        "srun --kill-on-bad-exit=1 python -m gptjax.main --config=configs/gpt1.py "
-        "--workdir=runs/gpt1 --config.data.books=/shared/books --config.train.num_steps=5"
+        "srun --cpus-per-task=8 --kill-on-bad-exit=1 python -m gptjax.main "
+        "--config=configs/gpt1.py --workdir=runs/gpt1 --config.data.books=/shared/books "
+        "--config.train.num_steps=5"
     )
 
 
@@ -145,4 +147,104 @@ def test_help_is_the_whole_header_comment():
     assert result.stdout.splitlines() == [
         line[2:] if line.startswith("# ") else line[1:] for line in comment
     ]
-    assert result.stdout.splitlines()[-1].startswith("Anything after `--` is passed")
+    assert result.stdout.splitlines()[-1].startswith("`python -m gptjax.main` (e.g.")
+
+
+def fake_gcloud(tmp_path, accelerator_type="v4-8", ssh_fails=False):
+    """A `gcloud` that records its calls, describes a slice of `accelerator_type` and
+    keeps each ssh --command (failing it with `ssh_fails`)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "gcloud"
+    script.write_text(
+        "#!/usr/bin/env bash\n"
+        f'printf "%s\\n" "$*" >> {tmp_path}/calls\n'
+        'for a in "$@"; do case "$a" in\n'
+        f"  --format=value\\(acceleratorType\\)) echo projects/p/{accelerator_type}; exit 0 ;;\n"
+        f'  --command=*) printf "%s" "${{a#--command=}}" > {tmp_path}/command'
+        + ("; exit 1" if ssh_fails else "")
+        + " ;;\nesac; done\n"
+    )
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+
+def launch_with(env, *args):
+    return subprocess.run(
+        ["bash", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_commands_after_create_read_the_slices_own_type(tmp_path):
+    env = fake_gcloud(tmp_path, "v4-16")
+    result = launch_with(env, "launch/tpu.sh", "status", "s", "--zone=europe-west4-a")
+    assert result.returncode == 0, result.stderr
+    assert "# slice s: v4-16 in europe-west4-a, 2 worker(s): 0 1" in result.stdout
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == (
+        "compute tpus tpu-vm describe s --zone=europe-west4-a --format=value(acceleratorType)"
+    )
+
+
+def test_status_asks_every_worker_whichever_fails(tmp_path):
+    env = fake_gcloud(tmp_path, "v4-32", ssh_fails=True)
+    result = launch_with(env, "launch/tpu.sh", "status", "s")
+    assert result.returncode == 0, result.stderr
+    assert [f"worker {w}: unreachable" in result.stdout for w in range(4)] == [True] * 4
+
+
+def test_train_starts_one_run_a_worker_and_stop_stops_it(tmp_path):
+    """The command train sends each worker, run here with a stand-in for the venv's
+    python: the pid file names the run's own process, a second train is refused while
+    it lives, and stop sends it SIGTERM."""
+    env = fake_gcloud(tmp_path)
+    assert launch_with(env, "launch/tpu.sh", "train", "s", "--books", "/b").returncode == 0
+    command = (tmp_path / "command").read_text().replace("sleep 30", "sleep 0.5")
+    (tmp_path / "gptjax").mkdir()
+    python = tmp_path / "gptjax-venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        "#!/usr/bin/env bash\necho $$ > ~/run.pid\n"
+        "trap 'echo stopped by TERM; exit 75' TERM\necho started \"$@\"\n"
+        "while true; do sleep 0.1; done\n"
+    )
+    python.chmod(0o755)
+    worker = dict(env, PATH="/usr/bin:/bin")
+    first = subprocess.run(["bash", "-c", command], env=worker, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "started -m gptjax.main --config=configs/gpt1.py" in first.stdout  # the log's tail
+    assert (tmp_path / "gptjax-train.pid").read_text() == (tmp_path / "run.pid").read_text()
+    second = subprocess.run(["bash", "-c", command], env=worker, capture_output=True, text=True)
+    assert second.returncode == 1 and "a run is live here" in second.stderr
+    assert launch_with(env, "launch/tpu.sh", "stop", "s").returncode == 0
+    stop = (tmp_path / "command").read_text()
+    stopped = subprocess.run(["bash", "-c", stop], env=worker, capture_output=True, text=True)
+    assert stopped.stdout.startswith("stopping ")
+    for _ in range(50):
+        if "stopped by TERM" in (tmp_path / "gptjax-train.log").read_text():
+            break
+        time.sleep(0.1)
+    assert "stopped by TERM" in (tmp_path / "gptjax-train.log").read_text()
+
+
+def test_options_take_their_value_after_an_equals_sign():
+    out = launch("launch/tpu.sh", "--dry-run", "create", "s", "--type=v5p-16", "--zone=z").stdout
+    assert "--zone=z --accelerator-type=v5p-16 --version=v2-alpha-tpuv5" in out
+
+
+@pytest.mark.parametrize("status, requeued", [(75, True), (0, False), (1, False)])
+def test_slurm_requeues_a_run_stopped_by_a_signal(tmp_path, status, requeued):
+    """gptjax exits 75 after saving on SIGTERM (a time limit, a preemption): the job is
+    requeued and resumes; any other status is the job's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", f"exit {status}"), ("scontrol", f'echo "$*" > {tmp_path}/sc')):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "123", "SLURM_CPUS_PER_TASK": "4"}
+    result = launch_with(env, "launch/slurm.sbatch", "--books", "/shared/books")
+    assert result.returncode == status
+    assert result.stdout.startswith("srun --cpus-per-task=4 ")
+    assert (tmp_path / "sc").exists() == requeued
+    if requeued:
+        assert (tmp_path / "sc").read_text().strip() == "requeue 123"
