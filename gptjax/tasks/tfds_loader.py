@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import socket
 import tempfile
@@ -235,6 +236,14 @@ class TfdsLoader:
             if self.manual_files:
                 _transcode_manual_files(manual_dir, self.manual_files, utf8_dir)
                 config = tfds.download.DownloadConfig(manual_dir=utf8_dir)
+            logging.info(
+                "preparing TFDS %s in %s, once: %s",
+                dataset,
+                data_dir,
+                "from the files downloaded by hand"
+                if self.manual_files
+                else "downloading its files (TFDS retries for a few minutes when offline)",
+            )
             try:
                 builder.download_and_prepare(
                     download_dir=download_dir, download_config=config, file_format=FILE_FORMAT
