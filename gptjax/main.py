@@ -70,6 +70,8 @@ def main(argv):
     with reported():
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)
+        if not workdir and _MODE.value != "estimate":  # (estimate's means "write nothing")
+            raise UserError("--workdir is empty: give the run's directory (e.g. runs/NAME)")
         if _MODE.value in ("eval", "zeroshot", "estimate"):
             # Their results go there, at the end; the others read a run from it first.
             workdirs.check_output_dir(workdir, create=False)

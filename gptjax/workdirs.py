@@ -78,6 +78,14 @@ def check_output_dir(workdir: str, create: bool = True):
         return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"workdir {workdir} is a file, not a directory; pick another --workdir")
+    if not os.path.isdir(workdir):
+        parent = os.path.dirname(os.path.abspath(workdir))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise UserError(f"workdir {workdir} is under {parent}, a file; pick another --workdir")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"workdir {workdir} cannot be made: {parent} is not writable")
     if create:
         try:
             os.makedirs(workdir, exist_ok=True)
@@ -87,14 +95,27 @@ def check_output_dir(workdir: str, create: bool = True):
             ) from None
     if os.path.isdir(workdir):
         check_writable(workdir)
-        return
-    parent = os.path.dirname(os.path.abspath(workdir))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"workdir {workdir} is under {parent}, a file; pick another --workdir")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"workdir {workdir} cannot be made: {parent} is not writable")
+        for name, is_dir in RUN_ENTRIES.items():
+            path = os.path.join(workdir, name)
+            if os.path.exists(path) and os.path.isdir(path) != is_dir:
+                what = "a directory" if os.path.isdir(path) else "a file"
+                raise UserError(
+                    f"{path} is {what}, where the run keeps its {name}; move it out of the "
+                    "workdir, or pick another --workdir"
+                )
+
+
+# What a run writes in its workdir, and whether each is a directory: something else in
+# the way is said before the work (it failed at the first save, or after training).
+RUN_ENTRIES = {
+    checkpoint.CHECKPOINT_DIR: True,
+    "tensorboard": True,
+    "data": True,
+    CONFIG_FILE: False,
+    "metrics.jsonl": False,
+    "results.json": False,
+    "data.json": False,
+}
 
 
 def check_workdir(

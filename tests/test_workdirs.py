@@ -116,7 +116,7 @@ def test_a_read_only_workdir_is_refused_before_the_work(mode, capsys):
     assert status == 2 and "workdir /proc is not writable" in last, last
 
 
-@pytest.mark.parametrize("mode", ["eval", "zeroshot", "estimate"])
+@pytest.mark.parametrize("mode", ["eval", "zeroshot", "estimate", "train"])
 @pytest.mark.parametrize("below", [False, True])
 def test_a_workdir_that_is_a_file_is_refused_before_the_work(mode, below, tmp_path, capsys):
     """A file (or a path under one) as the workdir of a mode that writes its results at
@@ -129,6 +129,33 @@ def test_a_workdir_that_is_a_file_is_refused_before_the_work(mode, below, tmp_pa
     words = "afile, a file; pick another" if below else "afile is a file, not a directory"
     assert status == 2 and last.startswith("error: ") and words in last, last
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [("checkpoints", "file"), ("results.json", "dir"), ("metrics.jsonl", "dir"), ("data", "file")],
+)
+def test_something_in_the_way_in_a_workdir_is_named_before_the_work(tmp_path, name, make):
+    """A file where the run keeps a directory, or the reverse, failed at the first save
+    (after ckpt_every steps) or after training; it is named at the start, untouched."""
+    path = tmp_path / name
+    if make == "dir":
+        path.mkdir()
+    else:
+        path.write_text("mine")
+    with pytest.raises(UserError, match=f"{name} is a (file|directory), where the run keeps"):
+        workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=False)
+    assert path.is_dir() if make == "dir" else path.read_text() == "mine"
+
+
+def test_an_empty_workdir_is_refused_except_by_estimate(capsys):
+    from cli import main_in_process
+
+    status, last = main_in_process("", capsys=capsys)
+    assert (
+        status == 2
+        and last == "error: --workdir is empty: give the run's directory (e.g. runs/NAME)"
+    )
 
 
 def test_a_refused_estimate_makes_no_workdir(tmp_path, capsys):
