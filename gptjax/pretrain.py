@@ -55,7 +55,7 @@ class Run:
         check_workdir(workdir, config, resuming, evaluating=read_only)
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh)
-        self.data = lm_data.prepare(config, workdir, resuming=self.resume_step is not None)
+        self.data = lm_data.prepare(config, workdir, resuming, evaluating=read_only)
         self.model_cfg = ModelConfig.from_config(config.model, config.train)
         self.model = GPT(self.model_cfg, **layer_options(config.train))
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))

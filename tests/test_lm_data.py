@@ -40,8 +40,11 @@ def test_changed_corpus_is_rebuilt_before_training_and_refused_when_resuming(boo
         first.tokenizer.digest
     )  # the same corpus: the tokenizer is kept
     write_books(books, num_books=8)  # three more books
+    cached = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_dir())
     with pytest.raises(UserError, match="not the one this run's checkpoints"):
         lm_data.prepare(config, workdir, resuming=True)
+    # Refused before the changed corpus was prepared: no copy of it in the cache.
+    assert sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_dir()) == cached
     rebuilt = lm_data.prepare(config, workdir, resuming=False)
     assert sum(rebuilt.num_books.values()) == 8
     # Nothing trained yet: the tokenizer is learned again, from the new corpus.
@@ -172,3 +175,24 @@ def test_a_changed_corpus_is_refused_on_resume_even_without_the_cached_streams(b
     os.remove(workdir / lm_data.STREAMS_FILE)
     lm_data.prepare(config, str(workdir), resuming=True)
     assert (workdir / lm_data.STREAMS_FILE).exists()
+
+
+def test_an_evaluation_reads_the_cached_streams_without_the_books(books, tmp_path):
+    """--mode=eval of a run needs its held-out stream, cached in the workdir, not the
+    books it was made from (moved, touched or gone since)."""
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    first = lm_data.prepare(config, workdir, resuming=False)
+    shutil.move(books, tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="does not exist"):
+        lm_data.prepare(config, workdir, resuming=True)
+    evaluated = lm_data.prepare(config, workdir, resuming=True, evaluating=True)
+    assert evaluated.tokenizer.digest == first.tokenizer.digest
+    assert evaluated.num_books == first.num_books
+    for split in ("train", "validation"):
+        np.testing.assert_array_equal(evaluated.tokens[split], first.tokens[split])
+    # Streams that are gone are made again, from the books, which must then be there.
+    shutil.rmtree(os.path.join(workdir, "data"))
+    with pytest.raises(UserError, match="does not exist"):
+        lm_data.prepare(config, workdir, resuming=True, evaluating=True)

@@ -35,21 +35,27 @@ class LMData:
     description: str
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> LMData:
+def prepare(
+    config: ml_collections.ConfigDict, workdir: str, resuming: bool, evaluating: bool = False
+) -> LMData:
     """Loads (preparing once) the corpus, trains or reloads the workdir's tokenizer, and
     tokenizes and packs each split.
 
     The tokenizer and token streams are cached in the workdir, but only written once
     every check has passed, so a run that fails here leaves the workdir as it was. When
     `resuming` from a checkpoint, a changed corpus or tokenizer is an error: the saved
-    data position would point into different windows.
+    data position would point into different windows (said before the changed corpus
+    is prepared, a copy as large as the books). `evaluating` a run reads its cached
+    streams when they are whole, so the books need not still be there.
     """
     tfds.display_progress_bar(False)
-    books = corpus.load_books(config.data, os.path.join(corpus.cache_dir(config.data), "tfds"))
-    description = corpus.describe(config.data)
-    logging.info("corpus: %s", description)
     tokenizer_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
     paths = {split: os.path.join(workdir, "data", f"{split}.npy") for split in SPLITS}
+    record_path = os.path.join(workdir, STREAMS_FILE)
+    if evaluating and (cached := _cached(config, tokenizer_path, paths, read_json(record_path))):
+        return cached
+    description = corpus.describe(config.data)
+    logging.info("corpus: %s", description)
     corpus_fingerprint = corpus.fingerprint(config.data)
     tokenizer, new_tokenizer = None, False
     if resuming and not os.path.exists(tokenizer_path):
@@ -73,6 +79,19 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
             # The streams saved with it were made from another corpus or tokenizer setting
             # (or are gone), and nothing was trained with it yet: learn one from this corpus.
             tokenizer = None
+    other_corpus = UserError(
+        f"the corpus ({description}) is not the one this run's checkpoints were trained "
+        "on, so the saved data position would be wrong (a corpus moved or copied anew "
+        "counts as another: its files' paths and times are part of its identity); restore "
+        "the original books or use a new --workdir"
+    )
+    # The streams' record, kept beside the tokenizer: it outlives a deleted data/ folder.
+    record = read_json(record_path)
+    if resuming:  # (with the tokenizer it was trained with) before the corpus is prepared
+        fingerprint = f"{corpus_fingerprint}:{tokenizer.digest}"
+        if record.get("fingerprint", fingerprint) != fingerprint:
+            raise other_corpus
+    books = corpus.load_books(config.data, os.path.join(corpus.cache_dir(config.data), "tfds"))
     if tokenizer is None:
         tokenizer = tokenizer_lib.train_sentencepiece(
             (books["train"][i] for i in range(len(books["train"]))),
@@ -83,16 +102,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
         logging.info("trained a %d-piece SentencePiece BPE tokenizer", tokenizer.vocab_size)
 
     fingerprint = f"{corpus_fingerprint}:{tokenizer.digest}"
-    other_corpus = UserError(
-        f"the corpus ({description}) is not the one this run's checkpoints were trained "
-        "on, so the saved data position would be wrong (a corpus moved or copied anew "
-        "counts as another: its files' paths and times are part of its identity); restore "
-        "the original books or use a new --workdir"
-    )
-    # The streams' record, kept beside the tokenizer: it outlives a deleted data/ folder.
-    record_path = os.path.join(workdir, STREAMS_FILE)
-    if resuming and read_json(record_path).get("fingerprint", fingerprint) != fingerprint:
-        raise other_corpus
     tokens, fresh = {}, set()
     for split in SPLITS:
         try:
@@ -115,8 +124,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
         tokens[split] = save_tokens(
             paths[split], tokens[split], fingerprint, tokenizer_sample_lines=sample_lines
         )
-    if fresh or not os.path.exists(record_path):
-        write_json(record_path, {"fingerprint": fingerprint, "corpus": description})
+    num_books = {split: len(books[split]) for split in SPLITS}
+    if fresh or record.get("num_books") != num_books:
+        record = {"fingerprint": fingerprint, "corpus": description, "num_books": num_books}
+        write_json(record_path, record)
     if new_tokenizer:  # last: a tokenizer in a workdir is one its streams were made with
         tokenizer.save(tokenizer_path)
     return LMData(
@@ -126,8 +137,35 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> 
             split: PackedWindows(tokens[split], config.model.n_ctx, tokenizer.pad_id)
             for split in SPLITS
         },
-        num_books={split: len(books[split]) for split in SPLITS},
+        num_books=num_books,
         description=description,
+    )
+
+
+def _cached(config, tokenizer_path: str, paths: dict, record: dict) -> LMData | None:
+    """The run's data from its workdir alone (tokenizer, both streams and their record,
+    all of one fingerprint), for an evaluation; None if any is missing or stale."""
+    if not (os.path.exists(tokenizer_path) and record.get("num_books")):
+        return None
+    tokenizer = tokenizer_lib.SentencePieceTokenizer.load(tokenizer_path)
+    tokens = {}
+    for split in SPLITS:
+        try:
+            tokens[split] = load_cached_tokens(paths[split], record.get("fingerprint", ""))
+        except StaleCache:
+            return None
+        if tokens[split] is None or tokens[split].size < config.model.n_ctx + 1:
+            return None
+    logging.info("corpus: %s (its token streams, cached in the workdir)", record.get("corpus"))
+    return LMData(
+        tokenizer=tokenizer,
+        tokens=tokens,
+        windows={
+            split: PackedWindows(tokens[split], config.model.n_ctx, tokenizer.pad_id)
+            for split in SPLITS
+        },
+        num_books=record["num_books"],
+        description=str(record.get("corpus")),
     )
 
 
