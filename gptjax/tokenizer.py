@@ -148,11 +148,29 @@ def load_dir(directory: str):
     )
 
 
+# SentencePiece's trainer skips, without a word, every sentence over its
+# max_sentence_length (4,192 bytes): a book written as one line, or a paragraph a line,
+# would never reach it. Longer lines are cut, at spaces, into pieces of at most this many
+# characters (4 UTF-8 bytes each at the most).
+_MAX_LINE_CHARS = 1024
+
+
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
         for line in text.split("\n"):
-            if line.strip():
+            if not line.strip():
+                continue
+            if len(line) <= _MAX_LINE_CHARS or len(line.encode()) <= 4 * _MAX_LINE_CHARS:
                 yield line
+                continue
+            while line:
+                cut = len(line)
+                if cut > _MAX_LINE_CHARS:
+                    cut = line.rfind(" ", 1, _MAX_LINE_CHARS + 1)
+                    cut = cut if cut > 0 else _MAX_LINE_CHARS
+                if line[:cut].strip():
+                    yield line[:cut]
+                line = line[cut:]
 
 
 def sample_lines(lines: Iterable[str], k: int, seed: int = 0) -> list[str]:

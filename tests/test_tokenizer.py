@@ -64,6 +64,19 @@ def test_a_vocabulary_the_corpus_cannot_give_is_a_user_error(vocab_size, fix):
         tokenizer_lib.train_sentencepiece(["tiny corpus of words"], vocab_size, 10)
 
 
+def test_books_without_line_breaks_still_train_a_tokenizer():
+    """SentencePiece's trainer silently skips lines over 4,192 bytes: a book written as
+    one line is cut into pieces at spaces, which together are the line."""
+    books = [" ".join(t.replace("\n", " ") for t in TEXTS * 2) + f" book {i}" for i in range(4)]
+    assert all(len(book.encode()) > 4192 for book in books)
+    pieces = list(tokenizer_lib._training_lines(books[:1]))
+    assert "".join(pieces) == books[0] and max(len(p) for p in pieces) <= 1024
+    assert all(len(p) > 900 for p in pieces[:-1])  # cut near the limit, at a space
+    tok = tokenizer_lib.train_sentencepiece(books, 96, 10_000)
+    assert tok.decode(tok.encode(books[0])) == books[0]
+    assert tok.vocab_size == 96
+
+
 def test_sampled_lines_are_seeded_and_uniform():
     lines = [str(i) for i in range(1000)]
     first = tokenizer_lib.sample_lines(lines, 100)

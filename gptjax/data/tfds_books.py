@@ -43,7 +43,10 @@ class BookTexts(Sequence[str]):
         # Sequence iteration relies on IndexError, which the record reader doesn't raise.
         if not 0 <= index < n:
             raise IndexError(f"book index {index} out of range for {n} books")
-        return self._source[index]
+        try:
+            return self._source[index]
+        except (RuntimeError, OSError, ValueError) as e:  # e.g. a truncated record file
+            raise _damaged(self._where, e) from None
 
     def __getitem__(self, index: int | slice) -> str | list[str]:  # type: ignore[override]
         if isinstance(index, slice):
@@ -62,11 +65,15 @@ def _as_str(value: Any, where: str = "") -> str:
     """Decodes a Text feature, which data sources return as UTF-8 bytes. A damaged record
     file (truncated, overwritten) decodes to None: an error, never the text "None"."""
     if value is None:
-        raise UserError(
-            f"the prepared corpus {where or 'in the cache'} is damaged (a record cannot be "
-            "read); delete that directory and run again to prepare it anew"
-        )
+        raise _damaged(where, "a record cannot be read")
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _damaged(where: str, why) -> UserError:
+    return UserError(
+        f"the prepared corpus {where or 'in the cache'} is damaged ({why}); delete that "
+        "directory and run again to prepare it anew"
+    )
 
 
 class LocalDatasetInfo(tfds.core.DatasetInfo):
