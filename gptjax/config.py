@@ -50,6 +50,8 @@ def validate(config: ml_collections.ConfigDict):
     }
     if "task" in config:
         validate_finetune(config)
+    else:
+        validate_data(config.data)
     for name, value in positive.items():
         if value is not None and value <= 0:
             raise UserError(f"{name} is {value}; it must be positive (--config.{name}=N)")
@@ -176,6 +178,21 @@ def check_reals(settings: dict):
     for name, (value, (ok, what)) in settings.items():
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise UserError(f"{name}={value} must be a finite number, {what} (--config.{name}=X)")
+
+
+def validate_data(data: ml_collections.ConfigDict):
+    """A pretraining config's corpus settings."""
+    sample = data.get("tokenizer_sample_lines")
+    if sample is not None and sample <= 0:
+        raise UserError(
+            f"data.tokenizer_sample_lines is {sample}; it must be positive (the lines the "
+            "tokenizer is learned from)"
+        )
+    if data.get("corpus") == "demo" and data.get("books"):
+        raise UserError(
+            f"data.books={data.books} is set, but data.corpus is 'demo' (Shakespeare, as in "
+            "configs/demo.py): add --config.data.corpus=books to train on your books"
+        )
 
 
 def validate_finetune(config: ml_collections.ConfigDict):

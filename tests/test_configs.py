@@ -103,6 +103,7 @@ def test_readme_config_table_names_every_setting():
         ("train", "warmup_steps", -1, "train.warmup_steps"),
         ("train", "seed", -1, r"train.seed is -1; it must be in \[0, 2\*\*32\)"),
         ("train", "seed", 2**32, "train.seed"),
+        ("data", "tokenizer_sample_lines", 0, "data.tokenizer_sample_lines is 0"),
     ],
 )
 def test_validate_names_the_bad_setting(section, key, value, word):
@@ -131,6 +132,16 @@ def test_validate_names_the_bad_finetuning_setting(key, value, word):
     c[section][name] = value
     with pytest.raises(UserError, match=word):
         config_lib.validate(c)
+
+
+def test_the_demo_corpus_with_books_set_is_refused_not_ignored():
+    demo = runpy.run_path(str(ROOT / "configs" / "demo.py"))["get_config"]()
+    config_lib.validate(demo)
+    demo.data.books = "/data/mine"
+    with pytest.raises(UserError, match="add --config.data.corpus=books"):
+        config_lib.validate(demo)
+    demo.data.corpus = "books"
+    config_lib.validate(demo)
 
 
 def test_attention_blocks_only_split_the_xla_attention():
