@@ -138,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     if not eval_metrics:  # already trained to the end: evaluate what is there
         eval_metrics = run.evaluate(state.params)
-    report(run, eval_metrics)
+    report(run, {**eval_metrics, "step": int(jax.device_get(state.step))})
     return eval_metrics
 
 
@@ -158,14 +158,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 
 def report(run: Run, metrics: dict):
-    """Held-out perplexity next to a unigram model of the same tokens, to results.json."""
+    """Held-out perplexity (of checkpoint `metrics["step"]`) next to a unigram model of
+    the same tokens, to results.json, with the evaluation's cap (`train.eval_batches`,
+    null: the whole held-out split, which the unigram model always scores)."""
     tokens = run.data.tokens
     unigram = unigram_perplexity(tokens["train"], tokens["validation"], run.model_cfg.vocab_size)
-    results = {**metrics, "unigram_ppl": unigram}
+    cap = run.config.train.eval_batches
+    results = {**metrics, "unigram_ppl": unigram, "eval_batches": cap}
     if jax.process_index() == 0:
         logging.info(
-            "held-out perplexity %.2f (unigram model of the same tokens: %.2f)",
+            "held-out perplexity %.2f%s (unigram model of the same tokens: %.2f)",
             metrics["eval_ppl"],
+            f" on the first {cap} batches" if cap else "",
             unigram,
         )
         with replacing(os.path.join(run.workdir, "results.json")) as f:
