@@ -1,10 +1,13 @@
 import collections
 import json
+import logging
 import math
 import re
 import shutil
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -213,3 +216,22 @@ def test_total_steps_from_epochs_unless_num_steps_set():
     assert pretrain.total_steps(train_cfg, num_windows=10) == 7
     train_cfg.num_steps = 5
     assert pretrain.total_steps(train_cfg, num_windows=10) == 5
+
+
+def test_a_long_evaluation_says_how_far_it_is(monkeypatch, caplog):
+    """A progress line every 30 s of evaluation, and the token-weighted loss of all."""
+    clock = iter(range(0, 10_000, 20))  # each look at the clock: 20 s later
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(train.sharding, "global_batch", lambda mesh, batch: batch)
+
+    def p_eval(params, batch):
+        return {"loss_sum": jnp.float32(batch["loss"] * 2), "count": jnp.float32(2)}
+
+    batches = [{"loss": float(i)} for i in range(6)]
+    with caplog.at_level(logging.INFO):
+        result = train.evaluate(p_eval, None, batches, mesh=None)
+    assert result["eval_loss"] == pytest.approx(2.5)
+    progress = [r.getMessage() for r in caplog.records if "evaluating:" in r.getMessage()]
+    assert progress == [
+        f"evaluating: {n} batches in {t}" for n, t in ((2, "1m20s"), (4, "2m20s"), (6, "3m20s"))
+    ]
