@@ -179,7 +179,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
 def test_unwritable_workdir(tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
     books, cache = write_books(tmp_path / "books"), tmp_path / "cache"
-    words = ["not writable", "file/run"]
+    words = ["file/run is under", "file, a file; pick another --workdir"]
     error_in_process(capsys, tmp_path / "file" / "run", books=books, cache=cache, words=words)
 
 
