@@ -60,7 +60,7 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     # Imported here so that `--help` and flag errors answer without loading JAX.
     from gptjax import config as config_lib
-    from gptjax import distributed, host_memory, preemption, pretrain, workdirs
+    from gptjax import distributed, host_memory, preemption, workdirs
 
     logging.info(host_memory.describe())
 
@@ -75,43 +75,54 @@ def main(argv):
         if _MODE.value in ("eval", "zeroshot", "estimate"):
             # Their results go there, at the end; the others read a run from it first.
             workdirs.check_output_dir(workdir, create=False)
-        if _MODE.value == "generate":  # from the workdir's own model and tokenizer
-            from gptjax import generate
+        # A SIGTERM or Ctrl-C in any mode is one line and status 75 (the training loop
+        # turns one into a checkpoint first).
+        with preemption.stop_outside_the_loop():
+            _run_mode(config, workdir)
 
-            generate.run(config, workdir)
-        elif _MODE.value == "zeroshot":  # likewise
-            from gptjax import zeroshot
 
-            zeroshot.run(config, workdir)
-        elif "task" in config:  # configs/finetune.py
-            from gptjax import finetune, results
+def _run_mode(config, workdir: str):
+    """The work of --mode with the config (pretraining or fine-tuning) in `workdir`."""
+    from gptjax import config as config_lib
+    from gptjax import pretrain, workdirs
 
-            if _MODE.value == "estimate":
-                raise UserError(
-                    "--mode=estimate takes a pretraining config (configs/gpt1.py, "
-                    "configs/demo.py): fine-tuning costs a fraction of it"
-                )
-            if _MODE.value == "train":
-                finetune.resolve_model(config)
-                config_lib.validate(config)
-                with preemption.stop_outside_the_loop(), workdirs.workdir_lock(workdir):
-                    finetune.train_and_evaluate(config, workdir)
-            else:
-                config = finetune.eval_config(config, workdir)
-                config_lib.validate(config)
-                run = finetune.FineTune(config, workdir, read_only=True)
-                results.evaluate_checkpoint(run)
-        else:
+    if _MODE.value == "generate":  # from the workdir's own model and tokenizer
+        from gptjax import generate
+
+        generate.run(config, workdir)
+    elif _MODE.value == "zeroshot":  # likewise
+        from gptjax import zeroshot
+
+        zeroshot.run(config, workdir)
+    elif "task" in config:  # configs/finetune.py
+        from gptjax import finetune, results
+
+        if _MODE.value == "estimate":
+            raise UserError(
+                "--mode=estimate takes a pretraining config (configs/gpt1.py, "
+                "configs/demo.py): fine-tuning costs a fraction of it"
+            )
+        if _MODE.value == "train":
+            finetune.resolve_model(config)
             config_lib.validate(config)
-            if _MODE.value == "estimate":
-                from gptjax import estimate
+            with workdirs.workdir_lock(workdir):
+                finetune.train_and_evaluate(config, workdir)
+        else:
+            config = finetune.eval_config(config, workdir)
+            config_lib.validate(config)
+            run = finetune.FineTune(config, workdir, read_only=True)
+            results.evaluate_checkpoint(run)
+    else:
+        config_lib.validate(config)
+        if _MODE.value == "estimate":
+            from gptjax import estimate
 
-                estimate.run(config, workdir)
-            elif _MODE.value == "train":
-                with preemption.stop_outside_the_loop(), workdirs.workdir_lock(workdir):
-                    pretrain.train_and_evaluate(config, workdir)
-            else:
-                pretrain.evaluate_checkpoint(config, workdir)
+            estimate.run(config, workdir)
+        elif _MODE.value == "train":
+            with workdirs.workdir_lock(workdir):
+                pretrain.train_and_evaluate(config, workdir)
+        else:
+            pretrain.evaluate_checkpoint(config, workdir)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from cli import assert_one_line_error, error_in_process, run_main
+from cli import assert_one_line_error, error_in_process, main_in_process, run_main
 
 from gptjax.metrics import read_metrics
 
@@ -306,3 +308,27 @@ def test_every_command_ends_alike_on_bad_input_and_on_a_signal(tmp_path):
         timeout=120,
     )
     assert_one_line_error(result, "could not load the config", "nope.py")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_an_evaluation_ends_with_status_75(tmp_path, monkeypatch, sig, caplog):
+    """Every mode, not only training, ends on a Ctrl-C or SIGTERM with one line and the
+    requeue status (a KeyboardInterrupt traceback, or a silent 143, before)."""
+    from gptjax import pretrain
+
+    def interrupted(config, workdir):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("the signal was not handled")
+
+    def unhandled(signum, frame):  # what the test sees if gptjax installs no handler
+        raise AssertionError(f"{signal.Signals(signum).name} reached the default handler")
+
+    monkeypatch.setattr(pretrain, "evaluate_checkpoint", interrupted)
+    previous = signal.signal(sig, unhandled)
+    try:
+        status, _ = main_in_process(tmp_path, "--mode=eval", config="configs/demo.py")
+    finally:
+        signal.signal(sig, previous)
+    assert status == 75
+    assert f"stopped by {sig.name} outside the training loop" in caplog.text
