@@ -122,6 +122,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     try:
         return flags.FLAGS(argv)
+    except SystemExit as e:  # absl's --help, --helpshort, --helpfull: printed, exit 1
+        asked = {a.split("=")[0] for a in argv[1:]} & {"-h", "--help", "--helpshort", "--helpfull"}
+        if e.code == 1 and asked:
+            sys.exit(0)  # what was asked for was done
+        raise
     except (AttributeError, KeyError) as e:  # ml_collections: a key that does not exist
         if "attribute 'get_config'" in str(e):
             fail("could not load the config: the file defines no get_config(); see configs/")

@@ -253,15 +253,19 @@ def test_other_parameter_layout_in_workdir_is_refused(trained, tmp_path):
     assert_one_line_error(result, "train.scan_layers=True")
 
 
-def test_help_lists_the_flags():
-    result = subprocess.run(
-        [sys.executable, "-m", "gptjax.main", "--helpfull"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "--workdir" in result.stdout and "--config" in result.stdout
+@pytest.mark.parametrize("module", ["gptjax.main", "gptjax.ablate"])
+def test_help_lists_the_flags(module):
+    """Asked for, the help is printed and the command succeeds (absl exits 1)."""
+    for flag in ("--helpfull", "--help"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, flag],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, (flag, result.stderr[-2000:])
+        assert "--workdir" in result.stdout and "--config" in result.stdout
 
 
 def test_bfloat16_run_tracks_the_float32_run(trained, tmp_path):
