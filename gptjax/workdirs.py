@@ -221,6 +221,13 @@ def check_resumable(
             tree = tree[key]
         return tree
 
+    source = saved.get("converted_from")
+    if isinstance(source, dict) and not evaluating:
+        raise UserError(
+            f"{workdir} holds converted weights ({source.get('format')}), "
+            "not a run to resume: no optimiser state or data position; fine-tune from it "
+            f"with --config.init_from={workdir}, or evaluate, generate or score it there"
+        )
     current = json.loads(config.to_json_best_effort())  # as saved: tuples as lists
     saved_model = saved.get("model") or {}
     if saved_model != current["model"]:

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 
@@ -196,3 +197,23 @@ def test_an_evaluation_reads_the_cached_streams_without_the_books(books, tmp_pat
     shutil.rmtree(os.path.join(workdir, "data"))
     with pytest.raises(UserError, match="does not exist"):
         lm_data.prepare(config, workdir, resuming=True, evaluating=True)
+
+
+def test_a_converted_workdirs_gpt1_bpe_tokenizes_the_books(books, tmp_path):
+    """A workdir converted from the released GPT-1 holds its BPE (vocab.json and
+    merges.txt), not a tokenizer.model: evaluating it on books tokenizes them with it."""
+    from gptjax import bpe
+
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = ["<unk>", "\n</w>", *chars, *(c + "</w>" for c in chars)]
+    workdir = tmp_path / "converted"
+    workdir.mkdir()
+    (workdir / bpe.VOCAB_FILE).write_text(json.dumps({p: i for i, p in enumerate(pieces)}))
+    (workdir / bpe.MERGES_FILE).write_text("#version: 0.2\n")
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.model.vocab_size = len(pieces)
+    data = lm_data.prepare(config, str(workdir), resuming=True)
+    assert isinstance(data.tokenizer, bpe.BPETokenizer)
+    assert not (workdir / "tokenizer.model").exists()
+    text = data.tokenizer.decode(data.tokens["validation"][:20].tolist())
+    assert text.split() and text.split()[0].isalpha()

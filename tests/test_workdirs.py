@@ -236,3 +236,13 @@ def test_changed_numerics_are_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         workdirs.check_resumable("run", saved(config), config)
     assert not caplog.records
+
+
+def test_a_converted_workdir_is_evaluated_not_resumed():
+    """Converted weights have no optimiser state or data position: training there is
+    refused (its restore would have read the missing state as damage); evaluating not."""
+    config = tiny_config()
+    converted = {**saved(config), "converted_from": {"format": "huggingface", "source": "/x"}}
+    with pytest.raises(UserError, match=r"holds converted weights \(huggingface\), not a run"):
+        workdirs.check_resumable("run", converted, config)
+    workdirs.check_resumable("run", converted, config, evaluating=True)

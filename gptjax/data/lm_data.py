@@ -28,7 +28,7 @@ STREAMS_FILE = "data.json"  # in the workdir: the corpus and tokenizer the strea
 
 @dataclasses.dataclass
 class LMData:
-    tokenizer: tokenizer_lib.SentencePieceTokenizer
+    tokenizer: tokenizer_lib.SentencePieceTokenizer  # or a converted run's GPT-1 BPE
     tokens: dict[str, np.ndarray]  # split -> the whole token stream
     windows: dict[str, PackedWindows]  # split -> packed n_ctx + 1 windows
     num_books: dict[str, int]
@@ -52,23 +52,23 @@ def prepare(
     tokenizer_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
     paths = {split: os.path.join(workdir, "data", f"{split}.npy") for split in SPLITS}
     record_path = os.path.join(workdir, STREAMS_FILE)
-    if evaluating and (cached := _cached(config, tokenizer_path, paths, read_json(record_path))):
+    if evaluating and (cached := _cached(config, workdir, paths, read_json(record_path))):
         return cached
     description = corpus.describe(config.data)
     logging.info("corpus: %s", description)
     corpus_fingerprint = corpus.fingerprint(config.data)
     tokenizer, new_tokenizer = None, False
-    if resuming and not os.path.exists(tokenizer_path):
+    if resuming and not tokenizer_lib.has_tokenizer(workdir):
         raise UserError(
             f"{tokenizer_path} is missing, but the checkpoints in {workdir} were trained with "
             "it; restore the file or use a new --workdir"
         )
-    if os.path.exists(tokenizer_path):
-        tokenizer = tokenizer_lib.SentencePieceTokenizer.load(tokenizer_path)
+    if tokenizer_lib.has_tokenizer(workdir):  # SentencePiece's, or a converted GPT-1 BPE
+        tokenizer = tokenizer_lib.load_dir(workdir)
         if tokenizer.vocab_size != config.model.vocab_size:
             if resuming:
                 raise UserError(
-                    f"the tokenizer in {tokenizer_path} has {tokenizer.vocab_size} ids but "
+                    f"the tokenizer in {workdir} has {tokenizer.vocab_size} ids but "
                     f"model.vocab_size is {config.model.vocab_size}; use "
                     f"--config.model.vocab_size={tokenizer.vocab_size} or a new --workdir"
                 )
@@ -142,12 +142,12 @@ def prepare(
     )
 
 
-def _cached(config, tokenizer_path: str, paths: dict, record: dict) -> LMData | None:
+def _cached(config, workdir: str, paths: dict, record: dict) -> LMData | None:
     """The run's data from its workdir alone (tokenizer, both streams and their record,
     all of one fingerprint), for an evaluation; None if any is missing or stale."""
-    if not (os.path.exists(tokenizer_path) and record.get("num_books")):
+    if not (tokenizer_lib.has_tokenizer(workdir) and record.get("num_books")):
         return None
-    tokenizer = tokenizer_lib.SentencePieceTokenizer.load(tokenizer_path)
+    tokenizer = tokenizer_lib.load_dir(workdir)
     tokens = {}
     for split in SPLITS:
         try:
