@@ -34,6 +34,12 @@ class LMData:
     num_books: dict[str, int]
     description: str
 
+    @classmethod
+    def of(cls, tokenizer, tokens: dict, n_ctx: int, num_books: dict, description: str):
+        """The data of these streams, packed into n_ctx + 1 windows."""
+        windows = {split: PackedWindows(tokens[split], n_ctx, tokenizer.pad_id) for split in SPLITS}
+        return cls(tokenizer, tokens, windows, num_books, str(description))
+
 
 def prepare(
     config: ml_collections.ConfigDict, workdir: str, resuming: bool, evaluating: bool = False
@@ -130,16 +136,7 @@ def prepare(
         write_json(record_path, record)
     if new_tokenizer:  # last: a tokenizer in a workdir is one its streams were made with
         tokenizer.save(tokenizer_path)
-    return LMData(
-        tokenizer=tokenizer,
-        tokens=tokens,
-        windows={
-            split: PackedWindows(tokens[split], config.model.n_ctx, tokenizer.pad_id)
-            for split in SPLITS
-        },
-        num_books=num_books,
-        description=description,
-    )
+    return LMData.of(tokenizer, tokens, config.model.n_ctx, num_books, description)
 
 
 def _cached(config, workdir: str, paths: dict, record: dict) -> LMData | None:
@@ -157,16 +154,7 @@ def _cached(config, workdir: str, paths: dict, record: dict) -> LMData | None:
         if tokens[split] is None or tokens[split].size < config.model.n_ctx + 1:
             return None
     logging.info("corpus: %s (its token streams, cached in the workdir)", record.get("corpus"))
-    return LMData(
-        tokenizer=tokenizer,
-        tokens=tokens,
-        windows={
-            split: PackedWindows(tokens[split], config.model.n_ctx, tokenizer.pad_id)
-            for split in SPLITS
-        },
-        num_books=record["num_books"],
-        description=str(record.get("corpus")),
-    )
+    return LMData.of(tokenizer, tokens, config.model.n_ctx, record["num_books"], record["corpus"])
 
 
 def _made_with(meta: dict | None, fingerprint: str, data_cfg: ml_collections.ConfigDict) -> bool:
