@@ -16,8 +16,9 @@
 #   delete NAME    delete the slice (or the queued resource)
 #
 # A preempted spot slice does not come back: delete it and create, install and resume
-# again (docs/scaling.md). The commands after create read the slice's type from the
-# slice itself (gcloud's describe), so --type is needed only with create and --dry-run.
+# again (docs/scaling.md). The commands that reach the workers read the slice's type
+# from the slice itself (gcloud's describe): --type is needed only with create and
+# --dry-run.
 #
 # Options (or the environment variables in brackets):
 #   --zone Z             [GPTJAX_ZONE]    default us-central2-b
@@ -89,9 +90,10 @@ done
 
 [[ -n $command && -n $name ]] || { usage >&2; exit 2; }
 
-# The slice's type: given, or (after create) the slice's own, or create's default.
+# The slice's type: given, or the slice's own, or (create, delete: needed only for the
+# defaults and the line below; a deleted or still queued slice has none) create's default.
 if [[ -z $type ]]; then
-  if [[ $command == create || $dry_run -eq 1 ]]; then
+  if [[ $command == create || $command == delete || $dry_run -eq 1 ]]; then
     type=v4-32
   elif ! type=$(gcloud compute tpus tpu-vm describe "$name" --zone="$zone" \
       --format='value(acceleratorType)') || [[ -z $type ]]; then

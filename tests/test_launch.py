@@ -248,3 +248,13 @@ def test_slurm_requeues_a_run_stopped_by_a_signal(tmp_path, status, requeued):
     assert (tmp_path / "sc").exists() == requeued
     if requeued:
         assert (tmp_path / "sc").read_text().strip() == "requeue 123"
+
+
+def test_delete_needs_no_description_of_the_slice(tmp_path):
+    """A queued resource not yet provisioned, or a slice half gone, has nothing to
+    describe: delete goes ahead without asking for its type."""
+    env = fake_gcloud(tmp_path)
+    result = launch_with(env, "launch/tpu.sh", "delete", "s", "--queued")
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["compute tpus queued-resources delete s --zone=us-central2-b --force --quiet"]
