@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 
 import jax
 from jax.experimental import multihost_utils
@@ -29,14 +30,32 @@ def stop_outside_the_loop():
         return
 
     def stop(signum, frame):
-        raise Preempted(None, signal.Signals(signum).name)
+        _pending.append(signal.Signals(signum).name)
+        raise Preempted(None, _pending[-1])
 
+    # Python runs the handler wherever the main thread is, also in a garbage-collection
+    # callback or a __del__, where an exception is printed as "ignored" and the work goes
+    # on. So the signal is also kept: the training loop's guard stops at its first step
+    # (`PreemptionGuard`), and work that ends normally ends with the stop here.
+    def unraisable(hook_args):
+        if not isinstance(hook_args.exc_value, Preempted):
+            previous_hook(hook_args)
+
+    _pending.clear()
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
+        if _pending:
+            raise Preempted(None, _pending[-1])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
+        _pending.clear()
+
+
+_pending: list[str] = []  # the signals `stop_outside_the_loop` received
 
 
 class PreemptionGuard:
@@ -56,6 +75,8 @@ class PreemptionGuard:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self):
+        if _pending:  # a stop before the loop that did not end the work (see above)
+            self.signal_name = _pending[-1]
         # With several processes JAX's preemption service owns SIGTERM and tells every
         # process (see should_stop); a local handler would only stop this one.
         signals = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]

@@ -247,3 +247,28 @@ def test_a_stop_outside_the_loop_is_never_read_as_a_failure(sig):
         except Exception as e:  # as checkpoint.restore_latest_good's handler
             read_as_damage.append(e)
     assert read_as_damage == []
+
+
+def test_a_stop_that_lands_in_a_gc_callback_still_stops(capsys):
+    """Python runs a signal handler wherever the main thread is; in a garbage-collection
+    callback its exception is only printed as "ignored" and the work goes on (a CI run
+    exited 0 after a SIGTERM so). The signal is kept: the loop's guard stops at its first
+    step, and work that ends normally ends with the stop, without the "ignored" trace."""
+    import gc
+
+    from gptjax import preemption
+    from gptjax.errors import Preempted
+
+    def signal_in_gc(phase, info):
+        if phase == "start":
+            gc.callbacks.remove(signal_in_gc)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = pytest.raises(Preempted, match="stopped by SIGTERM outside the training loop")
+    with stopped, preemption.stop_outside_the_loop():
+        gc.callbacks.append(signal_in_gc)
+        gc.collect()  # the handler's exception is raised, and swallowed, in there
+        with preemption.PreemptionGuard() as guard:
+            assert guard.should_stop(1)  # the loop would stop after its first step
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is not None and not preemption._pending
