@@ -97,9 +97,14 @@ def test_a_stop_before_the_first_step_exits_75(tmp_path, sig):
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75
     stderr = proc.stderr.read()
-    assert f"stopped by {sig.name} outside the training loop" in stderr, stderr[-2000:]
-    assert "Traceback" not in stderr, stderr[-2000:]
-    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
+    # At once, or, when the handler ran inside a garbage-collection callback (whose
+    # exceptions Python only prints), at the end of the first step, saved.
+    if f"stopped by {sig.name} outside the training loop" in stderr:
+        assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
+    else:
+        assert f"stopped by {sig.name} at step 1; checkpoint saved" in stderr, stderr[-2000:]
+        assert os.listdir(workdir / "checkpoints") == ["1"]
 
 
 def run_with_nan_at(config, workdir, monkeypatch, nan_step):
