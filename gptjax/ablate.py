@@ -69,7 +69,7 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     from gptjax import config as config_lib
-    from gptjax import finetune
+    from gptjax import finetune, preemption, workdirs
 
     config = config_value(_CONFIG)
     config_lib.expand_home(config)
@@ -86,11 +86,16 @@ def main(argv):
             raise UserError("give a fine-tuning config with --config.init_from=PRETRAINED_RUN")
         finetune.resolve_model(config)
         reports = {}
-        for variant in dict.fromkeys(_VARIANTS.value):  # each once, in the order given
-            cfg = variant_config(config, variant)
-            config_lib.validate(cfg)
-            logging.info("variant %s", variant)
-            reports[variant] = finetune.train_and_evaluate(cfg, os.path.join(workdir, variant))
+        # As `gptjax.main` trains: a signal is one line and status 75 (each variant
+        # resumes), and a second command on a variant's workdir is refused.
+        with preemption.stop_outside_the_loop():
+            for variant in dict.fromkeys(_VARIANTS.value):  # each once, in the order given
+                cfg = variant_config(config, variant)
+                config_lib.validate(cfg)
+                logging.info("variant %s", variant)
+                variant_dir = os.path.join(workdir, variant)
+                with workdirs.workdir_lock(variant_dir):
+                    reports[variant] = finetune.train_and_evaluate(cfg, variant_dir)
     text = table(reports)
     with replacing(os.path.join(workdir, "ablation.md")) as f:
         f.write(text)

@@ -5,8 +5,11 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import runpy
 import shutil
+import subprocess
+import sys
 import types
 
 import flax.linen as nn
@@ -641,3 +644,35 @@ def test_domain_adaptation_resumes_exactly(pretrained, tmp_path):
     assert [step for step, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == losses(straight)
     assert len({loss for _, loss in losses(straight)}) == 6
+
+
+def test_ablate_refuses_a_variant_another_command_is_training(pretrained, tmp_path):
+    """The ablation trains each variant as `gptjax.main` trains: under the workdir's lock
+    (here held by this process, as a running command would), so two never collide."""
+    from gptjax import workdirs
+
+    files = classification_files(tmp_path)
+    workdir = tmp_path / "ablation"
+    command = [
+        sys.executable,
+        "-m",
+        "gptjax.ablate",
+        f"--config={FT}",
+        f"--config.init_from={pretrained / 'run'}",
+        f"--config.data.cache_dir={pretrained / 'cache'}",
+        *(f"--config.task.{k}={v}" for k, v in files.items()),
+        f"--workdir={workdir}",
+        "--variants=pretrained",
+    ]
+    with workdirs.workdir_lock(str(workdir / "pretrained")):
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "another gptjax command is training in" in result.stderr.strip().splitlines()[-1]
+    assert not (workdir / "pretrained" / "checkpoints").exists()
