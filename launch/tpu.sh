@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Cloud TPU VM slices for gptjax: create, install, train, resume, status, delete.
+# Cloud TPU VM slices for gptjax: create, install, train, resume, status, stop, delete.
 #
 #   launch/tpu.sh [--dry-run] COMMAND NAME [options]
 #
