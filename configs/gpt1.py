@@ -133,6 +133,10 @@ def get_config() -> config_dict.ConfigDict:
     config.estimate.mfu = 0.4  # model FLOP utilisation against the bf16 peak
     # Tokens per epoch for runs set by train.epochs: BookCorpus, ~985M words x ~1.3 BPE tokens.
     config.estimate.tokens_per_epoch = 1_280_000_000
+    # A TPU slice to compile for ahead of time, on this machine ("v5litepod-8", "v4-32",
+    # "v5e:2x4"; needs libtpu: pip install -e ".[tpu]"). Set, it names the accelerator
+    # and the devices; "" compiles for this machine's devices.
+    config.estimate.topology = ""
 
     # Data parallelism over every device; -1 means "all the devices left".
     config.mesh = config_dict.ConfigDict()

@@ -8,9 +8,17 @@ The train step is compiled for the configured mesh and batch from shapes alone
 model's size is allocated; XLA's memory analysis of that compiled step gives the memory.
 The time is FLOPs / (MFU x published peak x devices), read from `config.estimate`
 (defaults below when the config has no such section).
+
+With `estimate.topology` the step is compiled for a TPU slice this machine does not have
+(libtpu's compiler runs on any Linux x86 machine), so its memory is what the TPU
+compiler plans, not the CPU compiler's upper bound:
+
+    python -m gptjax.main --config=configs/gpt1.py --workdir=runs/gpt1 --mode=estimate \
+        --config.estimate.topology=v5litepod-8
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -19,6 +27,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import topologies
 
 from gptjax import optim, sharding, train
 from gptjax.errors import UserError
@@ -68,7 +77,26 @@ DEFAULTS = {
     "devices": 8,  # the paper trained on 8 GPUs
     "mfu": 0.4,  # model FLOP utilisation against the bfloat16 peak
     "tokens_per_epoch": BOOKCORPUS_TOKENS,  # for a run set by train.epochs
+    # A TPU slice to compile the step for, ahead of time, instead of this machine's
+    # devices ("v5litepod-8", "v4-32" or "v5e:2x4"; needs libtpu): it then names the
+    # accelerator and the devices.
+    "topology": "",
 }
+
+# The shapes Cloud TPU gives its slices, by chips: v4 and v5p chips in 3-D tori, v5e and
+# v6e in 2-D grids. Their accelerator types count v4's and v5p's TensorCores (two a
+# chip) and v5e's and v6e's chips.
+_SLICE_SHAPES = {
+    3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+        256: "4x8x8", 512: "8x8x8"},
+    2: {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+        256: "16x16"},
+}  # fmt: skip
+# Accelerator type prefix -> (topology chip name, dimensions, TensorCores per counted unit)
+_SLICE_TYPES = {"v4": ("v4", 3, 2), "v5p": ("v5p", 3, 2), "v5litepod": ("v5e", 2, 1),
+                "v5e": ("v5e", 2, 1), "v6e": ("v6e", 2, 1)}  # fmt: skip
+
+TOPOLOGY_EXAMPLES = "v5litepod-8, v6e-16, v4-32, v5p-8, or a topology such as v5e:2x4"
 
 
 def find_accelerator(name: str) -> Accelerator | None:
@@ -82,6 +110,47 @@ def find_accelerator(name: str) -> Accelerator | None:
         if any(kind.lower() in lowered for kind in acc.kinds):
             return acc
     return None
+
+
+def topology_name(name: str) -> str:
+    """A Cloud TPU accelerator type ("v5litepod-8", "v4-32") as the topology libtpu
+    names ("v5e:2x4", "v4:2x2x4"); a topology name as it is."""
+    prefix, _, count = name.strip().rpartition("-")
+    if prefix not in _SLICE_TYPES or not count.isdigit():
+        return name.strip()
+    chip, dims, per_chip = _SLICE_TYPES[prefix]
+    shape = _SLICE_SHAPES[dims].get(int(count) // per_chip)
+    if shape is None or int(count) % per_chip:
+        sizes = ", ".join(f"{prefix}-{n * per_chip}" for n in _SLICE_SHAPES[dims])
+        raise UserError(
+            f"estimate.topology={name!r} is not a slice size this knows ({sizes}); "
+            f"name its topology instead, e.g. {chip}:{next(iter(_SLICE_SHAPES[dims].values()))}"
+        )
+    return f"{chip}:{shape}"
+
+
+def tpu_devices(name: str) -> list:
+    """The devices of a TPU slice (an accelerator type or a topology, see
+    `topology_name`), for compiling ahead of time on a machine without them: libtpu's
+    compiler runs here and only the chips are missing. A v4 chip's two TensorCores are
+    one device (megacore), as on its VMs; a v5p's are by default."""
+    topology = topology_name(name)
+    if importlib.util.find_spec("libtpu") is None:
+        raise UserError(
+            "estimate.topology compiles with libtpu, which is not installed: "
+            'pip install -e ".[tpu]" (or "jax[tpu]"), then run again'
+        )
+    chip_config = "megacore" if topology.startswith("v4") else "default"
+    try:
+        return topologies.get_topology_desc(
+            platform="tpu", topology_name=topology, chip_config_name=chip_config
+        ).devices
+    except jax.errors.JaxRuntimeError as e:
+        reason = str(e).splitlines()[0]
+        raise UserError(
+            f"estimate.topology={name!r}: libtpu refused it ({reason}); use an accelerator "
+            f"type or topology: {TOPOLOGY_EXAMPLES}"
+        ) from None
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
@@ -131,6 +200,21 @@ def compile_step(p_train, mesh, state, batch, compiler_options: dict | None = No
     return lowered.compile(compiler_options)
 
 
+def xla_flops(compiled, devices: int, train_cfg) -> float | None:
+    """The FLOPs XLA counts in a compiled step, over all devices (its cost analysis is
+    per device); None where the backend reports none, or where the step has a loop,
+    whose body XLA counts once (`train.microbatches` > 1, or layers scanned in a loop:
+    `train.scan_layers` with a `scan_unroll` other than 0)."""
+    looped = train_cfg.scan_layers and train_cfg.scan_unroll not in (0, None)
+    if train_cfg.microbatches > 1 or looped:
+        return None
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older JAX: one dict per computation
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return None if flops is None or flops < 0 else flops * devices
+
+
 # An executable compiled only for its memory analysis is never run: on a CPU, skip
 # LLVM's optimisations (buffer assignment, and so the analysis, comes before them;
 # the figures are identical and the compilation 2-4 times faster).
@@ -159,6 +243,10 @@ def memory(compiled) -> dict[str, int]:
 def estimate(config: ml_collections.ConfigDict) -> dict:
     """The numbers of `run`, as a dict (see docs/benchmarks.md for the keys)."""
     est = settings(config)
+    devices = None  # this process's
+    if est["topology"]:
+        devices = tpu_devices(est["topology"])
+        est.update(accelerator=devices[0].device_kind, devices=len(devices))
     acc = find_accelerator(est["accelerator"])
     if acc is None:
         names = ", ".join(a.name for a in ACCELERATORS)
@@ -167,22 +255,14 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         )
     if not 0.0 < est["mfu"] <= 1.0 or est["devices"] <= 0:
         raise UserError("estimate.mfu must be in (0, 1] and estimate.devices positive")
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     check_batch(config, mesh)
-    model_cfg = ModelConfig.from_config(config.model, config.train)
-    model = GPT(model_cfg, **layer_options(config.train))
-    steps, tokens = training_length(config, est["tokens_per_epoch"])
-    schedule = optim.lr_schedule(config.train, steps)
-    tx = optim.make_optimizer(config.train, steps)
-    state, shardings = abstract_train_state(model, tx, config.model.n_ctx, mesh)
-    p_train = train.compile_train_step(
-        train.lm_objective(model), schedule, mesh, shardings, config.train
-    )
-    batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
-    options = ANALYSIS_ONLY_CPU_OPTIONS if jax.default_backend() == "cpu" else None
-    mem = memory(compile_step(p_train, mesh, state, batch, options))
-    num_params = count_params(state.params)
+    target = "tpu" if devices is not None else sharding.platform()
+    with sharding.compiling_for(target):
+        compiled, num_params, model_cfg, steps, tokens = _compile(config, est, mesh)
+    mem = memory(compiled)
     per_token = flops_per_token(model_cfg, num_params)
+    counted = xla_flops(compiled, mesh.size, config.train)
     total_flops = per_token * tokens
     seconds = total_flops / (est["mfu"] * acc.peak_flops * est["devices"])
     return {
@@ -197,7 +277,9 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         "total_flops": total_flops,
         "petaflop_s_days": total_flops / PETAFLOP_S_DAY,
         "mesh": dict(mesh.shape),
-        "compiled_on": jax.devices()[0].device_kind,
+        "compiled_on": mesh.devices.flat[0].device_kind,
+        "topology": topology_name(est["topology"]) if est["topology"] else None,
+        "xla_flops_per_token": counted and counted / (config.train.batch_size * config.model.n_ctx),
         "memory_per_device": mem,
         "accelerator": acc.name,
         "accelerator_peak_flops": acc.peak_flops,
@@ -211,6 +293,24 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         "train_seconds": seconds,
         "train_days": seconds / 86400,
     }
+
+
+def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
+    """The configured train step compiled for `mesh` from shapes alone, with the
+    parameter count, model config, steps and tokens it was built from."""
+    model_cfg = ModelConfig.from_config(config.model, config.train)
+    model = GPT(model_cfg, **layer_options(config.train))
+    steps, tokens = training_length(config, est["tokens_per_epoch"])
+    schedule = optim.lr_schedule(config.train, steps)
+    tx = optim.make_optimizer(config.train, steps)
+    state, shardings = abstract_train_state(model, tx, config.model.n_ctx, mesh)
+    p_train = train.compile_train_step(
+        train.lm_objective(model), schedule, mesh, shardings, config.train
+    )
+    batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
+    options = ANALYSIS_ONLY_CPU_OPTIONS if sharding.platform() == "cpu" else None
+    compiled = compile_step(p_train, mesh, state, batch, options)
+    return compiled, count_params(state.params), model_cfg, steps, tokens
 
 
 def duration(seconds: float) -> str:
@@ -233,6 +333,8 @@ def table(result: dict) -> str:
         source = f"{epochs:g} epochs x {r['tokens_per_epoch']:,} tokens = {r['steps']:,} steps"
     mesh_devices = math.prod(r["mesh"].values())
     mesh = f"{r['mesh']}, compiled for {mesh_devices} {r['compiled_on']} device(s)"
+    if r["topology"]:
+        mesh += f" (topology {r['topology']}, ahead of time by libtpu)"
     if mesh_devices != r["devices"]:
         mesh += (
             f"; for {r['devices']}, run with JAX_PLATFORMS=cpu "
@@ -242,10 +344,12 @@ def table(result: dict) -> str:
         r["fits_in_memory"], f"fit unknown: compiled for {mesh_devices} device(s)"
     )
     peak_tflops = r["accelerator_peak_flops"] / 1e12
+    per_token = f"{r['flops_per_token'] / 1e9:.3g} G (6N + 12 * n_layer * d_model * n_ctx)"
+    if r["xla_flops_per_token"]:
+        per_token += f"; XLA counts {r['xla_flops_per_token'] / 1e9:.3g} G in the compiled step"
     rows = {
         "parameters": f"{r['num_params']:,}",
-        "FLOPs per token": f"{r['flops_per_token'] / 1e9:.3f} G (6N + 12 * n_layer * d_model * "
-        "n_ctx)",
+        "FLOPs per token": per_token,
         "tokens": f"{r['tokens']:,} ({source} of {r['batch_size']} x {r['n_ctx']})",
         "total compute": f"{r['total_flops']:.3g} FLOP = {r['petaflop_s_days']:.3g} "
         "petaflop/s-days",

@@ -35,15 +35,35 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+_compiling_for: str | None = None  # set by `compiling_for`
+
+
 def platform() -> str:
-    """The platform traced computations run on: that of `jax.default_device` where one
-    is set (a CPU computation in a GPU process), else JAX's default backend. The choices
-    made per platform (attention kernel, dropout's hash, matmul form) follow it, so a
-    GPU machine can still run a model on its CPU."""
+    """The platform traced computations run on: the one named by `compiling_for` while
+    compiling ahead of time for devices this process does not have; else that of
+    `jax.default_device` where one is set (a CPU computation in a GPU process), else
+    JAX's default backend. The choices made per platform (attention kernel, dropout's
+    hash, matmul form, XLA's CPU options) follow it, so a GPU machine can still run a
+    model on its CPU and a CPU machine can compile the step a TPU would run."""
+    if _compiling_for is not None:
+        return _compiling_for
     device = jax.config.jax_default_device
     if device is None:
         return jax.default_backend()
     return device if isinstance(device, str) else device.platform
+
+
+@contextlib.contextmanager
+def compiling_for(platform_name: str):
+    """Traces and compiles as for `platform_name` ("tpu"): for a mesh over another
+    platform's devices, such as a TPU topology's (`estimate.tpu_devices`), which this
+    process can compile for but not run on."""
+    global _compiling_for
+    before, _compiling_for = _compiling_for, platform_name
+    try:
+        yield
+    finally:
+        _compiling_for = before
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:

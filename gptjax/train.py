@@ -218,7 +218,7 @@ def compiler_options(train_cfg) -> dict | None:
     1.02-1.07x, none at `gpt1`'s batch 1. XLA cannot store such an executable in the
     persistent compilation cache, so every start compiles afresh (docs/benchmarks.md).
     """
-    if jax.default_backend() != "cpu":
+    if sharding.platform() != "cpu":
         return None
     options = {"xla_cpu_prefer_vector_width": train_cfg.cpu_vector_width}
     if train_cfg.cpu_matmuls == "onednn":

@@ -418,6 +418,9 @@ def test_estimate_memory_analysis_and_time(estimated, result):
     # configs/bench_cpu.py's estimate section (the tiny config is derived from it).
     assert (r["accelerator"], r["devices"], r["mfu"]) == ("H100", 1, 0.4)
     assert r["fits_in_memory"] is (mem["peak_bytes"] <= r["accelerator_memory_bytes"])
+    # XLA's count of the compiled step: the formula's matmuls and the element-wise rest.
+    assert 1.0 <= r["xla_flops_per_token"] / r["flops_per_token"] < 1.5
+    assert r["topology"] is None
 
 
 def test_estimate_for_other_devices_than_compiled_says_fit_unknown():
