@@ -18,7 +18,6 @@ compiler plans, not the CPU compiler's upper bound:
 """
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import math
@@ -27,9 +26,8 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.experimental import topologies
 
-from gptjax import optim, sharding, train
+from gptjax import optim, sharding, tpu_topology, train
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.pretrain import check_batch
@@ -83,21 +81,6 @@ DEFAULTS = {
     "topology": "",
 }
 
-# The shapes Cloud TPU gives its slices, by chips: v4 and v5p chips in 3-D tori, v5e and
-# v6e in 2-D grids. Their accelerator types count v4's and v5p's TensorCores (two a
-# chip) and v5e's and v6e's chips.
-_SLICE_SHAPES = {
-    3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-        256: "4x8x8", 512: "8x8x8"},
-    2: {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-        256: "16x16"},
-}  # fmt: skip
-# Accelerator type prefix -> (topology chip name, dimensions, TensorCores per counted unit)
-_SLICE_TYPES = {"v4": ("v4", 3, 2), "v5p": ("v5p", 3, 2), "v5litepod": ("v5e", 2, 1),
-                "v5e": ("v5e", 2, 1), "v6e": ("v6e", 2, 1)}  # fmt: skip
-
-TOPOLOGY_EXAMPLES = "v5litepod-8, v6e-16, v4-32, v5p-8, or a topology such as v5e:2x4"
-
 
 def find_accelerator(name: str) -> Accelerator | None:
     """The table's entry for a short name ("H100", "v5e") or a device_kind
@@ -110,47 +93,6 @@ def find_accelerator(name: str) -> Accelerator | None:
         if any(kind.lower() in lowered for kind in acc.kinds):
             return acc
     return None
-
-
-def topology_name(name: str) -> str:
-    """A Cloud TPU accelerator type ("v5litepod-8", "v4-32") as the topology libtpu
-    names ("v5e:2x4", "v4:2x2x4"); a topology name as it is."""
-    prefix, _, count = name.strip().rpartition("-")
-    if prefix not in _SLICE_TYPES or not count.isdigit():
-        return name.strip()
-    chip, dims, per_chip = _SLICE_TYPES[prefix]
-    shape = _SLICE_SHAPES[dims].get(int(count) // per_chip)
-    if shape is None or int(count) % per_chip:
-        sizes = ", ".join(f"{prefix}-{n * per_chip}" for n in _SLICE_SHAPES[dims])
-        raise UserError(
-            f"estimate.topology={name!r} is not a slice size this knows ({sizes}); "
-            f"name its topology instead, e.g. {chip}:{next(iter(_SLICE_SHAPES[dims].values()))}"
-        )
-    return f"{chip}:{shape}"
-
-
-def tpu_devices(name: str) -> list:
-    """The devices of a TPU slice (an accelerator type or a topology, see
-    `topology_name`), for compiling ahead of time on a machine without them: libtpu's
-    compiler runs here and only the chips are missing. A v4 chip's two TensorCores are
-    one device (megacore), as on its VMs; a v5p's are by default."""
-    topology = topology_name(name)
-    if importlib.util.find_spec("libtpu") is None:
-        raise UserError(
-            "estimate.topology compiles with libtpu, which is not installed: "
-            'pip install -e ".[tpu]" (or "jax[tpu]"), then run again'
-        )
-    chip_config = "megacore" if topology.startswith("v4") else "default"
-    try:
-        return topologies.get_topology_desc(
-            platform="tpu", topology_name=topology, chip_config_name=chip_config
-        ).devices
-    except jax.errors.JaxRuntimeError as e:
-        reason = str(e).splitlines()[0]
-        raise UserError(
-            f"estimate.topology={name!r}: libtpu refused it ({reason}); use an accelerator "
-            f"type or topology: {TOPOLOGY_EXAMPLES}"
-        ) from None
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
@@ -175,14 +117,6 @@ def training_length(config: ml_collections.ConfigDict, tokens_per_epoch: int) ->
     return steps, steps * tokens_per_step
 
 
-def abstract_train_state(model: GPT, tx, n_ctx: int, mesh):
-    """The train state as ShapeDtypeStructs with their shardings, as `train.create_state`
-    would lay it out, without allocating it."""
-
-    shapes, shardings = train.state_layout(model, tx, n_ctx, mesh)
-    return train.abstract_state(shapes, shardings), shardings
-
-
 def abstract_batch(batch_size: int, n_ctx: int, mesh) -> dict:
     """A batch of `train_step` as shapes: windows of n_ctx + 1 ids and n_ctx weights."""
     batch_sharding = sharding.batch_sharding(mesh)
@@ -200,12 +134,13 @@ def compile_step(p_train, mesh, state, batch, compiler_options: dict | None = No
     return lowered.compile(compiler_options)
 
 
-def xla_flops(compiled, devices: int, train_cfg) -> float | None:
+def xla_flops(compiled, devices: int, train_cfg, n_layer: int) -> float | None:
     """The FLOPs XLA counts in a compiled step, over all devices (its cost analysis is
     per device); None where the backend reports none, or where the step has a loop,
     whose body XLA counts once (`train.microbatches` > 1, or layers scanned in a loop:
-    `train.scan_layers` with a `scan_unroll` other than 0)."""
-    looped = train_cfg.scan_layers and train_cfg.scan_unroll not in (0, None)
+    `train.scan_layers` with a `scan_unroll` from 1 to n_layer - 1). With
+    `train.remat` the count includes the forward pass recomputed."""
+    looped = train_cfg.scan_layers and 0 < train_cfg.scan_unroll < n_layer
     if train_cfg.microbatches > 1 or looped:
         return None
     analysis = compiled.cost_analysis()
@@ -245,8 +180,15 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
     est = settings(config)
     devices = None  # this process's
     if est["topology"]:
-        devices = tpu_devices(est["topology"])
-        est.update(accelerator=devices[0].device_kind, devices=len(devices))
+        devices = tpu_topology.devices(est["topology"])
+        kind = devices[0].device_kind
+        if find_accelerator(kind) is None:
+            known = ", ".join(a.name for a in ACCELERATORS if a.kinds[0].startswith("TPU"))
+            raise UserError(
+                f"estimate.topology={est['topology']!r} is a slice of {kind} chips, whose "
+                f"peak and memory this does not know; use {known}"
+            )
+        est.update(accelerator=kind, devices=len(devices))
     acc = find_accelerator(est["accelerator"])
     if acc is None:
         names = ", ".join(a.name for a in ACCELERATORS)
@@ -262,7 +204,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         compiled, num_params, model_cfg, steps, tokens = _compile(config, est, mesh)
     mem = memory(compiled)
     per_token = flops_per_token(model_cfg, num_params)
-    counted = xla_flops(compiled, mesh.size, config.train)
+    counted = xla_flops(compiled, mesh.size, config.train, config.model.n_layer)
     total_flops = per_token * tokens
     seconds = total_flops / (est["mfu"] * acc.peak_flops * est["devices"])
     return {
@@ -278,7 +220,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         "petaflop_s_days": total_flops / PETAFLOP_S_DAY,
         "mesh": dict(mesh.shape),
         "compiled_on": mesh.devices.flat[0].device_kind,
-        "topology": topology_name(est["topology"]) if est["topology"] else None,
+        "topology": tpu_topology.topology_name(est["topology"]) if devices else None,
         "xla_flops_per_token": counted and counted / (config.train.batch_size * config.model.n_ctx),
         "memory_per_device": mem,
         "accelerator": acc.name,
@@ -303,7 +245,7 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
     steps, tokens = training_length(config, est["tokens_per_epoch"])
     schedule = optim.lr_schedule(config.train, steps)
     tx = optim.make_optimizer(config.train, steps)
-    state, shardings = abstract_train_state(model, tx, config.model.n_ctx, mesh)
+    state, shardings = train.abstract_train_state(model, tx, config.model.n_ctx, mesh)
     p_train = train.compile_train_step(
         train.lm_objective(model), schedule, mesh, shardings, config.train
     )

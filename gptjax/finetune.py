@@ -270,14 +270,23 @@ class FineTune:
         s = 2 if self.task.kind == "similarity" else s
         return (jnp.zeros((1, s, 8), jnp.int32), jnp.zeros((1, s), jnp.int32))
 
-    def build(self, total_steps: int):
+    def build(self, total_steps: int, initialise: bool = True):
+        """The schedule, train state and compiled steps. Without `initialise` (an
+        evaluation, which restores parameters) the state is only laid out: `abstract`
+        holds its shapes and shardings, `state` is None and nothing is allocated."""
         cfg = self.config
         self.schedule = optim.lr_schedule(cfg.train, total_steps)
         tx = optim.make_optimizer(cfg.train, total_steps)
-        self.state, self.shardings = train.create_state(
-            self.model, tx, cfg.train.seed, cfg.model.n_ctx, self.mesh, self.init_inputs()
-        )
-        self.abstract = train.abstract_state(self.state, self.shardings)
+        if initialise:
+            self.state, self.shardings = train.create_state(
+                self.model, tx, cfg.train.seed, cfg.model.n_ctx, self.mesh, self.init_inputs()
+            )
+            self.abstract = train.abstract_state(self.state, self.shardings)
+        else:
+            self.abstract, self.shardings = train.abstract_train_state(
+                self.model, tx, cfg.model.n_ctx, self.mesh, self.init_inputs()
+            )
+            self.state = None
         objective = task_objective(self.model, cfg.finetune.lm_coef, self.task.regression)
         self.p_train = train.compile_train_step(
             objective, self.schedule, self.mesh, self.shardings, cfg.train

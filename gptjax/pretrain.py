@@ -46,7 +46,9 @@ def check_batch(config: ml_collections.ConfigDict, mesh, specials: int = 0):
 
 
 class Run:
-    """Everything a pretraining run is made of, built from its config."""
+    """Everything a pretraining run is made of, built from its config. `read_only`
+    (evaluation) writes nothing and allocates no train state: `state` is then its
+    shapes and shardings, for restoring a checkpoint's parameters."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
         self.config, self.workdir = config, workdir
@@ -61,9 +63,14 @@ class Run:
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
         self.schedule = optim.lr_schedule(config.train, self.total_steps)
         tx = optim.make_optimizer(config.train, self.total_steps)
-        self.state, self.shardings = train.create_state(
-            self.model, tx, config.train.seed, config.model.n_ctx, self.mesh
-        )
+        if read_only:  # evaluation restores parameters into this layout: shapes suffice
+            self.state, self.shardings = train.abstract_train_state(
+                self.model, tx, config.model.n_ctx, self.mesh
+            )
+        else:
+            self.state, self.shardings = train.create_state(
+                self.model, tx, config.train.seed, config.model.n_ctx, self.mesh
+            )
         self.num_params = count_params(self.state.params)
         self.p_train, self.p_eval = train.compile_steps(
             self.model, self.schedule, self.mesh, self.shardings, config.train
@@ -148,8 +155,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
         raise UserError(f"no checkpoint in {workdir}: train there first (--mode=train)")
     run = Run(config, workdir, read_only=True)
     run.ckpt.close()
-    # Only the parameters, and the fresh state's memory freed first.
-    abstract = train.abstract_state(run.take_state(), run.shardings).params
+    # Only the parameters (a read-only Run's state is their shapes and shardings).
+    abstract = run.take_state().params
     fallback = "or run --mode=train once to fall back to the previous checkpoint"
     params = checkpoint.restore_params(workdir, abstract, run.resume_step, fallback)
     metrics = run.evaluate(params)

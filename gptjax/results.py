@@ -73,8 +73,7 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
     GLUE test splits, the submission TSVs."""
     config, workdir = run.config, run.workdir
     if not hasattr(run, "p_predict"):
-        run.build(1)
-        run.state = None  # restored below
+        run.build(1, initialise=False)  # the parameters are restored below
     step = choose_step(workdir, run.selection_key, config.eval.checkpoint)
     other = "choose another with --config.eval.checkpoint=latest, or re-run training"
     params = checkpoint.restore_params(workdir, run.abstract.params, step, other)

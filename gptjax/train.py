@@ -179,6 +179,13 @@ def state_layout(model: nn.Module, tx, n_ctx: int, mesh, init_inputs: tuple | No
     return nn.unbox(boxed), sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
 
 
+def abstract_train_state(model: nn.Module, tx, n_ctx: int, mesh, init_inputs: tuple | None = None):
+    """The train state `create_state` makes, as shapes with their shardings (a restore
+    or compilation target), and those shardings, without allocating anything."""
+    shapes, shardings = state_layout(model, tx, n_ctx, mesh, init_inputs)
+    return abstract_state(shapes, shardings), shardings
+
+
 def abstract_params(model: nn.Module, n_ctx: int, mesh, init_inputs: tuple | None = None):
     """The parameters `model.init` makes, as shapes with their shardings (a restore
     target), without allocating them."""

@@ -1,12 +1,15 @@
 """`--mode=estimate` for a TPU slice this machine does not have: libtpu compiles the step
-ahead of time for the slice's devices (`estimate.topology`). The estimate's other
-figures are tested with the benchmark's, in tests/test_bench.py."""
+ahead of time for the slice's devices (`estimate.topology`, `gptjax.tpu_topology`). The
+estimate's other figures are tested with the benchmark's, in tests/test_bench.py."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 
-from gptjax import estimate, sharding
+from gptjax import estimate, matmul, sharding, tpu_topology, train
 from gptjax.errors import UserError
 
 from conftest import tiny_config
@@ -26,18 +29,19 @@ needs_libtpu = pytest.mark.skipif(
         ("v4-8", "v4:2x2x1"),  # v4 and v5p types count TensorCores, two a chip
         ("v4-32", "v4:2x2x4"),
         ("v5p-128", "v5p:4x4x4"),
-        (" v5e:2x2 ", "v5e:2x2"),  # a topology as it is
+        (" V5LITEPOD-4 ", "v5e:2x2"),
+        ("v5e:2x2", "v5e:2x2"),  # a topology as it is
         ("v4:2x2x2_twisted", "v4:2x2x2_twisted"),
     ],
 )
 def test_accelerator_types_are_named_as_topologies(name, topology):
-    assert estimate.topology_name(name) == topology
+    assert tpu_topology.topology_name(name) == topology
 
 
 @pytest.mark.parametrize("name", ["v4-7", "v4-12", "v5litepod-2048"])
 def test_a_slice_size_without_a_known_shape_is_refused(name):
     with pytest.raises(UserError, match=r"not a slice size .*name its topology instead"):
-        estimate.topology_name(name)
+        tpu_topology.topology_name(name)
 
 
 def test_without_libtpu_the_fix_is_named(monkeypatch):
@@ -61,6 +65,48 @@ def test_compiling_for_another_platform_is_what_the_model_sees():
     assert sharding.platform() == here
 
 
+def test_a_blank_slice_is_refused():
+    with pytest.raises(UserError, match="names no slice"):
+        tpu_topology.devices("  ")
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+    "name, count, kind",
+    [
+        ("v4-8", 4, "TPU v4"),  # megacore: a chip's two TensorCores are one device
+        ("v5p-8", 4, "TPU v5"),
+        ("v5litepod-1", 1, "TPU v5 lite"),  # one host holds it
+        ("v6e-8", 8, "TPU v6 lite"),
+    ],
+)
+def test_a_slices_devices_are_its_chips(name, count, kind):
+    devices = tpu_topology.devices(name)
+    assert len(devices) == count and {d.device_kind for d in devices} == {kind}
+
+
+@needs_libtpu
+def test_compiling_for_a_slice_prints_nothing_and_another_process_may_too():
+    """libtpu, started on a machine without TPUs, would print five lines about the TPU
+    VM it cannot find, and refuse to start in a second process while this one holds
+    it."""
+    assert len(tpu_topology.devices("v5litepod-4")) == 4  # libtpu started here
+    code = "from gptjax import tpu_topology; print(len(tpu_topology.devices('v5litepod-4')))"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "4\n", "")
+
+
+@needs_libtpu
+def test_a_chip_without_a_known_peak_is_refused():
+    config = tiny_config()
+    config.estimate.topology = "v3:2x2"
+    with pytest.raises(UserError, match=r"a slice of TPU v3 chips.*use v4, v5e, v5p, v6e"):
+        estimate.estimate(config)
+
+
 @needs_libtpu
 def test_a_name_libtpu_refuses_is_one_line():
     config = tiny_config()
@@ -81,8 +127,14 @@ def small_config(data: int, fsdp: int):
 
 
 @needs_libtpu
-def test_a_tpu_slice_names_the_accelerator_devices_and_memory():
+def test_a_tpu_slice_names_the_accelerator_devices_and_memory(monkeypatch):
+    seen = []  # the choices made per platform while building and tracing the step
+    options, as_matmuls = train.compiler_options, matmul._as_matmuls
+    monkeypatch.setattr(train, "compiler_options", lambda c: seen.append(options(c)))
+    monkeypatch.setattr(matmul, "_as_matmuls", lambda: seen.append(as_matmuls()) or False)
     replicated = estimate.estimate(small_config(data=4, fsdp=1))
+    # As a TPU would: no CPU compiler options, the products not rewritten as 2-D matmuls.
+    assert seen and set(seen) == {None, False}
     r = replicated
     assert (r["accelerator"], r["devices"], r["compiled_on"]) == ("v5e", 4, "TPU v5 lite")
     assert (r["topology"], r["mesh"]) == ("v5e:2x2", {"data": 4, "fsdp": 1, "tensor": 1})

@@ -22,7 +22,7 @@ from cli import main_in_process
 from tensorflow_datasets.core.data_sources import base as data_sources_base
 from test_tfds_tasks import story_cloze_source, write_story_cloze
 
-from gptjax import checkpoint, finetune, results
+from gptjax import checkpoint, finetune, results, train
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
@@ -346,7 +346,9 @@ KIND_ROWS = {
 
 
 @pytest.mark.parametrize("kind", sorted(KIND_ROWS))
-def test_custom_task_of_each_kind_end_to_end_through_the_cli(pretrained, tmp_path, kind):
+def test_custom_task_of_each_kind_end_to_end_through_the_cli(
+    pretrained, tmp_path, monkeypatch, kind
+):
     fields, rows = KIND_ROWS[kind]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
     flags = [f"--config.init_from={pretrained / 'run'}", f"--config.task.kind={kind}"]
@@ -366,8 +368,10 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(pretrained, tmp_pat
     rows_logged = read_metrics(str(workdir))
     assert any("lm_loss" in r and "task_loss" in r for r in rows_logged)
     # --mode=eval restores the best checkpoint and reproduces its scores; with a test
-    # file it also scores that and writes its predictions, row by row.
+    # file it also scores that and writes its predictions, row by row. It restores the
+    # parameters into their layout, and initialises no train state first.
     (workdir / "results.json").unlink()
+    monkeypatch.setattr(train, "create_state", refuse_to_initialise)
     cache = pretrained / "cache"
     test_flag = f"--config.task.test_path={path}"
     status, _ = main_in_process(workdir, *flags, test_flag, "--mode=eval", cache=cache, config=FT)
@@ -398,6 +402,10 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(pretrained, tmp_pat
     other = [*flags, "--config.task.kind=entailment", "--config.task.text_fields=text,text"]
     status, _ = main_in_process(workdir, *other, "--mode=eval", cache=cache, config=FT)
     assert status == 2
+
+
+def refuse_to_initialise(*args, **kwargs):
+    raise AssertionError("an evaluation initialised a train state")
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ def export_train_step_for_cuda(config) -> str:
     mesh = sharding.make_mesh(config.mesh)
     model = GPT(ModelConfig.from_config(config.model, config.train), **layer_options(config.train))
     tx = optim.make_optimizer(config.train, 10)
-    state, shardings = estimate.abstract_train_state(model, tx, config.model.n_ctx, mesh)
+    state, shardings = train.abstract_train_state(model, tx, config.model.n_ctx, mesh)
     step = train.compile_train_step(
         train.lm_objective(model),
         optim.lr_schedule(config.train, 10),

@@ -201,6 +201,26 @@ def test_other_model_in_workdir_is_refused(trained, tmp_path):
     assert after == before  # nothing touched
 
 
+def test_an_evaluation_initialises_no_train_state(trained, monkeypatch):
+    """--mode=eval restores the parameters into their layout: no fresh parameters and
+    Adam moments are made first (1.4 GB at gpt1's size)."""
+    from gptjax import train
+
+    root, _ = trained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an evaluation initialised a train state")
+
+    monkeypatch.setattr(train, "create_state", refuse)
+    status, _ = main_in_process(
+        root / "run", "--mode=eval", books=root / "books", cache=root / "cache"
+    )
+    assert status == 0
+    final = [r for r in read_metrics(root / "run") if "eval_ppl" in r][-1]
+    results = json.loads((root / "run" / "results.json").read_text())
+    assert results["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+
+
 def test_a_refused_shape_is_not_recorded_when_the_config_file_is_gone(trained, tmp_path):
     """Without config.json (its error message offers deleting it), a resume is checked
     only against the checkpoint: a config of another shape is refused there, and must
