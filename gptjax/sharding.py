@@ -56,7 +56,7 @@ def platform() -> str:
 @contextlib.contextmanager
 def compiling_for(platform_name: str):
     """Traces and compiles as for `platform_name` ("tpu"): for a mesh over another
-    platform's devices, such as a TPU topology's (`estimate.tpu_devices`), which this
+    platform's devices, such as a TPU slice's (`tpu_topology.devices`), which this
     process can compile for but not run on."""
     global _compiling_for
     before, _compiling_for = _compiling_for, platform_name

@@ -9,6 +9,7 @@ as libtpu's topologies do ("v5e:2x4", "v4:2x2x4").
 import contextlib
 import glob
 import importlib.util
+import math
 import os
 
 import jax
@@ -61,9 +62,7 @@ def _accelerator_type(topology: str) -> str | None:
     dims = shape.split("_")[0].split("x")  # ("_twisted" tori)
     if not all(d.isdigit() for d in dims):
         return None
-    chips = 1
-    for d in dims:
-        chips *= int(d)
+    chips = math.prod(int(d) for d in dims)
     for prefix, (name, _, per_chip) in _TYPES.items():
         if name == chip and prefix != "v5e":  # v5e's types are v5litepod-N
             return f"{prefix}-{chips * per_chip}"
