@@ -14,6 +14,7 @@ from gptjax.atomic import replacing
 from gptjax.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _summary_writer_class():
@@ -48,7 +49,7 @@ class MetricsWriter:
         try:
             _drop_rows_after(self.path, resume_step)
             # purge_step hides the events a killed run wrote past its last checkpoint.
-            self.tb = writer(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+            self.tb = writer(os.path.join(workdir, TENSORBOARD_DIR), purge_step=resume_step + 1)
         except OSError as e:  # e.g. metrics.jsonl a directory, tensorboard a file
             raise UserError(
                 f"cannot write metrics to {e.filename} ({e.strerror}): move that path "

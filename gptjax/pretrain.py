@@ -14,6 +14,7 @@ from gptjax.data import lm_data
 from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexity
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
+from gptjax.results import RESULTS_JSON
 from gptjax.workdirs import agreed_resume_step, check_workdir, write_config
 
 
@@ -179,6 +180,6 @@ def report(run: Run, metrics: dict):
             f" on the first {cap} batches" if cap else "",
             unigram,
         )
-        with replacing(os.path.join(run.workdir, "results.json")) as f:
+        with replacing(os.path.join(run.workdir, RESULTS_JSON)) as f:
             json.dump(results, f, indent=2)
     return results

@@ -17,9 +17,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gptjax import checkpoint
+from gptjax import checkpoint, metrics
 from gptjax.atomic import replacing
+from gptjax.data import lm_data
 from gptjax.errors import UserError
+from gptjax.results import RESULTS_JSON
 
 CONFIG_FILE = "config.json"
 
@@ -109,12 +111,12 @@ def check_output_dir(workdir: str, create: bool = True):
 # the way is said before the work (it failed at the first save, or after training).
 RUN_ENTRIES = {
     checkpoint.CHECKPOINT_DIR: True,
-    "tensorboard": True,
-    "data": True,
+    metrics.TENSORBOARD_DIR: True,
+    lm_data.STREAMS_DIR: True,
     CONFIG_FILE: False,
-    "metrics.jsonl": False,
-    "results.json": False,
-    "data.json": False,
+    metrics.METRICS_FILE: False,
+    RESULTS_JSON: False,
+    lm_data.STREAMS_FILE: False,
 }
 
 

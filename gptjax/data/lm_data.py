@@ -23,6 +23,7 @@ from gptjax.data.pipeline import (
 from gptjax.errors import UserError
 
 SPLITS = ("train", "validation")
+STREAMS_DIR = "data"  # in the workdir: the token streams, one .npy a split
 STREAMS_FILE = "data.json"  # in the workdir: the corpus and tokenizer the streams are of
 
 
@@ -56,7 +57,7 @@ def prepare(
     """
     tfds.display_progress_bar(False)
     tokenizer_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
-    paths = {split: os.path.join(workdir, "data", f"{split}.npy") for split in SPLITS}
+    paths = {split: os.path.join(workdir, STREAMS_DIR, f"{split}.npy") for split in SPLITS}
     record_path = os.path.join(workdir, STREAMS_FILE)
     if evaluating and (cached := _cached(config, workdir, paths, read_json(record_path))):
         return cached
