@@ -75,6 +75,8 @@ def main(argv):
         if _MODE.value in ("eval", "zeroshot", "estimate"):
             # Their results go there, at the end; the others read a run from it first.
             workdirs.check_output_dir(workdir, create=False)
+        if _MODE.value in ("eval", "zeroshot", "generate"):
+            workdirs.check_shared(workdir)  # (training checks it with the workdir's lock)
         # A SIGTERM or Ctrl-C in any mode is one line and status 75 (the training loop
         # turns one into a checkpoint first).
         with preemption.stop_outside_the_loop():

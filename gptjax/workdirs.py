@@ -11,6 +11,8 @@ import fcntl
 import json
 import logging
 import os
+import secrets
+import time
 
 import jax
 import ml_collections
@@ -55,10 +57,73 @@ def workdir_lock(workdir: str):
                 f"another gptjax command is training in {workdir}; wait for it to end (or "
                 "stop it: it resumes from its last checkpoint), or use another --workdir"
             )
+        check_shared(workdir)
         yield
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+# How long a process looks for process 0's file before it calls the workdir not shared:
+# a network filesystem's client may cache a directory's listing (NFS: up to a minute).
+SHARED_WAIT_S = float(os.environ.get("GPTJAX_SHARED_WAIT_S", "60"))
+
+
+def check_shared(workdir: str):
+    """UserError, in every process, unless all processes see the same workdir. Each
+    process writes its own part of every checkpoint there, and all resume from what
+    process 0 finds there: a workdir on each host's own disk trains, but leaves
+    checkpoints the run cannot resume from. Process 0 writes a file of a random number, and
+    the others look for it. Nothing to check for a single process, or where process 0
+    cannot write in the workdir (the command then says why itself)."""
+    if jax.process_count() == 1:
+        return
+    token, probe = -1, None
+    if jax.process_index() == 0:
+        token = secrets.randbits(31)  # (JAX carries it as int32 unless x64 is on)
+        probe = _shared_probe(workdir, token)
+        try:
+            with replacing(probe) as f:
+                f.write(str(token))
+        except OSError:
+            token = -1
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(token)))
+    if token < 0:
+        return
+    try:
+        seen = probe is not None or _sees(_shared_probe(workdir, token), str(token))
+        seen = multihost_utils.process_allgather(np.int32(seen))
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.remove(probe)
+    blind = [i for i, s in enumerate(np.asarray(seen).reshape(-1)) if not s]
+    if blind:
+        raise UserError(
+            f"workdir {workdir} is not shared: process(es) {', '.join(map(str, blind))} "
+            "do not see what process 0 writes there; give every process the same directory "
+            "(a shared filesystem, e.g. NFS or Filestore, mounted at the same path)"
+        )
+
+
+def _shared_probe(workdir: str, token: int) -> str:
+    return os.path.join(workdir, f".shared_check.{token}")
+
+
+def _sees(path: str, content: str) -> bool:
+    """Whether `path` holds `content`, looked for until SHARED_WAIT_S has passed."""
+    start, told = time.monotonic(), False
+    while True:
+        with contextlib.suppress(OSError), open(path) as f:
+            if f.read() == content:
+                return True
+        waited = time.monotonic() - start
+        if waited > SHARED_WAIT_S:
+            return False
+        if waited > 5 and not told:
+            logging.info("waiting for process 0's file %s: is the workdir shared?", path)
+            told = True
+        time.sleep(0.5)
 
 
 def check_writable(workdir: str):

@@ -30,7 +30,8 @@
 #   --config PATH        [GPTJAX_CONFIG]  default configs/gpt1.py
 #   --workdir DIR        [GPTJAX_WORKDIR] the run's directory, the same path on every
 #                                         worker; with several workers it must be a
-#                                         shared mount (NFS, Filestore). Default (one
+#                                         shared mount (NFS, Filestore; checked at the
+#                                         start: "is not shared"). Default (one
 #                                         worker): ~/gptjax-runs/NAME, outside the clone
 #   --books PATH         [GPTJAX_BOOKS]   the corpus on every worker (a directory or glob)
 #   --spot               with create

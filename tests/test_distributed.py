@@ -2,6 +2,7 @@
 through JAX's distributed runtime (gloo collectives), as hosts of a TPU slice would."""
 
 import json
+import os
 import socket
 
 import pytest
@@ -151,3 +152,29 @@ def test_a_workdir_in_use_stops_every_process_not_just_process_0(tmp_path):
         assert p.returncode == 2, err[-3000:]
         assert err.strip().splitlines()[-1].startswith("error: another gptjax command")
     assert os.listdir(workdir) == []
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_workdir_not_shared_by_the_processes_stops_them_before_any_work(
+    mode, tmp_path, monkeypatch
+):
+    """Hosts that each train in a directory of their own disk would leave checkpoints the
+    run cannot resume from (and evaluations would read different runs). Two processes given
+    different directories stand for that. The books do not exist: the check comes first."""
+    monkeypatch.setenv("GPTJAX_SHARED_WAIT_S", "1")  # how long a process looks (60 s)
+    (tmp_path / "host0").mkdir()  # (training makes it; evaluation reads a run there)
+    port = free_port()
+    join = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--mode={mode}"]
+    books, cache = tmp_path / "books", tmp_path / "cache"
+    procs = [
+        start_main(tmp_path / f"host{i}", *join, f"--process_id={i}", books=books, cache=cache)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 2, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: workdir {tmp_path / f'host{i}'} is not shared"), last
+        assert "process(es) 1 do not see" in last, last
+    assert os.listdir(tmp_path / "host0") == []  # the check's file is gone again
+    assert not (tmp_path / "host1").exists()
