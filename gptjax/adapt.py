@@ -24,11 +24,12 @@ if TYPE_CHECKING:
     from gptjax.finetune import FineTune
 
 
-def adapt(run: "FineTune") -> str:
+def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     """Phase 1 of `run`: continues LM training (the pretraining objective) on the task's
     own texts, in `workdir/adapt` with its own checkpoints; resumes or, when complete,
-    does nothing. Returns that directory (the next phase starts from its latest
-    checkpoint)."""
+    does nothing. Starts from `pretrained` (init_from's LM parameters, as
+    `run.restore_lm` reads them) when given, else reads them itself. Returns that
+    directory (the next phase starts from its latest checkpoint)."""
     cfg, a = run.config, run.config.adapt
     workdir = os.path.join(run.workdir, "adapt")
 
@@ -70,7 +71,7 @@ def adapt(run: "FineTune") -> str:
         run.mesh,
     )
     if resume is None and cfg.init_from:
-        params = run.restore_lm(cfg.init_from)
+        params = run.restore_lm(cfg.init_from) if pretrained is None else pretrained
         if cfg.train.scan_layers:
             params = stack_layers(params, cfg.model.n_layer)
         state = state.replace(params=jax.device_put(params, shardings.params))

@@ -399,14 +399,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = run.total_steps()
     per_epoch = run.steps_per_epoch()
     source, pretrained = config.init_from, None
-    if run.resume_step is None and source and not config.adapt.enabled:
+    if run.resume_step is None and source:
         # Read before anything is written: a missing or unreadable checkpoint in init_from
         # is an error that leaves the workdir as it was.
         pretrained = run.restore_lm(source)
     if not run.started:
         tokenizer_lib.save_dir(run.tokenizer, workdir)
     if config.adapt.enabled and run.resume_step is None:
-        source = adapt.adapt(run)  # at its own intervals: the ones below are per task epoch
+        # From init_from's parameters (unless it resumes), at its own intervals (the ones
+        # below are per task epoch); fine-tuning then starts from what it trained.
+        source, pretrained = adapt.adapt(run, pretrained), None
     with config.unlocked():
         # Unset: evaluate and checkpoint at the end of every epoch.
         config.train.eval_every = config.train.eval_every or per_epoch

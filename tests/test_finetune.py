@@ -509,12 +509,19 @@ def test_a_start_that_fails_leaves_nothing_that_a_corrected_start_would_use(
     empty_run.mkdir()
     for name in ("config.json", "tokenizer.model"):
         (empty_run / name).write_bytes((pretrained / "run" / name).read_bytes())
-    workdir = tmp_path / "ft"
-    status, last = main_in_process(
-        workdir, f"--config.init_from={empty_run}", *task_flags, config=FT, capsys=capsys
-    )
-    assert status == 2 and "no checkpoint" in last, last
-    assert not workdir.exists() or not list(workdir.iterdir())
+    for adapting in (True, False):  # with domain adaptation first, too
+        workdir = tmp_path / f"ft_{adapting}"
+        adapt_flag = f"--config.adapt.enabled={adapting}"
+        status, last = main_in_process(
+            workdir,
+            f"--config.init_from={empty_run}",
+            adapt_flag,
+            *task_flags,
+            config=FT,
+            capsys=capsys,
+        )
+        assert status == 2 and "no checkpoint" in last, last
+        assert not workdir.exists() or not list(workdir.iterdir())
     # A stale tokenizer of the same size (another corpus) where a failed start left one.
     workdir.mkdir(exist_ok=True)
     letters = np.random.default_rng(0).choice(list("abcdefghijklmnopqrstuvwxyz"), (400, 60))

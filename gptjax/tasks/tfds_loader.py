@@ -38,8 +38,10 @@ FILE_FORMAT = "array_record"
 # Records read per `__getitems__` call: reading one at a time is about 10x slower.
 _READ_BATCH = 4096
 
-# Story Cloze: every 5th story of the 2016 validation set (374 of 1,871, the size of GPT-1's
-# held-out set) is the task's "validation" split, the others (1,497) its "train" split.
+# Story Cloze: every 5th story of the 2016 validation set, in the order TFDS stores its
+# records (shuffled by a hash of each record, not the CSV's order, but the same on every
+# machine), is the task's "validation" split (374 of 1,871, the size of GPT-1's held-out
+# set), the others (1,497) its "train" split.
 STORY_CLOZE_HELD_OUT_EVERY = 5
 
 

@@ -17,8 +17,10 @@ Truncation keeps every sequence within n_ctx. A single text keeps its beginning.
 parts share the n_ctx - 3 ids left after the specials longest-first: the shorter part
 is kept whole if it fits in half, else both get half; the first part loses its
 *beginning* (so a question at the end of a RACE context, next to the answer, survives)
-and the second part its end. Similarity's two orderings are built from the same two cut
-parts, so both see the same text. (The original code instead cut every part to n_ctx // 2 - 2
+and the second part its end. Multiple choice fits the context with each answer on its
+own, so a longer answer leaves less of the context's beginning in its sequence.
+Similarity's two orderings are built from the same two cut parts, so both see the same
+text. (The original code instead cut every part to n_ctx // 2 - 2
 ids whatever the other's length.)
 """
 
