@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from gptjax import checkpoint, optim, train
-from gptjax.data.pipeline import PackedWindows, eval_batches, train_iterator
+from gptjax.data.pipeline import PackedWindows, train_iterator
 from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
 from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.workdirs import agreed_resume_step, check_workdir
@@ -86,14 +86,9 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     )
 
     def evaluate(params):
-        batches = eval_batches(
-            eval_windows,
-            phase_cfg.batch_size // phase_cfg.microbatches,
-            phase_cfg.eval_batches,
-            jax.process_index(),
-            jax.process_count(),
+        return train.evaluate(
+            p_eval, params, train.lm_eval_batches(eval_windows, phase_cfg), run.mesh
         )
-        return train.evaluate(p_eval, params, batches, run.mesh)
 
     data_iter = train_iterator(
         train_windows,

@@ -81,14 +81,17 @@ def _drop_rows_after(path: str, step: int):
 
 
 def _rows(path: str) -> list[dict]:
-    """The file's rows; a line torn by a kill mid-write is skipped."""
+    """The file's rows; a line that is not one (torn by a kill mid-write, or edited by
+    hand into something else than an object with an integer step) is skipped."""
     rows = []
     with open(path) as f:
         for line in f:
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict) and type(row.get("step")) is int:
+                rows.append(row)
     return rows
 
 

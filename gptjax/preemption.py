@@ -64,15 +64,41 @@ class PreemptionGuard:
     def __init__(self):
         self.signal_name: str | None = None
         self._previous = {}
+        self._interrupt_at: int | None = None  # the step an `interruptible` block is at
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
-        logging.warning("%s received: stopping after this step", self.signal_name)
+        if self._interrupt_at is None:
+            logging.warning("%s received: stopping after this step", self.signal_name)
+        else:
+            logging.warning("%s received: stopping the evaluation", self.signal_name)
         if jax.process_count() > 1:
             # Hand it to JAX's preemption service, which stops every process together.
             os.kill(os.getpid(), signal.SIGTERM)
         # A second Ctrl-C is an impatient user: let it interrupt immediately.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self._interrupt_at is not None:
+            raise Preempted(self._interrupt_at, self.signal_name)
+
+    @contextlib.contextmanager
+    def interruptible(self, step: int):
+        """A block that a stop signal ends at once with `Preempted(step)`, and that one
+        received before it does not start: an evaluation, which can take minutes (a
+        spot VM's notice is 30 s), after step `step`, whose checkpoint the caller has
+        saved or saves on the way out. On several processes a block runs whole: JAX's
+        preemption service stops them together, at a step."""
+        if jax.process_count() > 1:
+            yield
+            return
+        if self.signal_name is not None:
+            raise Preempted(step, self.signal_name)
+        self._interrupt_at = step
+        try:
+            yield
+        finally:
+            self._interrupt_at = None
+        if self.signal_name is not None:  # its exception was swallowed (a gc callback)
+            raise Preempted(step, self.signal_name)
 
     def __enter__(self):
         if _pending:  # a stop before the loop that did not end the work (see above)

@@ -11,7 +11,7 @@ import ml_collections
 from gptjax import checkpoint, optim, sharding, train
 from gptjax.atomic import replacing
 from gptjax.data import lm_data
-from gptjax.data.pipeline import eval_batches, train_iterator, unigram_perplexity
+from gptjax.data.pipeline import train_iterator, unigram_perplexity
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.results import RESULTS_JSON
@@ -79,14 +79,7 @@ class Run:
         self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints, read_only=read_only)
 
     def eval_data(self):
-        return eval_batches(
-            self.data.windows["validation"],
-            # Evaluation holds logits for a whole batch: use the microbatch size.
-            self.config.train.batch_size // self.config.train.microbatches,
-            self.config.train.eval_batches,
-            jax.process_index(),
-            jax.process_count(),
-        )
+        return train.lm_eval_batches(self.data.windows["validation"], self.config.train)
 
     def take_state(self):
         state, self.state = self.state, None

@@ -16,6 +16,7 @@ import optax
 from flax.training import train_state
 
 from gptjax import checkpoint, losses, optim, sharding
+from gptjax.data.pipeline import eval_batches
 from gptjax.errors import Preempted, UserError
 from gptjax.metrics import MetricsWriter, evaluated_at
 from gptjax.model import GPT, stack_layers
@@ -271,6 +272,20 @@ def compile_steps(model: GPT, schedule: optax.Schedule, mesh, state_shardings, t
     return p_train, sharding.under_axis_rules(p_eval, mesh)
 
 
+def lm_eval_batches(windows, train_cfg) -> Iterable[dict]:
+    """The held-out `windows` for `evaluate`, this process's rows, in microbatches (an
+    evaluation holds the logits of a whole batch), at most `train_cfg.eval_batches`
+    batches of `train_cfg.batch_size` windows: the same windows whatever the microbatches."""
+    k, cap = train_cfg.microbatches, train_cfg.eval_batches
+    return eval_batches(
+        windows,
+        train_cfg.batch_size // k,
+        None if cap is None else cap * k,
+        jax.process_index(),
+        jax.process_count(),
+    )
+
+
 def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh) -> dict[str, float]:
     """Token-weighted held-out loss and perplexity over all `batches`, with a progress
     line every 30 s (a 1% split of BookCorpus is hundreds of batches)."""
@@ -375,13 +390,14 @@ def fit(
     and when `guard` reports a stop signal (then a checkpoint is written synchronously and
     `Preempted` is raised).
     """
-    step = int(jax.device_get(state.step))
-    throughput = Throughput(step, tokens_per_step)
+    step = first = int(jax.device_get(state.step))
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
     while step < total_steps:
         batch = sharding.global_batch(mesh, next(train_iter))
         state, metrics = p_train(state, batch)
+        if step == first:  # compiled (or loaded from the cache): the clock starts now
+            throughput = Throughput(step, tokens_per_step)
         step += 1
         pending.append((step, metrics))
         last = step == total_steps
@@ -393,13 +409,19 @@ def fit(
             row["tokens_per_sec"], eta = throughput.update(step, total_steps)
             writer.write(step, row)
             log_progress(step, total_steps, row, eta)
-        # (a stop signal leaves no time for an evaluation before the save: the resumed
-        # run makes it up, `evaluate_missed`)
+        # The save comes first, and a stop signal before or during an evaluation ends it
+        # (there may be no time for one): the resumed run makes it up (`evaluate_missed`,
+        # or the final evaluation of a run trained to the end).
         evaluate = (step % train_cfg.eval_every == 0 or last) and not (stop and not last)
-        if evaluate:
-            eval_metrics = evaluate_and_write(step, state.params, evaluate_fn, writer)
         if save:
             save_checkpoint(state, train_iter.get_state(), force=last or stop, wait=stop)
+        if evaluate:
+            try:
+                eval_metrics = evaluate_and_write(step, state.params, evaluate_fn, writer, guard)
+            except Preempted:
+                if not save:
+                    save_checkpoint(state, train_iter.get_state(), force=True, wait=True)
+                raise
         if evaluate or save:
             throughput.update(step, total_steps)  # evaluating and saving are not training
         if stop and not last:
@@ -407,22 +429,29 @@ def fit(
     return state, eval_metrics
 
 
-def evaluate_and_write(step: int, params, evaluate_fn: Callable, writer) -> dict[str, float]:
-    """`evaluate_fn(params)`, written as the eval row of `step` and logged."""
-    eval_metrics = evaluate_fn(params)
+def evaluate_and_write(
+    step: int, params, evaluate_fn: Callable, writer, guard: PreemptionGuard
+) -> dict[str, float]:
+    """`evaluate_fn(params)`, written as the eval row of `step` and logged; a stop signal
+    ends it at once (`PreemptionGuard.interruptible`), before anything is written."""
+    with guard.interruptible(step):
+        eval_metrics = evaluate_fn(params)
     writer.write(step, eval_metrics)
     logging.info("step %d %s", step, " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
     return eval_metrics
 
 
-def evaluate_missed(state, evaluate_fn, writer, workdir: str, train_cfg, total_steps: int):
-    """At a resume from an evaluation step, that step's evaluation if the stopped run
-    skipped it (a stop signal there leaves no time for one before the save); the last
-    step's evaluation is `fit`'s, after its training."""
+def evaluate_missed(
+    state, evaluate_fn, writer, workdir: str, train_cfg, total_steps: int, guard
+) -> dict[str, float]:
+    """At a resume from an evaluation step (or the last step), that step's evaluation if
+    the stopped run did not finish it (a stop signal before or during one ends it); its
+    metrics, or {} when none was due."""
     step = int(jax.device_get(state.step))
-    due = 0 < step < total_steps and step % train_cfg.eval_every == 0
+    due = 0 < step <= total_steps and (step % train_cfg.eval_every == 0 or step == total_steps)
     if due and not evaluated_at(workdir, step):
-        evaluate_and_write(step, state.params, evaluate_fn, writer)
+        return evaluate_and_write(step, state.params, evaluate_fn, writer, guard)
+    return {}
 
 
 def run_phase(
@@ -461,7 +490,9 @@ def run_phase(
     failed = True
     try:
         with PreemptionGuard() as guard:
-            evaluate_missed(state, evaluate_fn, writer, workdir, train_cfg, total_steps)
+            missed = evaluate_missed(
+                state, evaluate_fn, writer, workdir, train_cfg, total_steps, guard
+            )
             state, eval_metrics = fit(
                 state,
                 p_train,
@@ -476,7 +507,10 @@ def run_phase(
                 guard,
             )
         failed = False
+    except Preempted:
+        failed = False  # the stop's checkpoint may still be writing: finish waits for it
+        raise
     finally:
         writer.close()
         checkpoint.finish(ckpt, failed)
-    return state, eval_metrics
+    return state, eval_metrics or missed  # (fit's are {} when resumed at the last step)

@@ -61,7 +61,7 @@ def test_rows_tensorboard_and_resume_truncation(tmp_path):
     # A run killed mid-write leaves a torn line; resuming from step 2 drops it and the
     # rows after the checkpoint, which the resumed run writes again.
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 4, "lo')
+        f.write('5\n["step", 4]\n{"step": "4"}\n{"step": 4, "lo')  # hand edits too
     writer = MetricsWriter(str(tmp_path), resume_step=2)
     writer.write(3, {"loss": 30.0})
     writer.close()

@@ -277,3 +277,39 @@ def test_a_stop_that_lands_in_a_gc_callback_still_stops(capsys):
             assert guard.should_stop(1)  # the loop would stop after its first step
     assert "Exception ignored" not in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is not None and not preemption._pending
+
+
+@pytest.mark.parametrize("stop_at", [2, 6])
+def test_a_stop_during_an_evaluation_ends_it_at_once(books, tmp_path, monkeypatch, stop_at):
+    """An evaluation can take minutes at BookCorpus scale, and a spot VM's notice is 30 s:
+    a SIGTERM during one ends it at once, with the step's checkpoint saved (step 2 is not
+    a checkpoint step, so it is saved on the way out; step 6 is the last), no step after
+    it, and the evaluation made up by the resumed run."""
+    from gptjax import train
+    from gptjax.errors import Preempted
+
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=6, ckpt_every=4, eval_every=2, log_every=1)
+    workdir = str(tmp_path / "run")
+    real, calls, finished = train.evaluate, [], []
+
+    def slow_evaluate(p_eval, params, batches, mesh):
+        calls.append(2 * (len(calls) + 1))  # the step evaluated: 2, 4, 6
+        if calls[-1] == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # a long evaluation, which the signal must cut short
+            finished.append(stop_at)
+        return real(p_eval, params, batches, mesh)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    with pytest.raises(Preempted, match=f"stopped by SIGTERM at step {stop_at}; checkpoint"):
+        pretrain.train_and_evaluate(config, workdir)
+    assert finished == []
+    assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == stop_at
+    assert max(r["step"] for r in read_metrics(workdir)) == stop_at  # no step after it
+    assert not [r for r in read_metrics(workdir) if r["step"] == stop_at and "eval_ppl" in r]
+
+    monkeypatch.setattr(train, "evaluate", real)
+    final = pretrain.train_and_evaluate(config, workdir)
+    evaluated = [r["step"] for r in read_metrics(workdir) if "eval_ppl" in r]
+    assert evaluated == [2, 4, 6] and final["eval_ppl"] > 0

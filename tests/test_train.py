@@ -235,3 +235,45 @@ def test_a_long_evaluation_says_how_far_it_is(monkeypatch, caplog):
     assert progress == [
         f"evaluating: {n} batches in {t}" for n, t in ((2, "1m20s"), (4, "2m20s"), (6, "3m20s"))
     ]
+
+
+def test_an_evaluation_cap_covers_the_same_windows_whatever_the_microbatches():
+    """`train.eval_batches` counts batches of `train.batch_size` windows: evaluating in
+    microbatches (4 windows at a time instead of 8) must not halve what is scored."""
+    from gptjax.data.pipeline import PackedWindows
+
+    windows = PackedWindows(np.arange(50 * 4 + 1), n_ctx=4, pad_id=0)
+
+    def scored(microbatches):
+        cfg = types.SimpleNamespace(batch_size=8, microbatches=microbatches, eval_batches=3)
+        batches = list(train.lm_eval_batches(windows, cfg))
+        assert {len(b["tokens"]) for b in batches} == {8 // microbatches}
+        return np.concatenate([b["tokens"] for b in batches])
+
+    assert len(scored(1)) == 24
+    np.testing.assert_array_equal(scored(2), scored(1))
+    np.testing.assert_array_equal(scored(4), scored(1))
+
+
+def test_the_first_rows_speed_leaves_out_compiling(books, tmp_path, monkeypatch):
+    """tokens/s and the ETA of the first row measure training, not the compilation the
+    first step waits for (a fake clock: compiling takes 100 s, each step 1 s)."""
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=4, log_every=2, eval_every=100, ckpt_every=100)
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    real = train.compile_steps
+
+    def compile_steps(*args, **kwargs):
+        p_train, p_eval = real(*args, **kwargs)
+
+        def timed(state, batch):
+            clock[0] += 1.0 if clock[0] else 100.0  # compiling first, then a step
+            return p_train(state, batch)
+
+        return timed, p_eval
+
+    monkeypatch.setattr(train, "compile_steps", compile_steps)
+    pretrain.train_and_evaluate(config, str(tmp_path / "run"))
+    speeds = [r["tokens_per_sec"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(speeds) == 2 and speeds[0] >= speeds[1]  # not 1/50th of it
