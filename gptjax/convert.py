@@ -205,9 +205,9 @@ def from_openai(src: str, dst: str, n_head: int = 12):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the params_*.npy files: {e}") from None
     tensors = openai_to_hf(split_openai(flat.astype(np.float32), shapes))
-    if tensors["tokens_embed.weight"].shape[1] % n_head:
-        width = tensors["tokens_embed.weight"].shape[1]
-        raise UserError(f"--n_head={n_head} does not divide the release's width, {width}")
+    tokens = tensors["tokens_embed.weight"]  # (one not a matrix: hf_to_params says so)
+    if tokens.ndim == 2 and tokens.shape[1] % n_head:
+        raise UserError(f"--n_head={n_head} does not divide the release's width, {tokens.shape[1]}")
     params = hf_to_params(tensors, n_head)
     source = {"format": "openai", "source": os.path.abspath(src)}
     sizes = _sizes(params, n_head)

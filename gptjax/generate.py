@@ -77,7 +77,7 @@ def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
 def choose(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """The next token of each row [B]. Row i draws with `key` folded with i, so its
     sample does not depend on how many rows there are or what the others hold."""
-    if sampling.temperature == 0:
+    if np.float32(sampling.temperature) == 0:  # (also one under float32's smallest)
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     filtered_BxV = filter_logits(logits_BxV, sampling)
     keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(len(filtered_BxV)))

@@ -57,8 +57,10 @@ def hf_to_params(tensors: dict[str, np.ndarray], n_head: int) -> dict:
         return x
 
     tokens_VxD, positions_CxD = get("tokens_embed.weight"), get("positions_embed.weight")
+    if tokens_VxD.ndim != 2 or positions_CxD.ndim != 2:
+        raise UserError("the token and position embeddings must be matrices")
     d = tokens_VxD.shape[1]
-    if tokens_VxD.ndim != 2 or positions_CxD.ndim != 2 or positions_CxD.shape[1] != d:
+    if positions_CxD.shape[1] != d:
         raise UserError("the token and position embeddings do not share one width")
     if d % n_head:
         raise UserError(f"width {d} is not divisible by n_head={n_head}")
@@ -120,6 +122,10 @@ def openai_to_hf(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 def split_openai(flat: np.ndarray, shapes: list[list[int]]) -> list[np.ndarray]:
     """The release's flat concatenation, split by the shapes' sizes and reshaped."""
+    if not isinstance(shapes, list) or not all(
+        isinstance(s, list) and all(type(n) is int and n > 0 for n in s) for s in shapes
+    ):
+        raise UserError(f"{OPENAI_SHAPES} is not a list of shapes (lists of positive sizes)")
     sizes = [int(np.prod(s)) for s in shapes]
     if flat.size != sum(sizes):
         raise UserError(

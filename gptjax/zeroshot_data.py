@@ -49,11 +49,12 @@ def task_names(zs: ml_collections.ConfigDict) -> list[str]:
             f"comma-separated list of {', '.join(TASKS)}"
         )
     for name in TASKS:
-        if zs[f"{name}_path"] and name not in names:
-            raise UserError(
-                f"{_OPTION}{name}_path is set but {name} is not in zeroshot.tasks; add it: "
-                f"{_OPTION}tasks={','.join([*names, name])}"
-            )
+        for setting in [f"{name}_path", *(["cola_train_path"] if name == "cola" else [])]:
+            if zs[setting] and name not in names:
+                raise UserError(
+                    f"{_OPTION}{setting} is set but {name} is not in zeroshot.tasks; add it: "
+                    f"{_OPTION}tasks={','.join([*names, name])}"
+                )
     if "dprd" in names and not zs.dprd_path:
         raise UserError(
             f"DPRD is not in TFDS: set {_OPTION}dprd_path to its JSON-lines file (fields "

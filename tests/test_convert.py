@@ -343,6 +343,16 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
     openai_release(tmp_path / "release2", np.random.default_rng(5))
+    shapes_file = tmp_path / "release2" / "params_shapes.json"
+    shapes = json.loads(shapes_file.read_text())
+    for wrong, words in (
+        ({"a": [2, 2]}, "is not a list of shapes"),
+        ([shapes[0], [shapes[1][0] * shapes[1][1]], *shapes[2:]], "must be matrices"),
+    ):
+        shapes_file.write_text(json.dumps(wrong))
+        assert words in run(capsys, "from-openai", tmp_path / "release2", tmp_path / "e")
+        assert not (tmp_path / "e").exists()
+    shapes_file.write_text(json.dumps(shapes))
     for heads, words in (("0", "--n_head=0 must be at least 1"), ("5", "does not divide")):
         assert words in run(
             capsys, "from-openai", tmp_path / "release2", tmp_path / "e", f"--n_head={heads}"

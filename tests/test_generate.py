@@ -214,6 +214,9 @@ def test_a_tiny_temperature_draws_the_most_likely_token():
     logits = jnp.array([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
     chosen = generate.choose(logits, jax.random.PRNGKey(0), Sampling(temperature=1e-30))
     assert chosen.tolist() == [1, 0]
+    # One below float32's smallest number is 0 there: greedy, not a division by zero.
+    for sampling in (Sampling(temperature=1e-46), Sampling(temperature=1e-50, top_p=0.5)):
+        assert generate.choose(logits, jax.random.PRNGKey(0), sampling).tolist() == [1, 0]
 
 
 class _Replay:
@@ -256,6 +259,13 @@ def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_
     stop = expected.strip()[1:3]
     [cut] = generate.generate_text(gen, tok, ["The king"], Sampling(6, temperature=0.0), (stop,))
     assert cut == expected[: expected.index(stop)]
+    # A prompts file with Windows line ends (text mode reads "\r\n" as "\n"): the same prompt.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"The king\r\n")
+    status, _ = main_in_process(run, *flags, f"--config.generate.prompts_file={prompts}")
+    assert status == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert json.loads(line) == {"prompt": "The king", "continuation": expected}
     status, last = main_in_process(run, "--mode=generate", capsys=capsys)
     assert status == 2 and "generate.prompt" in last, last
 

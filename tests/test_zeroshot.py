@@ -301,6 +301,7 @@ def test_zeroshot_mode_scores_the_latest_checkpoint_by_default(pretrained, tmp_p
         ({"tasks": "sst2,mnli"}, ["mnli", "zeroshot.tasks"]),
         ({"tasks": "sst2,dprd", "dprd_path": ""}, ["dprd_path"]),
         ({"tasks": "sst2", "dprd_path": "x.jsonl"}, ["dprd", "zeroshot.tasks"]),
+        ({"tasks": "sst2", "cola_train_path": "x.jsonl"}, ["cola_train_path", "tasks=sst2,cola"]),
         ({"tasks": "dprd", "dprd_path": "/no/such/dprd.jsonl"}, ["/no/such/dprd.jsonl"]),
         ({"tasks": "cola", "cola_train_path": ""}, ["cola_train_path"]),
         ({"tasks": "dprd", "dprd_path": "BAD"}, ["line 1", "'_'"]),
