@@ -96,7 +96,7 @@ class SentencePieceTokenizer:
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode_text` of many texts at once (SentencePiece encodes them in parallel)."""
-        lines = [text.split("\n") for text in texts]
+        lines = [_lines(text) for text in texts]
         flat = self.encode_batch([line for parts in lines for line in parts])
         out, i = [], 0
         for parts in lines:
@@ -110,7 +110,8 @@ class SentencePieceTokenizer:
         return out
 
     def encode_document(self, text: str) -> np.ndarray:
-        """A whole book as ids: line by line (keeping newlines) and ending with </s>."""
+        """A whole book as ids: line by line (keeping newlines; "\r\n" reads as "\n")
+        and ending with </s>."""
         return np.asarray(self.encode_text(text) + [self.eos_id], dtype=np.int32)
 
 
@@ -155,9 +156,16 @@ def load_dir(directory: str):
 _MAX_LINE_CHARS = 1024
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of `text`, ended by "\n" or Windows' "\r\n" (SentencePiece's trainer
+    drops a line's last "\r", so it would never get an id: each line of a CRLF book
+    would end in <unk>)."""
+    return text.split("\n") if "\r" not in text else text.replace("\r\n", "\n").split("\n")
+
+
 def _training_lines(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
-        for line in text.split("\n"):
+        for line in _lines(text):
             if not line.strip():
                 continue
             if len(line) <= _MAX_LINE_CHARS or len(line.encode()) <= 4 * _MAX_LINE_CHARS:

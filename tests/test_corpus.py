@@ -210,6 +210,32 @@ def test_linked_books_are_read_once_and_a_link_loop_ends(tmp_path):
     assert sorted(got["train"] + got["validation"]) == sorted(BOOKS)
 
 
+def test_a_link_added_beside_a_book_never_takes_its_title_through_a_linked_root(tmp_path):
+    """data.books itself reached through a link (/data -> /mnt/data): the book keeps its
+    own path (and so its split) when a link to it, sorting first, is added."""
+    write_books(tmp_path / "real", BOOKS)
+    os.symlink("real", tmp_path / "books")
+    os.symlink("a_tale.txt", tmp_path / "real" / "0_alias.txt")
+    _, files = book_dir_module._list_book_files(str(tmp_path / "books"))
+    assert [f.relpath for f in files] == sorted(BOOKS)
+
+
+def test_an_unreadable_directory_is_said_not_skipped_silently(tmp_path, monkeypatch, caplog):
+    root = write_books(tmp_path / "corpus", BOOKS)
+    locked = str(root / "series")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    _, files = book_dir_module._list_book_files(str(root))
+    assert not [f for f in files if f.relpath.startswith("series/")]
+    assert f"cannot read directory {locked} (Permission denied)" in caplog.text
+
+
 def test_a_directory_whose_name_looks_like_a_glob(tmp_path):
     root = write_books(tmp_path / "bk[1]", BOOKS)
     data = corpus.load_books(books_cfg(root), str(tmp_path / "tfds"))

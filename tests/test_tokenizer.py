@@ -38,6 +38,19 @@ def test_document_round_trip_keeps_newlines_and_spaces(tok):
         assert tok.decode(ids) == text
 
 
+def test_windows_line_ends_read_as_newlines():
+    """SentencePiece's trainer drops a line's last "\r": without reading "\r\n" as "\n",
+    a tokenizer learned on CRLF books ended every line of them with <unk>."""
+    crlf = [text.replace("\n", "\r\n") for text in TEXTS]
+    tok = tokenizer_lib.train_sentencepiece(crlf, 96, 10_000)
+    assert tok.digest == tokenizer_lib.train_sentencepiece(TEXTS, 96, 10_000).digest
+    for windows, unix in zip(crlf[:2], TEXTS[:2], strict=True):
+        ids = tok.encode_document(windows)
+        assert tok.unk_id not in ids.tolist()
+        assert ids.tolist() == tok.encode_document(unix).tolist()
+        assert tok.decode(ids) == unix
+
+
 def test_specials_never_come_from_text(tok):
     ids = tok.encode_document("_start_ _delimiter_ _classify_")
     assert max(ids) < tok.vocab_size

@@ -11,6 +11,7 @@ import codecs
 import dataclasses
 import glob
 import hashlib
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -120,10 +121,11 @@ def _list_book_files(books: str) -> tuple[str, list[_BookFile]]:
     else:
         raise UserError(f"data.books {books!r} does not exist; {_BOOKS_HINT}")
 
-    files, seen = [], set()
+    files, seen, real_root = [], set(), os.path.realpath(root)
 
-    def through_a_link(path):
-        return os.path.realpath(path) != os.path.abspath(path)
+    def through_a_link(path):  # (the root itself may be reached through one: not counted)
+        inside = os.path.relpath(os.path.abspath(path), root)
+        return os.path.realpath(path) != os.path.normpath(os.path.join(real_root, inside))
 
     # A file reached by several paths is one book, under its real path if it has one
     # under the root (so adding a link never moves a book), else its first.
@@ -159,8 +161,15 @@ def _txt_files_under(root: str) -> list[str]:
         st = os.stat(path)
         return st.st_dev, st.st_ino
 
+    def unreadable(error: OSError):  # os.walk would skip it without a word
+        logging.warning(
+            "cannot read directory %s (%s): the books in it are left out",
+            error.filename,
+            error.strerror,
+        )
+
     paths, visited, links = [], set(), []
-    for directory, subdirs, names in os.walk(root):  # links listed, not followed
+    for directory, subdirs, names in os.walk(root, onerror=unreadable):  # links: not followed
         visited.add(key(directory))
         paths += [os.path.join(directory, n) for n in names if n.endswith(".txt")]
         links += [
@@ -169,7 +178,7 @@ def _txt_files_under(root: str) -> list[str]:
             if os.path.islink(os.path.join(directory, d))
         ]
     for link in sorted(links):
-        for directory, subdirs, names in os.walk(link, followlinks=True):
+        for directory, subdirs, names in os.walk(link, onerror=unreadable, followlinks=True):
             if not os.path.isdir(directory) or key(directory) in visited:
                 subdirs[:] = []
                 continue
