@@ -275,6 +275,8 @@ class FineTune:
         evaluation, which restores parameters) the state is only laid out: `abstract`
         holds its shapes and shardings, `state` is None and nothing is allocated."""
         cfg = self.config
+        if initialise:
+            optim.warn_if_untrained(cfg.train, total_steps)
         self.schedule = optim.lr_schedule(cfg.train, total_steps)
         tx = optim.make_optimizer(cfg.train, total_steps)
         if initialise:

@@ -29,6 +29,7 @@ import pkgutil
 import platform
 import sys
 
+from gptjax import machine
 from gptjax.errors import UserError, fail
 
 ENV = "GPTJAX_HOST_MEMORY"
@@ -63,7 +64,9 @@ def configure(choice: str | None = None) -> bool:
 def at_start():
     """`configure()` as a command's first act (its `__main__`, not its `main()`, which
     tests also call in their own process): a bad $GPTJAX_HOST_MEMORY ends the command
-    with one line and exit status 2."""
+    with one line and exit status 2. First, JAX is told to use the CPU where libtpu is
+    installed without a TPU to run (`machine.skip_absent_tpu`)."""
+    machine.skip_absent_tpu()
     try:
         configure()
     except UserError as e:

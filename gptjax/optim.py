@@ -20,16 +20,21 @@ def warmup_steps(train_cfg: ml_collections.ConfigDict, total_steps: int) -> int:
     return min(warmup, total_steps)
 
 
-def lr_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then to 0 at `total_steps`: cosine annealing for pretraining
-    (Section 4.1 of the paper), linear decay for fine-tuning (`train.schedule`)."""
-    warmup = warmup_steps(train_cfg, total_steps)
-    if total_steps == 1 and warmup == 1:
+def warn_if_untrained(train_cfg: ml_collections.ConfigDict, total_steps: int):
+    """Says so when a training run's only update would apply learning rate 0 (called by
+    the runs that train, not by an evaluation, which compiles a one-step schedule)."""
+    if total_steps == 1 and warmup_steps(train_cfg, total_steps) == 1:
         logging.warning(
             "a run of one update trains at learning rate 0 (warmup starts from 0, as the "
             "original's does), so it changes no weight; give it more updates "
             "(train.num_steps, train.epochs, or a smaller train.batch_size)"
         )
+
+
+def lr_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then to 0 at `total_steps`: cosine annealing for pretraining
+    (Section 4.1 of the paper), linear decay for fine-tuning (`train.schedule`)."""
+    warmup = warmup_steps(train_cfg, total_steps)
     if train_cfg.get("schedule", "cosine") == "linear":
         return optax.join_schedules(
             [

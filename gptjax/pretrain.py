@@ -62,6 +62,8 @@ class Run:
         self.model_cfg = ModelConfig.from_config(config.model, config.train)
         self.model = GPT(self.model_cfg, **layer_options(config.train))
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
+        if not read_only:
+            optim.warn_if_untrained(config.train, self.total_steps)
         self.schedule = optim.lr_schedule(config.train, self.total_steps)
         tx = optim.make_optimizer(config.train, self.total_steps)
         if read_only:  # evaluation restores parameters into this layout: shapes suffice

@@ -7,7 +7,6 @@ as libtpu's topologies do ("v5e:2x4", "v4:2x2x4").
 """
 
 import contextlib
-import glob
 import importlib.util
 import math
 import os
@@ -15,6 +14,7 @@ import os
 import jax
 from jax.experimental import topologies
 
+from gptjax import machine
 from gptjax.errors import UserError
 
 # The shapes Cloud TPU gives its slices, by chips: v4 and v5p chips in 3-D tori, v5e and
@@ -34,8 +34,6 @@ _TYPES = {"v4": ("v4", 3, 2), "v5p": ("v5p", 3, 2), "v5litepod": ("v5e", 2, 1),
 _ONE_HOST = {"1x1": (1, 1, 1), "2x4": (2, 4, 1)}
 
 EXAMPLES = "v5litepod-8, v6e-16, v4-32, v5p-8, or a topology such as v5e:2x4"
-# Where a TPU VM's chips appear; on such a machine libtpu's environment is left alone.
-_TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
 
 
 def topology_name(name: str) -> str:
@@ -76,7 +74,7 @@ def _libtpu_without_tpus(topology: str):
     TPU VM it cannot find (its type and its workers' names) unless the environment
     names them; and it takes a lockfile that keeps a second process from starting it
     (two estimates at once), which guards no chips here."""
-    if any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES):
+    if machine.has_tpu():
         yield
         return
     names = {"TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}

@@ -1,8 +1,6 @@
 """Shared fixtures: tiny configs that exercise every code path quickly on a CPU."""
 
 import ctypes
-import glob
-import importlib.util
 import logging
 import os
 import pathlib
@@ -14,6 +12,8 @@ import time
 
 import pytest
 
+from gptjax import machine  # (imports no JAX)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # The tests check values, not speed: XLA's cheapest compilation, here and in every
@@ -22,13 +22,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 # With libtpu installed (the tpu extra, for tests/test_estimate.py's compilation for TPU
-# slices), JAX tries to start a TPU runtime at its first computation, and on a machine
-# without accelerators libtpu prints its failure to stderr in every process. Such a
-# machine runs the tests on its CPU anyway, so JAX is told so (the commands the tests
-# start inherit it).
-_ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
-if importlib.util.find_spec("libtpu") and not any(map(glob.glob, _ACCELERATOR_FILES)):
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# slices) on a machine without accelerators, JAX is told to use the CPU, as the commands
+# do (`gptjax.machine`); the commands the tests start inherit it.
+machine.skip_absent_tpu()
 
 
 @pytest.fixture(autouse=True)

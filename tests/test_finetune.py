@@ -347,7 +347,7 @@ KIND_ROWS = {
 
 @pytest.mark.parametrize("kind", sorted(KIND_ROWS))
 def test_custom_task_of_each_kind_end_to_end_through_the_cli(
-    pretrained, tmp_path, monkeypatch, kind
+    pretrained, tmp_path, monkeypatch, caplog, kind
 ):
     fields, rows = KIND_ROWS[kind]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -374,8 +374,10 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(
     monkeypatch.setattr(train, "create_state", refuse_to_initialise)
     cache = pretrained / "cache"
     test_flag = f"--config.task.test_path={path}"
+    caplog.clear()
     status, _ = main_in_process(workdir, *flags, test_flag, "--mode=eval", cache=cache, config=FT)
     assert status == 0
+    assert "learning rate 0" not in caplog.text  # (its step is built with 1 update)
     evaluated = json.loads((workdir / "results.json").read_text())["results"]
     assert evaluated[0] == report["results"][0] and evaluated[1]["split"] == "test"
     lines = (workdir / "predictions_test.tsv").read_text().splitlines()
