@@ -342,11 +342,14 @@ def check_resumable(
         k for k in set(saved_task) | set(current_task) if k != "test_path" and differs(k)
     )
     if "task" in current and changed:
+        shown = ", ".join(
+            f"task.{k}={saved_task.get(k)!r} there, {current_task.get(k)!r} here" for k in changed
+        )
         raise UserError(
-            f"{workdir} holds a fine-tune of another task (task.{', task.'.join(changed)} "
-            "differ); "
+            f"{workdir} holds a fine-tune of another task ({shown}); "
             + (
-                "evaluate it with its own task"
+                "evaluate it with its own task: the config and --config.task.* settings it "
+                "was trained with"
                 if evaluating
                 else "resume it with the same task or use a new --workdir"
             )

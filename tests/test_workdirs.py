@@ -50,9 +50,13 @@ def test_a_fine_tune_resumes_only_on_its_task():
     before = saved(config)
     config.task.test_path = "test.jsonl"  # training never reads it
     workdirs.check_resumable("run", before, config)
-    config.task.train_path = "other.jsonl"
-    with pytest.raises(UserError, match=r"another task \(task.train_path differ"):
+    was, config.task.train_path = config.task.train_path, "other.jsonl"
+    with pytest.raises(UserError, match=r"another task \(task.train_path=") as error:
         workdirs.check_resumable("run", before, config)
+    assert f"task.train_path={was!r} there, 'other.jsonl' here" in str(error.value)
+    config.task.train_path, config.task.kind = was, "entailment"
+    with pytest.raises(UserError, match=r"its own task: the config and --config.task.\*"):
+        workdirs.check_resumable("run", before, config, evaluating=True)
 
     # A run saved before task.positive_label existed resumes with it unset, not set.
     config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom")
@@ -60,7 +64,7 @@ def test_a_fine_tune_resumes_only_on_its_task():
     del older["task"]["positive_label"]
     workdirs.check_resumable("run", older, config)
     config.task.positive_label = "yes"  # it would swap the label ids
-    with pytest.raises(UserError, match=r"task.positive_label differ"):
+    with pytest.raises(UserError, match=r"task.positive_label=None there, .yes. here"):
         workdirs.check_resumable("run", older, config)
 
 
@@ -214,7 +218,10 @@ def test_a_fine_tune_and_a_pretraining_run_do_not_resume_each_other():
     fine_tune.task.train_path = "moved/a.jsonl"
     workdirs.check_resumable("run", before, fine_tune, evaluating=True)
     fine_tune.task.kind = "entailment"
-    with pytest.raises(UserError, match=r"task.kind differ\); evaluate it with its own task"):
+    with pytest.raises(
+        UserError,
+        match=r"task.kind='classification' there, 'entailment' here\); evaluate it with its own",
+    ):
         workdirs.check_resumable("run", before, fine_tune, evaluating=True)
 
 
