@@ -143,6 +143,18 @@ def test_dropout_keeps_each_elements_expectation_exactly(rate):
     np.testing.assert_allclose(z[z != 0] * (1 - rate), 3.0, rtol=1e-6)
 
 
+def test_bfloat16_elements_are_scaled_exactly_and_rounded_once():
+    """A residual branch in bfloat16 (train.compute_dtype): its kept elements are x times
+    the float32 scale, rounded once; bfloat16's own 1.109375 for 1.1111 would shrink them
+    all by 0.16%."""
+    x = jax.random.normal(jax.random.key(1), (256, 256)).astype(jnp.bfloat16)
+    y = dropout(x, 0.1, KEYS["raw"])
+    kept = np.asarray(y != 0)
+    exact = (x.astype(jnp.float32) * dropout_lib.keep_scale(0.1)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y)[kept], np.asarray(exact)[kept])
+    assert y.dtype == jnp.bfloat16
+
+
 def test_dropout_masks_differ_by_key_and_repeat_for_the_same_key():
     x = jnp.ones((64, 64))
     a, b = (dropout(x, 0.5, KEYS[k]) for k in ("raw", "folded"))
