@@ -46,6 +46,7 @@ from gptjax.workdirs import (
     check_workdir,
     read_config,
     saved_config,
+    take_saved_model,
 )
 from gptjax.workdirs import write_config as write_run_config
 
@@ -91,11 +92,10 @@ def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
     config = config.copy_and_resolve_references()
     with config.unlocked():
         if "task" in saved:  # else check_resumable names the pretraining run
-            config.model.update({k: v for k, v in saved["model"].items() if k in config.model})
+            take_saved_model(config, saved)
             config.init_from = saved.get("init_from", config.init_from)
             run_finetune = saved.get("finetune") or {}
             config.finetune.update({k: v for k, v in run_finetune.items() if k in config.finetune})
-            config.train.scan_layers = bool((saved.get("train") or {}).get("scan_layers"))
     check_resumable(workdir, saved, config, evaluating=True)
     return config
 

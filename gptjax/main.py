@@ -115,6 +115,8 @@ def _run_mode(config, workdir: str):
             run = finetune.FineTune(config, workdir, read_only=True)
             results.evaluate_checkpoint(run)
     else:
+        if _MODE.value == "eval":  # the run's own model, whatever the config says
+            config = pretrain.eval_config(config, workdir)
         config_lib.validate(config)
         if _MODE.value == "estimate":
             from gptjax import estimate

@@ -15,7 +15,14 @@ from gptjax.data.pipeline import train_iterator, unigram_perplexity
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.results import RESULTS_JSON
-from gptjax.workdirs import agreed_resume_step, check_workdir, write_config
+from gptjax.workdirs import (
+    CONFIG_FILE,
+    agreed_resume_step,
+    check_workdir,
+    read_config,
+    take_saved_model,
+    write_config,
+)
 
 
 def total_steps(train_cfg: ml_collections.ConfigDict, num_windows: int) -> int:
@@ -143,6 +150,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_metrics = run.evaluate(state.params)
     report(run, {**eval_metrics, "step": int(jax.device_get(state.step))})
     return eval_metrics
+
+
+def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The config that evaluates the pretraining run in `workdir` (--mode=eval): the
+    command's, with the run's own model and parameter layout (its config.json) in place
+    of the command's, so that `configs/gpt1.py` evaluates a run of any size (or a
+    converted release). The command gives the evaluation's settings (`train.eval_batches`,
+    the mesh). A fine-tune's workdir is left to `check_resumable`, which names it."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return config
+    saved = read_config(path, "restore it from a copy")
+    if "task" in saved:
+        return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        take_saved_model(config, saved)
+    return config
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -205,6 +205,13 @@ def check_workdir(
         check_resumable(workdir, saved, config, evaluating)
 
 
+def take_saved_model(config: ml_collections.ConfigDict, saved: dict):
+    """`config` (unlocked) given the saved run's model and parameter layout: what an
+    evaluation of that run's checkpoints must build, whatever the command's config says."""
+    config.model.update({k: v for k, v in saved["model"].items() if k in config.model})
+    config.train.scan_layers = bool((saved.get("train") or {}).get("scan_layers"))
+
+
 # The sizes a run's saved config holds in `model`: what reading a checkpoint needs.
 MODEL_SIZES = ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model", "d_mlp")
 

@@ -201,6 +201,24 @@ def test_other_model_in_workdir_is_refused(trained, tmp_path):
     assert after == before  # nothing touched
 
 
+def test_an_evaluation_takes_the_runs_own_model(trained, tmp_path):
+    """A run of any size (a converted release too) is evaluated with configs/gpt1.py's
+    flags: the model and its layout come from the run's config.json, not the command."""
+    root, _ = trained
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(root / "run"), str(copy)], check=True)
+    other = [
+        "--config.model.d_model=64",
+        "--config.model.n_layer=3",
+        "--config.train.scan_layers=False",
+    ]
+    result = run_main(copy, "--mode=eval", *other, books=root / "books", cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = [r for r in read_metrics(copy) if "eval_ppl" in r][-1]
+    evaluated = json.loads((copy / "results.json").read_text())
+    assert evaluated["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+
+
 def test_an_evaluation_initialises_no_train_state(trained, monkeypatch):
     """--mode=eval restores the parameters into their layout: no fresh parameters and
     Adam moments are made first (1.4 GB at gpt1's size)."""
