@@ -90,6 +90,10 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n $command && -n $name ]] || { usage >&2; exit 2; }
+case "$command" in
+  create|install|train|resume|status|stop|delete) ;;
+  *) echo "error: unknown command $command (see --help)" >&2; exit 2 ;;
+esac
 
 # The slice's type: given, or the slice's own, or (create, delete: needed only for the
 # defaults and the line below; a deleted or still queued slice has none) create's default.

@@ -90,6 +90,9 @@ def test_tpu_missing_settings_are_errors():
     assert result.returncode == 2 and "--books" in result.stderr
     result = launch("launch/tpu.sh", "--dry-run", "install", "s")
     assert result.returncode == 2 and "--repo" in result.stderr
+    result = launch("launch/tpu.sh", "--dry-run", "bogus", "s")  # said before anything
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: unknown command bogus (see --help)\n"
 
 
 def test_slurm_dry_run():
