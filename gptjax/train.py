@@ -388,11 +388,22 @@ def fit(
     step N-1 still runs, and metrics are fetched only every `log_every` steps, before a
     checkpoint (so no state after a non-finite step under `nonfinite="stop"` is saved),
     and when `guard` reports a stop signal (then a checkpoint is written synchronously and
-    `Preempted` is raised).
+    `Preempted` is raised). A step's checkpoint is saved before its evaluation, which a
+    stop signal ends at once (`evaluate_and_write`): the step's rows and checkpoint are
+    written, then `Preempted` is raised.
     """
     step = first = int(jax.device_get(state.step))
     pending: list[tuple[int, dict]] = []
     eval_metrics: dict[str, float] = {}
+
+    def write_row():  # the steps since the last row, as one row
+        nonlocal pending
+        row = summarize(pending, train_cfg)
+        pending = []
+        row["tokens_per_sec"], eta = throughput.update(step, total_steps)
+        writer.write(step, row)
+        log_progress(step, total_steps, row, eta)
+
     while step < total_steps:
         batch = sharding.global_batch(mesh, next(train_iter))
         state, metrics = p_train(state, batch)
@@ -404,11 +415,7 @@ def fit(
         stop = guard.should_stop(step)
         save = step % train_cfg.ckpt_every == 0 or last or stop
         if step % train_cfg.log_every == 0 or save:
-            row = summarize(pending, train_cfg)
-            pending = []
-            row["tokens_per_sec"], eta = throughput.update(step, total_steps)
-            writer.write(step, row)
-            log_progress(step, total_steps, row, eta)
+            write_row()
         # The save comes first, and a stop signal before or during an evaluation ends it
         # (there may be no time for one): the resumed run makes it up (`evaluate_missed`,
         # or the final evaluation of a run trained to the end).
@@ -419,7 +426,9 @@ def fit(
             try:
                 eval_metrics = evaluate_and_write(step, state.params, evaluate_fn, writer, guard)
             except Preempted:
-                if not save:
+                if not save:  # the stop's row and checkpoint, as at a stop after a step
+                    if pending:
+                        write_row()
                     save_checkpoint(state, train_iter.get_state(), force=True, wait=True)
                 raise
         if evaluate or save:

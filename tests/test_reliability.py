@@ -289,7 +289,7 @@ def test_a_stop_during_an_evaluation_ends_it_at_once(books, tmp_path, monkeypatc
     from gptjax.errors import Preempted
 
     config = tiny_books_config(books, tmp_path / "cache")
-    config.train.update(num_steps=6, ckpt_every=4, eval_every=2, log_every=1)
+    config.train.update(num_steps=6, ckpt_every=4, eval_every=2, log_every=4)
     workdir = str(tmp_path / "run")
     real, calls, finished = train.evaluate, [], []
 
@@ -306,7 +306,9 @@ def test_a_stop_during_an_evaluation_ends_it_at_once(books, tmp_path, monkeypatc
         pretrain.train_and_evaluate(config, workdir)
     assert finished == []
     assert max(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == stop_at
-    assert max(r["step"] for r in read_metrics(workdir)) == stop_at  # no step after it
+    # The steps up to the stop are logged (step 2 is no log step), none after it.
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r][-1] == stop_at
+    assert max(r["step"] for r in read_metrics(workdir)) == stop_at
     assert not [r for r in read_metrics(workdir) if r["step"] == stop_at and "eval_ppl" in r]
 
     monkeypatch.setattr(train, "evaluate", real)
