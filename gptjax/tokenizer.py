@@ -110,7 +110,7 @@ class SentencePieceTokenizer:
         return out
 
     def encode_document(self, text: str) -> np.ndarray:
-        """A whole book as ids: line by line (keeping newlines; "\r\n" reads as "\n")
+        """A whole book as ids: line by line (keeping newlines; "\\r\\n" reads as "\\n")
         and ending with </s>."""
         return np.asarray(self.encode_text(text) + [self.eos_id], dtype=np.int32)
 
@@ -157,8 +157,8 @@ _MAX_LINE_CHARS = 1024
 
 
 def _lines(text: str) -> list[str]:
-    """The lines of `text`, ended by "\n" or Windows' "\r\n" (SentencePiece's trainer
-    drops a line's last "\r", so it would never get an id: each line of a CRLF book
+    """The lines of `text`, ended by "\\n" or Windows' "\\r\\n" (SentencePiece's trainer
+    drops a line's last "\\r", so it would never get an id: each line of a CRLF book
     would end in <unk>)."""
     return text.split("\n") if "\r" not in text else text.replace("\r\n", "\n").split("\n")
 
