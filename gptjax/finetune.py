@@ -401,9 +401,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = run.total_steps()
     per_epoch = run.steps_per_epoch()
     source, pretrained = config.init_from, None
-    if run.resume_step is None and source:
+    if source and not run.started:
         # Read before anything is written: a missing or unreadable checkpoint in init_from
-        # is an error that leaves the workdir as it was.
+        # is an error that leaves the workdir as it was. (A started run, or its domain
+        # adaptation, resumes from its own checkpoints and reads none of init_from's.)
         pretrained = run.restore_lm(source)
     if not run.started:
         tokenizer_lib.save_dir(run.tokenizer, workdir)
