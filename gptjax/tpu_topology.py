@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import math
 import os
+from unittest import mock
 
 import jax
 from jax.experimental import topologies
@@ -80,16 +81,8 @@ def _libtpu_without_tpus(topology: str):
     names = {"TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     if accelerator_type := _accelerator_type(topology):
         names["TPU_ACCELERATOR_TYPE"] = accelerator_type
-    before = {k: os.environ.get(k) for k in names}
-    os.environ.update(names)
-    try:
+    with mock.patch.dict(os.environ, names):  # (restored as it was afterwards)
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def devices(name: str) -> list:

@@ -90,7 +90,9 @@ def test_compiling_for_a_slice_prints_nothing_and_another_process_may_too():
     """libtpu, started on a machine without TPUs, would print five lines about the TPU
     VM it cannot find, and refuse to start in a second process while this one holds
     it."""
+    before = dict(os.environ)
     assert len(tpu_topology.devices("v5litepod-4")) == 4  # libtpu started here
+    assert dict(os.environ) == before  # its environment was for the call only
     code = "from gptjax import tpu_topology; print(len(tpu_topology.devices('v5litepod-4')))"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
