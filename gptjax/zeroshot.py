@@ -28,8 +28,9 @@ continuation after a prefix, and its token count. Choices the paper leaves open:
 * Log-probabilities are over the ordinary vocabulary (the first `tokenizer.vocab_size`
   logits), never the fine-tuning specials. An empty continuation averages to -inf.
 * CoLA's threshold is chosen per checkpoint on labelled *training* sentences (TFDS's
-  train split, or `cola_train_path`), as the one maximising their MCC (`fit_threshold`);
-  the evaluated sentences never choose it.
+  train split, or `cola_train_path`), as the one maximising their MCC (`fit_threshold`;
+  one class for every sentence, MCC 0, is a candidate); the evaluated sentences never
+  choose it.
 * `max_examples` keeps a fixed random sample (seed 0) of each split, in its order.
 
 Tasks come from the fine-tuning task registry (TFDS) or from your JSON-lines files: see
@@ -182,7 +183,11 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     """CoLA (Section 5) predicts by thresholding the score; the paper does not say how the
     threshold is set. Here: the one maximising the MCC of labelled sentences (acceptable,
     label 1, above it), the midpoint of two consecutive distinct scores, the highest of
-    equally good ones. Fit it on training sentences, never the evaluated ones."""
+    equally good ones. Predicting one class for every sentence (MCC 0) is a candidate too:
+    when every split of the scores correlates negatively with the labels (an early
+    checkpoint), the threshold is the highest score, so nothing is called acceptable, rather
+    than a split that is worse than no split. Fit it on training sentences, never the
+    evaluated ones."""
     order = np.argsort(-scores, kind="stable")
     sorted_scores, sorted_labels = scores[order], labels[order].astype(np.float64)
     n, positives = len(scores), sorted_labels.sum()
@@ -197,6 +202,8 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     mcc = np.where(denominator > 0, (tp * tn - fp * fn) / np.maximum(denominator, 1e-300), 0.0)
     mcc = np.where(sorted_scores[:-1] > sorted_scores[1:], mcc, -np.inf)  # real boundaries
     best = int(np.argmax(mcc))
+    if mcc[best] <= 0:  # no split beats predicting one class; the highest such threshold
+        return float(sorted_scores[0])
     return float((sorted_scores[best] + sorted_scores[best + 1]) / 2)
 
 

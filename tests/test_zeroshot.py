@@ -134,6 +134,18 @@ def test_fit_threshold_maximises_training_mcc_by_hand():
     )
 
 
+def test_fit_threshold_prefers_one_class_to_a_split_worse_than_none():
+    # Scores that run against acceptability: every split between two scores has MCC < 0.
+    scores = np.array([-1.0, -2.0, -3.0, -4.0, -5.0])
+    labels = np.array([0, 0, 1, 0, 1])
+    threshold = zeroshot.fit_threshold(scores, labels)
+    from gptjax.tasks import metrics
+
+    predictions = (scores > threshold).astype(int)
+    assert predictions.tolist() == [0] * 5 and threshold == -1.0
+    assert metrics.compute("mcc", predictions, labels)["mcc"] == 0.0
+
+
 def test_fit_threshold_matches_a_brute_force_search():
     rng = np.random.default_rng(0)
     scores = np.round(rng.normal(size=60), 1)  # with ties
