@@ -41,9 +41,6 @@ def get_config() -> config_dict.ConfigDict:
     # so every start compiles the step afresh (about 8 s against 1.5 s from the cache).
     config.train.cpu_matmuls = "onednn"
 
-    # --mode=estimate: what this run would cost on one accelerator.
-    config.estimate = config_dict.ConfigDict()
-    config.estimate.accelerator = "H100"
+    # --mode=estimate: what this run would cost on one accelerator (the rest: gpt1's).
     config.estimate.devices = 1
-    config.estimate.mfu = 0.4
     return config

@@ -374,4 +374,7 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
+    from gptjax import host_memory
+
+    host_memory.at_start()
     main(sys.argv[1:])

@@ -10,6 +10,7 @@ alone). `skip_absent_tpu` tells JAX to use the CPU there, as it would anyway.
 import glob
 import importlib.util
 import os
+import sys
 
 # Where a TPU VM's chips appear, and an NVIDIA GPU's.
 TPU_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
@@ -26,6 +27,14 @@ def has_accelerator() -> bool:
 
 def skip_absent_tpu():
     """$JAX_PLATFORMS=cpu where libtpu is installed but the machine has no accelerator
-    and JAX_PLATFORMS is not set already. Call it before JAX is imported."""
-    if importlib.util.find_spec("libtpu") is not None and not has_accelerator():
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    and JAX_PLATFORMS is not set already. JAX reads the variable when it is imported, so
+    a command that has imported JAX already (its module's imports run before its
+    `__main__`) is told through `jax.config` too; either way, before its first
+    computation."""
+    if importlib.util.find_spec("libtpu") is None or has_accelerator():
+        return
+    if "JAX_PLATFORMS" in os.environ:
+        return  # the user's choice
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", "cpu")

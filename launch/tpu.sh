@@ -8,10 +8,11 @@
 #   install NAME   clone --repo (its default branch) and install it on every worker, in a
 #                  Python 3.11 venv at ~/gptjax-venv (made with uv)
 #   train NAME     start training on every worker, detached, logging to ~/gptjax-train.log
-#                  (refused while a run started there is still live; shows each log's
-#                  first lines, so a run that fails at once says so)
+#                  (refused while a run started there is still live; 30 s later shows
+#                  each log's last lines, so a run that fails at once says so)
 #   resume NAME    the same as train: gptjax resumes from the workdir's latest checkpoint
-#   status NAME    show the slice and the last lines of every worker's log
+#   status NAME    show the slice and the last lines of every worker's log (with
+#                  --queued, a queued resource's state, also before its slice exists)
 #   stop NAME      stop the run on every worker (it saves a checkpoint first)
 #   delete NAME    delete the slice (or the queued resource)
 #
@@ -33,9 +34,12 @@
 #                                         shared mount (NFS, Filestore; checked at the
 #                                         start: "is not shared"). Default (one
 #                                         worker): ~/gptjax-runs/NAME, outside the clone
-#   --books PATH         [GPTJAX_BOOKS]   the corpus on every worker (a directory or glob)
+#   --books PATH         [GPTJAX_BOOKS]   the corpus on every worker (a directory or glob),
+#                                         passed as --config.data.books: needed by a
+#                                         config that reads books (configs/gpt1.py), not
+#                                         by one that fine-tunes or reads the demo corpus
 #   --spot               with create
-#   --queued             with create and delete (a queued resource)
+#   --queued             with create, status and delete (a queued resource)
 #   --dry-run            print the commands instead of running them
 # Options take their value as `--zone Z` or `--zone=Z`. Anything after `--` is passed to
 # `python -m gptjax.main` (e.g. --config.train.num_steps=10).
@@ -95,6 +99,18 @@ case "$command" in
   *) echo "error: unknown command $command (see --help)" >&2; exit 2 ;;
 esac
 
+run() {
+  # Prints the command, shell-quoted, and runs it unless --dry-run.
+  printf '%q ' "$@"
+  printf '\n'
+  if [[ $dry_run -eq 0 ]]; then "$@"; fi
+}
+
+queued_state() {  # a queued resource's state: WAITING_FOR_RESOURCES, ACTIVE, ...
+  run gcloud compute tpus queued-resources describe "$name" --zone="$zone" \
+    --format='value(state.state)'
+}
+
 # The slice's type: given, or the slice's own, or (create, delete: needed only for the
 # defaults and the line below; a deleted or still queued slice has none) create's default.
 if [[ -z $type ]]; then
@@ -102,8 +118,12 @@ if [[ -z $type ]]; then
     type=v4-32
   elif ! type=$(gcloud compute tpus tpu-vm describe "$name" --zone="$zone" \
       --format='value(acceleratorType)') || [[ -z $type ]]; then
+    if [[ $command == status && $queued -eq 1 ]]; then  # no slice yet, or none any more
+      queued_state || { echo "error: no queued resource $name in $zone" >&2; exit 1; }
+      exit 0
+    fi
     echo "error: cannot read the type of slice $name in $zone (give --type, or create it" \
-      "first)" >&2
+      "first; a queued resource's slice exists once it is ACTIVE: status $name --queued)" >&2
     exit 2
   fi
   type=${type##*/}  # some gcloud versions print the type's whole resource path
@@ -133,27 +153,24 @@ workers() {
 # shellcheck disable=SC2088
 pid_file='~/gptjax-train.pid'  # the worker's ~, expanded by its shell
 
-run() {
-  # Prints the command, shell-quoted, and runs it unless --dry-run.
-  printf '%q ' "$@"
-  printf '\n'
-  if [[ $dry_run -eq 0 ]]; then "$@"; fi
-}
-
 ssh_all() {
   run gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$1"
 }
 
 train_command() {
   local args
-  args=$(printf '%q ' "--config=$config" "--workdir=$workdir" "--config.data.books=$books" ${extra[@]+"${extra[@]}"})
+  local books_flag=()
+  [[ -z $books ]] || books_flag=("--config.data.books=$books")
+  args=$(printf '%q ' "--config=$config" "--workdir=$workdir" ${books_flag[@]+"${books_flag[@]}"} \
+    ${extra[@]+"${extra[@]}"})
   # A run still live on a worker (its pid file names a live process) is not started
   # twice. GPTJAX_DISTRIBUTED=auto: every worker joins through
   # jax.distributed.initialize(). setsid + nohup: the run outlives the ssh session; the
   # log stays on each worker; `&` on the command alone, so that $! is its process (setsid
   # and nohup exec it). Then 30 s of its log, where a run that fails at once says why.
   echo "if [ -f $pid_file ] && kill -0 \$(cat $pid_file) 2>/dev/null; then" \
-    "echo \"a run is live here (pid \$(cat $pid_file)): launch/tpu.sh stop first\" >&2; exit 1; fi;" \
+    "echo \"a run is live here (pid \$(cat $pid_file)), or still saving after a stop:" \
+    "stop it first (launch/tpu.sh stop), then wait until status shows it has exited\" >&2; exit 1; fi;" \
     "cd ~/gptjax || exit 1; GPTJAX_DISTRIBUTED=auto setsid nohup $venv/bin/python -m gptjax.main" \
     "${args}>> ~/gptjax-train.log 2>&1 < /dev/null & echo \$! > $pid_file;" \
     "sleep 30; tail -n 5 ~/gptjax-train.log"
@@ -192,9 +209,9 @@ case "$command" in
     install_python="python3 -m pip install --user --quiet uv && ~/.local/bin/uv venv --allow-existing --python 3.11 $venv && ~/.local/bin/uv pip install --python $venv/bin/python -e ~/gptjax 'jax[tpu]>=0.10.2,<0.12'"
     ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax fetch --depth 1 origin && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $(printf '%q' "$repo") ~/gptjax; fi && $install_python" ;;
   train|resume)
-    [[ -n $books ]] || { echo "error: --books PATH (the corpus on every worker) is required" >&2; exit 2; }
     ssh_all "$(train_command)" ;;
   status)  # every worker, whichever cannot answer
+    if [[ $queued -eq 1 ]]; then queued_state || echo "queued resource $name: not described"; fi
     run gcloud compute tpus tpu-vm describe "$name" --zone="$zone" --format="value(state,health)" ||
       echo "slice $name: not described (deleted or preempted?)"
     for ((w = 0; w < n; w++)); do

@@ -51,6 +51,24 @@ def test_demo_config_is_gpt1_architecture_on_shakespeare():
     config_lib.validate(demo)
 
 
+def flat_keys(config, prefix=""):
+    return {
+        key
+        for name, value in config.items()
+        for key in (
+            flat_keys(value, f"{prefix}{name}.") if hasattr(value, "items") else {prefix + name}
+        )
+    }
+
+
+@pytest.mark.parametrize("name", ["demo.py", "bench_cpu.py"])
+def test_pretraining_configs_take_every_setting_of_the_paper(name):
+    """Configs built on configs/gpt1.py change values, never drop a setting: every
+    --config.KEY=... the README offers for pretraining works with each."""
+    config = runpy.run_path(str(ROOT / "configs" / name))["get_config"]()
+    assert flat_keys(gpt1_config()) <= flat_keys(config)
+
+
 def test_readme_config_table_names_every_setting():
     # A row names its keys in backticks: `train.lr` / `warmup_steps` is train.lr and
     # train.warmup_steps. The generation, zero-shot and estimate sections have their

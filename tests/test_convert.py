@@ -2,6 +2,7 @@
 original release's format, and one-line errors that write nothing."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import runpy
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import safetensors
 
-from gptjax import checkpoint, convert, finetune, hf_source, workdirs
+from gptjax import checkpoint, convert, finetune, hf_source, machine, workdirs
 from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
 
 from conftest import ROOT
@@ -82,16 +83,29 @@ def lm(tmp_path_factory):
     with open(root / "hf" / "vocab.json", "w") as f:
         json.dump({"<unk>": 0, "a</w>": 1, "\n</w>": 2}, f)
     (root / "hf" / "merges.txt").write_text("#version: 0.2\na b\n")
+    # The command as a user starts it: JAX_PLATFORMS unset (the command sets it where
+    # libtpu is installed without an accelerator: test_the_command_starts_quietly).
     result = subprocess.run(
         [sys.executable, "-m", "gptjax.convert", "from-hf", root / "hf", root / "ours"],
         cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stderr.txt").write_text(result.stderr)
     return model, root
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None or machine.has_accelerator(),
+    reason="needs libtpu installed (the tpu extra) on a machine without accelerators",
+)
+def test_the_command_starts_quietly(lm):
+    """As gptjax.main: with the tpu extra on a machine without a TPU, no libtpu lines."""
+    stderr = (lm[1] / "stderr.txt").read_text()
+    assert "TPU" not in stderr and "libtpu" not in stderr, stderr[-2000:]
 
 
 def test_from_hf_matches_transformers(lm):

@@ -85,9 +85,19 @@ def test_reinstall_keeps_runs():
     assert "~/gptjax-venv/bin/python\\ -m\\ gptjax.main" in out.stdout
 
 
+def test_books_are_passed_only_when_given():
+    """A fine-tuning config (or the demo corpus) reads no books: train runs it without
+    --books; gptjax itself says so when a config that reads books has none."""
+    out = launch(
+        "launch/tpu.sh", "--dry-run", "train", "s", "--workdir", "/w",
+        "--config", "configs/finetune.py:sst2",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "--config=configs/finetune.py:sst2" in out.stdout
+    assert "data.books" not in out.stdout
+
+
 def test_tpu_missing_settings_are_errors():
-    result = launch("launch/tpu.sh", "--dry-run", "train", "s", "--workdir", "/w")
-    assert result.returncode == 2 and "--books" in result.stderr
     result = launch("launch/tpu.sh", "--dry-run", "install", "s")
     assert result.returncode == 2 and "--repo" in result.stderr
     result = launch("launch/tpu.sh", "--dry-run", "bogus", "s")  # said before anything
@@ -105,7 +115,7 @@ def test_slurm_dry_run():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
-        "srun --cpus-per-task=8 --kill-on-bad-exit=1 python -m gptjax.main "
+        "srun --cpus-per-task=8 --kill-on-bad-exit=0 python -m gptjax.main "
         "--config=configs/gpt1.py --workdir=runs/gpt1 --config.data.books=/shared/books "
         "--config.train.num_steps=5"
     )
@@ -187,6 +197,25 @@ def test_commands_after_create_read_the_slices_own_type(tmp_path):
     assert calls[0] == (
         "compute tpus tpu-vm describe s --zone=europe-west4-a --format=value(acceleratorType)"
     )
+
+
+def test_status_of_a_queued_resource_before_its_slice_exists(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        "  *tpu-vm\\ describe*) echo 'NOT_FOUND' >&2; exit 1 ;;\n"
+        "  *queued-resources\\ describe*) echo WAITING_FOR_RESOURCES ;;\n"
+        "esac\n"
+    )
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = launch_with(env, "launch/tpu.sh", "status", "s", "--queued")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "WAITING_FOR_RESOURCES"
+    result = launch_with(env, "launch/tpu.sh", "status", "s")  # not said to be queued
+    assert result.returncode == 2 and "status s --queued" in result.stderr
 
 
 def test_status_asks_every_worker_whichever_fails(tmp_path):

@@ -28,10 +28,12 @@ def test_libtpu_without_an_accelerator_runs_on_the_cpu(monkeypatch):
     importlib.util.find_spec("libtpu") is None or machine.has_accelerator(),
     reason="needs libtpu installed (the tpu extra) on a machine without accelerators",
 )
-def test_a_command_start_with_the_tpu_extra_is_quiet_and_keeps_host_memory():
+@pytest.mark.parametrize("jax_first", [False, True])
+def test_a_command_start_with_the_tpu_extra_is_quiet_and_keeps_host_memory(jax_first):
     """As the README's install gives it: JAX on the CPU, without libtpu's lines about the
-    TPU it cannot find, and malloc told to keep freed blocks (as without libtpu)."""
-    code = (
+    TPU it cannot find, and malloc told to keep freed blocks (as without libtpu). Also
+    for a command whose module imports JAX before its `__main__` starts (the benchmark)."""
+    code = ("import jax\n" if jax_first else "") + (
         "from gptjax import host_memory\n"
         "host_memory.at_start()\n"
         "import jax\n"
