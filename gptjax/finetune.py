@@ -41,7 +41,9 @@ from gptjax.tasks.spec import TaskSpec
 from gptjax.workdirs import (
     CONFIG_FILE,
     MODEL_SIZES,
+    TASK_CLASSES,
     agreed_resume_step,
+    check_classes,
     check_resumable,
     check_workdir,
     read_config,
@@ -214,6 +216,8 @@ class FineTune:
         self.resume_step = agreed_resume_step(workdir)
         if not read_only:
             check_workdir(workdir, config, resuming=self.resume_step is not None)
+        if read_only or self.resume_step is not None:
+            check_classes(workdir, self.task.label_names, evaluating=read_only)
         self.mesh = sharding.make_mesh(config.mesh)
         check_batch(config, self.mesh, specials=len(tokenizer_lib.SPECIAL_TOKENS))
         # Started: a checkpoint of this run or of its domain adaptation. A tokenizer in a
@@ -445,7 +449,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir,
         ckpt,
         run.resume_step,
-        record_config=functools.partial(write_run_config, workdir, config),
+        record_config=functools.partial(
+            write_run_config, workdir, config, {TASK_CLASSES: list(run.task.label_names)}
+        ),
     )
     del state
     return results.evaluate_checkpoint(run, splits=run.task.eval_splits)

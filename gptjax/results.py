@@ -148,7 +148,7 @@ def write_predictions(run: "FineTune", split: str, out: dict):
         else:
             value = str(int(p)) if numeric else task.label_names[int(p)]
         rows.append((i if ex.uid is None else ex.uid, value))
-    if all(isinstance(index, int) for index, _ in rows):
+    if len({type(index) for index, _ in rows}) == 1:
         rows.sort()  # in the test file's order (TFDS stores its records shuffled)
     with replacing(path) as f:
         f.write("index\tprediction\n")

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -242,11 +243,34 @@ def saved_config(workdir: str, role: str) -> dict:
     return read_config(path, "restore it from a copy")
 
 
+def check_classes(workdir: str, classes: Sequence[str], evaluating: bool):
+    """UserError when the fine-tune in `workdir` learned other `classes` (or the same in
+    another order) than the task as configured now has: its scores and predictions would
+    be of swapped labels. A run saved before the classes were recorded is not checked."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return
+    saved = read_config(path, "restore it from a copy").get(TASK_CLASSES)
+    if saved is None or list(saved) == list(classes):
+        return
+    raise UserError(
+        f"{workdir} was trained on the classes {saved} (in this order), the task as given "
+        f"here has {list(classes)}; {'evaluate' if evaluating else 'resume'} it with the "
+        "training file and task.positive_label it was trained with"
+    )
+
+
 # What the parameters' layout depends on beyond the model's sizes: evaluating a
 # checkpoint needs these too, and nothing else of RESUME_FIXED.
 LAYOUT_FIXED = ("train.scan_layers",)
-# What makes a fine-tune's task the same task, when its checkpoint is evaluated.
-TASK_IDENTITY = ("name", "kind", "regression")
+# What makes a fine-tune's task the same task, when its checkpoint is evaluated: also the
+# order of its texts (a premise and a hypothesis swapped are another task), and the
+# classes in the order its head learned them (`TASK_CLASSES`, checked once they are read).
+TASK_IDENTITY = ("name", "kind", "regression", "text_fields")
+# In a fine-tune's config.json: its classes, in the order of the head's outputs. A task
+# file's classes come from its training file and `task.positive_label`, so the same
+# settings can give another order when the file or the setting changes.
+TASK_CLASSES = "task_classes"
 # What a resumed run must keep, and why: the checkpoint's parameters, a fine-tune's
 # objective (its record would otherwise name one it was not trained with), and the data
 # position, which counts batches of `train.batch_size` windows in `train.seed`'s shuffle.
@@ -397,10 +421,13 @@ def check_resumable(
         )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict):
+def write_config(workdir: str, config: ml_collections.ConfigDict, extra: dict | None = None):
+    """config.json: the run's config, and `extra` top-level keys of what the run derived
+    from it (a fine-tune's classes, `TASK_CLASSES`)."""
     if jax.process_index() == 0:
         with replacing(os.path.join(workdir, CONFIG_FILE)) as f:
-            f.write(config.to_json_best_effort(indent=2))
+            saved = json.loads(config.to_json_best_effort())
+            f.write(json.dumps({**saved, **(extra or {})}, indent=2))
 
 
 def agreed_resume_step(workdir: str) -> int | None:

@@ -347,7 +347,7 @@ KIND_ROWS = {
 
 @pytest.mark.parametrize("kind", sorted(KIND_ROWS))
 def test_custom_task_of_each_kind_end_to_end_through_the_cli(
-    pretrained, tmp_path, monkeypatch, caplog, kind
+    pretrained, tmp_path, monkeypatch, caplog, capsys, kind
 ):
     fields, rows = KIND_ROWS[kind]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -404,6 +404,15 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(
     other = [*flags, "--config.task.kind=entailment", "--config.task.text_fields=text,text"]
     status, _ = main_in_process(workdir, *other, "--mode=eval", cache=cache, config=FT)
     assert status == 2
+    # The same file read with another positive label has its classes in the other
+    # order: scored as given, every label would be swapped. Refused, naming both.
+    flipped = [*flags, "--config.task.positive_label=0"]
+    capsys.readouterr()
+    status, line = main_in_process(
+        workdir, *flipped, "--mode=eval", cache=cache, config=FT, capsys=capsys
+    )
+    assert status == 2
+    assert "trained on the classes ['0', '1']" in line and "has ['1', '0']" in line
 
 
 def refuse_to_initialise(*args, **kwargs):

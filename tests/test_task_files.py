@@ -544,3 +544,48 @@ def test_positive_label_is_refused_for_a_benchmark_task():
     config = ml_collections.ConfigDict({"name": "mrpc", "positive_label": "1"})
     with pytest.raises(UserError, match="task.positive_label is for your own files"):
         registry.get_task(config)
+
+
+# ----------------------------------------------------------------------------------------
+# Unusual but valid files, and pathological ones.
+
+
+def test_a_csv_field_longer_than_csvs_default_limit(tmp_path):
+    """csv refuses fields over 131,072 characters by default; a long document is fine."""
+    long_text = "word " * 40_000
+    train = write(tmp_path / "train.csv", [{"t": long_text, "y": 0}, {"t": "b", "y": 1}])
+    task = load_file_task("classification", str(train), str(train), "t", "y")
+    assert task.load("train", "")[0].texts == (long_text.strip(),)
+    assert csv.field_size_limit() == 131_072  # the module's limit put back
+
+
+@pytest.mark.parametrize("header", ["t,y,y", "t,t,y"])
+def test_a_repeated_column_name_is_refused(tmp_path, header):
+    train = tmp_path / "train.csv"
+    train.write_text(f"{header}\na,0,1\nb,1,0\n")
+    message = error("names the column", "classification", train, train, "t", "y")
+    assert repr(header.split(",")[1]) in message
+
+
+def test_a_whitespace_only_csv_line_is_a_blank_line(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("t,y\na,0\n   \nb,1\n")
+    task = load_file_task("classification", str(train), str(train), "t", "y")
+    assert [e.texts for e in task.load("train", "")] == [("a",), ("b",)]
+
+
+def test_pathological_labels_and_lines_are_one_line_errors(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"t": "a", "u": "b", "y": ' + "9" * 400 + "}\n")
+    regression = ("similarity", train, train, "t,u", "y")
+    error("is not a finite number", *regression, regression=True)
+    train.write_text('{"t": "a", "y": ' + "9" * 5000 + '}\n{"t": "b", "y": 1}\n')
+    error("line 1 of .* cannot be read as JSON", "classification", train, train, "t", "y")
+    train.write_text('{"t": ' + "[" * 100_000 + "]" * 100_000 + ', "y": 1}\n')
+    error("line 1 of .* cannot be read as JSON", "classification", train, train, "t", "y")
+    # A class label of 5,000 digits in a CSV is a class like any other.
+    train = tmp_path / "train.csv"
+    train.write_text(f"t,y\na,{'9' * 5000}\nb,1\nc,01\n")
+    task = load_file_task("classification", str(train), str(train), "t", "y")
+    assert task.label_names == ("1", "9" * 5000)
+    assert [e.label for e in task.load("train", "")] == [1, 0, 0]

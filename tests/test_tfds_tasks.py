@@ -96,7 +96,9 @@ def check_example(spec, example):
     if spec.kind == "multiple_choice":
         assert len(example.texts) == 1 and len(example.choices) == spec.num_choices
         assert isinstance(example.label, int) and 0 <= example.label < spec.num_choices
-        assert example.uid is None
+        # RACE's questions are named by their article's file and place; Story Cloze keeps
+        # no id in TFDS.
+        assert isinstance(example.uid, str) if spec.name == "race" else example.uid is None
         return
     assert len(example.texts) == (1 if spec.kind == "classification" else 2)
     assert example.choices == ()
@@ -212,10 +214,14 @@ def race_record(article="The article.", example_id="middle7.txt"):
     }
 
 
+def race_question(context, label, choices, uid):
+    return Example(texts=(context,), label=label, choices=choices, uid=uid)
+
+
 def test_race_record_is_one_example_per_question():
     assert tfds_records.race_examples(race_record()) == [
-        Example(texts=("The article. Who came?",), label=2, choices=("Ann", "Bob", "Cid", "Dee")),
-        Example(texts=("The article. The man _ .",), label=0, choices=("ran", "sat", "ate", "hid")),
+        race_question("The article. Who came?", 2, ("Ann", "Bob", "Cid", "Dee"), "middle7.txt/0"),
+        race_question("The article. The man _ .", 0, ("ran", "sat", "ate", "hid"), "middle7.txt/1"),
     ]
     bad = race_record()
     bad["answers"][1] = "E"
@@ -380,9 +386,10 @@ def test_race_prepared_per_question_without_tensorflow(data_dir, tmp_path):
         middle = race.load("validation_middle", str(data_dir))
         splits = {s: race.load(s, str(data_dir)) for s in (*race.eval_splits, *race.test_splits)}
         train = race.load("train", str(data_dir))
+    # Each question with its id in the RACE release: the article's file, its place there.
     assert sorted(middle, key=lambda ex: ex.label) == [
-        Example(texts=("middle dev. The man _ .",), label=0, choices=("ran", "sat", "ate", "hid")),
-        Example(texts=("middle dev. Who came?",), label=2, choices=("Ann", "Bob", "Cid", "Dee")),
+        race_question("middle dev. The man _ .", 0, ("ran", "sat", "ate", "hid"), "middle1.txt/1"),
+        race_question("middle dev. Who came?", 2, ("Ann", "Bob", "Cid", "Dee"), "middle1.txt/0"),
     ]
     # Trained on both levels; each level scored on its own too (RACE-m, RACE-h).
     first_words = {s: [ex.texts[0].split(".")[0] for ex in exs] for s, exs in splits.items()}
@@ -395,7 +402,7 @@ def test_race_prepared_per_question_without_tensorflow(data_dir, tmp_path):
         "test_high": ["high test"] * 2,
     }
     assert [ex.texts[0].split(".")[0] for ex in train] == ["middle train"] * 2 + ["high train"] * 2
-    assert (data_dir / "gptjax_race" / "high" / "1.0.0" / "dataset_info.json").is_file()
+    assert (data_dir / "gptjax_race" / "high" / "1.1.0" / "dataset_info.json").is_file()
     assert "tensorflow" not in sys.modules
 
 

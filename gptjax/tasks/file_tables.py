@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import os
+import sys
 from typing import Any
 
 from gptjax.errors import UserError
@@ -102,6 +103,12 @@ def _jsonl_rows(path: str, text: str) -> list[tuple[int, dict[str, Any]]]:
                 f"line {number} of {path} is not valid JSON ({e.msg}, column {e.colno}); write "
                 "one JSON object per line"
             ) from None
+        except (ValueError, RecursionError) as e:  # an integer of 4,300+ digits; deep nesting
+            raise UserError(
+                f"line {number} of {path} cannot be read as JSON ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else 'too deeply nested'}); write one flat "
+                "JSON object per line"
+            ) from None
         if not isinstance(value, dict):
             raise UserError(
                 f"line {number} of {path} is a JSON {type(value).__name__}, not an object; write "
@@ -119,12 +126,21 @@ def _csv_rows(path: str, text: str, dialect: str) -> tuple[list, list[str]]:
     reader = csv.reader(io.StringIO(text, newline=""), dialect=dialect, strict=True)
     kind = "tab" if dialect == "excel-tab" else "comma"
     end = 0  # the last line read (a quoted field may span several)
+    # csv's default limit on a field, 131,072 characters, is not the file's: a long
+    # document is a valid field. The limit is the module's, so it is put back after.
+    field_limit = csv.field_size_limit(sys.maxsize)
     try:
         header = [name.strip() for name in next(reader, [])]
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise UserError(
+                f"the header of {path} names the column(s) {', '.join(map(repr, repeated))} "
+                "more than once; give every column its own name"
+            )
         rows, end = [], reader.line_num
         for values in reader:
             start, end = end + 1, reader.line_num  # A quoted field may span several lines.
-            if not values:  # A blank line.
+            if not any(value.strip() for value in values):  # A blank line.
                 continue
             if len(values) != len(header):
                 raise UserError(
@@ -138,4 +154,6 @@ def _csv_rows(path: str, text: str, dialect: str) -> tuple[list, list[str]]:
             '" must be quoted whole, its quotes doubled ("""Yes"" he said"), as spreadsheets '
             "and pandas write them; or write the file as .jsonl"
         ) from None
+    finally:
+        csv.field_size_limit(field_limit)
     return rows, header

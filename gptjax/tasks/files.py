@@ -21,6 +21,7 @@ evaluation. Examples keep their row's 0-based index in its file as ``uid``.
 
 from __future__ import annotations
 
+import decimal
 import json
 import logging
 import math
@@ -216,10 +217,10 @@ class _ExampleReader:
             value = self._label_value(table, line, row)
             keys.setdefault(self._class_key(table, line, value), None)
         if all(_INTEGER.fullmatch(k) for k in keys):
-            names = sorted(keys, key=int)
+            names = sorted(keys, key=decimal.Decimal)  # (int() refuses 4,300+ digits)
         else:
             names = sorted(keys)
-            numbers = [k for k in names if _is_float(k)]
+            numbers = [k for k in names if _as_float(k) is not None]
             if len(numbers) == len(names):
                 raise UserError(
                     f"the labels of {table.path} look like scores (e.g. {numbers[0]!r}), not "
@@ -247,11 +248,15 @@ class _ExampleReader:
         if isinstance(value, bool):  # E.g. BoolQ's true/false, spelled as JSON does.
             return "true" if value else "false"
         if isinstance(value, int):
-            return str(value)
+            return str(value)  # (JSON's reader refuses an integer of 4,300+ digits)
         if isinstance(value, str):
             key = value.strip()
-            # "01" and 1 are the same class.
-            return str(int(key)) if _INTEGER.fullmatch(key) else key
+            # "01" and 1 are the same class; written without int(), which refuses an
+            # integer of 4,300 digits or more.
+            if _INTEGER.fullmatch(key):
+                sign, digits = ("-" if key[0] == "-" else ""), key.lstrip("+-").lstrip("0")
+                return sign + digits if digits else "0"
+            return key
         raise UserError(
             f"label {value!r} on line {line} of {table.path} is a JSON {type(value).__name__}; "
             "class labels must be strings, integers or booleans"
@@ -356,7 +361,7 @@ class _ExampleReader:
         if value is None:
             return None
         is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        score = float(value) if is_number or (isinstance(value, str) and _is_float(value)) else None
+        score = _as_float(value) if is_number or isinstance(value, str) else None
         if score is None or not math.isfinite(score):
             raise UserError(
                 f"label {value!r} on line {line} of {table.path} is not a finite number; a "
@@ -370,7 +375,7 @@ class _ExampleReader:
         if isinstance(value, str):  # CSV/TSV, or a JSON string holding the list.
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON; a huge integer; deep nesting
                 value = None
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise UserError(
@@ -416,9 +421,9 @@ class _ExampleReader:
         return index
 
 
-def _is_float(text: str) -> bool:
+def _as_float(value: int | float | str) -> float | None:
+    """The number, or None: not a number, or an integer too large for a float."""
     try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+        return float(value)
+    except (ValueError, OverflowError):
+        return None

@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from gptjax.errors import UserError
 from gptjax.tasks.spec import Example
 from gptjax.tasks.tfds_records import RACE_ANSWERS, flatten_race
@@ -62,8 +64,11 @@ def _race_builder_class() -> type:
         """RACE (TFDS ``race`` 2.0.0) with one record per question; ``dev`` is ``validation``."""
 
         name = "gptjax_race"
-        VERSION = tfds.core.Version("1.0.0")
-        RELEASE_NOTES = {"1.0.0": "One record per question of TFDS race 2.0.0."}
+        VERSION = tfds.core.Version("1.1.0")
+        RELEASE_NOTES = {
+            "1.0.0": "One record per question of TFDS race 2.0.0.",
+            "1.1.0": "Each question's place in its article (question_index), for its id.",
+        }
         # TFDS looks for checksums next to the builder's module: use those of `race`.
         url_infos = base.url_infos
 
@@ -77,6 +82,7 @@ def _race_builder_class() -> type:
                     ),
                     "answer": tfds.features.ClassLabel(names=RACE_ANSWERS),
                     "example_id": tfds.features.Text(),
+                    "question_index": tfds.features.Scalar(np.int32),
                 }
             )
             return LocalDatasetInfo(

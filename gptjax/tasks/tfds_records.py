@@ -46,7 +46,9 @@ def flatten_race(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A TFDS ``race`` record (one article, several questions) as one record per question.
 
     The result has ``article``, ``question``, ``options`` (4), ``answer`` (index of the
-    answer letter A-D) and ``example_id``, as stored by the ``gptjax_race`` builder.
+    answer letter A-D), ``example_id`` (the article's file, e.g. ``high1234.txt``) and
+    ``question_index`` (the question's place in that file), as stored by the
+    ``gptjax_race`` builder.
     """
     questions, answers, options = record["questions"], record["answers"], record["options"]
     example_id = _text(record["example_id"])
@@ -56,7 +58,9 @@ def flatten_race(record: Mapping[str, Any]) -> list[dict[str, Any]]:
             f"{len(options)} option lists"
         )
     flat = []
-    for question, answer, choices in zip(questions, answers, options, strict=True):
+    for index, (question, answer, choices) in enumerate(
+        zip(questions, answers, options, strict=True)
+    ):
         answer = _text(answer)
         if answer not in RACE_ANSWERS or len(choices) != len(RACE_ANSWERS):
             raise ValueError(
@@ -70,16 +74,22 @@ def flatten_race(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "options": [_text(choice) for choice in choices],
                 "answer": RACE_ANSWERS.index(answer),
                 "example_id": example_id,
+                "question_index": index,
             }
         )
     return flat
 
 
 def race_question_example(record: Mapping[str, Any]) -> list[Example]:
-    """A per-question RACE record: context "article question", the 4 options as choices."""
+    """A per-question RACE record: context "article question", the 4 options as choices;
+    its id the article's file and the question's place there (``high1234.txt/2``), as the
+    RACE release names them (a record prepared before gptjax_race 1.1.0 has none)."""
     context = f"{_text(record['article'])} {_text(record['question'])}"
     choices = tuple(_text(option) for option in record["options"])
-    return [Example(texts=(context,), choices=choices, label=int(record["answer"]))]
+    uid = None
+    if "question_index" in record:
+        uid = f"{_text(record['example_id'])}/{int(record['question_index'])}"
+    return [Example(texts=(context,), choices=choices, label=int(record["answer"]), uid=uid)]
 
 
 def race_examples(record: Mapping[str, Any]) -> list[Example]:
