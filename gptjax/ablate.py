@@ -75,6 +75,8 @@ def main(argv):
     config_lib.expand_home(config)
     workdir = os.path.expanduser(_WORKDIR.value)
     with reported():
+        if not workdir:
+            raise UserError("--workdir is empty: give the directory the variants go in")
         unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
         if unknown or not _VARIANTS.value:
             raise UserError(

@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import json
 import logging
+import math
 import os
 import pathlib
 import runpy
@@ -35,7 +36,7 @@ import numpy as np
 
 from gptjax import config as config_lib
 from gptjax import host_memory, optim, profiling, sharding, train
-from gptjax.bench_parts import bench_checkpoint, bench_generate, bench_pipeline
+from gptjax.bench_parts import PipelineText, bench_checkpoint, bench_generate, bench_pipeline
 from gptjax.bench_torch import TorchReference, check_comparable
 from gptjax.errors import UserError, argument_parser, fail, one_line
 from gptjax.estimate import compile_step, memory
@@ -175,6 +176,11 @@ def load_config(
             f"--config={name}: not a config file ({type(e).__name__}: {one_line(e)[:200]}); "
             "give a file defining get_config(), as in configs/"
         ) from None
+    if "task" in config or config.get("init_from"):
+        raise UserError(
+            f"--config={name} fine-tunes; the benchmark times pretraining's step: give tiny, "
+            f"{', '.join(NAMED_CONFIGS)} or a pretraining config file (as configs/gpt1.py)"
+        )
     if name == "tiny":
         config.model.update(vocab_size=64, n_ctx=32, n_layer=1, n_head=2, d_model=16, d_mlp=64)
         config.train.update(batch_size=4, num_steps=10, warmup_steps=2, cpu_matmuls="xla")
@@ -183,6 +189,7 @@ def load_config(
     _override(config, overrides, "--set")
     _override(config, variant, "--versus")
     config_lib.validate(config)
+    check_batch(config, sharding.make_mesh(config.mesh))  # before anything compiles
     return config
 
 
@@ -266,8 +273,9 @@ def run(
     config = load_config(config_name, overrides)
     if vs_torch:
         check_comparable(config)
-    # Every variant's config checked before anything is compiled.
+    # Every variant's config, and the pipeline's flags, checked before anything compiles.
     variants = {spec: load_config(config_name, overrides, spec) for spec in versus}
+    text = PipelineText.make(settings)
     step = TrainStep(config)
     cfg, device = step.model_cfg, jax.devices()[0]
     rows = config.train.batch_size // config.train.microbatches  # a step's attention batch
@@ -360,7 +368,7 @@ def run(
     if profile_dir:
         r.update(profile_step(step, profile_dir, settings.profile_steps))
     logging.info("input pipeline, generation, checkpoints")
-    r.update(bench_pipeline(config, settings))
+    r.update(bench_pipeline(config, settings, text))
     r["pipeline_ratio"] = r["pipeline_tokens_per_s"] / r["train_tokens_per_s"]
     r["batch_ratio"] = r["batch_tokens_per_s"] / r["train_tokens_per_s"]
     r.update(bench_generate(step, settings, torch_ref))
@@ -581,16 +589,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.torch_compile and not args.vs_torch:
         fail("--torch-compile needs --vs-torch")
-    if args.profile and args.profile.exists() and not args.profile.is_dir():
-        fail(f"--profile={args.profile} is a file; give a directory for the trace")
+    if args.profile:
+        try:  # now, not after minutes of measuring
+            args.profile.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(
+                f"--profile={args.profile}: cannot make that directory ({e.strerror}); give "
+                "a directory for the trace"
+            )
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         fail(f"--json={args.json}: its directory does not exist; create it first")
     if args.json and os.path.isdir(args.json):
         fail(f"--json={args.json} is a directory; give a file name")
     if args.json and not writable(args.json):
         fail(f"--json={args.json}: cannot be written (permissions); give another path")
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        fail(f"--peak-tflops={args.peak_tflops}: it must be positive")
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        fail(f"--peak-tflops={args.peak_tflops}: it must be a positive number")
     if args.vs_torch and jax.default_backend() != "cpu":
         # The peer runs transformers on the CPU: a ratio against an accelerator's step
         # would compare two machines, not two implementations.

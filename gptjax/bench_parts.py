@@ -3,6 +3,7 @@ pack, batch), generation with the key/value cache against its memory-bandwidth b
 (and the PyTorch peers under --vs-torch), and how long a checkpoint save blocks the loop.
 Each returns its keys of `bench.KEYS`."""
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -43,23 +44,42 @@ def synthetic_books(num_chars: int, num_books: int = 8, seed: int = 0) -> list[s
 MIN_BATCHES = 32
 
 
-def bench_pipeline(config, settings: "Settings") -> dict:
+@dataclasses.dataclass
+class PipelineText:
+    """The pipeline benchmark's books and the tokenizer learned on them (untimed), made
+    before anything compiles, so that flags that cannot make them fail at once."""
+
+    books: list
+    tokenizer: tokenizer_lib.SentencePieceTokenizer
+
+    @classmethod
+    def make(cls, settings: "Settings") -> "PipelineText":
+        books = synthetic_books(settings.text_chars)
+        try:
+            tokenizer = tokenizer_lib.train_sentencepiece(books, settings.tokenizer_vocab, 20_000)
+        except UserError as e:  # its advice names the config's vocabulary, not these flags
+            fix = (
+                "raise --tokenizer-vocab: the text has more distinct characters"
+                if "smaller than required_chars" in str(e)
+                else "raise --text-chars or lower --tokenizer-vocab"
+            )
+            raise UserError(
+                f"--text-chars={settings.text_chars} --tokenizer-vocab="
+                f"{settings.tokenizer_vocab}: no tokenizer can be learned ({e}); {fix}"
+            ) from None
+        return cls(books, tokenizer)
+
+
+def bench_pipeline(config, settings: "Settings", text: PipelineText | None = None) -> dict:
     """Tokens per second through the pipeline of `lm_data` / `pipeline`: tokenize the
-    books (the tokenizer is trained first, untimed), then pack the ids into windows and
-    draw shuffled batches, timed from the second batch (starting the iterator is once a
-    run) to the end of an epoch of at least MIN_BATCHES batches; a shorter text's ids
-    are repeated to make one. Serially, the two stages give `pipeline_tokens_per_s`; a
-    run tokenizes its corpus once and caches the ids, so its steps wait only on the
+    books (of `text`, made here if not given), then pack the ids into windows and draw
+    shuffled batches, timed from the second batch (starting the iterator is once a run)
+    to the end of an epoch of at least MIN_BATCHES batches; a shorter text's ids are
+    repeated to make one. Serially, the two stages give `pipeline_tokens_per_s`; a run
+    tokenizes its corpus once and caches the ids, so its steps wait only on the
     batches."""
-    books = synthetic_books(settings.text_chars)
-    try:
-        tokenizer = tokenizer_lib.train_sentencepiece(books, settings.tokenizer_vocab, 20_000)
-    except UserError:  # its advice names the config's vocabulary, not these flags
-        raise UserError(
-            f"--text-chars={settings.text_chars} is too little text for a "
-            f"{settings.tokenizer_vocab}-piece tokenizer; raise --text-chars or lower "
-            "--tokenizer-vocab"
-        ) from None
+    text = text or PipelineText.make(settings)
+    books, tokenizer = text.books, text.tokenizer
     batch_size, n_ctx = config.train.batch_size, config.model.n_ctx
     start = time.perf_counter()
     tokens = tokenize_books(books, tokenizer)

@@ -197,6 +197,12 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         )
     if not 0.0 < est["mfu"] <= 1.0 or est["devices"] <= 0:
         raise UserError("estimate.mfu must be in (0, 1] and estimate.devices positive")
+    tokens_per_epoch = est["tokens_per_epoch"]
+    if not isinstance(tokens_per_epoch, int) or tokens_per_epoch <= 0:
+        raise UserError(
+            f"estimate.tokens_per_epoch={tokens_per_epoch!r}: give the corpus's tokens, a "
+            "positive whole number (it sets the length of a run set by train.epochs)"
+        )
     mesh = sharding.make_mesh(config.mesh, devices)
     check_batch(config, mesh)
     target = "tpu" if devices is not None else sharding.platform()

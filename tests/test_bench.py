@@ -178,6 +178,8 @@ def test_the_steps_figures_are_reported_before_the_rest_is_measured(result):
         ("train.nope=1", "--versus train.nope=1: no such config key 'train.nope'"),
         ("dropout", "--versus='dropout': give SECTION.KEY=VALUE overrides, comma-separated"),
         ("train.attention_blocks=0", "train.attention_blocks=0 must be a whole number"),
+        ("train.batch_size=3,train.microbatches=2", "train.batch_size=3"),  # does not split
+        ("mesh.tensor=3", "mesh"),  # no mesh of these devices
     ],
 )
 def test_a_bad_variant_is_one_line_before_anything_runs(versus, message, capsys, monkeypatch):
@@ -185,7 +187,8 @@ def test_a_bad_variant_is_one_line_before_anything_runs(versus, message, capsys,
     with pytest.raises(SystemExit) as e:
         bench.main(["--config=tiny", f"--versus={versus}"])
     assert e.value.code == 2
-    assert capsys.readouterr().err.startswith(f"error: {message}")
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_profile_is_written_and_its_operations_summed(result):
@@ -199,11 +202,12 @@ def test_the_profile_is_written_and_its_operations_summed(result):
     assert f"most: {r['profile_ops'][0]['op']} " in bench.report(r)
 
 
-def test_a_profile_directory_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("where", ["trace", "trace/sub"])
+def test_a_profile_directory_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch, where):
     (tmp_path / "trace").write_text("kept")
     monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
     with pytest.raises(SystemExit) as e:
-        bench.main(["--config=tiny", f"--profile={tmp_path / 'trace'}"])
+        bench.main(["--config=tiny", f"--profile={tmp_path / where}"])
     assert e.value.code == 2 and (tmp_path / "trace").read_text() == "kept"
     assert capsys.readouterr().err.startswith("error: --profile=")
 
@@ -213,8 +217,14 @@ def test_a_profile_directory_that_is_a_file_is_refused(tmp_path, capsys, monkeyp
     [
         (["--json={tmp}/nowhere/out.json"], "--json={tmp}/nowhere/out.json: its directory does"),
         (["--json={tmp}"], "--json={tmp} is a directory"),
-        (["--peak-tflops=-1"], "--peak-tflops=-1.0: it must be positive"),
-        (["--peak-tflops=0"], "--peak-tflops=0.0: it must be positive"),
+        (["--peak-tflops=-1"], "--peak-tflops=-1.0: it must be a positive number"),
+        (["--peak-tflops=0"], "--peak-tflops=0.0: it must be a positive number"),
+        (["--peak-tflops=nan"], "--peak-tflops=nan: it must be a positive number"),
+        (["--peak-tflops=inf"], "--peak-tflops=inf: it must be a positive number"),
+        (
+            ["--config={root}/configs/demo_finetune.py"],
+            "--config={root}/configs/demo_finetune.py fine-tunes",
+        ),
     ],
 )
 def test_bad_outputs_and_peaks_are_one_line_before_anything_runs(
@@ -222,9 +232,9 @@ def test_bad_outputs_and_peaks_are_one_line_before_anything_runs(
 ):
     monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
     with pytest.raises(SystemExit) as e:
-        bench.main(["--config=tiny", *(f.format(tmp=tmp_path) for f in flags)])
+        bench.main(["--config=tiny", *(f.format(tmp=tmp_path, root=ROOT) for f in flags)])
     assert e.value.code == 2
-    assert capsys.readouterr().err.startswith(f"error: {message.format(tmp=tmp_path)}")
+    assert capsys.readouterr().err.startswith(f"error: {message.format(tmp=tmp_path, root=ROOT)}")
 
 
 def test_the_torch_peer_is_refused_off_the_cpu(capsys, monkeypatch):
@@ -384,11 +394,21 @@ def test_pipeline_times_an_epoch_of_at_least_min_batches(monkeypatch):
     assert r["batch_tokens_per_s"] == timed and r["tokenize_tokens_per_s"] == text_tokens
 
 
-def test_too_little_text_for_the_tokenizer_names_the_bench_flags():
-    config = bench.load_config("tiny")
-    settings = bench.Settings(text_chars=200, tokenizer_vocab=4096)
-    with pytest.raises(UserError, match="raise --text-chars or lower --tokenizer-vocab"):
-        bench_parts.bench_pipeline(config, settings)
+@pytest.mark.parametrize(
+    "flags, fix",
+    [
+        (["--text-chars=200", "--tokenizer-vocab=4096"], "raise --text-chars or lower --tok"),
+        (["--tokenizer-vocab=5"], "raise --tokenizer-vocab: the text has more distinct char"),
+    ],
+)
+def test_a_tokenizer_the_flags_cannot_make_is_one_line_before_anything_runs(
+    flags, fix, capsys, monkeypatch
+):
+    monkeypatch.setattr(bench, "TrainStep", lambda config: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--config=tiny", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --text-chars=") and fix in err
 
 
 @pytest.fixture(scope="module")

@@ -350,6 +350,18 @@ def test_every_command_ends_alike_on_bad_input_and_on_a_signal(tmp_path):
         timeout=120,
     )
     assert_one_line_error(result, "could not load the config", "nope.py")
+    # An empty --workdir is refused, not the current directory trained in.
+    demo_finetune = "configs/demo_finetune.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "gptjax.ablate", f"--config={ROOT / demo_finetune}", "--workdir="],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(result, "--workdir is empty")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

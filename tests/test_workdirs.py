@@ -162,12 +162,20 @@ def test_an_empty_workdir_is_refused_except_by_estimate(capsys):
     )
 
 
-def test_a_refused_estimate_makes_no_workdir(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("estimate.accelerator=nope", "estimate.accelerator='nope' is unknown"),
+        ("estimate.tokens_per_epoch=0", "estimate.tokens_per_epoch=0: give the corpus's"),
+        ("estimate.tokens_per_epoch=-5", "estimate.tokens_per_epoch=-5: give the corpus's"),
+    ],
+)
+def test_a_refused_estimate_makes_no_workdir(tmp_path, capsys, flag, message):
     from cli import main_in_process
 
-    flags = ["--mode=estimate", "--config.estimate.accelerator=nope"]
+    flags = ["--mode=estimate", f"--config.{flag}"]
     status, last = main_in_process(tmp_path / "new", *flags, capsys=capsys)
-    assert status == 2 and "estimate.accelerator='nope' is unknown" in last, last
+    assert status == 2 and message in last, last
     assert not (tmp_path / "new").exists()
 
 
