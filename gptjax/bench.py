@@ -195,14 +195,18 @@ def load_config(
 
 def _override(config: ml_collections.ConfigDict, items: tuple[str, ...], flag: str):
     for item in items:
-        key, _, text = item.partition("=")
+        key, equals, text = item.partition("=")
         section, _, field = key.partition(".")
+        if not equals:
+            raise UserError(f"{flag} {item}: give SECTION.KEY=VALUE, e.g. train.batch_size=8")
         if section not in config or field not in config[section]:
             raise UserError(f"{flag} {item}: no such config key {key!r}")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = text  # a bare word: bfloat16, fused, ...
+            # nan and inf, as --config.KEY= takes them (and validation refuses them); else
+            # a bare word: bfloat16, fused, ...
+            value = float(text) if text.strip().lower() in ("nan", "inf", "-inf") else text
         try:
             config[section][field] = value
         except TypeError as e:

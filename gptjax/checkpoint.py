@@ -268,7 +268,7 @@ def _raise_unless_damage(error: Exception, step: int, directory):
     out of memory (reported by `errors.reported`) and a permission refused."""
     if isinstance(error, MemoryError) or out_of_memory(error):
         raise error
-    if isinstance(error, PermissionError):
+    if any(_permission_refused(e) for e in _causes(error)):
         raise UserError(
             f"checkpoint {step} in {directory} cannot be read ({_brief(error)}); nothing was "
             "moved: give this user read access, or use a new --workdir"
@@ -300,8 +300,28 @@ def _settle_abandoned_reads():
     gc.collect()
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error and its causes (`raise ... from`), outermost first: TensorStore raises
+    a generic Exception from the failure that names its reason (PERMISSION_DENIED ...)."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__
+    return chain
+
+
+def _permission_refused(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, PermissionError) or (
+        "PERMISSION_DENIED" in text or "os_error_code='13'" in text
+    )
+
+
 def _brief(error: Exception) -> str:
-    return " ".join(str(error).split())[:200]
+    """The failure's reason in a line: the innermost cause's, which names it (the outer
+    TensorStore error prints its own repr, not the reason)."""
+    named = [e for e in _causes(error) if str(e).strip()]
+    return " ".join(str(named[-1] if named else error).split())[:300]
 
 
 @contextlib.contextmanager

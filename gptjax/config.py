@@ -4,6 +4,7 @@ import math
 import os
 
 import ml_collections
+import numpy as np
 
 from gptjax import dropout as dropout_lib
 from gptjax import flash
@@ -174,10 +175,27 @@ FRACTION = (lambda x: 0 <= x < 1, "in [0, 1)")
 def check_reals(settings: dict):
     """`settings`: {name: (value, (test, what it must be))}; a value that is not a finite
     number passing its test is refused (NaN passes no comparison's negation: a NaN
-    learning rate would train every parameter into NaN). None is unset, and passes."""
+    learning rate would train every parameter into NaN). None is unset, and passes.
+
+    The test is of the value as the step computes with it, in float32: b1 = 0.99999999999
+    is 1.0 there (Adam's bias correction divides by 0), eps = 1e-50 is 0 (a row with no
+    gradient divides 0 by 0), a learning rate of 1e39 is infinite; each would turn the
+    parameters into NaN at the first update, which the check of the gradients does not
+    catch. A positive setting must be at least float32's smallest normal number (1.2e-38),
+    below which accelerators flush numbers to 0."""
     for name, (value, (ok, what)) in settings.items():
-        if value is not None and not (math.isfinite(value) and ok(value)):
+        if value is None:
+            continue
+        with np.errstate(over="ignore"):
+            value32 = np.float32(value)
+        if not (math.isfinite(value) and ok(value)):
             raise UserError(f"{name}={value} must be a finite number, {what} (--config.{name}=X)")
+        if not (np.isfinite(value32) and ok(value32)) or 0 < value32 < np.finfo(np.float32).tiny:
+            raise UserError(
+                f"{name}={value} is {value32} in float32, the precision the step uses: it "
+                f"must be {what} there, and not below 1.2e-38 when positive "
+                f"(--config.{name}=X)"
+            )
 
 
 def validate_data(data: ml_collections.ConfigDict):

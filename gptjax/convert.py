@@ -44,7 +44,7 @@ import numpy as np
 
 from gptjax import hf_source
 from gptjax.atomic import temporary_name
-from gptjax.errors import UserError, argument_parser, fail
+from gptjax.errors import UserError, argument_parser, fail, one_line
 from gptjax.hf_format import (
     OPENAI_SHAPES,
     PAPER_DROPOUT,
@@ -198,12 +198,16 @@ def from_openai(src: str, dst: str, n_head: int = 12):
             f"{missing[0]} is missing; the release is {OPENAI_SHAPES}, params_0.npy .. "
             f"params_{OPENAI_SHARDS - 1}.npy, {OPENAI_VOCAB} and {OPENAI_MERGES}"
         )
-    try:
-        flat = np.concatenate(
-            [np.load(p, mmap_mode="r").reshape(-1) for p in files[:OPENAI_SHARDS]]
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the params_*.npy files: {e}") from None
+    shards = []
+    for path in files[:OPENAI_SHARDS]:
+        try:
+            shards.append(np.load(path, mmap_mode="r", allow_pickle=False).reshape(-1))
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(
+                f"{path} is not a NumPy array file as released ({one_line(e)[:150]}); "
+                "download the release again"
+            ) from None
+    flat = np.concatenate(shards)
     tensors = openai_to_hf(split_openai(flat.astype(np.float32), shapes))
     tokens = tensors["tokens_embed.weight"]  # (one not a matrix: hf_to_params says so)
     if tokens.ndim == 2 and tokens.shape[1] % n_head:
@@ -212,7 +216,9 @@ def from_openai(src: str, dst: str, n_head: int = 12):
     source = {"format": "openai", "source": os.path.abspath(src)}
     sizes = _sizes(params, n_head)
     tokenizer_files = {k: hf_source.read_bytes(p) for k, p in tokenizer.items()}
-    hf_source.check_tokenizer(tokenizer_files, sizes["vocab_size"], src)
+    hf_source.check_tokenizer(
+        tokenizer_files, sizes["vocab_size"], src, names=(OPENAI_VOCAB, OPENAI_MERGES)
+    )
     write_workdir(dst, params, run_config(sizes, PAPER_DROPOUT, source), tokenizer_files)
     return params
 
@@ -314,8 +320,11 @@ def to_hf(src: str, dst: str, step: int | None = None):
             files[name] = hf_source.read_bytes(os.path.join(src, name))
     if not files:  # a SentencePiece tokenizer.model has no openai-gpt equivalent
         logging.warning("%s has no vocab.json + merges.txt: no tokenizer written", src)
-    elif head is not None:  # the specials, as HF's tokenizers read added tokens
-        files[ADDED_TOKENS_FILE] = json.dumps(specials, indent=2).encode()
+    else:
+        # Checked as from-hf checks what it reads: a damaged file is not exported.
+        hf_source.check_tokenizer(files, sizes["vocab_size"], src)
+        if head is not None:  # the specials, as HF's tokenizers read added tokens
+            files[ADDED_TOKENS_FILE] = json.dumps(specials, indent=2).encode()
     hf = hf_config(sizes, dropout, architecture, clf_dropout)
     if labels:
         hf["id2label"] = dict(enumerate(labels))

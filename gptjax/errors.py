@@ -1,6 +1,7 @@
 """The one exception type for bad user input, and how a command reports it."""
 
 import contextlib
+import errno
 import logging
 import sys
 
@@ -18,6 +19,19 @@ class WriteFailed(UserError):
     the process then ends at once (see `fail`), since the storage library's background
     writers it abandons would print tracebacks while the interpreter shuts down."""
 
+
+# The errors of writing a file that the machine, not the program, is the cause of.
+ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+    }
+)
 
 # sysexits' EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the exit
 # status after a stop on a signal, with a checkpoint written.
@@ -82,6 +96,17 @@ def reported():
     except Preempted as e:
         logging.warning("%s; run the same command to resume", e)
         sys.exit(EXIT_PREEMPTED)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        # Something in the way of a file the command writes (a directory where a results
+        # file goes), a full disk, no permission: the environment, not a bug.
+        path = e.filename2 or e.filename
+        where = f"{path}: " if path else ""
+        fail(
+            f"{where}{e.strerror}; move what is in the way, free some space or grant access, "
+            "and run the command again"
+        )
     except Exception as e:
         if not out_of_memory(e):
             raise
@@ -100,11 +125,18 @@ def out_of_memory(error: Exception) -> bool:
 def config_value(flag):
     """A config flag's value. A config file that does not load raises only when the
     config is first used, so it is used here, and its error is one line."""
+    config = None
     try:
         config = flag.value
         config.model  # noqa: B018
     except OSError as e:
         fail(f"could not load the config: {one_line(e)}")
+    except (AttributeError, KeyError):  # get_config() returned a dict, or no model section
+        fail(
+            f"the config is not a gptjax config (a {type(config).__name__} without a model "
+            "section); its get_config() must return an ml_collections ConfigDict, as "
+            "configs/gpt1.py's does"
+        )
     return config
 
 

@@ -31,6 +31,7 @@ from gptjax import optim, sharding, tpu_topology, train
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.pretrain import check_batch
+from gptjax.workdirs import ESTIMATE_FILE
 
 PETAFLOP_S_DAY = 1e15 * 86400
 
@@ -319,7 +320,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(table(result))
     if workdir and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "estimate.json")
+        path = os.path.join(workdir, ESTIMATE_FILE)
         with open(path, "w") as f:
             json.dump(result, f, indent=2)
         logging.info("wrote %s", path)

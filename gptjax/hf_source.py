@@ -142,9 +142,12 @@ def tokenizer_files(src: str) -> dict[str, bytes]:
     }
 
 
-def check_tokenizer(files: dict[str, bytes], rows: int, src: str):
+def check_tokenizer(
+    files: dict[str, bytes], rows: int, src: str, names: tuple[str, str] = (VOCAB_FILE, MERGES_FILE)
+):
     """Refuses, before anything is written, tokenizer files gptjax could not load, or
-    ids past the token embedding's `rows` (they would read another token's row)."""
+    ids past the token embedding's `rows` (they would read another token's row).
+    `names`: what the errors call the two files (the release names them otherwise)."""
     if not files:
         return
     try:
@@ -152,7 +155,7 @@ def check_tokenizer(files: dict[str, bytes], rows: int, src: str):
     except UnicodeDecodeError:
         raise UserError(f"{src}: the tokenizer files are not UTF-8 text") from None
     try:
-        tokenizer = BPETokenizer.from_texts(*texts, pretokenizer="bert")
+        tokenizer = BPETokenizer.from_texts(*texts, pretokenizer="bert", names=names)
     except UserError as e:
         raise UserError(f"{src}: {e}") from None
     if tokenizer.vocab_size > rows:

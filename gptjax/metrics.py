@@ -59,7 +59,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, float]):
         if not self.active:
             return
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         for name, value in metrics.items():
             self.tb.add_scalar(name, value, step)
@@ -82,9 +82,10 @@ def _drop_rows_after(path: str, step: int):
 
 def _rows(path: str) -> list[dict]:
     """The file's rows; a line that is not one (torn by a kill mid-write, or edited by
-    hand into something else than an object with an integer step) is skipped."""
+    hand into something else than an object with an integer step, or into bytes that
+    are not UTF-8) is skipped."""
     rows = []
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 row = json.loads(line)

@@ -29,6 +29,14 @@ def warn_if_untrained(train_cfg: ml_collections.ConfigDict, total_steps: int):
             "original's does), so it changes no weight; give it more updates "
             "(train.num_steps, train.epochs, or a smaller train.batch_size)"
         )
+    elif train_cfg.get("warmup_fraction") is None and train_cfg.warmup_steps > total_steps:
+        logging.warning(
+            "train.warmup_steps=%d is longer than the run's %d updates: the learning rate "
+            "warms up over the whole run, never decays, and never reaches train.lr at the "
+            "schedule the warmup was meant for; lower train.warmup_steps",
+            train_cfg.warmup_steps,
+            total_steps,
+        )
 
 
 def lr_schedule(train_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

@@ -50,12 +50,18 @@ class SentencePieceTokenizer:
                 "--workdir"
             ) from None
         try:
-            return cls(proto)
+            tokenizer = cls(proto)
         except RuntimeError as e:  # SentencePiece's parse error
             raise UserError(
                 f"{path} is not a SentencePiece model ({_one_line(e)}); restore it from a "
                 "copy, or use a new --workdir"
             ) from None
+        if tokenizer.vocab_size == 0:  # an empty file parses as a model of no pieces
+            raise UserError(
+                f"{path} is not a SentencePiece model (it holds no pieces: {len(proto)} "
+                "bytes); restore it from a copy, or use a new --workdir"
+            )
+        return tokenizer
 
     def save(self, path: str):
         """Written under a temporary name and renamed: never half-written (a failed

@@ -485,8 +485,10 @@ def run_phase(
     the workdir.
 
     `record_config` writes the run's config into the workdir; it is called once the
-    state is settled, after a resume's restore, so that a config the checkpoint refuses
-    (another shape) is never recorded as the run's: the workdir stays as it was."""
+    state is settled, after a resume's restore, and the metrics file has been read, so
+    that a config the checkpoint refuses (another shape), or a run that cannot go on
+    (its metrics file unreadable), is never recorded: the workdir's config stays as it
+    was."""
     start = 0
     if resume_step is not None:
         abstract = abstract_state(state, shardings)
@@ -494,10 +496,10 @@ def run_phase(
         state, data_state, start = checkpoint.restore_latest_good(ckpt, abstract)
         data_iter.set_state(data_state)
         logging.info("resumed from the checkpoint at step %d", start)
-    record_config()
-    writer = MetricsWriter(workdir, resume_step=start)
+    writer = MetricsWriter(workdir, resume_step=start)  # (a damaged metrics file: no config)
     failed = True
     try:
+        record_config()
         with PreemptionGuard() as guard:
             missed = evaluate_missed(
                 state, evaluate_fn, writer, workdir, train_cfg, total_steps, guard

@@ -24,7 +24,7 @@ from gptjax import checkpoint, metrics
 from gptjax.atomic import replacing
 from gptjax.data import lm_data
 from gptjax.errors import UserError
-from gptjax.results import RESULTS_JSON
+from gptjax.results import RESULTS_JSON, RESULTS_MD
 
 CONFIG_FILE = "config.json"
 
@@ -173,6 +173,9 @@ def check_output_dir(workdir: str, create: bool = True):
                 )
 
 
+# Written by --mode=estimate and --mode=zeroshot.
+ESTIMATE_FILE = "estimate.json"
+ZEROSHOT_FILE, ZEROSHOT_PLOT = "zeroshot.json", "zeroshot.png"
 # What a run writes in its workdir, and whether each is a directory: something else in
 # the way is said before the work (it failed at the first save, or after training).
 RUN_ENTRIES = {
@@ -182,7 +185,11 @@ RUN_ENTRIES = {
     CONFIG_FILE: False,
     metrics.METRICS_FILE: False,
     RESULTS_JSON: False,
+    RESULTS_MD: False,
     lm_data.STREAMS_FILE: False,
+    ESTIMATE_FILE: False,
+    ZEROSHOT_FILE: False,
+    ZEROSHOT_PLOT: False,
 }
 
 
@@ -327,6 +334,17 @@ def check_resumable(
             f"with --config.init_from={workdir}, or evaluate, generate or score it there"
         )
     current = json.loads(config.to_json_best_effort())  # as saved: tuples as lists
+    if ("task" in saved) != ("task" in current):
+        if "task" in saved:
+            raise UserError(
+                f"{workdir} holds a fine-tune (task {saved['task'].get('name')}), not a "
+                "pretraining run; use its fine-tuning config (configs/finetune.py:TASK) or "
+                "a new --workdir"
+            )
+        raise UserError(
+            f"{workdir} holds a pretraining run, not a fine-tune; fine-tune from it with "
+            f"--config.init_from={workdir} and a new --workdir"
+        )
     saved_model = saved.get("model") or {}
     if saved_model != current["model"]:
         changed = ", ".join(
@@ -341,17 +359,6 @@ def check_resumable(
                 if evaluating
                 else "resume it with the same config or use a new --workdir"
             )
-        )
-    if ("task" in saved) != ("task" in current):
-        if "task" in saved:
-            raise UserError(
-                f"{workdir} holds a fine-tune (task {saved['task'].get('name')}), not a "
-                "pretraining run; use its fine-tuning config (configs/finetune.py:TASK) or "
-                "a new --workdir"
-            )
-        raise UserError(
-            f"{workdir} holds a pretraining run, not a fine-tune; fine-tune from it with "
-            f"--config.init_from={workdir} and a new --workdir"
         )
     # A fine-tune's task, except its test file, which training never reads (evaluating,
     # only which task it is: its files may have moved). A key that a run saved before it

@@ -61,14 +61,14 @@ from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import Example
+from gptjax.workdirs import ZEROSHOT_FILE, ZEROSHOT_PLOT
 from gptjax.zeroshot_data import MARKER, load_examples, task_names
 
 METRIC = {"sst2": "accuracy", "cola": "mcc", "race": "accuracy", "dprd": "accuracy"}
 # The paper's SST-2 heuristic: "very", then the two label words (label 0, label 1).
 SST2_CUE = "very"
 SST2_WORDS = ("negative", "positive")
-RESULTS_FILE = "zeroshot.json"
-PLOT_FILE = "zeroshot.png"
+RESULTS_FILE, PLOT_FILE = ZEROSHOT_FILE, ZEROSHOT_PLOT
 # Sequences are padded to a power of two of at least this many tokens (at most n_ctx):
 # a handful of compiled shapes serves every length.
 _MIN_BUCKET = 16

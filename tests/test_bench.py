@@ -360,6 +360,10 @@ def test_named_configs():
     assert tiny.train.cpu_matmuls == "xla"  # so that its compile is cached (above)
     with pytest.raises(UserError, match="model.n_layers"):
         bench.load_config("tiny", ("model.n_layers=2",))
+    with pytest.raises(UserError, match="train.batch_size: give SECTION.KEY=VALUE"):
+        bench.load_config("tiny", ("train.batch_size",))
+    with pytest.raises(UserError, match="train.lr=nan must be a finite number"):  # as main's
+        bench.load_config("tiny", ("train.lr=nan",))
 
 
 def test_pipeline_times_an_epoch_of_at_least_min_batches(monkeypatch):

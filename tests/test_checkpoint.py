@@ -134,6 +134,26 @@ def test_reads_a_failed_restore_abandons_print_nothing_after_its_error(capfd):
     assert (sys.excepthook, sys.unraisablehook) == hooks
 
 
+def tensorstore_error(reason: str) -> Exception:
+    """As TensorStore reports a failed read: a generic Exception, raised from the error
+    that names the reason (seen with a checkpoint's files made unreadable)."""
+    try:
+        try:
+            raise ValueError(reason)
+        except ValueError as cause:
+            raise Exception(
+                "Encountered error while reading array index: (slice(0, 2, 1),). See full "
+                "TensorStore details: <bound method pybind11_detail_function_record.spec>"
+            ) from cause
+    except Exception as error:
+        return error
+
+
+def test_a_restore_failure_is_told_by_its_reason():
+    error = tensorstore_error("DATA_LOSS: Error reading local file: unexpected end of file")
+    assert checkpoint._brief(error).startswith("DATA_LOSS: Error reading local file")
+
+
 @pytest.mark.parametrize(
     "error, outcome",
     [
@@ -141,6 +161,7 @@ def test_reads_a_failed_restore_abandons_print_nothing_after_its_error(capfd):
         (MemoryError(), MemoryError),
         (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"), RuntimeError),
         (PermissionError(13, "Permission denied"), UserError),
+        (tensorstore_error("PERMISSION_DENIED: Error reading ... [os_error_code='13']"), UserError),
     ],
 )
 def test_a_failure_that_is_not_damage_moves_nothing(tmp_path, monkeypatch, error, outcome):

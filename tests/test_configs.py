@@ -118,6 +118,13 @@ def test_readme_config_table_names_every_setting():
         ("train", "b1", 1.5, r"train.b1=1.5 .* in \[0, 1\)"),
         ("train", "b2", float("nan"), "train.b2=nan"),
         ("train", "eps", -1.0, "train.eps=-1.0"),
+        # Fine in float64, not in float32, where the step computes: each made every
+        # parameter NaN at the first update, saved and reported with exit status 0.
+        ("train", "b1", 0.99999999999, r"train.b1=0.99999999999 is 1.0 in float32"),
+        ("train", "eps", 1e-50, r"train.eps=1e-50 is 0.0 in float32"),
+        ("train", "eps", 1e-40, r"train.eps=1e-40 is .* not below 1.2e-38 when positive"),
+        ("train", "lr", 1e39, r"train.lr=1e\+39 is inf in float32"),
+        ("train", "weight_decay", 1e39, r"train.weight_decay=1e\+39 is inf in float32"),
         ("train", "warmup_steps", -1, "train.warmup_steps"),
         ("train", "seed", -1, r"train.seed is -1; it must be in \[0, 2\*\*32\)"),
         ("train", "seed", 2**32, "train.seed"),

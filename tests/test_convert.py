@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -221,7 +222,7 @@ def test_other_heads_export_as_lm_plus_head_file(lm, tmp_path):
     config["task"]["kind"] = "classification"
     params = {"transformer": gpt, "head": head}
     # A BPE of 64 pieces: the model's rows 64-66 are the specials.
-    vocab = {"<unk>": 0, **{f"t{i}</w>": i for i in range(1, 64)}}
+    vocab = {"<unk>": 0, **{f"t{i}</w>": i for i in range(1, 63)}, "\n</w>": 63}
     files = {"vocab.json": json.dumps(vocab).encode(), "merges.txt": b"#version: 0.2\n"}
     convert.write_workdir(str(tmp_path / "ft"), params, json.dumps(config), files)
     assert convert.to_hf(str(tmp_path / "ft"), str(tmp_path / "hf")) == "OpenAIGPTLMHeadModel"
@@ -357,6 +358,19 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
     openai_release(tmp_path / "release2", np.random.default_rng(5))
+    release = tmp_path / "release2"  # a damaged file is named, whichever it is
+    good = (release / "params_3.npy").read_bytes()
+    for junk in (b"junk", good[:100]):  # not an array; truncated
+        (release / "params_3.npy").write_bytes(junk)
+        error = run(capsys, "from-openai", release, tmp_path / "e")
+        assert "params_3.npy is not a NumPy array file" in error
+    (release / "params_3.npy").write_bytes(good)
+    vocab = (release / "encoder_bpe_40000.json").read_text()
+    (release / "encoder_bpe_40000.json").write_text("{x")
+    error = run(capsys, "from-openai", release, tmp_path / "e", "--n_head=4")
+    assert "encoder_bpe_40000.json is not JSON" in error
+    assert not (tmp_path / "e").exists()
+    (release / "encoder_bpe_40000.json").write_text(vocab)
     shapes_file = tmp_path / "release2" / "params_shapes.json"
     shapes = json.loads(shapes_file.read_text())
     for wrong, words in (
@@ -374,6 +388,11 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
         assert not (tmp_path / "e").exists()
 
     assert "config.json is missing" in run(capsys, "to-hf", tmp_path, tmp_path / "c")
+    damaged = tmp_path / "damaged"  # a damaged BPE is not exported as it is
+    shutil.copytree(root / "ours", damaged)
+    (damaged / "vocab.json").write_text("{x")
+    assert "vocab.json is not JSON" in run(capsys, "to-hf", damaged, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
     assert not list(tmp_path.glob("*.tmp*")) and not list(root.glob("*.tmp*"))
 
     nowhere = tmp_path / "nowhere" / "d"  # no parent is made on the way

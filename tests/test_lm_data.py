@@ -90,11 +90,12 @@ def test_damaged_token_caches_are_made_again(books, tmp_path):
         np.testing.assert_array_equal(again.tokens[split], expected[split])
 
 
-def test_a_damaged_tokenizer_is_a_user_error(books, tmp_path):
+@pytest.mark.parametrize("content", [b"not a model", b""])  # b"": a model of no pieces
+def test_a_damaged_tokenizer_is_a_user_error(books, tmp_path, content):
     config = tiny_books_config(books, tmp_path / "cache")
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / "tokenizer.model").write_bytes(b"not a model")
+    (workdir / "tokenizer.model").write_bytes(content)
     with pytest.raises(UserError, match="tokenizer.model is not a SentencePiece model"):
         lm_data.prepare(config, str(workdir), resuming=True)
 

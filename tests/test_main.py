@@ -153,12 +153,14 @@ def test_misspelled_override_names_the_flag_and_the_likely_key(tmp_path, capsys)
         ("def get_config(:\n", ["SyntaxError", "line 1"]),
         ("def get_config():\n    raise RuntimeError('boom')\n", ["RuntimeError: boom"]),
         ("X = 1\n", ["defines no get_config()"]),
+        ("def get_config():\n    return {'model': {}}\n", ["a dict without a model section"]),
     ],
 )
 def test_a_config_file_that_does_not_load(tmp_path, source, words):
     (tmp_path / "bad.py").write_text(source)
     result = run_main(tmp_path / "run", config=str(tmp_path / "bad.py"))
-    assert_one_line_error(result, "could not load the config", *words, workdir=tmp_path / "run")
+    loading = [] if "return {" in source else ["could not load the config"]
+    assert_one_line_error(result, *loading, *words, workdir=tmp_path / "run")
 
 
 def test_wrongly_typed_override(tmp_path, capsys):

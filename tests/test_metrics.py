@@ -60,8 +60,8 @@ def test_rows_tensorboard_and_resume_truncation(tmp_path):
 
     # A run killed mid-write leaves a torn line; resuming from step 2 drops it and the
     # rows after the checkpoint, which the resumed run writes again.
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('5\n["step", 4]\n{"step": "4"}\n{"step": 4, "lo')  # hand edits too
+    with open(tmp_path / "metrics.jsonl", "ab") as f:  # hand edits too, bytes not UTF-8
+        f.write(b'5\n["step", 4]\n{"step": "4"}\n\xff\xfe\n{"step": 4, "lo')
     writer = MetricsWriter(str(tmp_path), resume_step=2)
     writer.write(3, {"loss": 30.0})
     writer.close()

@@ -236,3 +236,13 @@ def test_the_scheduled_lr_is_the_one_applied_after_a_skipped_update():
     after_skip, _ = tx.update(good, skipped, params)
     straight, _ = tx.update(good, once, params)
     np.testing.assert_array_equal(after_skip["kernel"], straight["kernel"])
+
+
+def test_a_warmup_longer_than_the_run_is_told(caplog):
+    train_cfg = gpt1_config().train  # warmup_steps=2000
+    with caplog.at_level(logging.WARNING):
+        optim.warn_if_untrained(train_cfg, total_steps=2000)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        optim.warn_if_untrained(train_cfg, total_steps=100)
+    assert "train.warmup_steps=2000 is longer than the run's 100 updates" in caplog.text

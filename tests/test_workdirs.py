@@ -137,7 +137,16 @@ def test_a_workdir_that_is_a_file_is_refused_before_the_work(mode, below, tmp_pa
 
 @pytest.mark.parametrize(
     "name, make",
-    [("checkpoints", "file"), ("results.json", "dir"), ("metrics.jsonl", "dir"), ("data", "file")],
+    [
+        ("checkpoints", "file"),
+        ("results.json", "dir"),
+        ("metrics.jsonl", "dir"),
+        ("data", "file"),
+        ("results.md", "dir"),
+        ("zeroshot.json", "dir"),
+        ("zeroshot.png", "dir"),
+        ("estimate.json", "dir"),
+    ],
 )
 def test_something_in_the_way_in_a_workdir_is_named_before_the_work(tmp_path, name, make):
     """A file where the run keeps a directory, or the reverse, failed at the first save
@@ -150,6 +159,23 @@ def test_something_in_the_way_in_a_workdir_is_named_before_the_work(tmp_path, na
     with pytest.raises(UserError, match=f"{name} is a (file|directory), where the run keeps"):
         workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=False)
     assert path.is_dir() if make == "dir" else path.read_text() == "mine"
+
+
+def test_a_directory_where_a_command_writes_a_file_is_one_line(tmp_path, capsys):
+    """Files named after the task (a fine-tune's predictions) cannot all be checked
+    first: a directory in their way ends the command with one line, not a traceback."""
+    from gptjax.atomic import replacing
+    from gptjax.errors import reported
+
+    (tmp_path / "predictions_test.tsv").mkdir()
+    path = str(tmp_path / "predictions_test.tsv")
+    with pytest.raises(SystemExit) as stop, reported(), replacing(path) as f:
+        f.write("index\tprediction\n")
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {tmp_path / 'predictions_test.tsv'}: Is a directory; move")
+    with pytest.raises(ZeroDivisionError), reported():  # a bug keeps its traceback
+        raise ZeroDivisionError
 
 
 def test_an_empty_workdir_is_refused_except_by_estimate(capsys):
@@ -212,11 +238,18 @@ def test_a_fine_tune_and_a_pretraining_run_do_not_resume_each_other():
     with fine_tune.unlocked():
         fine_tune.task = {"name": "custom", "kind": "classification", "train_path": "a.jsonl"}
         fine_tune.finetune = {"lm_coef": 0.5, "clf_dropout": 0.1, "n_transfer": None}
+    # Also a fine-tuning config whose model sizes are not resolved yet (an evaluation's
+    # come from the run): which kind of run it is comes first.
+    unresolved = tiny_config()
+    with unresolved.unlocked():
+        unresolved.task, unresolved.finetune = fine_tune.task, fine_tune.finetune
+        unresolved.model.update({k: None for k in workdirs.MODEL_SIZES})
     for evaluating in (False, True):
         with pytest.raises(UserError, match=r"holds a fine-tune \(task custom\), not a pre"):
             workdirs.check_resumable("run", saved(fine_tune), pretraining, evaluating)
-        with pytest.raises(UserError, match="holds a pretraining run, not a fine-tune"):
-            workdirs.check_resumable("run", saved(pretraining), fine_tune, evaluating)
+        for config in (fine_tune, unresolved):
+            with pytest.raises(UserError, match="holds a pretraining run, not a fine-tune"):
+                workdirs.check_resumable("run", saved(pretraining), config, evaluating)
     # A fine-tune resumes with the objective it was trained with; evaluated, its files
     # may have moved, but not its task.
     before = saved(fine_tune)
