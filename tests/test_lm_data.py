@@ -160,7 +160,9 @@ def test_odd_cache_metadata_and_a_tokenizer_directory(books, tmp_path):
         lm_data.prepare(config, str(workdir), resuming=True)
 
 
-def test_a_changed_corpus_is_refused_on_resume_even_without_the_cached_streams(books, tmp_path):
+def test_a_changed_corpus_is_refused_on_resume_even_without_the_cached_streams(
+    books, tmp_path, caplog
+):
     config = tiny_books_config(books, tmp_path / "cache")
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -173,10 +175,13 @@ def test_a_changed_corpus_is_refused_on_resume_even_without_the_cached_streams(b
     write_books(books, num_books=8)
     with pytest.raises(UserError, match="not the one this run's checkpoints"):
         lm_data.prepare(config, str(workdir), resuming=True)
-    # A run from before the record existed resumes as it did, and gets one.
+    # A run from before the record existed (or whose record was deleted) resumes as it
+    # did, is told that the corpus could not be checked, and gets a record.
     os.remove(workdir / lm_data.STREAMS_FILE)
+    caplog.clear()
     lm_data.prepare(config, str(workdir), resuming=True)
     assert (workdir / lm_data.STREAMS_FILE).exists()
+    assert "cannot be checked against the one the checkpoints were trained on" in caplog.text
 
 
 def test_an_evaluation_reads_the_cached_streams_without_the_books(books, tmp_path):

@@ -98,6 +98,14 @@ def prepare(
         fingerprint = f"{corpus_fingerprint}:{tokenizer.digest}"
         if record.get("fingerprint", fingerprint) != fingerprint:
             raise other_corpus
+        if not record:  # deleted, or a run from before the record: nothing to check with
+            logging.warning(
+                "%s is missing, so the corpus (%s) cannot be checked against the one the "
+                "checkpoints were trained on: with another, the saved data position points "
+                "into other windows; resuming, and recording this corpus",
+                record_path,
+                description,
+            )
     books = corpus.load_books(config.data, os.path.join(corpus.cache_dir(config.data), "tfds"))
     if tokenizer is None:
         tokenizer = tokenizer_lib.train_sentencepiece(
