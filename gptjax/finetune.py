@@ -371,12 +371,29 @@ class FineTune:
             self.task.metrics, self.predictions(out["output"])[labelled], out["label"][labelled]
         )
 
+    def predict_splits(self, params, names) -> dict[str, dict[str, np.ndarray]]:
+        """`predict`'s outputs of each split in `names`; a split made of others
+        (`task.parts`: RACE's validation, of its two levels) is put together from
+        theirs, so that each example is predicted once."""
+        outs = {}
+
+        def outputs(name):
+            if name not in outs:
+                parts = self.task.parts.get(name)
+                if parts:
+                    pieces = [outputs(part) for part in parts]
+                    outs[name] = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+                else:
+                    outs[name] = self.predict(params, self.split(name))
+            return outs[name]
+
+        return {name: outputs(name) for name in names}
+
     def evaluate(self, params, splits=None) -> dict[str, float]:
         """The task's metrics on each labelled eval split, keyed `{split}_{metric}`."""
         row = {}
-        for name in splits or self.task.eval_splits:
-            scores = self.score(self.predict(params, self.split(name)))
-            row.update({f"{name}_{k}": v for k, v in scores.items()})
+        for name, out in self.predict_splits(params, splits or self.task.eval_splits).items():
+            row.update({f"{name}_{k}": v for k, v in self.score(out).items()})
         return row
 
     @property

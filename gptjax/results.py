@@ -79,8 +79,7 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
     params = checkpoint.restore_params(workdir, run.abstract.params, step, other)
     splits = splits or (*run.task.eval_splits, *run.task.test_splits)
     results = []
-    for name in splits:
-        out = run.predict(params, run.split(name))
+    for name, out in run.predict_splits(params, splits).items():
         scores = run.score(out)
         if scores:
             results.append({"split": name, **scores})

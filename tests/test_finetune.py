@@ -437,13 +437,32 @@ def test_every_tfds_task_fine_tunes_on_mock_data(pretrained, tmp_path, mock_read
         write_story_cloze(pretrained / "cache" / "tfds")
         mock["as_data_source_fn"] = story_cloze_source
     workdir = tmp_path / "ft"
-    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE, **mock):
+    predicted = []
+    real_predict = finetune.FineTune.predict
+
+    def predict(self, params, split):
+        predicted.append(split.name)
+        return real_predict(self, params, split)
+
+    with (
+        tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE, **mock),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setattr(finetune.FineTune, "predict", predict)
         report = finetune.train_and_evaluate(config, str(workdir))
         spec = TFDS_TASKS[name]
         assert [r["split"] for r in report["results"]] == list(spec.eval_splits)
         assert set(report["results"][0]) == {"split", *spec.metrics}
-        if name in ("cola", "mnli"):  # --mode=eval also writes GLUE submission files
+        if name in ("cola", "mnli", "race"):  # --mode=eval also writes the predictions
             results.evaluate_checkpoint(finetune.FineTune(config, str(workdir), read_only=True))
+    if name == "race":  # both levels predicted, once each; the whole put together from them
+        assert "validation" not in predicted and "validation_middle" in predicted
+        scores = {r["split"]: r["accuracy"] for r in report["results"]}
+        assert scores["validation"] == pytest.approx(
+            (scores["validation_middle"] + scores["validation_high"]) / 2  # 4 questions each
+        )
+        lines = (workdir / "predictions_test.tsv").read_text().splitlines()[1:]
+        assert len(lines) == 8 and all("/" in line.split("\t")[0] for line in lines)
     for split, filename in TFDS_TASKS[name].submission.items() if name in ("cola", "mnli") else ():
         lines = (workdir / filename).read_text().splitlines()
         assert lines[0] == "index\tprediction" and len(lines) == 5, (split, lines)

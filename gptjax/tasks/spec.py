@@ -37,6 +37,9 @@ class TaskSpec:
     `paper` maps a metric to the paper's test-set number for it (in percent); a key
     "SPLIT/METRIC" gives one evaluation split its own number (MNLI's mismatched).
     `submission` maps a test split to a GLUE submission file name (e.g. "CoLA.tsv").
+    `parts` maps a split that is other splits' examples one after the other (RACE's
+    validation: its middle-school split, then its high-school one) to those splits, so
+    that an evaluation of all of them predicts each example once.
     """
 
     name: str
@@ -51,6 +54,7 @@ class TaskSpec:
     num_choices: int = 0
     paper: dict[str, float] = dataclasses.field(default_factory=dict)
     submission: dict[str, str] = dataclasses.field(default_factory=dict)
+    parts: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     description: str = ""
 
     @property

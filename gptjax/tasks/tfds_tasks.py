@@ -221,6 +221,8 @@ _TASKS = (
         split_datasets={
             f"{s}_{level}": (f"race/{level}",) for s in ("validation", "test") for level in _LEVELS
         },
+        # Both levels are their splits' examples in the order of `datasets`.
+        parts={s: tuple(f"{s}_{level}" for level in _LEVELS) for s in ("validation", "test")},
         num_choices=4,
         metrics=_ACCURACY,
         paper={
