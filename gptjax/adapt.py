@@ -62,7 +62,7 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     if resume is not None:
         check_workdir(workdir, phase_config, resuming=True)
     model = GPT(ModelConfig.from_config(cfg.model, cfg.train), **layer_options(cfg.train))
-    optim.warn_if_untrained(phase_cfg, total)
+    optim.warn_if_untrained(phase_cfg, total, len(train_windows))
     schedule = optim.lr_schedule(phase_cfg, total)
     state, shardings = train.create_state(
         model,

@@ -318,10 +318,12 @@ def _permission_refused(error: BaseException) -> bool:
 
 
 def _brief(error: Exception) -> str:
-    """The failure's reason in a line: the innermost cause's, which names it (the outer
-    TensorStore error prints its own repr, not the reason)."""
-    named = [e for e in _causes(error) if str(e).strip()]
-    return " ".join(str(named[-1] if named else error).split())[:300]
+    """The failure's reason in a line: the error's own message, or where TensorStore
+    wrapped the failure (its message is the read's index and its own repr) the
+    innermost cause's, which names the reason."""
+    named = [e for e in _causes(error) if str(e).strip()] or [error]
+    text = str(named[-1] if "TensorStore details" in str(named[0]) else named[0])
+    return " ".join(text.split())[:300]
 
 
 @contextlib.contextmanager

@@ -132,10 +132,14 @@ def config_value(flag):
     except OSError as e:
         fail(f"could not load the config: {one_line(e)}")
     except (AttributeError, KeyError):  # get_config() returned a dict, or no model section
+        what = (
+            "a ConfigDict without a model section"
+            if hasattr(config, "to_dict")
+            else f"a {type(config).__name__}, not an ml_collections ConfigDict"
+        )
         fail(
-            f"the config is not a gptjax config (a {type(config).__name__} without a model "
-            "section); its get_config() must return an ml_collections ConfigDict, as "
-            "configs/gpt1.py's does"
+            f"the config is not a gptjax config: its get_config() returned {what}; build it "
+            "as configs/gpt1.py does"
         )
     return config
 

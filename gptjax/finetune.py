@@ -280,7 +280,8 @@ class FineTune:
         holds its shapes and shardings, `state` is None and nothing is allocated."""
         cfg = self.config
         if initialise:
-            optim.warn_if_untrained(cfg.train, total_steps)
+            examples = len(self.split(self.task.train_split).rows)
+            optim.warn_if_untrained(cfg.train, total_steps, examples)
         self.schedule = optim.lr_schedule(cfg.train, total_steps)
         tx = optim.make_optimizer(cfg.train, total_steps)
         if initialise:

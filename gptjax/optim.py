@@ -20,9 +20,20 @@ def warmup_steps(train_cfg: ml_collections.ConfigDict, total_steps: int) -> int:
     return min(warmup, total_steps)
 
 
-def warn_if_untrained(train_cfg: ml_collections.ConfigDict, total_steps: int):
-    """Says so when a training run's only update would apply learning rate 0 (called by
-    the runs that train, not by an evaluation, which compiles a one-step schedule)."""
+def warn_if_untrained(
+    train_cfg: ml_collections.ConfigDict, total_steps: int, num_sequences: int | None = None
+):
+    """Says so when a training run's only update would apply learning rate 0, when its
+    warmup is longer than the run, or when its batch is larger than its `num_sequences`
+    (windows, or a fine-tune's examples: each batch repeats some). Called by the runs
+    that train, not by an evaluation, which compiles a one-step schedule."""
+    if num_sequences is not None and num_sequences < train_cfg.batch_size:
+        logging.warning(
+            "train.batch_size=%d is more than the %d training sequences: every batch repeats "
+            "some of them; lower train.batch_size (or give more data)",
+            train_cfg.batch_size,
+            num_sequences,
+        )
     if total_steps == 1 and warmup_steps(train_cfg, total_steps) == 1:
         logging.warning(
             "a run of one update trains at learning rate 0 (warmup starts from 0, as the "

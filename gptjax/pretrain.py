@@ -26,16 +26,7 @@ from gptjax.workdirs import (
 
 
 def total_steps(train_cfg: ml_collections.ConfigDict, num_windows: int) -> int:
-    """`train.num_steps` if set, else `train.epochs` passes over the training windows
-    (a fine-tune's: examples). A batch larger than them all is said: each batch repeats
-    some, and an epoch is shorter than one batch."""
-    if num_windows < train_cfg.batch_size:
-        logging.warning(
-            "train.batch_size=%d is more than the %d training sequences: every batch repeats "
-            "some of them; lower train.batch_size (or give more data)",
-            train_cfg.batch_size,
-            num_windows,
-        )
+    """`train.num_steps` if set, else `train.epochs` passes over the training windows."""
     if train_cfg.num_steps is not None:
         return train_cfg.num_steps
     return max(1, train_cfg.epochs * num_windows // train_cfg.batch_size)
@@ -79,7 +70,7 @@ class Run:
         self.model = GPT(self.model_cfg, **layer_options(config.train))
         self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
         if not read_only:
-            optim.warn_if_untrained(config.train, self.total_steps)
+            optim.warn_if_untrained(config.train, self.total_steps, len(self.data.windows["train"]))
         self.schedule = optim.lr_schedule(config.train, self.total_steps)
         tx = optim.make_optimizer(config.train, self.total_steps)
         if read_only:  # evaluation restores parameters into this layout: shapes suffice

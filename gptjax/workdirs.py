@@ -366,8 +366,16 @@ def check_resumable(
     saved_task = saved.get("task") or {}
     current_task = current.get("task", {})
     if evaluating:
+        # A converted multiple-choice model's task is the template's: its texts are
+        # whatever the evaluated files name them.
+        converted = isinstance(source, dict)
+        identity = [k for k in TASK_IDENTITY if not (k == "text_fields" and converted)]
         saved_task, current_task = (
-            {k: v for k, v in task.items() if k in TASK_IDENTITY}
+            {
+                k: _field_names(v) if k == "text_fields" else v
+                for k, v in task.items()
+                if k in identity
+            }
             for task in (saved_task, current_task)
         )
 
@@ -426,6 +434,13 @@ def check_resumable(
             "those it would have taken (other dropout masks, other rounding)",
             changed,
         )
+
+
+def _field_names(value) -> str:
+    """`task.text_fields` written one way ("premise, hypothesis" or a list of the two is
+    "premise,hypothesis")."""
+    names = value.split(",") if isinstance(value, str) else list(value or ())
+    return ",".join(str(name).strip() for name in names if str(name).strip())
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, extra: dict | None = None):

@@ -152,6 +152,13 @@ def tensorstore_error(reason: str) -> Exception:
 def test_a_restore_failure_is_told_by_its_reason():
     error = tensorstore_error("DATA_LOSS: Error reading local file: unexpected end of file")
     assert checkpoint._brief(error).startswith("DATA_LOSS: Error reading local file")
+    try:  # another library's error says its reason itself
+        try:
+            raise KeyError("params")
+        except KeyError as cause:
+            raise ValueError("no item 'params' in the checkpoint") from cause
+    except ValueError as other:
+        assert checkpoint._brief(other) == "no item 'params' in the checkpoint"
 
 
 @pytest.mark.parametrize(

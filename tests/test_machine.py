@@ -12,6 +12,8 @@ from conftest import ROOT
 
 def test_libtpu_without_an_accelerator_runs_on_the_cpu(monkeypatch):
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    # As before JAX is imported: the test process's JAX keeps the platforms it has.
+    monkeypatch.delitem(sys.modules, "jax", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # installed
     monkeypatch.setattr(machine, "has_accelerator", lambda: True)
     machine.skip_absent_tpu()

@@ -153,7 +153,7 @@ def test_misspelled_override_names_the_flag_and_the_likely_key(tmp_path, capsys)
         ("def get_config(:\n", ["SyntaxError", "line 1"]),
         ("def get_config():\n    raise RuntimeError('boom')\n", ["RuntimeError: boom"]),
         ("X = 1\n", ["defines no get_config()"]),
-        ("def get_config():\n    return {'model': {}}\n", ["a dict without a model section"]),
+        ("def get_config():\n    return {'model': {}}\n", ["a dict, not an ml_collections"]),
     ],
 )
 def test_a_config_file_that_does_not_load(tmp_path, source, words):

@@ -238,7 +238,7 @@ def test_the_scheduled_lr_is_the_one_applied_after_a_skipped_update():
     np.testing.assert_array_equal(after_skip["kernel"], straight["kernel"])
 
 
-def test_a_warmup_longer_than_the_run_is_told(caplog):
+def test_a_warmup_longer_than_the_run_and_a_batch_larger_than_the_data_are_told(caplog):
     train_cfg = gpt1_config().train  # warmup_steps=2000
     with caplog.at_level(logging.WARNING):
         optim.warn_if_untrained(train_cfg, total_steps=2000)
@@ -246,3 +246,11 @@ def test_a_warmup_longer_than_the_run_is_told(caplog):
     with caplog.at_level(logging.WARNING):
         optim.warn_if_untrained(train_cfg, total_steps=100)
     assert "train.warmup_steps=2000 is longer than the run's 100 updates" in caplog.text
+    # A batch larger than the data: each batch repeats sequences; said, not silent.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        optim.warn_if_untrained(train_cfg, total_steps=2000, num_sequences=64)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        optim.warn_if_untrained(train_cfg, total_steps=2000, num_sequences=10)
+    assert "train.batch_size=64 is more than the 10 training sequences" in caplog.text

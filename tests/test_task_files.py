@@ -567,6 +567,13 @@ def test_a_repeated_column_name_is_refused(tmp_path, header):
     assert repr(header.split(",")[1]) in message
 
 
+def test_a_spreadsheets_unnamed_trailing_columns_are_read(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("t,y,,\ngood,1,,\nbad,0,,\n")
+    task = load_file_task("classification", str(train), str(train), "t", "y")
+    assert [e.label for e in task.load("train", "")] == [1, 0]
+
+
 def test_a_whitespace_only_csv_line_is_a_blank_line(tmp_path):
     train = tmp_path / "train.csv"
     train.write_text("t,y\na,0\n   \nb,1\n")

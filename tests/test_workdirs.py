@@ -258,6 +258,20 @@ def test_a_fine_tune_and_a_pretraining_run_do_not_resume_each_other():
         workdirs.check_resumable("run", before, fine_tune)
     fine_tune.task.train_path = "moved/a.jsonl"
     workdirs.check_resumable("run", before, fine_tune, evaluating=True)
+    # Its texts' order is part of the task (written with spaces or not); a converted
+    # model's task is the conversion's template, whatever the files name its texts.
+    pair = tiny_config()
+    with pair.unlocked():
+        pair.task = {**fine_tune.task, "kind": "entailment", "text_fields": "premise,hypothesis"}
+        pair.finetune = fine_tune.finetune
+    trained = saved(pair)
+    pair.task.text_fields = "premise, hypothesis"
+    workdirs.check_resumable("run", trained, pair, evaluating=True)
+    pair.task.text_fields = "hypothesis,premise"
+    with pytest.raises(UserError, match="task.text_fields='premise,hypothesis' there"):
+        workdirs.check_resumable("run", trained, pair, evaluating=True)
+    converted = {**trained, "converted_from": {"format": "huggingface", "source": "/x"}}
+    workdirs.check_resumable("run", converted, pair, evaluating=True)
     fine_tune.task.kind = "entailment"
     with pytest.raises(
         UserError,

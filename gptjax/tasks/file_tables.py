@@ -128,10 +128,11 @@ def _csv_rows(path: str, text: str, dialect: str) -> tuple[list, list[str]]:
     end = 0  # the last line read (a quoted field may span several)
     # csv's default limit on a field, 131,072 characters, is not the file's: a long
     # document is a valid field. The limit is the module's, so it is put back after.
-    field_limit = csv.field_size_limit(sys.maxsize)
+    field_limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # (a C long)
     try:
         header = [name.strip() for name in next(reader, [])]
-        repeated = sorted({name for name in header if header.count(name) > 1})
+        # (Columns without a name, a spreadsheet's empty trailing ones, can repeat.)
+        repeated = sorted({name for name in header if name and header.count(name) > 1})
         if repeated:
             raise UserError(
                 f"the header of {path} names the column(s) {', '.join(map(repr, repeated))} "

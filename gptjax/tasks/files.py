@@ -251,11 +251,13 @@ class _ExampleReader:
             return str(value)  # (JSON's reader refuses an integer of 4,300+ digits)
         if isinstance(value, str):
             key = value.strip()
-            # "01" and 1 are the same class; written without int(), which refuses an
-            # integer of 4,300 digits or more.
+            # "01" and 1 are the same class (and a full-width "１": int() reads any
+            # digits); int() refuses an integer of 4,300 digits or more, kept as written.
             if _INTEGER.fullmatch(key):
-                sign, digits = ("-" if key[0] == "-" else ""), key.lstrip("+-").lstrip("0")
-                return sign + digits if digits else "0"
+                try:
+                    return str(int(key))
+                except ValueError:
+                    return key
             return key
         raise UserError(
             f"label {value!r} on line {line} of {table.path} is a JSON {type(value).__name__}; "
