@@ -186,8 +186,8 @@ def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
     equally good ones. Predicting one class for every sentence (MCC 0) is a candidate too:
     when every split of the scores correlates negatively with the labels (an early
     checkpoint), the threshold is the highest training score, so no training sentence is
-    called acceptable, rather than a split that is worse than no split. Fit it on training sentences, never the
-    evaluated ones."""
+    called acceptable, rather than a split that is worse than no split. Fit it on training
+    sentences, never the evaluated ones."""
     order = np.argsort(-scores, kind="stable")
     sorted_scores, sorted_labels = scores[order], labels[order].astype(np.float64)
     n, positives = len(scores), sorted_labels.sum()
