@@ -100,7 +100,7 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     )
     holder = [state]
     del state
-    train.run_phase(
+    _, eval_metrics = train.run_phase(
         holder.pop(),
         shardings,
         p_train,
@@ -114,5 +114,13 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
         checkpoint.manager(workdir, phase_cfg.keep_checkpoints),
         resume,
         record_config=functools.partial(write_run_config, workdir, phase_config),
+    )
+    scores = " ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+    logging.info(
+        "domain adaptation done (%s on %s's evaluation texts; curves in %s): fine-tuning "
+        "starts from it",
+        scores or "no evaluation",
+        run.task.name,
+        workdir,
     )
     return workdir

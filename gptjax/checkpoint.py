@@ -92,9 +92,10 @@ def save(
     `wait` (before exiting on a signal). A failed write (a full disk) is a UserError; the
     failed step never becomes a checkpoint (see `_write_errors`)."""
     params, rest = _train_state_items(state)
+    step = int(jax.device_get(state.step))
     with _write_errors(mngr):
-        mngr.save(
-            int(jax.device_get(state.step)),
+        saving = mngr.save(
+            step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params),
                 opt_state=ocp.args.StandardSave(rest),
@@ -102,6 +103,9 @@ def save(
             ),
             force=force,
         )
+        if saving:  # (the previous one is complete: Orbax waits for it first)
+            how = "" if wait else " in the background"
+            logging.info("checkpoint %d: writing it to %s%s", step, mngr.directory, how)
         if wait:
             mngr.wait_until_finished()
 

@@ -294,7 +294,8 @@ def load(workdir: str, step: int | None = None) -> tuple[Generator, object]:
         params = unstack_layers(params)
     rows = params["tokens_embed"]["embedding"].shape[0]
     cfg = ModelConfig(**{**{k: model[k] for k in ModelConfig.architecture()}, "vocab_size": rows})
-    logging.info("generating from %s (%s)", workdir, describe(cfg))
+    which = step if step is not None else checkpoint.latest_step(workdir)
+    logging.info("loaded checkpoint %s of %s (%s)", which, workdir, describe(cfg))
     return Generator(cfg, params, tokenizer.vocab_size), tokenizer
 
 

@@ -195,11 +195,19 @@ def report(run: Run, metrics: dict):
     results = {**metrics, "unigram_ppl": unigram, "eval_batches": cap}
     if jax.process_index() == 0:
         logging.info(
-            "held-out perplexity %.2f%s (unigram model of the same tokens: %.2f)",
+            "held-out perplexity %.2f%s at step %s (unigram model of the same tokens: %.2f)",
             metrics["eval_ppl"],
             f" on the first {cap} batches" if cap else "",
+            metrics.get("step"),
             unigram,
         )
-        with replacing(os.path.join(run.workdir, RESULTS_JSON)) as f:
+        path = os.path.join(run.workdir, RESULTS_JSON)
+        with replacing(path) as f:
             json.dump(results, f, indent=2)
+        logging.info(
+            "wrote %s; checkpoints in %s, curves: tensorboard --logdir %s",
+            path,
+            os.path.join(run.workdir, checkpoint.CHECKPOINT_DIR),
+            run.workdir,
+        )
     return results

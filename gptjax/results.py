@@ -101,6 +101,9 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
         with replacing(os.path.join(workdir, RESULTS_MD)) as f:
             f.write(table)
         logging.info("results of checkpoint %d:\n%s", step, table)
+        logging.info(
+            "wrote %s and %s", *(os.path.join(workdir, n) for n in (RESULTS_JSON, RESULTS_MD))
+        )
     return report
 
 

@@ -290,13 +290,20 @@ def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh) -> dict[st
     """Token-weighted held-out loss and perplexity over all `batches`, with a progress
     line every 30 s (a 1% split of BookCorpus is hundreds of batches)."""
     sums, start, last_log = [], time.time(), time.time()
+    total = len(batches) if hasattr(batches, "__len__") else None
     for b in batches:
         sums.append(p_eval(params, sharding.global_batch(mesh, b)))
         if time.time() - last_log > 30:
             jax.block_until_ready(sums[-1])  # what is done, not what is queued
             last_log = time.time()
-            elapsed = format_duration(last_log - start)
-            logging.info("evaluating: %d batches in %s", len(sums), elapsed)
+            done, elapsed = len(sums), last_log - start
+            of, eta = "", ""
+            if total:
+                of = f" of {total}"
+                eta = ", ETA " + format_duration(elapsed / done * (total - done))
+            logging.info(
+                "evaluating: %d%s batches in %s%s", done, of, format_duration(elapsed), eta
+            )
     sums = jax.device_get(sums)
     loss = float(sum(s["loss_sum"] for s in sums) / max(sum(s["count"] for s in sums), 1.0))
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss))}
@@ -342,12 +349,18 @@ def format_duration(seconds: float) -> str:
 
 
 def log_progress(step: int, total: int, metrics: dict, eta_s: float):
+    """The periodic training line; a fine-tune's loss is also shown in its parts (task
+    loss and LM loss: the task's is the one to watch, the sum hides it)."""
+    parts = "".join(
+        f" {k} {v:.4f}" for k, v in metrics.items() if k.endswith("_loss") and k != "loss"
+    )
     logging.info(
-        "step %d/%d (%.0f%%) loss %.4f lr %.3g grad_norm %.3f %s tok/s ETA %s",
+        "step %d/%d (%.0f%%) loss %.4f%s lr %.3g grad_norm %.3f %s tok/s ETA %s",
         step,
         total,
         100 * step / total,
         metrics["loss"],
+        parts,
         metrics["lr"],
         metrics["grad_norm"],
         f"{metrics['tokens_per_sec']:,.0f}",
@@ -406,8 +419,12 @@ def fit(
 
     while step < total_steps:
         batch = sharding.global_batch(mesh, next(train_iter))
+        if step == first:
+            logging.info("compiling the train step (or reading it from the compilation cache)")
+            compiling = time.time()
         state, metrics = p_train(state, batch)
         if step == first:  # compiled (or loaded from the cache): the clock starts now
+            logging.info("train step ready in %s", format_duration(time.time() - compiling))
             throughput = Throughput(step, tokens_per_step)
         step += 1
         pending.append((step, metrics))

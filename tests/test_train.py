@@ -229,12 +229,19 @@ def test_a_long_evaluation_says_how_far_it_is(monkeypatch, caplog):
 
     batches = [{"loss": float(i)} for i in range(6)]
     with caplog.at_level(logging.INFO):
-        result = train.evaluate(p_eval, None, batches, mesh=None)
+        result = train.evaluate(p_eval, None, iter(batches), mesh=None)
     assert result["eval_loss"] == pytest.approx(2.5)
     progress = [r.getMessage() for r in caplog.records if "evaluating:" in r.getMessage()]
     assert progress == [
         f"evaluating: {n} batches in {t}" for n, t in ((2, "1m20s"), (4, "2m20s"), (6, "3m20s"))
     ]
+    # Batches that know their number (`eval_batches`'): how many, and the time left.
+    clock = iter(range(0, 10_000, 20))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train.evaluate(p_eval, None, batches, mesh=None)
+    progress = [r.getMessage() for r in caplog.records if "evaluating:" in r.getMessage()]
+    assert progress[0] == "evaluating: 2 of 6 batches in 1m20s, ETA 2m40s"
 
 
 def test_an_evaluation_cap_covers_the_same_windows_whatever_the_microbatches():

@@ -108,6 +108,12 @@ def prepare(
             )
     books = corpus.load_books(config.data, os.path.join(corpus.cache_dir(config.data), "tfds"))
     if tokenizer is None:
+        logging.info(
+            "learning a %d-piece SentencePiece BPE tokenizer from up to %d lines of the "
+            "training books",
+            config.model.vocab_size,
+            config.data.tokenizer_sample_lines,
+        )
         tokenizer = tokenizer_lib.train_sentencepiece(
             (books["train"][i] for i in range(len(books["train"]))),
             config.model.vocab_size,

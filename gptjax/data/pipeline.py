@@ -37,7 +37,13 @@ def tokenize_books(
             done = (i + 1) / len(books)
             eta = (time.time() - start) * (1 - done) / done
             logging.info("tokenizing %s: %d/%d books, ETA %.0fs", name, i + 1, len(books), eta)
-    return np.concatenate(parts) if parts else np.zeros((0,), dtype)
+    tokens = np.concatenate(parts) if parts else np.zeros((0,), dtype)
+    if name:  # a run's split (the benchmark times this without a line)
+        took = time.time() - start
+        logging.info(
+            "tokenized %s: %d books, %d tokens in %.1fs", name, len(books), tokens.size, took
+        )
+    return tokens
 
 
 def load_cached_tokens(path: str, fingerprint: str) -> np.ndarray | None:
@@ -192,7 +198,8 @@ def eval_batches(
     process_count: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Every window once, in order; the last batch is padded with zero-weight windows so
-    that every batch has the same shape (one compilation)."""
+    that every batch has the same shape (one compilation). Its `len` is the number of
+    batches (an evaluation's progress line says how many are left)."""
     local_batch = global_batch_size // process_count
     shard = grain.MapDataset.source(windows)[process_index::process_count]
     # Counted from the largest shard so every process runs the same number of steps.
@@ -200,10 +207,30 @@ def eval_batches(
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)
     padding = {k: np.zeros_like(v) for k, v in windows[0].items()}  # weight 0
-    for b in range(num_batches):
-        indices = range(b * local_batch, (b + 1) * local_batch)
-        rows = [shard[i] if i < len(shard) else padding for i in indices]
-        yield {k: np.stack([r[k] for r in rows]) for k in padding}
+
+    def batches():
+        for b in range(num_batches):
+            indices = range(b * local_batch, (b + 1) * local_batch)
+            rows = [shard[i] if i < len(shard) else padding for i in indices]
+            yield {k: np.stack([r[k] for r in rows]) for k in padding}
+
+    return Counted(batches(), num_batches)
+
+
+class Counted:
+    """An iterator that knows how many items it yields."""
+
+    def __init__(self, items: Iterator, count: int):
+        self.items, self.count = items, count
+
+    def __iter__(self):
+        return self.items
+
+    def __next__(self):
+        return next(self.items)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 UNIGRAM_PART = 1 << 26  # tokens counted at a time
