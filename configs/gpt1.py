@@ -109,6 +109,7 @@ def get_config() -> config_dict.ConfigDict:
     config.generate.seed = 0
     config.generate.stop = ""  # comma-separated stop strings; "\n" is a line break, "\," a comma
     config.generate.step = config_dict.placeholder(int)  # unset: the latest checkpoint
+    config.generate.batch_size = 32  # prompts decoded together (each batch printed when done)
 
     # --mode=zeroshot: the paper's zero-shot heuristics (Section 5, Figure 2 right) on the
     # workdir's LM alone; see gptjax/zeroshot.py for the heuristics and the file formats.

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -74,13 +75,19 @@ def filter_logits(logits_BxV: jax.Array, sampling: Sampling) -> jax.Array:
     return logits_BxV
 
 
-def choose(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """The next token of each row [B]. Row i draws with `key` folded with i, so its
-    sample does not depend on how many rows there are or what the others hold."""
+def choose(
+    logits_BxV: jax.Array, key: jax.Array, sampling: Sampling, rows_B: jax.Array | None = None
+) -> jax.Array:
+    """The next token of each row [B]. Row i draws with `key` folded with its number
+    `rows_B[i]` (by default i; a batch of later prompts numbers them on), so its sample
+    does not depend on how many rows there are, how they are batched or what the others
+    hold."""
     if np.float32(sampling.temperature) == 0:  # (also one under float32's smallest)
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     filtered_BxV = filter_logits(logits_BxV, sampling)
-    keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.arange(len(filtered_BxV)))
+    if rows_B is None:
+        rows_B = jnp.arange(len(filtered_BxV))
+    keys_B = jax.vmap(lambda row: jax.random.fold_in(key, row))(rows_B)
     return jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
 
 
@@ -131,7 +138,7 @@ class Generator:
             spans.append(max(spans[-1], self.span(prompt_tokens, i)))
         return sum(spans[1:]) / chunks if chunks else 0.0
 
-    def _prefill_fn(self, params, tokens_BxP, lengths_B, key, sampling, span=None):
+    def _prefill_fn(self, params, tokens_BxP, lengths_B, rows_B, key, sampling, span=None):
         caches = init_cache(self.cfg, tokens_BxP.shape[0], span)
         logits_BxPxV, caches = self.model.apply(
             {"params": params}, tokens_BxP, caches, method=GPT.decode
@@ -140,9 +147,9 @@ class Generator:
         # the cache entries past it are overwritten as it goes (and masked until then).
         last_BxV = logits_BxPxV[jnp.arange(tokens_BxP.shape[0]), lengths_B - 1]
         caches = [{**c, "pos": lengths_B} for c in caches]
-        return choose(last_BxV[:, : self.vocab_size], key, sampling), caches
+        return choose(last_BxV[:, : self.vocab_size], key, sampling, rows_B), caches
 
-    def _steps_fn(self, params, caches, token_B, key, sampling):
+    def _steps_fn(self, params, caches, token_B, rows_B, key, sampling):
         """`chunk` more tokens for every row: [B, chunk]."""
 
         def step(carry, step_key):
@@ -150,7 +157,7 @@ class Generator:
             logits_Bx1xV, caches = self.model.apply(
                 {"params": params}, token_B[:, None], caches, method=GPT.decode
             )
-            token_B = choose(logits_Bx1xV[:, 0, : self.vocab_size], step_key, sampling)
+            token_B = choose(logits_Bx1xV[:, 0, : self.vocab_size], step_key, sampling, rows_B)
             return (caches, token_B), token_B
 
         (caches, token_B), tokens_TxB = jax.lax.scan(
@@ -164,10 +171,13 @@ class Generator:
         sampling: Sampling,
         stop_ids: tuple[int, ...] = (),
         is_done=None,
+        first_row: int = 0,
     ) -> list[list[int]]:
         """The new tokens of each prompt (at most `max_new_tokens`, and no more than
         fit in n_ctx), each cut before the first of `stop_ids`. `is_done(row, tokens)`,
-        checked on the host after every chunk, ends a row early (stop strings)."""
+        checked on the host after every chunk, ends a row early (stop strings). The
+        prompts are rows `first_row`, ... of the whole run's (each draws as that row
+        does whichever batch it is in)."""
         sampling.check()
         # The jitted code reads only how tokens are chosen: a new seed or length must not
         # compile it again.
@@ -187,10 +197,12 @@ class Generator:
         # At most n_ctx first: a huge max_new_tokens would overflow the int32 lengths.
         budget = np.minimum(min(sampling.max_new_tokens, n_ctx), n_ctx - lengths)
         key = jax.random.PRNGKey(sampling.seed)
+        rows = np.arange(first_row, first_row + len(prompts), dtype=np.int32)
         token_B, caches = self._prefill(
             self.params,
             tokens,
             lengths,
+            rows,
             jax.random.fold_in(key, 0),
             sampling=static,
             span=self.span(int(lengths.max())),
@@ -208,6 +220,7 @@ class Generator:
                 self.params,
                 caches,
                 token_B,
+                rows,
                 jax.random.fold_in(key, chunk_index),
                 sampling=static,
             )
@@ -251,8 +264,10 @@ def generate_text(
     prompts: list[str],
     sampling: Sampling,
     stop: tuple[str, ...] = (),
+    first_row: int = 0,
 ) -> list[str]:
-    """Continuations of text prompts, each cut before its first stop string.
+    """Continuations of text prompts, each cut before its first stop string (the
+    prompts are rows `first_row`, ... of the run's: `Generator.generate`).
 
     A continuation is the text the new tokens add to the prompt's, decoded together:
     decoded alone, a first token's leading space (SentencePiece's `▁`, or the word end
@@ -274,7 +289,9 @@ def generate_text(
     def is_done(i, tokens):
         return any(s in continuation(i, tokens) for s in stop)
 
-    ids = generator.generate(prompt_ids, sampling, stop_ids, is_done if stop else None)
+    ids = generator.generate(
+        prompt_ids, sampling, stop_ids, is_done if stop else None, first_row=first_row
+    )
     texts = []
     for i, row in enumerate(ids):
         text = continuation(i, row)
@@ -331,9 +348,21 @@ def run(config, workdir: str):
         seed=g.seed,
     )
     sampling.check()  # before the checkpoint is read
+    if not isinstance(g.batch_size, int) or g.batch_size < 1:
+        raise UserError(f"generate.batch_size={g.batch_size} must be a whole number, 1 or more")
     generator, tokenizer = load(workdir, g.step)
     stop = stop_strings(g.stop)
-    texts = generate_text(generator, tokenizer, prompts, sampling, stop)
-    for prompt, text in zip(prompts, texts, strict=True):
-        print(json.dumps({"prompt": prompt, "continuation": text}, ensure_ascii=False))
+    # In batches of `generate.batch_size` prompts, each printed when done: a batch's
+    # key/value cache grows with its prompts (7 MB a prompt at GPT-1's size, float32).
+    # A prompt draws the same tokens whatever batch it is in.
+    texts = []
+    for first in range(0, len(prompts), g.batch_size):
+        batch = prompts[first : first + g.batch_size]
+        done = generate_text(generator, tokenizer, batch, sampling, stop, first_row=first)
+        for prompt, text in zip(batch, done, strict=True):
+            print(json.dumps({"prompt": prompt, "continuation": text}, ensure_ascii=False))
+        sys.stdout.flush()
+        texts += done
+        if len(prompts) > g.batch_size:
+            logging.info("generated %d of %d prompts", len(texts), len(prompts))
     return texts

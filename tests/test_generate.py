@@ -103,8 +103,9 @@ def test_decoding_never_copies_a_whole_cache(params, batch):
     sampling = Sampling(max_new_tokens=4, temperature=0.0)
     tokens, lengths = np.ones((batch, 8), np.int32), np.array([8, 3][:batch], np.int32)
     key = jax.random.PRNGKey(0)
-    token_B, caches = gen._prefill(params, tokens, lengths, key, sampling=sampling)
-    hlo = gen._steps.lower(params, caches, token_B, key, sampling=sampling)
+    rows = np.arange(batch, dtype=np.int32)
+    token_B, caches = gen._prefill(params, tokens, lengths, rows, key, sampling=sampling)
+    hlo = gen._steps.lower(params, caches, token_B, rows, key, sampling=sampling)
     cache_size = caches[0]["k"].size
     copies = [
         line
@@ -124,8 +125,9 @@ def test_decoding_reads_the_embedding_unpadded(params):
     sampling = Sampling(max_new_tokens=4, temperature=0.0)
     key = jax.random.PRNGKey(0)
     tokens, lengths = np.ones((1, 8), np.int32), np.array([8], np.int32)
-    token_B, caches = gen._prefill(params, tokens, lengths, key, sampling=sampling)
-    hlo = gen._steps.lower(params, caches, token_B, key, sampling=sampling).as_text()
+    rows = np.arange(1, dtype=np.int32)
+    token_B, caches = gen._prefill(params, tokens, lengths, rows, key, sampling=sampling)
+    hlo = gen._steps.lower(params, caches, token_B, rows, key, sampling=sampling).as_text()
     assert f"tensor<128x{CFG.d_model}xf32>" not in hlo
     assert f"tensor<{CFG.vocab_size}x{CFG.d_model}xf32>" in hlo
 
@@ -186,9 +188,13 @@ def test_sampling_is_seeded_and_never_draws_outside_the_vocabulary(params):
     assert a != gen.generate(prompts, Sampling(max_new_tokens=16, temperature=5.0, seed=2))
     assert {t for row in a for t in row} <= set(range(7))
     assert len({tuple(row) for row in a}) > 1  # rows draw independently
-    # A prompt's sample depends on its place in the list, not on the prompts after it.
+    # A prompt's sample depends on its place in the list, not on the prompts after it,
+    # nor on the batch it is decoded in.
     [alone] = gen.generate([[4, 5]], hot)
     assert gen.generate([[4, 5], [1, 2, 3, 4, 5, 6]], hot)[0] == alone
+    two = gen.generate([[4, 5], [1, 2, 3, 4, 5, 6]], hot)
+    assert gen.generate([[1, 2, 3, 4, 5, 6]], hot, first_row=1) == two[1:]
+    assert gen.generate([[1, 2, 3, 4, 5, 6]], hot) != two[1:]  # (row 0 draws otherwise)
 
 
 def test_a_new_seed_or_length_does_not_compile_again(params):
@@ -225,7 +231,7 @@ class _Replay:
     def __init__(self, ids):
         self.ids = ids
 
-    def generate(self, prompts, sampling, stop_ids=(), is_done=None):
+    def generate(self, prompts, sampling, stop_ids=(), is_done=None, first_row=0):
         return [list(self.ids) for _ in prompts]
 
 
@@ -268,6 +274,20 @@ def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_
     assert json.loads(line) == {"prompt": "The king", "continuation": expected}
     status, last = main_in_process(run, "--mode=generate", capsys=capsys)
     assert status == 2 and "generate.prompt" in last, last
+    # Prompts in batches of 2, printed as each is done: the same samples as in one batch.
+    prompts.write_text("The king\nA lord\nThe queen is\n")
+    sampled = ["--mode=generate", "--config.generate.max_new_tokens=6"]
+    outputs = []
+    for batch in (32, 2):
+        status, _ = main_in_process(
+            run,
+            *sampled,
+            f"--config.generate.prompts_file={prompts}",
+            f"--config.generate.batch_size={batch}",
+        )
+        assert status == 0
+        outputs.append([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")])
+    assert len(outputs[0]) == 3 and outputs[0] == outputs[1]
 
 
 @pytest.mark.parametrize(
@@ -276,6 +296,7 @@ def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_
         ("--config.generate.temperature=nan", "generate.temperature"),
         ("--config.generate.seed=-1", "generate.seed is -1; it must be in [0, 2**32)"),
         ("--config.generate.prompts_file=PROMPTS", "is not UTF-8 text (invalid continuation"),
+        ("--config.generate.batch_size=0", "generate.batch_size=0 must be a whole number"),
     ],
 )
 def test_bad_generation_settings_are_one_line_errors(pretrained, capsys, tmp_path, flag, words):
