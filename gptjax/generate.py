@@ -348,21 +348,22 @@ def run(config, workdir: str):
         seed=g.seed,
     )
     sampling.check()  # before the checkpoint is read
-    if not isinstance(g.batch_size, int) or g.batch_size < 1:
-        raise UserError(f"generate.batch_size={g.batch_size} must be a whole number, 1 or more")
+    batch_size = g.get("batch_size", 32)  # (a config from before the setting: 32)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"generate.batch_size={batch_size} must be a whole number, 1 or more")
     generator, tokenizer = load(workdir, g.step)
     stop = stop_strings(g.stop)
     # In batches of `generate.batch_size` prompts, each printed when done: a batch's
     # key/value cache grows with its prompts (7 MB a prompt at GPT-1's size, float32).
     # A prompt draws the same tokens whatever batch it is in.
     texts = []
-    for first in range(0, len(prompts), g.batch_size):
-        batch = prompts[first : first + g.batch_size]
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first : first + batch_size]
         done = generate_text(generator, tokenizer, batch, sampling, stop, first_row=first)
         for prompt, text in zip(batch, done, strict=True):
             print(json.dumps({"prompt": prompt, "continuation": text}, ensure_ascii=False))
         sys.stdout.flush()
         texts += done
-        if len(prompts) > g.batch_size:
+        if len(prompts) > batch_size:
             logging.info("generated %d of %d prompts", len(texts), len(prompts))
     return texts
