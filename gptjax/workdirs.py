@@ -25,6 +25,7 @@ from gptjax.atomic import replacing
 from gptjax.data import lm_data
 from gptjax.errors import UserError
 from gptjax.results import RESULTS_JSON, RESULTS_MD
+from gptjax.tasks.files import text_field_names
 
 CONFIG_FILE = "config.json"
 
@@ -372,7 +373,7 @@ def check_resumable(
         identity = [k for k in TASK_IDENTITY if not (k == "text_fields" and converted)]
         saved_task, current_task = (
             {
-                k: _field_names(v) if k == "text_fields" else v
+                k: ",".join(text_field_names(v or ())) if k == "text_fields" else v
                 for k, v in task.items()
                 if k in identity
             }
@@ -434,13 +435,6 @@ def check_resumable(
             "those it would have taken (other dropout masks, other rounding)",
             changed,
         )
-
-
-def _field_names(value) -> str:
-    """`task.text_fields` written one way ("premise, hypothesis" or a list of the two is
-    "premise,hypothesis")."""
-    names = value.split(",") if isinstance(value, str) else list(value or ())
-    return ",".join(str(name).strip() for name in names if str(name).strip())
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict, extra: dict | None = None):

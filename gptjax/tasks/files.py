@@ -71,7 +71,7 @@ def load_file_task(
     names say nothing about which class is the positive one); Pearson and Spearman
     correlation for regression.
     """
-    fields = _text_fields(text_fields)
+    fields = text_field_names(text_fields)
     _check_settings(kind, fields, label_field, choices_field, regression, train_path, eval_path)
     codec = codec_for(encoding)
     paths = {"train": train_path, "validation": eval_path}
@@ -132,7 +132,9 @@ def load_file_task(
 # Settings.
 
 
-def _text_fields(text_fields: str | Sequence[str]) -> tuple[str, ...]:
+def text_field_names(text_fields: str | Sequence[str]) -> tuple[str, ...]:
+    """`task.text_fields` as names: "premise, hypothesis" and ("premise", "hypothesis")
+    are ("premise", "hypothesis")."""
     if isinstance(text_fields, str):
         text_fields = text_fields.split(",")
     return tuple(f.strip() for f in text_fields if f.strip())
