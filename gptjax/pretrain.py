@@ -3,6 +3,7 @@
 import functools
 import json
 import logging
+import math
 import os
 
 import jax
@@ -55,8 +56,9 @@ def check_batch(config: ml_collections.ConfigDict, mesh, specials: int = 0):
 
 class Run:
     """Everything a pretraining run is made of, built from its config. `read_only`
-    (evaluation) writes nothing and allocates no train state: `state` is then its
-    shapes and shardings, for restoring a checkpoint's parameters."""
+    (evaluation) allocates no train state (`state` is then its shapes and shardings, for
+    restoring a checkpoint's parameters) and writes nothing but the token streams of the
+    run's own corpus when they are not cached yet."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
         self.config, self.workdir = config, workdir
@@ -194,10 +196,12 @@ def report(run: Run, metrics: dict):
     cap = run.config.train.eval_batches
     results = {**metrics, "unigram_ppl": unigram, "eval_batches": cap}
     if jax.process_index() == 0:
+        available = math.ceil(len(run.data.windows["validation"]) / run.config.train.batch_size)
         logging.info(
-            "held-out perplexity %.2f%s at step %s (unigram model of the same tokens: %.2f)",
+            "held-out perplexity %.2f%s at step %s (a unigram model of the whole held-out "
+            "split: %.2f)",
             metrics["eval_ppl"],
-            f" on the first {cap} batches" if cap else "",
+            f" on the first {cap} of {available} batches" if cap and cap < available else "",
             metrics.get("step"),
             unigram,
         )

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 import shutil
@@ -193,11 +194,41 @@ def test_glob_input(tmp_path):
     # Titles are relative to the glob's directory part.
     assert sorted(got["train"] + got["validation"]) == sorted(f"genre/{k}" for k in BOOKS)
 
+    # Hidden files and directories are left out by the glob and by the directory alike.
+    for hidden in (".ipynb_checkpoints/a_tale-checkpoint.txt", "._brass.txt", ".old/x.txt"):
+        (root / "genre" / hidden).parent.mkdir(exist_ok=True)
+        (root / "genre" / hidden).write_text("a hidden copy\n")
+    for books in (f"{root}/**/*.txt", str(root)):
+        got = titles(corpus.load_books(books_cfg(books), str(tmp_path / "hidden")))
+        assert sorted(got["train"] + got["validation"]) == sorted(f"genre/{k}" for k in BOOKS)
+
     only_series = corpus.load_books(
         books_cfg(f"{root}/genre/series/part*.txt"), str(tmp_path / "t")
     )
     got = titles(only_series)
     assert sorted(got["train"] + got["validation"]) == ["part1.txt", "part2.txt"]
+
+
+def test_the_books_loader_reads_tfds_mock_data(book_dir, tmp_path):
+    """`tfds.testing.mock_data` stands in for the prepared corpus: fake books, each split."""
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        data = corpus.load_books(books_cfg(book_dir), str(tmp_path / "tfds"))
+        for split in ("train", "validation"):
+            assert len(data[split]) == 3
+            assert all(isinstance(data[split][i], str) and data[split][i] for i in range(3))
+    assert not prepared_dirs(tmp_path / "tfds")
+
+
+def test_a_held_out_share_far_above_the_fraction_is_warned(tmp_path, caplog):
+    """The two-file plain-text BookCorpus: one file held out is half the text."""
+    root = write_books(tmp_path / "two", {"books_large_p1.txt": "a " * 600, "p2.txt": "b " * 400})
+    with caplog.at_level(logging.WARNING):
+        corpus.check_held_out_share(books_cfg(root, validation_fraction=0.01))
+    assert "validation split holds" in caplog.text and "(1 of 2 books)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        corpus.check_held_out_share(books_cfg(root, validation_fraction=0.5))
+    assert not caplog.text
 
 
 def test_linked_books_are_read_once_and_a_link_loop_ends(tmp_path):

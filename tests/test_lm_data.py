@@ -8,7 +8,7 @@ import pytest
 from gptjax.data import lm_data
 from gptjax.errors import UserError
 
-from conftest import tiny_books_config, write_books
+from conftest import tiny_books_config, tree_bytes, write_books
 
 
 def test_prepare_caches_and_reuses(books, tmp_path):
@@ -203,6 +203,69 @@ def test_an_evaluation_reads_the_cached_streams_without_the_books(books, tmp_pat
     shutil.rmtree(os.path.join(workdir, "data"))
     with pytest.raises(UserError, match="does not exist"):
         lm_data.prepare(config, workdir, resuming=True, evaluating=True)
+
+
+def test_an_evaluation_of_other_books_tokenizes_them_and_keeps_the_runs_streams(books, tmp_path):
+    """--mode=eval with another data.books scores those books (with the run's tokenizer),
+    not the cached streams, and leaves the run's streams and their record as they were."""
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    first = lm_data.prepare(config, str(workdir), resuming=False)
+    before = tree_bytes(workdir)
+    other = tiny_books_config(write_books(tmp_path / "other", num_books=6), tmp_path / "cache")
+    with pytest.raises(UserError, match="not the one this run's checkpoints were trained on"):
+        lm_data.prepare(other, str(workdir), resuming=True)
+    evaluated = lm_data.prepare(other, str(workdir), resuming=True, evaluating=True)
+    assert evaluated.tokenizer.digest == first.tokenizer.digest
+    assert sum(evaluated.num_books.values()) == 6
+    fresh = lm_data.prepare(other, str(tmp_path / "scratch"), resuming=False)
+    assert fresh.tokenizer.digest != first.tokenizer.digest  # (so the two differ below)
+    expected = lm_data.tokenize_books(
+        lm_data.corpus.load_books(other.data, str(tmp_path / "cache" / "tfds"))["validation"],
+        first.tokenizer,
+        "validation",
+    )
+    np.testing.assert_array_equal(evaluated.tokens["validation"], expected)
+    assert tree_bytes(workdir) == before
+    # The run's own books again: its cached streams.
+    again = lm_data.prepare(config, str(workdir), resuming=True, evaluating=True)
+    np.testing.assert_array_equal(again.tokens["validation"], first.tokens["validation"])
+    # Books that are gone can only be evaluated from the streams when they are the run's.
+    missing = tiny_books_config(tmp_path / "gone", tmp_path / "cache")
+    with pytest.raises(UserError, match="does not exist"):
+        lm_data.prepare(missing, str(workdir), resuming=True, evaluating=True)
+
+
+def test_a_resume_with_both_streams_cached_does_not_read_the_books(books, tmp_path, monkeypatch):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    first = lm_data.prepare(config, workdir, resuming=False)
+
+    def unexpected(*args):
+        raise AssertionError("the books were prepared again")
+
+    monkeypatch.setattr(lm_data.corpus, "load_books", unexpected)
+    again = lm_data.prepare(config, workdir, resuming=True)
+    assert again.num_books == first.num_books
+    np.testing.assert_array_equal(again.tokens["train"], first.tokens["train"])
+    os.remove(os.path.join(workdir, "data", "validation.npy"))  # one gone: the books are read
+    with pytest.raises(AssertionError, match="prepared again"):
+        lm_data.prepare(config, workdir, resuming=True)
+
+
+def test_a_replaced_tokenizer_is_named_on_resume_and_evaluation(books, tmp_path):
+    config = tiny_books_config(books, tmp_path / "cache")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lm_data.prepare(config, str(workdir), resuming=False)
+    other = tiny_books_config(write_books(tmp_path / "other", num_books=6), tmp_path / "cache")
+    lm_data.prepare(other, str(tmp_path / "other_run"), resuming=False)
+    shutil.copy(tmp_path / "other_run" / "tokenizer.model", workdir / "tokenizer.model")
+    for evaluating in (False, True):
+        with pytest.raises(UserError, match="tokenizer.model is not the tokenizer this run"):
+            lm_data.prepare(config, str(workdir), resuming=True, evaluating=evaluating)
 
 
 def test_a_converted_workdirs_gpt1_bpe_tokenizes_the_books(books, tmp_path):

@@ -155,7 +155,12 @@ def _list_book_files(books: str) -> tuple[str, list[_BookFile]]:
 def _txt_files_under(root: str) -> list[str]:
     """The .txt files under `root`: the tree itself first, then what its links to
     directories reach, each directory entered once (a link back up the tree would
-    otherwise repeat it without end)."""
+    otherwise repeat it without end). Hidden files and directories (a name starting with
+    `.`: `.ipynb_checkpoints/`, macOS's `._name.txt`) are left out, as a glob leaves them,
+    so a directory and `DIR/**/*.txt` name the same books."""
+
+    def visible(names):
+        return [n for n in names if not n.startswith(".")]
 
     def key(path):
         st = os.stat(path)
@@ -171,7 +176,8 @@ def _txt_files_under(root: str) -> list[str]:
     paths, visited, links = [], set(), []
     for directory, subdirs, names in os.walk(root, onerror=unreadable):  # links: not followed
         visited.add(key(directory))
-        paths += [os.path.join(directory, n) for n in names if n.endswith(".txt")]
+        subdirs[:] = visible(subdirs)
+        paths += [os.path.join(directory, n) for n in visible(names) if n.endswith(".txt")]
         links += [
             os.path.join(directory, d)
             for d in subdirs
@@ -183,8 +189,8 @@ def _txt_files_under(root: str) -> list[str]:
                 subdirs[:] = []
                 continue
             visited.add(key(directory))
-            subdirs.sort()
-            paths += [os.path.join(directory, n) for n in names if n.endswith(".txt")]
+            subdirs[:] = sorted(visible(subdirs))
+            paths += [os.path.join(directory, n) for n in visible(names) if n.endswith(".txt")]
     return [p for p in paths if os.path.isfile(p)]
 
 

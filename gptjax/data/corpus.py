@@ -17,6 +17,7 @@ build them, ``tfds_books`` holds the TFDS plumbing they share.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -41,6 +42,7 @@ __all__ = [
     "DEMO_VALIDATION_WORKS",
     "BookTexts",
     "cache_dir",
+    "check_held_out_share",
     "describe",
     "fingerprint",
     "load_books",
@@ -115,6 +117,27 @@ def fingerprint(data_cfg: ConfigDict) -> str:
         return f"demo:{builder.name}/{builder.VERSION}:{shakespeare.DEMO_SHA256[:16]}"
     config = book_dir.make_config(data_cfg)
     return f"books:{book_dir.BookDirBuilder.name}/{config.name}/{book_dir.BookDirBuilder.VERSION}"
+
+
+def check_held_out_share(data_cfg: ConfigDict) -> None:
+    """Warns when the validation books hold far more of the text than
+    `data.validation_fraction` asks (books are held out whole: a corpus of a few large
+    files, as the two-file plain-text BookCorpus, can put half of it there)."""
+    if _corpus(data_cfg) != "books":
+        return
+    config = book_dir.make_config(data_cfg)
+    size = {split: sum(b.size for b in config.splits[split]) for split in SPLITS}
+    share = size["validation"] / max(1, size["train"] + size["validation"])
+    if share > max(3 * data_cfg.validation_fraction, 0.1):
+        logging.warning(
+            "the validation split holds %.0f%% of the corpus's bytes (%d of %d books), "
+            "against data.validation_fraction=%g: books are held out whole; split large "
+            "files into smaller books (a chapter or a few MB each) to hold out less",
+            100 * share,
+            len(config.splits["validation"]),
+            sum(len(config.splits[split]) for split in SPLITS),
+            data_cfg.validation_fraction,
+        )
 
 
 def describe(data_cfg: ConfigDict) -> str:

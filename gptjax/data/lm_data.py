@@ -49,20 +49,27 @@ def prepare(
     tokenizes and packs each split.
 
     The tokenizer and token streams are cached in the workdir, but only written once
-    every check has passed, so a run that fails here leaves the workdir as it was. When
-    `resuming` from a checkpoint, a changed corpus or tokenizer is an error: the saved
-    data position would point into different windows (said before the changed corpus
-    is prepared, a copy as large as the books). `evaluating` a run reads its cached
-    streams when they are whole, so the books need not still be there.
+    every check has passed, so a run that fails here leaves the workdir as it was. The
+    books are read only when a split must be tokenized or a tokenizer learned: a resume
+    with both streams cached does not prepare the corpus again. When `resuming` from a
+    checkpoint, a changed corpus or tokenizer is an error: the saved data position would
+    point into different windows (said before the changed corpus is prepared, a copy as
+    large as the books). `evaluating` a run reads its cached streams when they are of
+    the configured corpus, or the books are gone and the config names the same ones;
+    another corpus is tokenized for the evaluation and not cached, so the run's own
+    streams stay as they were.
     """
     tfds.display_progress_bar(False)
     tokenizer_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
     paths = {split: os.path.join(workdir, STREAMS_DIR, f"{split}.npy") for split in SPLITS}
     record_path = os.path.join(workdir, STREAMS_FILE)
-    if evaluating and (cached := _cached(config, workdir, paths, read_json(record_path))):
+    # The streams' record, kept beside the tokenizer: it outlives a deleted data/ folder.
+    record = read_json(record_path)
+    if evaluating and (cached := _cached(config, workdir, paths, record)):
         return cached
     description = corpus.describe(config.data)
     logging.info("corpus: %s", description)
+    corpus.check_held_out_share(config.data)
     corpus_fingerprint = corpus.fingerprint(config.data)
     tokenizer, new_tokenizer = None, False
     if resuming and not tokenizer_lib.has_tokenizer(workdir):
@@ -92,13 +99,30 @@ def prepare(
         "counts as another: its files' paths and times are part of its identity); restore "
         "the original books or use a new --workdir"
     )
-    # The streams' record, kept beside the tokenizer: it outlives a deleted data/ folder.
-    record = read_json(record_path)
-    if resuming:  # (with the tokenizer it was trained with) before the corpus is prepared
-        fingerprint = f"{corpus_fingerprint}:{tokenizer.digest}"
-        if record.get("fingerprint", fingerprint) != fingerprint:
+    recorded_corpus, recorded_tokenizer = _recorded(record)
+    # An evaluation of another corpus than the streams' (with the run's own tokenizer):
+    # tokenized, not cached.
+    scratch = bool(evaluating and tokenizer and recorded_corpus) and (
+        recorded_tokenizer == tokenizer.digest and recorded_corpus != corpus_fingerprint
+    )
+    if scratch:
+        logging.info(
+            "%s is not the corpus whose streams %s caches (%s): tokenizing it for this "
+            "evaluation, without caching it",
+            description,
+            workdir,
+            record.get("corpus"),
+        )
+    elif resuming:  # (with the tokenizer it was trained with) before the corpus is prepared
+        if recorded_tokenizer not in (None, tokenizer.digest):
+            raise UserError(
+                f"{tokenizer_path} is not the tokenizer this run's checkpoints were trained "
+                "with (its digest differs from the one recorded in "
+                f"{record_path}); restore the original file or use a new --workdir"
+            )
+        if recorded_corpus not in (None, corpus_fingerprint):
             raise other_corpus
-        if not record:  # deleted, or a run from before the record: nothing to check with
+        if not record and not evaluating:  # deleted, or a run from before the record
             logging.warning(
                 "%s is missing, so the corpus (%s) cannot be checked against the one the "
                 "checkpoints were trained on: with another, the saved data position points "
@@ -106,7 +130,16 @@ def prepare(
                 record_path,
                 description,
             )
-    books = corpus.load_books(config.data, os.path.join(corpus.cache_dir(config.data), "tfds"))
+    books = None
+
+    def the_books():  # prepared and opened when first needed
+        nonlocal books
+        if books is None:
+            books = corpus.load_books(
+                config.data, os.path.join(corpus.cache_dir(config.data), "tfds")
+            )
+        return books
+
     if tokenizer is None:
         logging.info(
             "learning a %d-piece SentencePiece BPE tokenizer from up to %d lines of the "
@@ -114,8 +147,9 @@ def prepare(
             config.model.vocab_size,
             config.data.tokenizer_sample_lines,
         )
+        train_books = the_books()["train"]
         tokenizer = tokenizer_lib.train_sentencepiece(
-            (books["train"][i] for i in range(len(books["train"]))),
+            (train_books[i] for i in range(len(train_books))),
             config.model.vocab_size,
             config.data.tokenizer_sample_lines,
         )
@@ -126,40 +160,76 @@ def prepare(
     tokens, fresh = {}, set()
     for split in SPLITS:
         try:
-            tokens[split] = None if new_tokenizer else load_cached_tokens(paths[split], fingerprint)
+            cached = (
+                None if new_tokenizer or scratch else load_cached_tokens(paths[split], fingerprint)
+            )
         except StaleCache:
             if resuming:
                 raise other_corpus from None
-            tokens[split] = None
-        if tokens[split] is None:
-            tokens[split] = tokenize_books(books[split], tokenizer, split)
+            cached = None
+        if cached is None:
+            cached = tokenize_books(the_books()[split], tokenizer, split)
             fresh.add(split)
+        tokens[split] = cached
         if tokens[split].size < config.model.n_ctx + 1:
             raise UserError(
                 f"the {split} split has {tokens[split].size} tokens, fewer than one window "
                 f"of model.n_ctx + 1 = {config.model.n_ctx + 1}; add text or lower "
                 "--config.model.n_ctx"
             )
+    if books is None and record.get("fingerprint") == fingerprint and record.get("num_books"):
+        num_books = record["num_books"]  # both streams cached: the books were not needed
+    else:
+        num_books = {split: len(the_books()[split]) for split in SPLITS}
+    if scratch:
+        return LMData.of(tokenizer, tokens, config.model.n_ctx, num_books, description)
     sample_lines = config.data.tokenizer_sample_lines
     for split in (s for s in SPLITS if s in fresh):
         tokens[split] = save_tokens(
             paths[split], tokens[split], fingerprint, tokenizer_sample_lines=sample_lines
         )
-    num_books = {split: len(books[split]) for split in SPLITS}
-    if fresh or record.get("num_books") != num_books:
-        record = {"fingerprint": fingerprint, "corpus": description, "num_books": num_books}
+    if fresh or record.get("num_books") != num_books or record.get("books") != _books(config):
+        record = {
+            "fingerprint": fingerprint,
+            "corpus": description,
+            "books": _books(config),
+            "num_books": num_books,
+        }
         write_json(record_path, record)
     if new_tokenizer:  # last: a tokenizer in a workdir is one its streams were made with
         tokenizer.save(tokenizer_path)
     return LMData.of(tokenizer, tokens, config.model.n_ctx, num_books, description)
 
 
+def _books(config) -> str:
+    """What the config names as its corpus, as recorded in data.json."""
+    return config.data.books if config.data.corpus == "books" else config.data.corpus
+
+
+def _recorded(record: dict) -> tuple[str | None, str | None]:
+    """The corpus fingerprint and tokenizer digest a record's streams were made from
+    (None, None when there is no record)."""
+    corpus_part, _, tokenizer_part = record.get("fingerprint", "").rpartition(":")
+    return (corpus_part, tokenizer_part) if corpus_part else (None, None)
+
+
 def _cached(config, workdir: str, paths: dict, record: dict) -> LMData | None:
     """The run's data from its workdir alone (tokenizer, both streams and their record,
-    all of one fingerprint), for an evaluation; None if any is missing or stale."""
+    all of one fingerprint), for an evaluation of the corpus they were made from; None
+    if any is missing or stale, or the config names another corpus. When the books
+    cannot be found, the config must name the recorded ones."""
     if not (tokenizer_lib.has_tokenizer(workdir) and record.get("num_books")):
         return None
+    try:
+        corpus_fingerprint = corpus.fingerprint(config.data)
+    except UserError:  # the books are gone: the streams are all there is of them
+        corpus_fingerprint = None
+        if record.get("books", _books(config)) != _books(config):
+            raise
     tokenizer = tokenizer_lib.load_dir(workdir)
+    recorded_corpus, recorded_tokenizer = _recorded(record)
+    if recorded_tokenizer != tokenizer.digest or corpus_fingerprint not in (None, recorded_corpus):
+        return None
     tokens = {}
     for split in SPLITS:
         try:
