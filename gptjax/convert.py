@@ -265,11 +265,40 @@ def from_hf(src: str, dst: str):
     return params
 
 
+def _step_to_export(src: str, step: int | None) -> int | None:
+    """`step`, else the checkpoint a fine-tuned run's results.json reports (its best, by
+    default: the model its scores are of) while it is kept, else the latest (None)."""
+    from gptjax import checkpoint
+    from gptjax.results import RESULTS_JSON
+
+    steps = checkpoint.all_steps(src)
+    if step is None:
+        path = os.path.join(src, RESULTS_JSON)
+        try:
+            with open(path, encoding="utf-8") as f:
+                scored = json.load(f).get("checkpoint_step")
+        except (OSError, ValueError, AttributeError):  # none, or damaged: the latest
+            scored = None
+        if isinstance(scored, int) and scored in steps:
+            logging.info(
+                "exporting checkpoint %d, the one %s reports (--step N for another)", scored, path
+            )
+            return scored
+        if isinstance(scored, int):
+            logging.warning("%s reports checkpoint %d, which is no longer kept", path, scored)
+    if steps and step in (None, steps[-1]):
+        logging.info("exporting checkpoint %d, the latest", steps[-1])
+    elif step in steps:
+        logging.info("exporting checkpoint %d", step)
+    return step
+
+
 def to_hf(src: str, dst: str, step: int | None = None):
     """A gptjax workdir (pretrained or fine-tuned) -> an HF save_pretrained directory."""
     from safetensors.numpy import save_file
 
     _check_dst(dst)
+    step = _step_to_export(src, step)
     config, params = read_workdir(src, step)
     head = params.get("head")
     gpt = params.get("transformer", params)
@@ -368,7 +397,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("dst", help="new directory for from_pretrained")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: importing Orbax has already configured the root logger (at WARNING).
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on every save/restore
     try:
         if args.command == "from-openai":

@@ -300,16 +300,23 @@ def generate_text(
     return texts
 
 
-def load(workdir: str, step: int | None = None) -> tuple[Generator, object]:
-    """The generator and tokenizer of a workdir (pretrained, converted or fine-tuned:
-    its GPT), from its latest checkpoint or `step`."""
+def load(workdir: str, step: int | None = None, tokenizer=None) -> tuple[Generator, object]:
+    """The generator and tokenizer (`tokenizer`, if given, else the workdir's) of a
+    workdir (pretrained, converted or fine-tuned: its GPT), from its latest checkpoint or
+    `step`."""
     model = saved_config(workdir, "--workdir")["model"]
-    tokenizer = tokenizer_lib.load_dir(workdir)
+    tokenizer = tokenizer or tokenizer_lib.load_dir(workdir)
     params = checkpoint.read_params(workdir, step)
     params = params.get("transformer", params)  # a fine-tuned model's GPT
     if "h" in params:  # trained with train.scan_layers
         params = unstack_layers(params)
     rows = params["tokens_embed"]["embedding"].shape[0]
+    if tokenizer.vocab_size > rows:
+        raise UserError(
+            f"the tokenizer in {workdir} has {tokenizer.vocab_size} ids but the model's "
+            f"embedding only {rows} rows: it is not the tokenizer the model was trained with; "
+            "restore that one"
+        )
     cfg = ModelConfig(**{**{k: model[k] for k in ModelConfig.architecture()}, "vocab_size": rows})
     which = step if step is not None else checkpoint.latest_step(workdir)
     logging.info("loaded checkpoint %s of %s (%s)", which, workdir, describe(cfg))
@@ -320,14 +327,34 @@ def describe(cfg: ModelConfig) -> str:
     return f"{cfg.n_layer} layers, width {cfg.d_model}, context {cfg.n_ctx}"
 
 
+def check_prompts(prompts: list[str], where: list[str], tokenizer, n_ctx: int):
+    """UserError naming every prompt (by `where`) that encodes to no token, or to too many
+    to leave room for one new token in the context: before the checkpoint is read, so a
+    long prompts file does not fail after hours of generation."""
+    lengths = [len(ids) for ids in tokenizer.encode_texts(prompts)]
+    empty = [w for w, n in zip(where, lengths, strict=True) if n == 0]
+    long = [f"{w} ({n} tokens)" for w, n in zip(where, lengths, strict=True) if n >= n_ctx]
+    for bad, problem, fix in (
+        (empty, "encode to no token", "remove them"),
+        (long, f"fill the {n_ctx}-token context (no room to continue)", "shorten them"),
+    ):
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise UserError(f"prompts that {problem}: {'; '.join(bad[:3])}{more}; {fix}")
+
+
 def run(config, workdir: str):
     """`--mode=generate`: prints a continuation of each prompt of `config.generate`."""
     g = config.generate
-    prompts = [g.prompt] if g.prompt else []
+    prompts, where = ([g.prompt], ["generate.prompt"]) if g.prompt else ([], [])
     if g.prompts_file:
         try:
-            with open(g.prompts_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+            # utf-8-sig: a byte-order mark (Notepad writes one) is not part of a prompt.
+            with open(g.prompts_file, encoding="utf-8-sig") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        prompts.append(line.rstrip("\n"))
+                        where.append(f"line {number} of {g.prompts_file}")
         except OSError as e:
             raise UserError(f"cannot read generate.prompts_file: {e}") from None
         except UnicodeDecodeError as e:
@@ -351,7 +378,9 @@ def run(config, workdir: str):
     batch_size = g.get("batch_size", 32)  # (a config from before the setting: 32)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"generate.batch_size={batch_size} must be a whole number, 1 or more")
-    generator, tokenizer = load(workdir, g.step)
+    tokenizer = tokenizer_lib.load_dir(workdir)
+    check_prompts(prompts, where, tokenizer, saved_config(workdir, "--workdir")["model"]["n_ctx"])
+    generator, tokenizer = load(workdir, g.step, tokenizer)
     stop = stop_strings(g.stop)
     # In batches of `generate.batch_size` prompts, each printed when done: a batch's
     # key/value cache grows with its prompts (7 MB a prompt at GPT-1's size, float32).

@@ -195,6 +195,7 @@ def report(run: Run, metrics: dict):
     unigram = unigram_perplexity(tokens["train"], tokens["validation"], run.model_cfg.vocab_size)
     cap = run.config.train.eval_batches
     results = {**metrics, "unigram_ppl": unigram, "eval_batches": cap}
+    results["corpus"] = run.data.description  # what was scored (eval may name other books)
     if jax.process_index() == 0:
         available = math.ceil(len(run.data.windows["validation"]) / run.config.train.batch_size)
         logging.info(
@@ -209,7 +210,8 @@ def report(run: Run, metrics: dict):
         with replacing(path) as f:
             json.dump(results, f, indent=2)
         logging.info(
-            "wrote %s; checkpoints in %s, curves: tensorboard --logdir %s",
+            "wrote %s; checkpoints in %s; curves: tensorboard --logdir %s "
+            "(pip install tensorboard)",
             path,
             os.path.join(run.workdir, checkpoint.CHECKPOINT_DIR),
             run.workdir,

@@ -397,8 +397,9 @@ def fit(
     """Runs optimiser steps until `total_steps`, logging, evaluating (`evaluate_fn` of
     the parameters gives the eval row) and checkpointing.
 
-    The host never waits for the device between log points: step N is dispatched while
-    step N-1 still runs, and metrics are fetched only every `log_every` steps, before a
+    The host does not read metrics between log points: step N is dispatched while step
+    N-1 still runs, the host then waits for step N-1 to finish (not for step N), and
+    metrics are fetched only every `log_every` steps, before a
     checkpoint (so no state after a non-finite step under `nonfinite="stop"` is saved),
     and when `guard` reports a stop signal (then a checkpoint is written synchronously and
     `Preempted` is raised). A step's checkpoint is saved before its evaluation, which a
@@ -428,6 +429,12 @@ def fit(
             throughput = Throughput(step, tokens_per_step)
         step += 1
         pending.append((step, metrics))
+        if len(pending) > 1:
+            # Step N-1 done before step N+1 is dispatched: one step queued behind the
+            # running one keeps the device busy, and a stop signal is acted on within
+            # about a step (unbounded, the host would run up to log_every steps ahead,
+            # and the stop's synchronous save would wait for all of them).
+            jax.block_until_ready(pending[-2][1])
         last = step == total_steps
         stop = guard.should_stop(step)
         save = step % train_cfg.ckpt_every == 0 or last or stop

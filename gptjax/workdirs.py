@@ -235,6 +235,12 @@ def read_config(path: str, fix: str) -> dict:
         raise UserError(f"{path} is unreadable ({e}); {fix}") from None
     model = saved.get("model") if isinstance(saved, dict) else None
     if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in MODEL_SIZES):
+        if isinstance(saved, dict) and ("model_type" in saved or "architectures" in saved):
+            directory = os.path.dirname(path) or "."
+            raise UserError(
+                f"{directory} is a Hugging Face model directory, not a gptjax workdir; "
+                f"convert it first: python -m gptjax.convert from-hf {directory} NEW_WORKDIR"
+            )
         raise UserError(f"{path} is not a gptjax run's config (no model sizes); {fix}")
     return saved
 

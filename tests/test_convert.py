@@ -95,6 +95,7 @@ def lm(tmp_path_factory):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"converted {root / 'hf'} -> {root / 'ours'}" in result.stderr  # it says so
     (root / "stderr.txt").write_text(result.stderr)
     return model, root
 
@@ -238,6 +239,23 @@ def test_other_heads_export_as_lm_plus_head_file(lm, tmp_path):
     tokenizer = transformers.OpenAIGPTTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer.convert_tokens_to_ids(["_start_", "_delimiter_", "_classify_"]) == [64, 65, 66]
     assert tokenizer("_start_ _classify_")["input_ids"] == [64, 66]
+    # The export is the checkpoint results.json reports (a fine-tune's best), while kept;
+    # else the latest. Step 5 here: the same model with another head.
+    other = {"transformer": gpt, "head": {**head, "bias": np.full(3, 2.0, np.float32)}}
+    convert.write_workdir(str(tmp_path / "ft5"), other, json.dumps(config), files)
+    shutil.copytree(tmp_path / "ft5" / "checkpoints" / "0", tmp_path / "ft" / "checkpoints" / "5")
+    for scored, bias in ((0, 1.0), (5, 2.0), (3, 2.0), (None, 2.0)):
+        report = {} if scored is None else {"checkpoint_step": scored}
+        (tmp_path / "ft" / "results.json").write_text(json.dumps(report))
+        shutil.rmtree(tmp_path / "hf")
+        convert.to_hf(str(tmp_path / "ft"), str(tmp_path / "hf"))
+        saved = load_file(tmp_path / "hf" / "task_head.safetensors")
+        np.testing.assert_array_equal(saved["bias"], np.full(3, bias, np.float32))
+    (tmp_path / "ft" / "results.json").write_text(json.dumps({"checkpoint_step": 0}))
+    shutil.rmtree(tmp_path / "hf")
+    convert.to_hf(str(tmp_path / "ft"), str(tmp_path / "hf"), step=5)  # --step: that one
+    saved = load_file(tmp_path / "hf" / "task_head.safetensors")
+    np.testing.assert_array_equal(saved["bias"], np.full(3, 2.0, np.float32))
     # A named task's classes become HF's id2label.
     config["task"] = {**config["task"], "name": "sst2"}
     convert.write_workdir(str(tmp_path / "sst2"), params, json.dumps(config), files)

@@ -265,13 +265,15 @@ def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_
     stop = expected.strip()[1:3]
     [cut] = generate.generate_text(gen, tok, ["The king"], Sampling(6, temperature=0.0), (stop,))
     assert cut == expected[: expected.index(stop)]
-    # A prompts file with Windows line ends (text mode reads "\r\n" as "\n"): the same prompt.
+    # A prompts file with Windows line ends (text mode reads "\r\n" as "\n"), or a
+    # byte-order mark (Notepad's UTF-8): the same prompt.
     prompts = tmp_path / "prompts.txt"
-    prompts.write_bytes(b"The king\r\n")
-    status, _ = main_in_process(run, *flags, f"--config.generate.prompts_file={prompts}")
-    assert status == 0
-    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert json.loads(line) == {"prompt": "The king", "continuation": expected}
+    for content in (b"The king\r\n", b"\xef\xbb\xbfThe king\n"):
+        prompts.write_bytes(content)
+        status, _ = main_in_process(run, *flags, f"--config.generate.prompts_file={prompts}")
+        assert status == 0
+        [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+        assert json.loads(line) == {"prompt": "The king", "continuation": expected}
     status, last = main_in_process(run, "--mode=generate", capsys=capsys)
     assert status == 2 and "generate.prompt" in last, last
     # Prompts in batches of 2, printed as each is done: the same samples as in one batch.
@@ -288,6 +290,23 @@ def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_
         assert status == 0
         outputs.append([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")])
     assert len(outputs[0]) == 3 and outputs[0] == outputs[1]
+
+
+def test_prompts_that_leave_no_room_are_named_before_the_checkpoint_is_read(
+    pretrained, capsys, tmp_path, monkeypatch
+):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The king\n\nA lord\n" + "the king " * 200 + "\nThe queen\n")
+    read = []
+    monkeypatch.setattr(generate.checkpoint, "read_params", lambda *a: read.append(a))
+    status, last = main_in_process(
+        pretrained / "run",
+        "--mode=generate",
+        f"--config.generate.prompts_file={prompts}",
+        capsys=capsys,
+    )
+    assert status == 2 and f"line 4 of {prompts} (" in last and "context" in last, last
+    assert "line 1 " not in last and "line 5 " not in last and not read
 
 
 @pytest.mark.parametrize(
@@ -320,6 +339,12 @@ def test_a_damaged_config_file_is_named(tmp_path, content):
         generate.load(str(tmp_path))
     with pytest.raises(UserError, match="delete it to resume without checking"):
         workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=True)
+
+
+def test_a_hugging_face_directory_is_told_to_be_converted(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "openai-gpt", "n_embd": 768}')
+    with pytest.raises(UserError, match="is a Hugging Face model directory.*convert it first"):
+        generate.load(str(tmp_path))
 
 
 @pytest.mark.parametrize(

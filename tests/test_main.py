@@ -45,6 +45,7 @@ def test_cli_trains_and_fills_the_workdir(trained):
     results = json.loads((workdir / "results.json").read_text())
     assert results["eval_ppl"] == pytest.approx(eval_rows[-1]["eval_ppl"])
     assert results["step"] == 4 and results["eval_batches"] is None  # the whole split
+    assert results["corpus"].startswith("books: ") and "books, " in results["corpus"]
     # The one start-up summary.
     for pattern in (
         r"model: [\d,]+ parameters, [\d.]+ GFLOP per trained token",

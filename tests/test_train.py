@@ -1,4 +1,5 @@
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -284,6 +285,54 @@ def test_the_first_rows_speed_leaves_out_compiling(books, tmp_path, monkeypatch)
     pretrain.train_and_evaluate(config, str(tmp_path / "run"))
     speeds = [r["tokens_per_sec"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(speeds) == 2 and speeds[0] >= speeds[1]  # not 1/50th of it
+
+
+def test_the_host_runs_at_most_one_step_ahead(monkeypatch):
+    """Between log points the host reads no metrics, but it waits for step N-1 before it
+    dispatches step N+1: a stop signal is acted on within about a step, not after every
+    step queued up to the next log point (fakes record the order of dispatches and waits)."""
+    events = []
+
+    class Loss(float):  # a step's metric, which says when the loop waits for it
+        def block_until_ready(self):
+            events.append(("wait", self.step))
+            return self
+
+    def p_train(state, batch):
+        step = state.step + 1
+        events.append(("dispatch", step))
+        loss = Loss(1.0)
+        loss.step = step
+        metrics = dict(loss=loss, grad_norm=1.0, lr=0.1, nonfinite=False, nonfinite_run=0)
+        return types.SimpleNamespace(step=step, params=None), metrics
+
+    class Batches:
+        def __next__(self):
+            return {}
+
+        def get_state(self):
+            return {}
+
+    guard = types.SimpleNamespace(
+        should_stop=lambda step: False,
+        signal_name=None,
+        interruptible=lambda step: contextlib.nullcontext(),
+    )
+    writer = types.SimpleNamespace(write=lambda step, row: None)
+    monkeypatch.setattr(train.sharding, "global_batch", lambda mesh, batch: batch)
+    train_cfg = types.SimpleNamespace(
+        log_every=100, ckpt_every=100, eval_every=100, nonfinite="skip", nonfinite_limit=10
+    )
+    state = types.SimpleNamespace(step=0, params=None)
+    save = lambda *args, **kwargs: None  # noqa: E731
+    train.fit(
+        state, p_train, lambda params: {}, Batches(), None, train_cfg, 6, 1, writer, save, guard
+    )
+    dispatched = [n for kind, n in events if kind == "dispatch"]
+    assert dispatched == [1, 2, 3, 4, 5, 6]
+    for n in range(3, 7):
+        assert events.index(("wait", n - 2)) < events.index(("dispatch", n))
+        assert ("wait", n - 1) not in events[: events.index(("dispatch", n))]
 
 
 def test_remat_lowers_the_planned_memory_with_the_layers_in_a_loop():

@@ -74,8 +74,9 @@ def prepare(
     tokenizer, new_tokenizer = None, False
     if resuming and not tokenizer_lib.has_tokenizer(workdir):
         raise UserError(
-            f"{tokenizer_path} is missing, but the checkpoints in {workdir} were trained with "
-            "it; restore the file or use a new --workdir"
+            f"no tokenizer in {workdir} ({tokenizer_lib.TOKENIZER_FILE}, or GPT-1's vocab.json "
+            "and merges.txt), but its checkpoints were trained with one; restore it (a "
+            "converted model: copy its source's tokenizer files in) or use a new --workdir"
         )
     if tokenizer_lib.has_tokenizer(workdir):  # SentencePiece's, or a converted GPT-1 BPE
         tokenizer = tokenizer_lib.load_dir(workdir)
