@@ -15,6 +15,7 @@ import numpy as np
 
 from gptjax import checkpoint, optim, train
 from gptjax.data.pipeline import PackedWindows, train_iterator
+from gptjax.metrics import evaluated_at
 from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
 from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.workdirs import agreed_resume_step, check_workdir
@@ -57,7 +58,9 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     with phase_config.unlocked():
         phase_config.train = phase_cfg
     resume = agreed_resume_step(workdir)
-    if resume is not None and resume >= total:
+    # Complete: nothing to do, unless a stop (or a kill) came before its last evaluation
+    # was written; then the phase is built again, and `run_phase` makes it up.
+    if resume is not None and resume >= total and (resume > total or evaluated_at(workdir, total)):
         return workdir
     if resume is not None:
         check_workdir(workdir, phase_config, resuming=True)

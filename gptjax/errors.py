@@ -36,6 +36,7 @@ ENVIRONMENT_ERRNOS = frozenset(
 # sysexits' EX_TEMPFAIL, "a temporary failure; the user is invited to retry": the exit
 # status after a stop on a signal, with a checkpoint written.
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130  # the shell's status for a SIGINT
 
 
 class Preempted(BaseException):
@@ -96,6 +97,18 @@ def reported():
     except Preempted as e:
         logging.warning("%s; run the same command to resume", e)
         sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a stop, and a save)
+        import os
+
+        print(
+            "interrupted at once (Ctrl-C twice), perhaps during a save: the same command "
+            "resumes a run from its latest complete checkpoint",
+            file=sys.stderr,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)  # not waiting for a save's threads, whose files are temporary
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise

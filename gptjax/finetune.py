@@ -167,7 +167,11 @@ def task_objective(model: TaskModel, lm_coef: float, regression: bool) -> train.
         return sums
 
     def counts(batch):
-        return {"task": jnp.sum(task_weights(batch)), "lm": jnp.sum(lm_weights(batch))}
+        # The LM count, the sum of lm_weights, taken exactly: a sum of the fractional
+        # weights carries float32 rounding, which would differ with the device count.
+        with_targets_BxS = (batch["lengths"] > 1).astype(jnp.float32)
+        lm = jnp.sum(batch["weight"][:, None] * with_targets_BxS)
+        return {"task": jnp.sum(task_weights(batch)), "lm": lm}
 
     weights = (("task", 1.0),) + ((("lm", lm_coef),) if lm_coef > 0 else ())
     return train.Objective(terms, counts, weights)

@@ -212,6 +212,14 @@ def check_workdir(
     if resuming and os.path.exists(path):
         saved = read_config(path, "restore it, or delete it to resume without checking the config")
         check_resumable(workdir, saved, config, evaluating)
+    elif resuming and not evaluating:
+        logging.warning(
+            "%s is missing, so this config cannot be checked against the one the checkpoints "
+            "were trained with (another model is still refused when its checkpoint is read; "
+            "another batch size or seed would move the saved data position); resuming, and "
+            "recording this config",
+            path,
+        )
 
 
 def take_saved_model(config: ml_collections.ConfigDict, saved: dict):
@@ -293,6 +301,9 @@ RESUME_FIXED = {
     "finetune.lm_coef": "the objective it was trained with",
     "finetune.clf_dropout": "the objective it was trained with",
     "finetune.n_transfer": "the blocks it started from",
+    "init_from": "the run its parameters started from, which its record names",
+    "finetune.tokenizer": "the tokenizer its record names",
+    "adapt.enabled": "whether it ran domain adaptation first",
     "train.batch_size": "the saved data position counts batches of that size",
     "train.seed": "the saved data position is in that seed's shuffle",
 }
@@ -316,6 +327,16 @@ RESUME_SCHEDULE = (
 # trains: micro-batches draw their own dropout masks (and sum in another order), and
 # the compute dtype rounds differently. (train.remat recomputes the same values.)
 RESUME_NUMERICS = ("train.microbatches", "train.compute_dtype")
+
+
+def _same_setting(key: str, was, now) -> bool:
+    """Whether a saved setting and the command's agree; paths (`init_from`,
+    `finetune.tokenizer`) agree when they name the same file, however written."""
+    if key in ("init_from", "finetune.tokenizer") and was and now:
+        return os.path.realpath(os.path.expanduser(was)) == os.path.realpath(
+            os.path.expanduser(now)
+        )
+    return was == now
 
 
 def check_resumable(
@@ -413,7 +434,7 @@ def check_resumable(
         was = lookup(saved, key)
         if key == "train.scan_layers":
             was = bool(was)  # runs from before the stacked layout saved none
-        if was is not None and was != lookup(current, key):
+        if was is not None and not _same_setting(key, was, lookup(current, key)):
             fix = "evaluate" if evaluating else "resume"
             raise UserError(
                 f"{workdir} was trained with {key}={was} ({why}); {fix} with "

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from gptjax import errors
@@ -17,3 +20,13 @@ def test_fail_is_one_line_even_when_abandoned_reads_finish_after_it(capfd):
     straggler(0).join()
     assert exit_.value.code == 2
     assert capfd.readouterr().err == "error: checkpoint 4 in w is unreadable\n"
+
+
+def test_a_second_ctrl_c_is_one_line_and_status_130():
+    """The first Ctrl-C asks for a stop after a step (and a save); the second, Python's
+    KeyboardInterrupt, ends the command at once, in one line, not a traceback."""
+    code = "from gptjax import errors\nwith errors.reported():\n    raise KeyboardInterrupt"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == errors.EXIT_INTERRUPTED == 130
+    assert result.stderr.startswith("interrupted at once (Ctrl-C twice)")
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr

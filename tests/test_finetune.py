@@ -223,6 +223,11 @@ def test_auxiliary_lm_loss_ignores_padding():
     # A padding row (weight 0) counts for nothing.
     empty = dict(batch, weight=jnp.asarray([1.0, 0.0]))
     assert float(objective.counts(empty)["lm"]) == 1.0
+    # Exactly the sequences, whatever their lengths (a sum of 1/length weights in float32
+    # would be off by rounding, and differently on other device counts).
+    words = [f"w{i % 9 + 1}" for i in range(60)]
+    many = [Example((" ".join(words[:k]), "w3"), 0) for k in range(1, 60)]
+    assert float(objective.counts(batch_of("entailment", many))["lm"]) == 59.0
 
 
 def test_auxiliary_lm_loss_is_a_mean_over_sequences_of_their_mean_token_loss():
@@ -590,6 +595,16 @@ def test_domain_adaptation_trains_the_lm_on_the_task_texts_first(pretrained, tmp
     assert not np.array_equal(a, o)  # the LM phase changed the weights the next one starts from
     # A rerun finds the phase complete and does not train it again.
     finetune.train_and_evaluate(config, str(workdir))
+    assert checkpoint.all_steps(adapt_dir) == [1, 2]
+    # Stopped during its last evaluation (its row not written, fine-tuning not started):
+    # the rerun makes it up.
+    shutil.rmtree(workdir / "checkpoints")
+    metrics_file = workdir / "adapt" / "metrics.jsonl"
+    rows = metrics_file.read_text().splitlines()
+    kept = [r for r in rows if not (json.loads(r)["step"] == 2 and "eval_loss" in r)]
+    metrics_file.write_text("\n".join(kept) + "\n")
+    finetune.train_and_evaluate(config, str(workdir))
+    assert [r["step"] for r in read_metrics(adapt_dir) if "eval_loss" in r] == [1, 2]
     assert checkpoint.all_steps(adapt_dir) == [1, 2]
     # A fine-tuned run (a GPT under "transformer", and a head) is named as such.
     with pytest.raises(UserError, match="another model's parameters .*a pretraining"):

@@ -232,6 +232,32 @@ def test_evaluating_a_checkpoint_checks_only_the_model_and_its_layout(caplog):
         workdirs.check_resumable("run", before, config, evaluating=True)
 
 
+def test_a_fine_tune_resumes_from_what_it_started_from(tmp_path, monkeypatch):
+    """Its record names the run it started from, the tokenizer and the adaptation: another
+    would be recorded for a model that was not trained from it."""
+    config = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("custom")
+    (tmp_path / "runs" / "gpt1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config.init_from = "runs/gpt1"
+    before = saved(config)
+    for same in ("runs/gpt1/", str(tmp_path / "runs" / "gpt1"), "./runs/../runs/gpt1"):
+        config.init_from = same  # the same run, written otherwise
+        workdirs.check_resumable("run", before, config)
+    for key, value in (("init_from", "runs/other"), ("finetune.tokenizer", "runs/other")):
+        changed = config.copy_and_resolve_references()
+        changed.init_from = "runs/gpt1"
+        if key == "init_from":
+            changed.init_from = value
+        else:
+            changed.finetune.tokenizer = value
+        with pytest.raises(UserError, match=f"{key}=.* its record names.*--config.{key}="):
+            workdirs.check_resumable("run", before, changed)
+        workdirs.check_resumable("run", before, changed, evaluating=True)  # eval: the saved
+    config.init_from, config.adapt.enabled = "runs/gpt1", True
+    with pytest.raises(UserError, match="adapt.enabled=False .whether it ran domain adapt"):
+        workdirs.check_resumable("run", before, config)
+
+
 def test_a_fine_tune_and_a_pretraining_run_do_not_resume_each_other():
     pretraining = tiny_config()
     fine_tune = tiny_config()
@@ -308,3 +334,12 @@ def test_a_converted_workdir_is_evaluated_not_resumed():
     with pytest.raises(UserError, match=r"holds converted weights \(huggingface\), not a run"):
         workdirs.check_resumable("run", converted, config)
     workdirs.check_resumable("run", converted, config, evaluating=True)
+
+
+def test_a_resume_without_config_json_says_it_cannot_check(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=True, evaluating=True)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        workdirs.check_workdir(str(tmp_path), tiny_config(), resuming=True)
+    assert "config.json is missing, so this config cannot be checked" in caplog.text
