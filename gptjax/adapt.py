@@ -114,7 +114,9 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
         total,
         phase_cfg.batch_size * cfg.model.n_ctx,
         workdir,
-        checkpoint.manager(workdir, phase_cfg.keep_checkpoints),
+        checkpoint.manager(
+            workdir, phase_cfg.keep_checkpoints, schedule=(phase_cfg.ckpt_every, total)
+        ),
         resume,
         record_config=functools.partial(write_run_config, workdir, phase_config),
     )

@@ -19,6 +19,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from gptjax.errors import UserError, WriteFailed, out_of_memory, silence_abandoned_work
 
@@ -49,16 +50,46 @@ class _OrbaxNotices(logging.Filter):
 logging.getLogger("absl").addFilter(_OrbaxNotices())  # Orbax logs through absl
 
 
+class KeepScheduled(preservation_policy.PreservationPolicy):
+    """Keeps the latest `n` checkpoints of the schedule (every `every` steps, and the
+    run's last, `total`), and the latest checkpoint whatever its step: one a stop signal
+    wrote off the schedule is kept while a resume needs it, then dropped, so stops never
+    push a scheduled checkpoint (a fine-tune's best) out of the `n` kept."""
+
+    def __init__(self, n: int, every: int, total: int):
+        self.n, self.every, self.total = n, every, total
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        del context
+        steps = [c.step for c in checkpoints]
+        scheduled = sorted(
+            s for s in steps if (self.every and s % self.every == 0) or s == self.total
+        )
+        latest = {max(steps)} if steps else set()
+        return [s in latest or s in scheduled[-self.n :] for s in steps]
+
+
 def manager(
-    workdir: str, keep: int = 1, async_save: bool = True, read_only: bool = False
+    workdir: str,
+    keep: int = 1,
+    async_save: bool = True,
+    read_only: bool = False,
+    schedule: tuple[int, int] | None = None,
 ) -> ocp.CheckpointManager:
-    """The workdir's checkpoint manager; `read_only` creates and deletes nothing."""
+    """The workdir's checkpoint manager; `read_only` creates and deletes nothing. It keeps
+    the latest `keep` checkpoints, or with `schedule` (`train.ckpt_every`, the run's total
+    steps) the latest `keep` of that schedule and the latest (`KeepScheduled`)."""
+    if read_only:  # keeps and saves nothing (set so, Orbax does not warn)
+        keeping = {"max_to_keep": None}
+    elif schedule:
+        keeping = {"preservation_policy": KeepScheduled(keep, *schedule)}
+    else:
+        keeping = {"max_to_keep": keep}
     return ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
         item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(
-            # A read-only manager keeps and saves nothing (set so, Orbax does not warn).
-            max_to_keep=None if read_only else keep,
+            **keeping,
             save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
             # Leftovers of a save that a kill interrupted are removed, never read.

@@ -454,7 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.process_index(),
         jax.process_count(),
     )
-    ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
+    ckpt = checkpoint.manager(
+        workdir, config.train.keep_checkpoints, schedule=(config.train.ckpt_every, total_steps)
+    )
     # An example is S sequences (2 for similarity, one per choice for multiple choice).
     _, s, length = run.split(run.task.train_split).rows.arrays["tokens"].shape
     tokens_per_step = config.train.batch_size * s * length

@@ -342,7 +342,7 @@ class GPT(nn.Module):
             cfg.n_ctx, cfg.d_model, embedding_init=_init("n_ctx", "embed")
         )
         # Dropout after summing token and position embeddings (as HuggingFace does; the
-        # original dropped rows of the embedding matrix instead).
+        # original dropped elements of the embedding matrix itself instead).
         self.embed_dropout = Dropout(cfg.dropout)
         block = ScanBlock if self.scan_layers else Block
         if self.remat != "none":

@@ -96,11 +96,12 @@ def optax_optimizer(
     train_cfg: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
     """Clip the gradients' global norm, then AdamW, as optax composes them: optax's AdamW
-    decay is decoupled and scaled by the learning rate (w -= lr * wd * w), exactly the
-    original's "modified L2". Wrapped in `apply_if_finite`: an update whose gradients
-    hold a NaN or Inf is skipped (parameters and Adam moments unchanged), so a
-    non-finite state is never reached. `make_optimizer` computes the same with the skip
-    fused into the update; this is its reference (tests/test_optim.py)."""
+    decay is decoupled and scaled by the learning rate (w -= lr * wd * w), the
+    original's "modified L2" (which also scaled it by Adam's bias correction: see the
+    README's table of how gptjax follows the paper). Wrapped in `apply_if_finite`: an
+    update whose gradients hold a NaN or Inf is skipped (parameters and Adam moments
+    unchanged), so a non-finite state is never reached. `make_optimizer` computes the
+    same with the skip fused into the update; this is its reference (tests/test_optim.py)."""
     adamw = optax.chain(
         optax.clip_by_global_norm(train_cfg.grad_clip),
         optax.adamw(

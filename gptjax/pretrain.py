@@ -87,7 +87,12 @@ class Run:
         self.p_train, self.p_eval = train.compile_steps(
             self.model, self.schedule, self.mesh, self.shardings, config.train
         )
-        self.ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints, read_only=read_only)
+        self.ckpt = checkpoint.manager(
+            workdir,
+            config.train.keep_checkpoints,
+            read_only=read_only,
+            schedule=(config.train.ckpt_every, self.total_steps),
+        )
 
     def eval_data(self):
         return train.lm_eval_batches(self.data.windows["validation"], self.config.train)

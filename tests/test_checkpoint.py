@@ -73,6 +73,20 @@ def test_keeps_the_last_n(tmp_path):
         assert mngr.all_steps() == [2, 3]
 
 
+def test_stop_checkpoints_do_not_push_scheduled_ones_out(tmp_path):
+    """Every 4 steps, 13 in all, 2 kept: a stop's checkpoint (6, 10) is kept while it is
+    the latest (the resume's), then dropped; the schedule's 2 stay, whatever the stops."""
+    config = tiny_config()
+    state, _ = make_state(config)
+    kept = []
+    for step in (4, 6, 8, 10, 12, 13):  # a new manager each time, as after a resume
+        with checkpoint.manager(str(tmp_path), keep=2, schedule=(4, 13)) as mngr:
+            checkpoint.save(mngr, state.replace(step=state.step + step), {}, force=True)
+            mngr.wait_until_finished()
+        kept.append(checkpoint.all_steps(str(tmp_path)))
+    assert kept == [[4], [4, 6], [4, 8], [4, 8, 10], [8, 12], [12, 13]]
+
+
 def test_params_only_restore_without_checkpoint_is_a_user_error(tmp_path):
     config = tiny_config()
     state, shardings = make_state(config)
