@@ -20,6 +20,7 @@ from gptjax.atomic import replacing
 from gptjax.errors import UserError, config_value, fail, parse_flags, reported
 
 VARIANTS = ("pretrained", "scratch", "no_aux_lm")
+TABLES = ("ablation.md", "ablation.json")  # in --workdir: the variants side by side
 
 
 def define_flags():
@@ -86,6 +87,9 @@ def main(argv):
             )
         if "task" not in config or not config.init_from:
             raise UserError("give a fine-tuning config with --config.init_from=PRETRAINED_RUN")
+        for name in TABLES:  # before any training, which they would come after
+            if os.path.isdir(path := os.path.join(workdir, name)):
+                raise UserError(f"{path} is a directory, where the ablation writes; move it away")
         finetune.resolve_model(config)
         reports = {}
         # As `gptjax.main` trains: a signal is one line and status 75 (each variant
@@ -98,11 +102,11 @@ def main(argv):
                 variant_dir = os.path.join(workdir, variant)
                 with workdirs.workdir_lock(variant_dir):
                     reports[variant] = finetune.train_and_evaluate(cfg, variant_dir)
-    text = table(reports)
-    with replacing(os.path.join(workdir, "ablation.md")) as f:
-        f.write(text)
-    with replacing(os.path.join(workdir, "ablation.json")) as f:
-        json.dump(reports, f, indent=2)
+        text = table(reports)
+        with replacing(os.path.join(workdir, TABLES[0])) as f:
+            f.write(text)
+        with replacing(os.path.join(workdir, TABLES[1])) as f:
+            json.dump(reports, f, indent=2)
     print(text)
 
 

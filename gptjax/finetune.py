@@ -82,7 +82,7 @@ def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
     """The config that evaluates the fine-tune in `workdir` (--mode=eval): the command's,
     with what the run itself was (its config.json) in place of the command's values: the
     model, its parameter layout, and what it was trained from and with (`init_from`,
-    `finetune.*`), which results.json reports. So the `init_from` run need not still be
+    `finetune.*`, `adapt.*`), which results.json reports. So the `init_from` run need not still be
     there, and an ablation variant re-scored is reported as what it was. The command
     gives the task's files and the evaluation's settings; evaluating another task is an
     error. Without a saved config (no run there), the model is resolved as for training."""
@@ -96,8 +96,12 @@ def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
         if "task" in saved:  # else check_resumable names the pretraining run
             take_saved_model(config, saved)
             config.init_from = saved.get("init_from", config.init_from)
-            run_finetune = saved.get("finetune") or {}
-            config.finetune.update({k: v for k, v in run_finetune.items() if k in config.finetune})
+            for section in ("finetune", "adapt"):
+                run_section = saved.get(section) or {}
+                if section in config:
+                    config[section].update(
+                        {k: v for k, v in run_section.items() if k in config[section]}
+                    )
     check_resumable(workdir, saved, config, evaluating=True)
     return config
 

@@ -91,6 +91,10 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
         "selected_by": config.eval.checkpoint,
         "init_from": config.init_from,
         "lm_coef": config.finetune.lm_coef,
+        # What it was trained with (`n_transfer`, `clf_dropout`, `tokenizer`, ...) and
+        # whether domain adaptation ran first: the variants of a sweep tell apart.
+        "finetune": config.finetune.to_dict(),
+        "adapt": config.adapt.to_dict() if "adapt" in config else None,
         "results": results,
         "paper": run.task.paper,
     }

@@ -37,7 +37,8 @@ Tasks come from the fine-tuning task registry (TFDS) or from your JSON-lines fil
 `zeroshot_data`. DPRD is not in TFDS and needs its file.
 
 Writes WORKDIR/zeroshot.json (one row per checkpoint and task: step, task, metric, value
-in percent, examples, chance, and CoLA's threshold) and WORKDIR/zeroshot.png, the curve
+in percent, examples, chance, CoLA's threshold, and the data it was scored on; a rerun
+adds what the file lacks) and WORKDIR/zeroshot.png, the curve
 of each task against pretraining updates, normalised as (value - chance) / (100 - chance):
 0 is random guessing and 1 a perfect score (the paper normalises between random guessing
 and the 2018 state of the art instead).
@@ -295,14 +296,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         )
     data.update({name: load_examples(config, name) for name in names if name not in data})
     steps = steps if zs.all_checkpoints else steps[-1:]
-    rows: list[dict] = []
+    # The rows of an earlier run are kept; those of the same checkpoint, task and data
+    # are not scored again (a stopped run resumes; another task adds its rows).
+    rows = previous_rows(workdir)
+    done = {(r["step"], r["task"], json.dumps(r.get("data"))) for r in rows}
     for step in steps:
+        todo = [n for n in names if (step, n, json.dumps(data_settings(zs, n))) not in done]
+        if not todo:
+            logging.info("zero-shot step %d: scored before (%s)", step, RESULTS_FILE)
+            continue
         generator, tokenizer = generate.load(workdir, step)
         scorer = Scorer(generator.model, generator.params, tokenizer, zs.batch_size)
-        for name in names:
+        for name in todo:
             started = time.time()
             row = {"step": step, **score_task(name, scorer.sequence_logprob, *data[name])}
-            rows.append(row)
+            row["data"] = data_settings(zs, name)
+            rows = [r for r in rows if (r["step"], r["task"]) != (step, name)] + [row]
             logging.info(
                 "zero-shot step %d %s: %s %.2f (%d examples, chance %.1f, %.1f s)",
                 step,
@@ -314,15 +323,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 time.time() - started,
             )
         write_results(rows, workdir)  # after every checkpoint: a long run shows progress
-    logging.info("wrote %s and %s", *(os.path.join(workdir, f) for f in (RESULTS_FILE, PLOT_FILE)))
-    return rows
+        logging.info(
+            "wrote %s and %s", *(os.path.join(workdir, f) for f in (RESULTS_FILE, PLOT_FILE))
+        )
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def data_settings(zs: ml_collections.ConfigDict, name: str) -> dict:
+    """What a task's score was of: its files (empty: TFDS's) and `max_examples`."""
+    paths = {k: zs[k] for k in zs if k.startswith(f"{name}_") and k.endswith("path")}
+    return {**paths, "max_examples": zs.max_examples}
+
+
+def previous_rows(workdir: str) -> list[dict]:
+    """The rows of zeroshot.json, if it holds some; a file that is not one is replaced."""
+    path = os.path.join(workdir, RESULTS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        logging.warning("%s is unreadable (%s): writing it anew", path, e)
+        return []
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and {"step", "task", "value", "chance"} <= set(r) for r in rows
+    ):
+        logging.warning("%s holds no zero-shot rows: writing it anew", path)
+        return []
+    return sorted(rows, key=lambda r: r["step"])
 
 
 def write_results(rows: list[dict], workdir: str):
     """zeroshot.json and zeroshot.png, each written whole under a temporary name first."""
     path = os.path.join(workdir, RESULTS_FILE)
     with replacing(path) as f:
-        json.dump(rows, f, indent=2)
+        json.dump(sorted(rows, key=lambda r: r["step"]), f, indent=2)
     plot(rows, os.path.join(workdir, PLOT_FILE))
 
 

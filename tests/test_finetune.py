@@ -405,6 +405,8 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(
     assert status == 0
     again = json.loads((workdir / "results.json").read_text())
     assert (again["init_from"], again["lm_coef"]) == (str(pretrained / "run"), 0.5)
+    assert again["finetune"]["lm_coef"] == 0.5 and "n_transfer" in again["finetune"]
+    assert again["adapt"]["enabled"] is False
     assert again["results"][0] == report["results"][0]
     other = [*flags, "--config.task.kind=entailment", "--config.task.text_fields=text,text"]
     status, _ = main_in_process(workdir, *other, "--mode=eval", cache=cache, config=FT)
@@ -735,4 +737,13 @@ def test_ablate_refuses_a_variant_another_command_is_training(pretrained, tmp_pa
         )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "another gptjax command is training in" in result.stderr.strip().splitlines()[-1]
+    assert not (workdir / "pretrained" / "checkpoints").exists()
+    # A directory where its table goes: said before any training.
+    (workdir / "ablation.md").mkdir()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: {workdir / 'ablation.md'} is a directory, where the ablation writes" + (
+        "; move it away"
+    )
     assert not (workdir / "pretrained" / "checkpoints").exists()

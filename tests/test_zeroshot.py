@@ -250,7 +250,7 @@ def zeroshot_config(paths, **settings):
     return config
 
 
-def test_run_scores_every_checkpoint_and_draws_the_curve(pretrained, tmp_path):
+def test_run_scores_every_checkpoint_and_draws_the_curve(pretrained, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(pretrained / "run", workdir)  # the fixture's run is never written to
     paths = task_files(tmp_path)
@@ -293,6 +293,26 @@ def test_run_scores_every_checkpoint_and_draws_the_curve(pretrained, tmp_path):
         assert row["value"] == pytest.approx(expected["value"]), name
         if name == "cola":
             assert row["threshold"] == pytest.approx(expected["threshold"], abs=1e-4)
+
+    # A rerun scores nothing it scored before (a stopped run resumes) and keeps the rows of
+    # the tasks it is not given; other data (here fewer examples) is scored again.
+    scored = []
+    real_score = zeroshot.score_task
+    monkeypatch.setattr(
+        zeroshot, "score_task", lambda name, *a: scored.append(name) or real_score(name, *a)
+    )
+    two = {k: v for k, v in paths.items() if k.startswith(("sst2", "race"))}
+    config = zeroshot_config(two, tasks="sst2,race", all_checkpoints=True)
+    assert zeroshot.run(config, str(workdir)) == written and not scored
+    config.zeroshot.max_examples = 1
+    rows = zeroshot.run(config, str(workdir))
+    assert scored == ["sst2", "race"] * 2
+    assert [(r["step"], r["task"]) for r in rows] == [
+        (2, "cola"), (2, "dprd"), (2, "sst2"), (2, "race"),
+        (4, "cola"), (4, "dprd"), (4, "sst2"), (4, "race"),
+    ]  # fmt: skip
+    assert all(r["examples"] == 1 for r in rows if r["task"] in ("sst2", "race"))
+    assert json.loads((workdir / "zeroshot.json").read_text()) == rows
 
 
 def test_zeroshot_mode_scores_the_latest_checkpoint_by_default(pretrained, tmp_path):
