@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from gptjax import optim, sharding, tpu_topology, train
+from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.pretrain import check_batch
@@ -197,7 +198,10 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
             f"estimate.accelerator={est['accelerator']!r} is unknown; use one of {names}"
         )
     if not 0.0 < est["mfu"] <= 1.0 or est["devices"] <= 0:
-        raise UserError("estimate.mfu must be in (0, 1] and estimate.devices positive")
+        raise UserError(
+            f"estimate.mfu={est['mfu']} and estimate.devices={est['devices']}: the MFU must "
+            "be in (0, 1] and the devices positive"
+        )
     tokens_per_epoch = est["tokens_per_epoch"]
     if not isinstance(tokens_per_epoch, int) or tokens_per_epoch <= 0:
         raise UserError(
@@ -258,6 +262,12 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
     )
     batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
     options = ANALYSIS_ONLY_CPU_OPTIONS if sharding.platform() == "cpu" else None
+    logging.info(
+        "compiling the train step for %d x %s, for its memory analysis%s",
+        len(mesh.devices.flat),
+        mesh.devices.flat[0].device_kind,
+        " (libtpu takes minutes at gpt1's size)" if sharding.platform() == "tpu" else "",
+    )
     compiled = compile_step(p_train, mesh, state, batch, options)
     return compiled, count_params(state.params), model_cfg, steps, tokens
 
@@ -321,7 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if workdir and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         path = os.path.join(workdir, ESTIMATE_FILE)
-        with open(path, "w") as f:
+        with replacing(path) as f:  # whole or not at all
             json.dump(result, f, indent=2)
         logging.info("wrote %s", path)
     return result

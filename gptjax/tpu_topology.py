@@ -90,8 +90,16 @@ def devices(name: str) -> list:
     A v4 chip's two TensorCores are one device (megacore), as on its VMs; a v5p's are
     by default."""
     topology = topology_name(name)
-    if not topology:
+    chip, colon, shape = topology.partition(":")
+    chips = sorted({c for c, _, _ in _TYPES.values()})
+    # Refused here: libtpu would print a line about the type before its own error.
+    if not (colon and shape):
         raise UserError(f"estimate.topology={name!r} names no slice; use one of {EXAMPLES}")
+    if chip not in chips:
+        raise UserError(
+            f"estimate.topology={name!r} is a slice of TPU {chip} chips, whose peak and "
+            f"memory this does not know; use {', '.join(chips)}: {EXAMPLES}"
+        )
     if importlib.util.find_spec("libtpu") is None:
         raise UserError(
             "estimate.topology compiles with libtpu, which is not installed: "

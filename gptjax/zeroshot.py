@@ -62,6 +62,7 @@ from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import Example
+from gptjax.train import format_duration
 from gptjax.workdirs import ZEROSHOT_FILE, ZEROSHOT_PLOT
 from gptjax.zeroshot_data import MARKER, load_examples, task_names
 
@@ -148,9 +149,20 @@ class Scorer:
             out = span_logprob(self.model, self.vocab_size, self.params, tokens, start, end)
             pending.append((indices, out))
         sums, counts = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
-        for indices, (sum_B, count_B) in pending:  # dispatched all, now read back
+        started = last_log = time.time()
+        for done, (indices, (sum_B, count_B)) in enumerate(pending, 1):  # dispatched: read
             sums[indices] = np.asarray(sum_B)[: len(indices)]
             counts[indices] = np.asarray(count_B)[: len(indices)]
+            if time.time() - last_log > 30:  # a task's texts can take minutes at GPT-1's size
+                last_log, total = time.time(), len(pending)
+                elapsed = last_log - started
+                logging.info(
+                    "scoring: %d of %d batches in %s, ETA %s",
+                    done,
+                    total,
+                    format_duration(elapsed),
+                    format_duration(elapsed / done * (total - done)),
+                )
         return sums, counts
 
 
@@ -284,6 +296,11 @@ def score_task(
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """`--mode=zeroshot`: scores the workdir's latest checkpoint (or, with
     `zeroshot.all_checkpoints`, every one) on each task; writes and returns the rows."""
+    if "zeroshot" not in config:
+        raise UserError(
+            "the config has no zeroshot section (its settings: configs/gpt1.py's "
+            "`config.zeroshot`); copy it into your config, or use configs/gpt1.py"
+        )
     zs = config.zeroshot
     names = task_names(zs)
     # Local files first (a bad one is a settings error), then the workdir, then the
@@ -304,6 +321,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         todo = [n for n in names if (step, n, json.dumps(data_settings(zs, n))) not in done]
         if not todo:
             logging.info("zero-shot step %d: scored before (%s)", step, RESULTS_FILE)
+            continue
+        if step not in checkpoint.all_steps(workdir):  # removed by a run still training
+            logging.warning("checkpoint %d of %s is no longer there: skipped", step, workdir)
             continue
         generator, tokenizer = generate.load(workdir, step)
         scorer = Scorer(generator.model, generator.params, tokenizer, zs.batch_size)

@@ -6,7 +6,9 @@ checkpoint of a pretraining run from user files, writing the table and the figur
 import functools
 import itertools
 import json
+import logging
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -315,6 +317,42 @@ def test_run_scores_every_checkpoint_and_draws_the_curve(pretrained, tmp_path, m
     assert json.loads((workdir / "zeroshot.json").read_text()) == rows
 
 
+def test_a_checkpoint_removed_while_scoring_is_skipped(pretrained, tmp_path, monkeypatch, caplog):
+    """A run still training removes its old checkpoints (`train.keep_checkpoints`)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(pretrained / "run", workdir)
+    listed = zeroshot.checkpoint.all_steps
+    calls = []
+
+    def all_steps(directory):  # the first listing also has a step 3, gone since
+        calls.append(directory)
+        return sorted(listed(directory) + ([3] if len(calls) == 1 else []))
+
+    monkeypatch.setattr(zeroshot.checkpoint, "all_steps", all_steps)
+    sst2 = {"sst2_path": task_files(tmp_path)["sst2_path"]}
+    with caplog.at_level(logging.WARNING):
+        rows = zeroshot.run(zeroshot_config(sst2, tasks="sst2", all_checkpoints=True), str(workdir))
+    assert [r["step"] for r in rows] == [2, 4]
+    assert "checkpoint 3 of" in caplog.text and "no longer there: skipped" in caplog.text
+
+
+def test_long_scoring_says_how_far_it_is(pretrained, monkeypatch, caplog):
+    """A progress line every 30 s (a fake clock: each reading 31 s on)."""
+    generator, tokenizer = generate.load(str(pretrained / "run"))
+    scorer = zeroshot.Scorer(generator.model, generator.params, tokenizer, batch_size=2)
+    clock = [0.0]
+
+    def time_now():
+        clock[0] += 31.0
+        return clock[0]
+
+    monkeypatch.setattr(zeroshot, "time", types.SimpleNamespace(time=time_now))
+    with caplog.at_level(logging.INFO):
+        scorer.sequence_logprob(["The king"] * 5, [" is here"] * 5)
+    assert "scoring: 1 of 3 batches in " in caplog.text and ", ETA " in caplog.text
+    assert "scoring: 3 of 3 batches" in caplog.text
+
+
 def test_zeroshot_mode_scores_the_latest_checkpoint_by_default(pretrained, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(pretrained / "run", workdir)
@@ -366,6 +404,13 @@ def test_no_checkpoint_is_a_user_error_before_any_tfds_data_is_fetched(tmp_path,
         zeroshot.run(config, str(tmp_path / "empty"))
     assert read == ["sst2"]
     assert not (tmp_path / "empty").exists()
+
+
+def test_a_config_without_the_zeroshot_section_is_a_user_error(tmp_path):
+    config = gpt1_config()
+    del config["zeroshot"]
+    with pytest.raises(UserError, match="the config has no zeroshot section"):
+        zeroshot.run(config, str(tmp_path))
 
 
 def test_tasks_without_files_come_from_the_registry(tmp_path, monkeypatch):
