@@ -97,11 +97,11 @@ def reported():
     except Preempted as e:
         logging.warning("%s; run the same command to resume", e)
         sys.exit(EXIT_PREEMPTED)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a stop, and a save)
-        import os
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a stop, and a save),
+        import os  # or one where JAX's preemption service has the signals (several hosts)
 
         print(
-            "interrupted at once (Ctrl-C twice), perhaps during a save: the same command "
+            "interrupted at once by Ctrl-C, perhaps during a save: the same command "
             "resumes a run from its latest complete checkpoint",
             file=sys.stderr,
         )

@@ -28,5 +28,5 @@ def test_a_second_ctrl_c_is_one_line_and_status_130():
     code = "from gptjax import errors\nwith errors.reported():\n    raise KeyboardInterrupt"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == errors.EXIT_INTERRUPTED == 130
-    assert result.stderr.startswith("interrupted at once (Ctrl-C twice)")
+    assert result.stderr.startswith("interrupted at once by Ctrl-C, perhaps during a save")
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
