@@ -116,10 +116,15 @@ def prepare(
         )
     elif resuming:  # (with the tokenizer it was trained with) before the corpus is prepared
         if recorded_tokenizer not in (None, tokenizer.digest):
+            files = (
+                tokenizer_path
+                if os.path.exists(tokenizer_path)
+                else f"the GPT-1 BPE in {workdir} (vocab.json and merges.txt)"
+            )
             raise UserError(
-                f"{tokenizer_path} is not the tokenizer this run's checkpoints were trained "
-                "with (its digest differs from the one recorded in "
-                f"{record_path}); restore the original file or use a new --workdir"
+                f"{files} is not the tokenizer this run's checkpoints were trained with (its "
+                f"digest differs from the one recorded in {record_path}); restore the "
+                "original or use a new --workdir"
             )
         if recorded_corpus not in (None, corpus_fingerprint):
             raise other_corpus
