@@ -269,16 +269,13 @@ def _step_to_export(src: str, step: int | None) -> int | None:
     """`step`, else the checkpoint a fine-tuned run's results.json reports (its best, by
     default: the model its scores are of) while it is kept, else the latest (None)."""
     from gptjax import checkpoint
+    from gptjax.data.pipeline import read_json
     from gptjax.results import RESULTS_JSON
 
     steps = checkpoint.all_steps(src)
     if step is None:
         path = os.path.join(src, RESULTS_JSON)
-        try:
-            with open(path, encoding="utf-8") as f:
-                scored = json.load(f).get("checkpoint_step")
-        except (OSError, ValueError, AttributeError):  # none, or damaged: the latest
-            scored = None
+        scored = read_json(path).get("checkpoint_step")  # none, or damaged: the latest
         if isinstance(scored, int) and scored in steps:
             logging.info(
                 "exporting checkpoint %d, the one %s reports (--step N for another)", scored, path

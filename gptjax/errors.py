@@ -60,16 +60,23 @@ class Preempted(BaseException):
 def fail(message: str, at_once: bool = False):
     """The one way bad input ends a command: one line on stderr and exit status 2
     (`at_once`: without the interpreter's shutdown, after flushing the logs)."""
-    import os
 
     print(f"error: {message}", file=sys.stderr)
     if at_once:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
+        exit_at_once(2)
     silence_abandoned_work()
     sys.exit(2)
+
+
+def exit_at_once(status: int):
+    """Ends the process with `status` after flushing the logs, without the interpreter's
+    shutdown (which would wait for background threads: a save's, an abandoned read's)."""
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def silence_abandoned_work():
@@ -98,17 +105,13 @@ def reported():
         logging.warning("%s; run the same command to resume", e)
         sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:  # a second Ctrl-C (the first asks for a stop, and a save),
-        import os  # or one where JAX's preemption service has the signals (several hosts)
-
+        # or one where JAX's preemption service has the signals (several hosts)
         print(
             "interrupted at once by Ctrl-C, perhaps during a save: the same command "
             "resumes a run from its latest complete checkpoint",
             file=sys.stderr,
         )
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)  # not waiting for a save's threads, whose files are temporary
+        exit_at_once(EXIT_INTERRUPTED)  # a save cut short leaves only temporary files
     except OSError as e:
         if e.errno not in ENVIRONMENT_ERRNOS:
             raise

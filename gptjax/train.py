@@ -289,24 +289,37 @@ def lm_eval_batches(windows, train_cfg) -> Iterable[dict]:
 def evaluate(p_eval: Callable, params, batches: Iterable[dict], mesh) -> dict[str, float]:
     """Token-weighted held-out loss and perplexity over all `batches`, with a progress
     line every 30 s (a 1% split of BookCorpus is hundreds of batches)."""
-    sums, start, last_log = [], time.time(), time.time()
-    total = len(batches) if hasattr(batches, "__len__") else None
+    sums = []
+    progress = Progress("evaluating", len(batches) if hasattr(batches, "__len__") else None)
     for b in batches:
         sums.append(p_eval(params, sharding.global_batch(mesh, b)))
-        if time.time() - last_log > 30:
+        if progress.due():
             jax.block_until_ready(sums[-1])  # what is done, not what is queued
-            last_log = time.time()
-            done, elapsed = len(sums), last_log - start
-            of, eta = "", ""
-            if total:
-                of = f" of {total}"
-                eta = ", ETA " + format_duration(elapsed / done * (total - done))
-            logging.info(
-                "evaluating: %d%s batches in %s%s", done, of, format_duration(elapsed), eta
-            )
+            progress.log(len(sums))
     sums = jax.device_get(sums)
     loss = float(sum(s["loss_sum"] for s in sums) / max(sum(s["count"] for s in sums), 1.0))
     return {"eval_loss": loss, "eval_ppl": float(np.exp(loss))}
+
+
+class Progress:
+    """A line for long work over batches, at most every `every_s` seconds: "WHAT: K of N
+    batches in T, ETA E" (without N and the ETA when the total is not known)."""
+
+    def __init__(self, what: str, total: int | None, every_s: float = 30.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.started = self.last = time.time()
+
+    def due(self) -> bool:
+        return time.time() - self.last > self.every_s
+
+    def log(self, done: int):
+        self.last = time.time()
+        elapsed = self.last - self.started
+        of, eta = "", ""
+        if self.total:
+            of = f" of {self.total}"
+            eta = ", ETA " + format_duration(elapsed / done * (self.total - done))
+        logging.info("%s: %d%s batches in %s%s", self.what, done, of, format_duration(elapsed), eta)
 
 
 def summarize(pending: list[tuple[int, dict]], train_cfg) -> dict[str, float]:

@@ -62,7 +62,7 @@ from gptjax.errors import UserError
 from gptjax.model import GPT
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import Example
-from gptjax.train import format_duration
+from gptjax.train import Progress
 from gptjax.workdirs import ZEROSHOT_FILE, ZEROSHOT_PLOT
 from gptjax.zeroshot_data import MARKER, load_examples, task_names
 
@@ -149,20 +149,12 @@ class Scorer:
             out = span_logprob(self.model, self.vocab_size, self.params, tokens, start, end)
             pending.append((indices, out))
         sums, counts = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
-        started = last_log = time.time()
+        progress = Progress("scoring", len(pending))  # minutes a task at GPT-1's size
         for done, (indices, (sum_B, count_B)) in enumerate(pending, 1):  # dispatched: read
             sums[indices] = np.asarray(sum_B)[: len(indices)]
             counts[indices] = np.asarray(count_B)[: len(indices)]
-            if time.time() - last_log > 30:  # a task's texts can take minutes at GPT-1's size
-                last_log, total = time.time(), len(pending)
-                elapsed = last_log - started
-                logging.info(
-                    "scoring: %d of %d batches in %s, ETA %s",
-                    done,
-                    total,
-                    format_duration(elapsed),
-                    format_duration(elapsed / done * (total - done)),
-                )
+            if progress.due():
+                progress.log(done)
         return sums, counts
 
 

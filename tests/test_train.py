@@ -234,7 +234,7 @@ def test_a_long_evaluation_says_how_far_it_is(monkeypatch, caplog):
     assert result["eval_loss"] == pytest.approx(2.5)
     progress = [r.getMessage() for r in caplog.records if "evaluating:" in r.getMessage()]
     assert progress == [
-        f"evaluating: {n} batches in {t}" for n, t in ((2, "1m20s"), (4, "2m20s"), (6, "3m20s"))
+        f"evaluating: {n} batches in {t}" for n, t in ((2, "1m00s"), (4, "2m00s"), (6, "3m00s"))
     ]
     # Batches that know their number (`eval_batches`'): how many, and the time left.
     clock = iter(range(0, 10_000, 20))
@@ -242,7 +242,7 @@ def test_a_long_evaluation_says_how_far_it_is(monkeypatch, caplog):
     with caplog.at_level(logging.INFO):
         train.evaluate(p_eval, None, batches, mesh=None)
     progress = [r.getMessage() for r in caplog.records if "evaluating:" in r.getMessage()]
-    assert progress[0] == "evaluating: 2 of 6 batches in 1m20s, ETA 2m40s"
+    assert progress[0] == "evaluating: 2 of 6 batches in 1m00s, ETA 2m00s"
 
 
 def test_an_evaluation_cap_covers_the_same_windows_whatever_the_microbatches():
