@@ -7,6 +7,7 @@ written with tensorboardX, so TensorFlow is not needed to record curves.
 import json
 import os
 import sys
+import time
 
 import jax
 
@@ -48,8 +49,15 @@ class MetricsWriter:
         writer = _summary_writer_class()
         try:
             _drop_rows_after(self.path, resume_step)
-            # purge_step hides the events a killed run wrote past its last checkpoint.
-            self.tb = writer(os.path.join(workdir, TENSORBOARD_DIR), purge_step=resume_step + 1)
+            # purge_step hides the events a killed run wrote past its last checkpoint. The
+            # suffix: tensorboardX names a file by the second and the host only, so a
+            # writer opened in the same second as the last one would overwrite its file
+            # (a run's earlier curves); nanoseconds keep the names apart and in order.
+            self.tb = writer(
+                os.path.join(workdir, TENSORBOARD_DIR),
+                purge_step=resume_step + 1,
+                filename_suffix=f".{time.time_ns()}",
+            )
         except OSError as e:  # e.g. metrics.jsonl a directory, tensorboard a file
             raise UserError(
                 f"cannot write metrics to {e.filename} ({e.strerror}): move that path "

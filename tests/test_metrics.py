@@ -67,8 +67,16 @@ def test_rows_tensorboard_and_resume_truncation(tmp_path):
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 30.0}]
-    # TensorBoard's curves too: the old step 3 is purged from the resumed run's first step.
-    assert _purges(tmp_path / "tensorboard") == [3]
+    # TensorBoard's curves too: the old step 3 is purged from the resumed run's first step
+    # (each writer starts a session, the first at step 1). The first run's file is kept,
+    # though the resumed writer opened within the same second.
+    assert _purges(tmp_path / "tensorboard") == [1, 3]
+    assert _scalars(tmp_path / "tensorboard") == [
+        (1, "loss", 1.0),
+        (2, "loss", 2.0),
+        (3, "loss", 3.0),
+        (3, "loss", 30.0),
+    ]
 
 
 @pytest.mark.parametrize("blocked", ["metrics.jsonl", "tensorboard"])
