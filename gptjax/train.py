@@ -532,6 +532,13 @@ def run_phase(
         del state
         state, data_state, start = checkpoint.restore_latest_good(ckpt, abstract)
         data_iter.set_state(data_state)
+        if start > total_steps:  # not re-reported as if it were this config's run
+            raise UserError(
+                f"the checkpoint in {workdir} is at step {start:,}, past the "
+                f"{total_steps:,} steps this config trains for (train.num_steps or "
+                f"train.epochs lowered); set them to at least {start:,} steps to go on, "
+                "use a new --workdir, or score the checkpoint with --mode=eval"
+            )
         logging.info("resumed from the checkpoint at step %d", start)
     writer = MetricsWriter(workdir, resume_step=start)  # (a damaged metrics file: no config)
     failed = True

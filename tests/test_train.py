@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gptjax import optim, pretrain, sharding, train
+from gptjax.errors import UserError
 from gptjax.estimate import compile_step
 from gptjax.measure import fresh_compilation_cache
 from gptjax.metrics import read_metrics
@@ -185,6 +186,23 @@ def test_resume_continues_exactly(books, tmp_path):
 
     assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
     assert losses(resumed) == losses(straight)
+
+
+def test_a_run_past_a_lowered_step_count_is_refused_untouched(books, tmp_path):
+    """A checkpoint past `train.num_steps` (lowered after the run) is not re-reported
+    as this config's result: one error, and the workdir's files stay as they were."""
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=6, ckpt_every=3, eval_every=100)
+    workdir = tmp_path / "run"
+    pretrain.train_and_evaluate(config, str(workdir))
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    config.train.num_steps = 4
+    with pytest.raises(UserError, match=r"at step 6, past the 4 steps .* at least 6 steps"):
+        pretrain.train_and_evaluate(config, str(workdir))
+    after = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+    config.train.num_steps = 6  # the run's own count still re-reports it
+    pretrain.train_and_evaluate(config, str(workdir))
 
 
 def test_an_evaluation_a_stop_skipped_is_made_up_at_the_resume(books, tmp_path):
