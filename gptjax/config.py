@@ -1,5 +1,7 @@
 """Checks on a config beyond what ml_collections' typed fields already enforce."""
 
+import codecs
+import contextlib
 import math
 import os
 
@@ -206,11 +208,32 @@ def validate_data(data: ml_collections.ConfigDict):
             f"data.tokenizer_sample_lines is {sample}; it must be positive (the lines the "
             "tokenizer is learned from)"
         )
-    if data.get("corpus") == "demo" and data.get("books"):
+    if data.get("corpus") == "demo":
+        _check_demo_settings(data)
+
+
+def _check_demo_settings(data: ml_collections.ConfigDict):
+    """The demo's plays are its corpus, decoded as UTF-8 with 4 of them held out,
+    whatever `data.books`, `data.encoding` and `data.validation_fraction` say: other
+    values are refused, not ignored."""
+    if data.get("books"):
         raise UserError(
             f"data.books={data.books} is set, but data.corpus is 'demo' (Shakespeare, as in "
             "configs/demo.py): add --config.data.corpus=books to train on your books"
         )
+    encoding = data.get("encoding") or "utf-8"
+    with contextlib.suppress(LookupError, TypeError):
+        encoding = codecs.lookup(encoding).name  # "UTF8", "utf_8": the same codec
+    for key, given, fixed in (
+        ("encoding", encoding, "utf-8"),
+        ("validation_fraction", data.get("validation_fraction", 0.01), 0.01),
+    ):
+        if given != fixed:
+            raise UserError(
+                f"data.{key}={data.get(key)!r} has no effect with data.corpus='demo' "
+                "(Shakespeare: decoded as UTF-8, 4 plays held out); leave it at "
+                f"{fixed!r}, or add --config.data.corpus=books --config.data.books=DIR"
+            )
 
 
 def validate_finetune(config: ml_collections.ConfigDict):

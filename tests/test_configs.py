@@ -169,6 +169,22 @@ def test_the_demo_corpus_with_books_set_is_refused_not_ignored():
     config_lib.validate(demo)
 
 
+@pytest.mark.parametrize(
+    "key, value, accepted",
+    [("validation_fraction", 0.05, 0.01), ("encoding", "latin-1", "UTF8")],
+)
+def test_demo_settings_it_does_not_use_are_refused_not_ignored(key, value, accepted):
+    """The demo decodes its plays as UTF-8 and holds 4 out, whatever these say."""
+    demo = runpy.run_path(str(ROOT / "configs" / "demo.py"))["get_config"]()
+    demo.data[key] = accepted  # the same setting, however written
+    config_lib.validate(demo)
+    demo.data[key] = value
+    with pytest.raises(UserError, match=rf"data.{key}=.* has no effect with data.corpus='demo'"):
+        config_lib.validate(demo)
+    demo.data.update(corpus="books", books="/data/mine")
+    config_lib.validate(demo)
+
+
 def test_attention_blocks_only_split_the_xla_attention():
     c = gpt1_config()
     c.model.dropout = 0.0
