@@ -13,11 +13,10 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from gptjax import checkpoint, optim, train
+from gptjax import checkpoint, loop, optim, train
 from gptjax.data.pipeline import PackedWindows, train_iterator
 from gptjax.metrics import evaluated_at
 from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
-from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.workdirs import agreed_resume_step, check_workdir
 from gptjax.workdirs import write_config as write_run_config
 
@@ -47,7 +46,7 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     phase_cfg = cfg.train.copy_and_resolve_references()
     with phase_cfg.unlocked():
         phase_cfg.update(epochs=a.epochs, num_steps=a.num_steps, lr=a.lr or cfg.train.lr)
-    total = pretrain_total_steps(phase_cfg, len(train_windows))
+    total = loop.total_steps(phase_cfg, len(train_windows))
     per_epoch = max(1, len(train_windows) // phase_cfg.batch_size)
     with phase_cfg.unlocked():
         phase_cfg.eval_every = phase_cfg.eval_every or per_epoch
@@ -90,8 +89,8 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     )
 
     def evaluate(params):
-        return train.evaluate(
-            p_eval, params, train.lm_eval_batches(eval_windows, phase_cfg), run.mesh
+        return loop.evaluate(
+            p_eval, params, loop.lm_eval_batches(eval_windows, phase_cfg), run.mesh
         )
 
     data_iter = train_iterator(
@@ -103,7 +102,7 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     )
     holder = [state]
     del state
-    _, eval_metrics = train.run_phase(
+    _, eval_metrics = loop.run_phase(
         holder.pop(),
         shardings,
         p_train,

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import config as config_lib
-from gptjax import host_memory, optim, profiling, sharding, train
+from gptjax import host_memory, losses, optim, profiling, sharding, train
 from gptjax.bench_parts import PipelineText, bench_checkpoint, bench_generate, bench_pipeline
 from gptjax.bench_torch import TorchReference, check_comparable
 from gptjax.errors import UserError, argument_parser, fail, one_line
@@ -59,7 +59,6 @@ from gptjax.model import (
     flops_per_token,
     layer_options,
 )
-from gptjax.pretrain import check_batch
 
 NAMED_CONFIGS = {"bench-cpu": "bench_cpu.py", "gpt1": "gpt1.py"}
 # The learning-rate schedule's length for a config that counts epochs (its value does
@@ -189,7 +188,7 @@ def load_config(
     _override(config, overrides, "--set")
     _override(config, variant, "--versus")
     config_lib.validate(config)
-    check_batch(config, sharding.make_mesh(config.mesh))  # before anything compiles
+    sharding.check_batch(config, sharding.make_mesh(config.mesh))  # before anything compiles
     return config
 
 
@@ -219,7 +218,7 @@ class TrainStep:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.mesh = sharding.make_mesh(config.mesh)
-        check_batch(config, self.mesh)
+        sharding.check_batch(config, self.mesh)
         self.model_cfg = ModelConfig.from_config(config.model, config.train)
         model = GPT(self.model_cfg, **layer_options(config.train))
         steps = config.train.num_steps or SCHEDULE_STEPS
@@ -228,7 +227,7 @@ class TrainStep:
             model, tx, config.train.seed, config.model.n_ctx, self.mesh
         )
         self.p_train = train.compile_train_step(
-            train.lm_objective(model),
+            losses.lm_objective(model),
             optim.lr_schedule(config.train, steps),
             self.mesh,
             shardings,

@@ -27,11 +27,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gptjax import optim, sharding, tpu_topology, train
+from gptjax import losses, optim, sharding, tpu_topology, train
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
-from gptjax.pretrain import check_batch
 from gptjax.workdirs import ESTIMATE_FILE
 
 PETAFLOP_S_DAY = 1e15 * 86400
@@ -209,7 +208,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
             "positive whole number (it sets the length of a run set by train.epochs)"
         )
     mesh = sharding.make_mesh(config.mesh, devices)
-    check_batch(config, mesh)
+    sharding.check_batch(config, mesh)
     target = "tpu" if devices is not None else sharding.platform()
     with sharding.compiling_for(target):
         compiled, num_params, model_cfg, steps, tokens = _compile(config, est, mesh)
@@ -258,7 +257,7 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
     tx = optim.make_optimizer(config.train, steps)
     state, shardings = train.abstract_train_state(model, tx, config.model.n_ctx, mesh)
     p_train = train.compile_train_step(
-        train.lm_objective(model), schedule, mesh, shardings, config.train
+        losses.lm_objective(model), schedule, mesh, shardings, config.train
     )
     batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
     options = ANALYSIS_ONLY_CPU_OPTIONS if sharding.platform() == "cpu" else None

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import adapt, checkpoint, losses, optim, results, sharding, train
+from gptjax import adapt, checkpoint, loop, losses, optim, results, sharding, train
 from gptjax import config as config_lib
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.data.corpus import cache_dir
@@ -33,8 +33,6 @@ from gptjax.model import (
     stack_layers,
     unstack_layers,
 )
-from gptjax.pretrain import check_batch
-from gptjax.pretrain import total_steps as pretrain_total_steps
 from gptjax.tasks import encoded, registry, transforms
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import TaskSpec
@@ -136,51 +134,6 @@ def load_tokenizer(config, task: TaskSpec, workdir: str, data_dir: str, started:
     return tok
 
 
-def task_objective(model: TaskModel, lm_coef: float, regression: bool) -> train.Objective:
-    """L = L_task + lm_coef * L_LM (the LM term only when lm_coef > 0)."""
-
-    def lm_weights(batch):
-        # The LM term is a mean over sequences of each sequence's mean over its real
-        # targets, as in the paper's code: each target weighs 1 / (its sequence's targets),
-        # so a long input counts no more than a short one, and the count is the number of
-        # sequences with a target.
-        b, s, length = batch["tokens"].shape
-        # Target t (token t + 1) is real when t + 1 < length of its sequence.
-        real_BxSxL1 = (jnp.arange(length - 1) < (batch["lengths"][..., None] - 1)).astype(
-            jnp.float32
-        )
-        per_sequence_BxSxL1 = real_BxSxL1 / jnp.maximum(real_BxSxL1.sum(-1, keepdims=True), 1.0)
-        return (per_sequence_BxSxL1 * batch["weight"][:, None, None]).reshape(b * s, length - 1)
-
-    def task_weights(batch):
-        return batch["weight"] * batch["labelled"]
-
-    def terms(params, batch, rng):
-        tokens_BxSxL = batch["tokens"].astype(jnp.int32)
-        out, lm_logits_NxLxV = model.apply(
-            {"params": params},
-            tokens_BxSxL,
-            batch["clf_pos"],
-            deterministic=rng is None,
-            rngs=None if rng is None else {"dropout": rng},
-        )
-        sums = {"task": losses.task_loss(out, batch["label"], task_weights(batch), regression)}
-        if lm_coef > 0:
-            targets_NxL1 = tokens_BxSxL.reshape(-1, tokens_BxSxL.shape[-1])[:, 1:]
-            sums["lm"] = losses.lm_loss(lm_logits_NxLxV[:, :-1], targets_NxL1, lm_weights(batch))
-        return sums
-
-    def counts(batch):
-        # The LM count, the sum of lm_weights, taken exactly: a sum of the fractional
-        # weights carries float32 rounding, which would differ with the device count.
-        with_targets_BxS = (batch["lengths"] > 1).astype(jnp.float32)
-        lm = jnp.sum(batch["weight"][:, None] * with_targets_BxS)
-        return {"task": jnp.sum(task_weights(batch)), "lm": lm}
-
-    weights = (("task", 1.0),) + ((("lm", lm_coef),) if lm_coef > 0 else ())
-    return train.Objective(terms, counts, weights)
-
-
 def predict_step(params, batch, *, model: TaskModel):
     """Task outputs of a batch (no dropout), with the rows' labels and bookkeeping."""
     out, _ = model.apply({"params": params}, batch["tokens"].astype(jnp.int32), batch["clf_pos"])
@@ -227,7 +180,7 @@ class FineTune:
         if read_only or self.resume_step is not None:
             check_classes(workdir, self.task.label_names, evaluating=read_only)
         self.mesh = sharding.make_mesh(config.mesh)
-        check_batch(config, self.mesh, specials=len(tokenizer_lib.SPECIAL_TOKENS))
+        sharding.check_batch(config, self.mesh, specials=len(tokenizer_lib.SPECIAL_TOKENS))
         # Started: a checkpoint of this run or of its domain adaptation. A tokenizer in a
         # workdir without one was left by a start that failed, and is replaced.
         self.started = self.resume_step is not None or (
@@ -272,7 +225,7 @@ class FineTune:
         return self.config.train.batch_size
 
     def total_steps(self) -> int:
-        return pretrain_total_steps(self.config.train, len(self.split(self.task.train_split).rows))
+        return loop.total_steps(self.config.train, len(self.split(self.task.train_split).rows))
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.split(self.task.train_split).rows) // self.batch_size)
@@ -302,7 +255,7 @@ class FineTune:
                 self.model, tx, cfg.model.n_ctx, self.mesh, self.init_inputs()
             )
             self.state = None
-        objective = task_objective(self.model, cfg.finetune.lm_coef, self.task.regression)
+        objective = losses.task_objective(self.model, cfg.finetune.lm_coef, self.task.regression)
         self.p_train = train.compile_train_step(
             objective, self.schedule, self.mesh, self.shardings, cfg.train
         )
@@ -464,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # An example is S sequences (2 for similarity, one per choice for multiple choice).
     _, s, length = run.split(run.task.train_split).rows.arrays["tokens"].shape
     tokens_per_step = config.train.batch_size * s * length
-    state, _ = train.run_phase(
+    state, _ = loop.run_phase(
         run.take_state(),  # no other reference: a resume frees it before restoring
         run.shardings,
         run.p_train,

@@ -1,4 +1,9 @@
-"""Losses, as (sum, count) pairs: the language-modelling loss and the fine-tuning task losses."""
+"""Losses, as (sum, count) pairs: the language-modelling loss and the fine-tuning task
+losses; and the objectives made of them (`Objective`): next-token prediction, and a
+fine-tune's task loss + lm_coef x LM loss (Section 3.2)."""
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,3 +90,86 @@ def task_loss(
     else:
         losses_B = optax.softmax_cross_entropy_with_integer_labels(out, labels_B)
     return _weighted_sum(losses_B, weights_B)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A loss made of weighted terms, each a mean over its own count (tokens for the LM
+    loss, examples for a task loss): loss = sum_k weights[k] * sum_k / count_k.
+
+    `terms(params, batch, rng)` gives {name: (sum, count)} with dropout on iff `rng` is
+    given; `counts(batch)` gives the same counts from the batch alone, so that slices of a
+    batch can be divided by the whole batch's counts (exact gradient accumulation).
+    """
+
+    terms: Callable
+    counts: Callable
+    weights: tuple[tuple[str, float], ...]
+
+    def loss(self, params, batch, rng, totals: dict | None = None):
+        """The weighted loss and each term's mean (over `totals`, default the batch's)."""
+        totals = self.counts(batch) if totals is None else totals
+        sums = self.terms(params, batch, rng)
+        means = {k: s / jnp.maximum(totals[k], 1.0) for k, (s, _) in sums.items()}
+        return sum(w * means[k] for k, w in self.weights), means
+
+
+def lm_objective(model) -> Objective:
+    """Next-token prediction over packed windows (pretraining, domain adaptation)."""
+
+    def terms(params, batch, rng):
+        tokens_BxL1 = batch["tokens"]
+        logits_BxLxV = model.apply(
+            {"params": params},
+            tokens_BxL1[:, :-1],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        )
+        return {"lm": lm_loss(logits_BxLxV, tokens_BxL1[:, 1:], batch["weights"])}
+
+    return Objective(terms, lambda batch: {"lm": jnp.sum(batch["weights"])}, (("lm", 1.0),))
+
+
+def task_objective(model, lm_coef: float, regression: bool) -> Objective:
+    """L = L_task + lm_coef * L_LM (the LM term only when lm_coef > 0)."""
+
+    def lm_weights(batch):
+        # The LM term is a mean over sequences of each sequence's mean over its real
+        # targets, as in the paper's code: each target weighs 1 / (its sequence's targets),
+        # so a long input counts no more than a short one, and the count is the number of
+        # sequences with a target.
+        b, s, length = batch["tokens"].shape
+        # Target t (token t + 1) is real when t + 1 < length of its sequence.
+        real_BxSxL1 = (jnp.arange(length - 1) < (batch["lengths"][..., None] - 1)).astype(
+            jnp.float32
+        )
+        per_sequence_BxSxL1 = real_BxSxL1 / jnp.maximum(real_BxSxL1.sum(-1, keepdims=True), 1.0)
+        return (per_sequence_BxSxL1 * batch["weight"][:, None, None]).reshape(b * s, length - 1)
+
+    def task_weights(batch):
+        return batch["weight"] * batch["labelled"]
+
+    def terms(params, batch, rng):
+        tokens_BxSxL = batch["tokens"].astype(jnp.int32)
+        out, lm_logits_NxLxV = model.apply(
+            {"params": params},
+            tokens_BxSxL,
+            batch["clf_pos"],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        )
+        sums = {"task": task_loss(out, batch["label"], task_weights(batch), regression)}
+        if lm_coef > 0:
+            targets_NxL1 = tokens_BxSxL.reshape(-1, tokens_BxSxL.shape[-1])[:, 1:]
+            sums["lm"] = lm_loss(lm_logits_NxLxV[:, :-1], targets_NxL1, lm_weights(batch))
+        return sums
+
+    def counts(batch):
+        # The LM count, the sum of lm_weights, taken exactly: a sum of the fractional
+        # weights carries float32 rounding, which would differ with the device count.
+        with_targets_BxS = (batch["lengths"] > 1).astype(jnp.float32)
+        lm = jnp.sum(batch["weight"][:, None] * with_targets_BxS)
+        return {"task": jnp.sum(task_weights(batch)), "lm": lm}
+
+    weights = (("task", 1.0),) + ((("lm", lm_coef),) if lm_coef > 0 else ())
+    return Objective(terms, counts, weights)

@@ -5,6 +5,7 @@ written with tensorboardX, so TensorFlow is not needed to record curves.
 """
 
 import json
+import logging
 import os
 import sys
 import time
@@ -116,3 +117,63 @@ def evaluated_at(workdir: str, step: int) -> bool:
     if not os.path.exists(path):
         return False
     return any(row["step"] == step and "loss" not in row for row in _rows(path))
+
+
+class Progress:
+    """A line for long work over batches, at most every `every_s` seconds: "WHAT: K of N
+    batches in T, ETA E" (without N and the ETA when the total is not known)."""
+
+    def __init__(self, what: str, total: int | None, every_s: float = 30.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.started = self.last = time.time()
+
+    def due(self) -> bool:
+        return time.time() - self.last > self.every_s
+
+    def log(self, done: int):
+        self.last = time.time()
+        elapsed = self.last - self.started
+        of, eta = "", ""
+        if self.total:
+            of = f" of {self.total}"
+            eta = ", ETA " + format_duration(elapsed / done * (self.total - done))
+        logging.info("%s: %d%s batches in %s%s", self.what, done, of, format_duration(elapsed), eta)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def log_progress(step: int, total: int, metrics: dict, eta_s: float):
+    """The periodic training line; a fine-tune's loss is also shown in its parts (task
+    loss and LM loss: the task's is the one to watch, the sum hides it)."""
+    parts = "".join(
+        f" {k} {v:.4f}" for k, v in metrics.items() if k.endswith("_loss") and k != "loss"
+    )
+    logging.info(
+        "step %d/%d (%.0f%%) loss %.4f%s lr %.3g grad_norm %.3f %s tok/s ETA %s",
+        step,
+        total,
+        100 * step / total,
+        metrics["loss"],
+        parts,
+        metrics["lr"],
+        metrics["grad_norm"],
+        f"{metrics['tokens_per_sec']:,.0f}",
+        format_duration(eta_s),
+    )
+
+
+class Throughput:
+    """Tokens per second and time left, measured between log points."""
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.step, self.time, self.tokens_per_step = step, time.time(), tokens_per_step
+
+    def update(self, step: int, total: int) -> tuple[float, float]:
+        now = time.time()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.step, self.time = step, now
+        return rate * self.tokens_per_step, (total - step) / max(rate, 1e-9)

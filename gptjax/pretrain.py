@@ -9,7 +9,7 @@ import os
 import jax
 import ml_collections
 
-from gptjax import checkpoint, optim, sharding, train
+from gptjax import checkpoint, loop, optim, sharding, train
 from gptjax.atomic import replacing
 from gptjax.data import lm_data
 from gptjax.data.pipeline import train_iterator, unigram_perplexity
@@ -26,34 +26,6 @@ from gptjax.workdirs import (
 )
 
 
-def total_steps(train_cfg: ml_collections.ConfigDict, num_windows: int) -> int:
-    """`train.num_steps` if set, else `train.epochs` passes over the training windows."""
-    if train_cfg.num_steps is not None:
-        return train_cfg.num_steps
-    return max(1, train_cfg.epochs * num_windows // train_cfg.batch_size)
-
-
-def check_batch(config: ml_collections.ConfigDict, mesh, specials: int = 0):
-    """The batch, and the model's sharded sizes, split evenly over the mesh (see
-    `sharding.check_model_splits` for `specials`)."""
-    sharding.check_model_splits(config.model, mesh, specials)
-    size, k = config.train.batch_size, config.train.microbatches
-    dp = sharding.data_parallel_size(mesh)
-    if dp % jax.process_count():
-        # Each process feeds its own rows; processes sharing rows would feed different ones.
-        raise UserError(
-            f"mesh {dict(mesh.shape)} has {dp} data-parallel shards for "
-            f"{jax.process_count()} processes; use a multiple of the process count for "
-            "mesh.data x mesh.fsdp"
-        )
-    if size % (dp * k) or size % jax.process_count():
-        raise UserError(
-            f"train.batch_size={size} does not split evenly into {k} microbatches over {dp} "
-            f"data-parallel devices and {jax.process_count()} processes; use a multiple of "
-            f"{dp * k}"
-        )
-
-
 class Run:
     """Everything a pretraining run is made of, built from its config. `read_only`
     (evaluation) allocates no train state (`state` is then its shapes and shardings, for
@@ -66,11 +38,11 @@ class Run:
         resuming = self.resume_step is not None
         check_workdir(workdir, config, resuming, evaluating=read_only)
         self.mesh = sharding.make_mesh(config.mesh)
-        check_batch(config, self.mesh)
+        sharding.check_batch(config, self.mesh)
         self.data = lm_data.prepare(config, workdir, resuming, evaluating=read_only)
         self.model_cfg = ModelConfig.from_config(config.model, config.train)
         self.model = GPT(self.model_cfg, **layer_options(config.train))
-        self.total_steps = total_steps(config.train, len(self.data.windows["train"]))
+        self.total_steps = loop.total_steps(config.train, len(self.data.windows["train"]))
         if not read_only:
             optim.warn_if_untrained(config.train, self.total_steps, len(self.data.windows["train"]))
         self.schedule = optim.lr_schedule(config.train, self.total_steps)
@@ -95,14 +67,14 @@ class Run:
         )
 
     def eval_data(self):
-        return train.lm_eval_batches(self.data.windows["validation"], self.config.train)
+        return loop.lm_eval_batches(self.data.windows["validation"], self.config.train)
 
     def take_state(self):
         state, self.state = self.state, None
         return state
 
     def evaluate(self, params) -> dict[str, float]:
-        return train.evaluate(self.p_eval, params, self.eval_data(), self.mesh)
+        return loop.evaluate(self.p_eval, params, self.eval_data(), self.mesh)
 
     def summary(self) -> str:
         n = self.num_params
@@ -138,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
         logging.info("run summary:\n%s", run.summary())
     # The loop owns the state from here (its buffers are donated to the first step).
-    state, eval_metrics = train.run_phase(
+    state, eval_metrics = loop.run_phase(
         run.take_state(),
         run.shardings,
         run.p_train,

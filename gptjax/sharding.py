@@ -172,3 +172,24 @@ def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, ja
     """Assembles each process's slice of the batch into one globally sharded array."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh, specials: int = 0):
+    """The batch, and the model's sharded sizes, split evenly over the mesh (see
+    `check_model_splits` for `specials`)."""
+    check_model_splits(config.model, mesh, specials)
+    size, k = config.train.batch_size, config.train.microbatches
+    dp = data_parallel_size(mesh)
+    if dp % jax.process_count():
+        # Each process feeds its own rows; processes sharing rows would feed different ones.
+        raise UserError(
+            f"mesh {dict(mesh.shape)} has {dp} data-parallel shards for "
+            f"{jax.process_count()} processes; use a multiple of the process count for "
+            "mesh.data x mesh.fsdp"
+        )
+    if size % (dp * k) or size % jax.process_count():
+        raise UserError(
+            f"train.batch_size={size} does not split evenly into {k} microbatches over {dp} "
+            f"data-parallel devices and {jax.process_count()} processes; use a multiple of "
+            f"{dp * k}"
+        )

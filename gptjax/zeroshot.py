@@ -59,10 +59,10 @@ import numpy as np
 from gptjax import checkpoint, generate
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
+from gptjax.metrics import Progress
 from gptjax.model import GPT
 from gptjax.tasks import metrics as task_metrics
 from gptjax.tasks.spec import Example
-from gptjax.train import Progress
 from gptjax.workdirs import ZEROSHOT_FILE, ZEROSHOT_PLOT
 from gptjax.zeroshot_data import MARKER, load_examples, task_names
 

@@ -22,7 +22,7 @@ from cli import main_in_process
 from tensorflow_datasets.core.data_sources import base as data_sources_base
 from test_tfds_tasks import story_cloze_source, write_story_cloze
 
-from gptjax import checkpoint, finetune, results, train
+from gptjax import checkpoint, finetune, losses, results, train
 from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.metrics import read_metrics
@@ -199,7 +199,7 @@ def test_multiple_choice_softmaxes_over_the_choices_of_one_example():
     batch = batch_of("multiple_choice", examples)
     out, _ = model.apply({"params": params}, batch["tokens"], batch["clf_pos"])
     assert out.shape == (2, 3)
-    objective = finetune.task_objective(model, 0.0, regression=False)
+    objective = losses.task_objective(model, 0.0, regression=False)
     _, means = objective.loss(params, batch, None)
     by_hand = -np.mean(
         [jax.nn.log_softmax(out[0])[2], jax.nn.log_softmax(out[1])[0]]
@@ -210,7 +210,7 @@ def test_multiple_choice_softmaxes_over_the_choices_of_one_example():
 def test_auxiliary_lm_loss_ignores_padding():
     model, params = model_and_params("entailment", 3)
     batch = batch_of("entailment", [Example(("w1 w2", "w3"), 0), Example(("w4", "w5"), 1)])
-    objective = finetune.task_objective(model, 0.5, regression=False)
+    objective = losses.task_objective(model, 0.5, regression=False)
     loss, means = objective.loss(params, batch, None)
     counts = objective.counts(batch)
     # The LM term counts sequences (each the mean of its own targets), the task examples.
@@ -235,7 +235,7 @@ def test_auxiliary_lm_loss_is_a_mean_over_sequences_of_their_mean_token_loss():
     model, params = model_and_params("multiple_choice", 1)
     examples = [Example(("w1 w2 w3", "w4", "w5 w6"), 0), Example(("w7", "w8", "w9"), 1)]
     batch = batch_of("multiple_choice", examples)
-    objective = finetune.task_objective(model, 0.5, regression=False)
+    objective = losses.task_objective(model, 0.5, regression=False)
     _, means = objective.loss(params, batch, None)
     _, lm_logits = model.apply({"params": params}, batch["tokens"], batch["clf_pos"])
     tokens = np.asarray(batch["tokens"]).reshape(-1, 8)

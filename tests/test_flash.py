@@ -18,7 +18,7 @@ import pytest
 from jax import export
 
 from gptjax import config as config_lib
-from gptjax import estimate, flash, optim, sharding, train
+from gptjax import estimate, flash, losses, optim, sharding, train
 from gptjax.model import GPT, ModelConfig, attend_causal, attention_kernel, layer_options
 
 from conftest import ROOT, tiny_config
@@ -136,7 +136,7 @@ def export_train_step_for_cuda(config) -> str:
     tx = optim.make_optimizer(config.train, 10)
     state, shardings = train.abstract_train_state(model, tx, config.model.n_ctx, mesh)
     step = train.compile_train_step(
-        train.lm_objective(model),
+        losses.lm_objective(model),
         optim.lr_schedule(config.train, 10),
         mesh,
         shardings,

@@ -285,13 +285,13 @@ def test_a_stop_during_an_evaluation_ends_it_at_once(books, tmp_path, monkeypatc
     a SIGTERM during one ends it at once, with the step's checkpoint saved (step 2 is not
     a checkpoint step, so it is saved on the way out; step 6 is the last), no step after
     it, and the evaluation made up by the resumed run."""
-    from gptjax import train
+    from gptjax import loop
     from gptjax.errors import Preempted
 
     config = tiny_books_config(books, tmp_path / "cache")
     config.train.update(num_steps=6, ckpt_every=4, eval_every=2, log_every=4)
     workdir = str(tmp_path / "run")
-    real, calls, finished = train.evaluate, [], []
+    real, calls, finished = loop.evaluate, [], []
 
     def slow_evaluate(p_eval, params, batches, mesh):
         calls.append(2 * (len(calls) + 1))  # the step evaluated: 2, 4, 6
@@ -301,7 +301,7 @@ def test_a_stop_during_an_evaluation_ends_it_at_once(books, tmp_path, monkeypatc
             finished.append(stop_at)
         return real(p_eval, params, batches, mesh)
 
-    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
     with pytest.raises(Preempted, match=f"stopped by SIGTERM at step {stop_at}; checkpoint"):
         pretrain.train_and_evaluate(config, workdir)
     assert finished == []
@@ -311,7 +311,7 @@ def test_a_stop_during_an_evaluation_ends_it_at_once(books, tmp_path, monkeypatc
     assert max(r["step"] for r in read_metrics(workdir)) == stop_at
     assert not [r for r in read_metrics(workdir) if r["step"] == stop_at and "eval_ppl" in r]
 
-    monkeypatch.setattr(train, "evaluate", real)
+    monkeypatch.setattr(loop, "evaluate", real)
     final = pretrain.train_and_evaluate(config, workdir)
     evaluated = [r["step"] for r in read_metrics(workdir) if "eval_ppl" in r]
     assert evaluated == [2, 4, 6] and final["eval_ppl"] > 0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from cli import main_in_process
 
-from gptjax import generate, train, zeroshot, zeroshot_data
+from gptjax import generate, metrics, zeroshot, zeroshot_data
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig
 from gptjax.tasks.spec import Example, TaskSpec
@@ -346,7 +346,7 @@ def test_long_scoring_says_how_far_it_is(pretrained, monkeypatch, caplog):
         clock[0] += 31.0
         return clock[0]
 
-    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=time_now))
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(time=time_now))
     with caplog.at_level(logging.INFO):
         scorer.sequence_logprob(["The king"] * 5, [" is here"] * 5)
     assert "scoring: 1 of 3 batches in " in caplog.text and ", ETA " in caplog.text
