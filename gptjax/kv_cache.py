@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from gptjax import sharding
+
 if TYPE_CHECKING:
     from gptjax.model import ModelConfig
 
@@ -66,7 +68,7 @@ def write_rows(cache: jax.Array, new: jax.Array, pos_B: jax.Array, axis: int, lo
     (a loop would launch a kernel per row on a GPU; neither is measured there)."""
     batch = pos_B.shape[0]
     n_head = cache.shape[0] // batch
-    loop = jax.default_backend() == "cpu" if loop is None else loop
+    loop = sharding.platform() == "cpu" if loop is None else loop
 
     def start(first, pos):
         return tuple(pos if i == axis else first if i == 0 else 0 for i in range(cache.ndim))

@@ -4,9 +4,10 @@ Reads top to bottom like the paper: token + learned position embeddings, a stack
 post-LN Transformer decoder blocks, and an LM head tied to the token embedding.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`,
-`qkv`, `n_ctx`) that `gptjax.sharding` maps onto a device mesh; the model itself knows
-nothing about devices. Tensor names carry their shapes: B batch, L sequence length,
-D d_model, H heads, K head dim, F d_mlp, V vocabulary.
+`qkv`, `n_ctx`) that `gptjax.sharding` maps onto a device mesh with its one table of
+rules. The model asks the platform (`sharding.platform()`) only to pick the fastest
+attention kernel computing the same values. Tensor names carry their shapes: B batch,
+L sequence length, D d_model, H heads, K head dim, F d_mlp, V vocabulary.
 """
 
 import dataclasses

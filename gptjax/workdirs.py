@@ -3,7 +3,8 @@ it, the checks that it can be written, and its saved config (config.json), again
 a resumed run is checked: what it must keep, and what it may change with a warning.
 
 Every command that trains or reads a workdir goes through here: pretraining, domain
-adaptation, fine-tuning, evaluation, generation, conversion, the estimate and the bench.
+adaptation, fine-tuning, evaluation, generation and zero-shot scoring (conversion takes
+only the name of config.json, and reads it with the checks of a converted file).
 """
 
 import contextlib

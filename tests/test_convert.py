@@ -110,6 +110,19 @@ def test_the_command_starts_quietly(lm):
     assert "TPU" not in stderr and "libtpu" not in stderr, stderr[-2000:]
 
 
+def test_the_command_loads_no_jax_until_it_converts():
+    """`--help` and argument errors come before JAX, Orbax or TFDS load (hf_format
+    copies LN_EPSILON rather than import the model for it; workdirs is imported where a
+    checkpoint is read or written)."""
+    code = (
+        "import sys, gptjax.convert; "
+        "print(sorted(m for m in ('jax', 'orbax.checkpoint', 'tensorflow_datasets') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_from_hf_matches_transformers(lm):
     model, root = lm
     workdir = root / "ours"
