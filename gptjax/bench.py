@@ -36,6 +36,7 @@ import numpy as np
 
 from gptjax import config as config_lib
 from gptjax import host_memory, losses, optim, profiling, sharding, train
+from gptjax.attention import attention_kernel
 from gptjax.bench_parts import PipelineText, bench_checkpoint, bench_generate, bench_pipeline
 from gptjax.bench_torch import TorchReference, check_comparable
 from gptjax.errors import UserError, argument_parser, fail, one_line
@@ -54,7 +55,6 @@ from gptjax.measure import (
 from gptjax.model import (
     GPT,
     ModelConfig,
-    attention_kernel,
     count_params,
     flops_per_token,
     layer_options,

@@ -9,22 +9,35 @@ process on a single host does nothing here.
 
 import logging
 import os
+import socket
+import time
 
 import jax
 
 from gptjax.errors import UserError
 
+# How long a process other than 0 waits for process 0's coordinator to answer before
+# it gives up with one line (JAX's own wait ends in an abort with a C++ stack trace).
+JOIN_TIMEOUT_ENV = "GPTJAX_JOIN_TIMEOUT_S"
+JOIN_TIMEOUT_S = 300.0
 
-def _cluster_detected() -> bool:
-    """A multi-worker environment that jax.distributed can configure on its own."""
+
+def _cluster_trigger() -> str | None:
+    """What makes this a multi-worker environment that jax.distributed configures on
+    its own, said as the user set it; None when nothing does."""
     if os.environ.get("GPTJAX_DISTRIBUTED") == "auto":
-        return True
-    return int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        return "GPTJAX_DISTRIBUTED=auto"
+    tasks = os.environ.get("SLURM_NTASKS", "1")
+    if tasks.isdigit() and int(tasks) > 1:
+        return f"SLURM_NTASKS={tasks}"
+    return None
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0):
     """Starts JAX's distributed runtime when this is one of several processes."""
-    if num_processes < 1 or not 0 <= process_id < num_processes:
+    if num_processes < 1:
+        raise UserError(f"--num_processes={num_processes} must be 1 or more")
+    if not 0 <= process_id < num_processes:
         raise UserError(
             f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
         )
@@ -32,13 +45,64 @@ def initialize(coordinator_address: str = "", num_processes: int = 1, process_id
         raise UserError(
             "--num_processes > 1 needs --coordinator_address=HOST:PORT (process 0's address)"
         )
+    if coordinator_address and num_processes == 1:
+        # Forgotten on every host, it would start that many separate one-process runs.
+        raise UserError(
+            f"--coordinator_address={coordinator_address} is given without "
+            "--num_processes: set --num_processes=N (the processes in the run) and "
+            "--process_id=I on each, or leave the address out for a single process"
+        )
+    if coordinator_address:
+        host, port = _host_port(coordinator_address)
+        if process_id != 0:
+            _wait_for_coordinator(host, port, coordinator_address)
     try:
         _initialize(coordinator_address, num_processes, process_id)
     except (RuntimeError, ValueError) as e:
+        reason = " ".join(str(e).split())[:200]
+        trigger = None if num_processes > 1 else _cluster_trigger()
+        check = (
+            f"the environment asked for it ({trigger}): run under srun or on the TPU VMs "
+            "it is meant for, or unset it"
+            if trigger
+            else "check --coordinator_address, --num_processes and --process_id, or the "
+            "cluster setup"
+        )
+        raise UserError(f"could not join the distributed run ({reason}); {check}") from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """HOST and PORT of `--coordinator_address` (an IPv6 host in brackets: [::1]:1234)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(
-            f"could not join the distributed run ({' '.join(str(e).split())[:200]}); check "
-            "--coordinator_address, --num_processes and --process_id, or the cluster setup"
-        ) from None
+            f"--coordinator_address={address} must be HOST:PORT, process 0's host and a "
+            "free port on it (e.g. 10.0.0.1:12355)"
+        )
+    return host.strip("[]"), int(port)
+
+
+def _wait_for_coordinator(host: str, port: int, address: str):
+    """Returns once process 0's coordinator accepts a connection; a UserError after
+    `GPTJAX_JOIN_TIMEOUT_S` (300 s) without one."""
+    timeout_s = float(os.environ.get(JOIN_TIMEOUT_ENV, JOIN_TIMEOUT_S))
+    deadline, said = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"process 0 did not answer at --coordinator_address={address} within "
+                    f"{timeout_s:.0f} s ({e.strerror or e}); start process 0 with the same "
+                    f"address, check that this host can reach it, or wait longer with "
+                    f"{JOIN_TIMEOUT_ENV}"
+                ) from None
+            if not said:
+                logging.info("waiting for process 0 at %s (up to %.0f s)", address, timeout_s)
+                said = True
+            time.sleep(1.0)
 
 
 def _initialize(coordinator_address: str, num_processes: int, process_id: int):
@@ -51,7 +115,7 @@ def _initialize(coordinator_address: str, num_processes: int, process_id: int):
             num_processes=num_processes,
             process_id=process_id,
         )
-    elif _cluster_detected():
+    elif _cluster_trigger():
         jax.distributed.initialize()
     else:
         return

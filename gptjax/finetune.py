@@ -166,7 +166,9 @@ class Split:
 
 
 class FineTune:
-    """A fine-tuning run built from its config: task, tokenizer, data, model, steps."""
+    """A fine-tuning run built from its config: task, tokenizer, data, model, steps.
+    Training calls `build` once it knows its step count; `read_only` (an evaluation) is
+    built at once, with the state only laid out (`abstract`) for restoring parameters."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only=False):
         self.config, self.workdir = config, workdir
@@ -201,6 +203,8 @@ class FineTune:
             **layer_options(config.train),
         )
         self.splits: dict[str, Split] = {}
+        if read_only:
+            self.build(1, initialise=False)
 
     def split(self, name: str) -> Split:
         """A split's examples, transformed and encoded (once per run, and once for all

@@ -1,6 +1,6 @@
 """Causal flash attention with the paper's attention dropout: a Pallas kernel for GPUs.
 
-Why: on a GPU, XLA's attention (`model.attend_causal`) writes the B x H x L x L scores,
+Why: on a GPU, XLA's attention (`attention.attend_causal`) writes the B x H x L x L scores,
 probabilities and dropout mask to memory and reads them back, forward and backward; at
 GPT-1's shape that is most of what separates the paper's step from one with cuDNN's flash
 attention (docs/benchmarks.md: 100 ms against 69 ms on an H200). cuDNN's kernel can drop
@@ -95,7 +95,7 @@ def causal_attention(
     block: int = DEFAULT_BLOCK,
 ) -> jax.Array:
     """softmax(Q K^T / sqrt(K), causal) V with dropout at `rate` on the probabilities,
-    the values of `model.attend_causal` (the same mask for the same key). `interpret`:
+    the values of `attention.attend_causal` (the same mask for the same key). `interpret`:
     run the kernels in Pallas's interpreter (by default: unless `sharding.platform()` is a
     GPU);
     False also lowers them for a GPU from a machine without one (the tests do).

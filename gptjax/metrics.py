@@ -120,11 +120,12 @@ def evaluated_at(workdir: str, step: int) -> bool:
 
 
 class Progress:
-    """A line for long work over batches, at most every `every_s` seconds: "WHAT: K of N
-    batches in T, ETA E" (without N and the ETA when the total is not known)."""
+    """A line for long work over items (batches, books), at most every `every_s`
+    seconds: "WHAT: K of N batches in T, ETA E" (without N and the ETA when the total is
+    not known)."""
 
-    def __init__(self, what: str, total: int | None, every_s: float = 30.0):
-        self.what, self.total, self.every_s = what, total, every_s
+    def __init__(self, what: str, total: int | None, every_s: float = 30.0, unit: str = "batches"):
+        self.what, self.total, self.every_s, self.unit = what, total, every_s, unit
         self.started = self.last = time.time()
 
     def due(self) -> bool:
@@ -137,7 +138,9 @@ class Progress:
         if self.total:
             of = f" of {self.total}"
             eta = ", ETA " + format_duration(elapsed / done * (self.total - done))
-        logging.info("%s: %d%s batches in %s%s", self.what, done, of, format_duration(elapsed), eta)
+        logging.info(
+            "%s: %d%s %s in %s%s", self.what, done, of, self.unit, format_duration(elapsed), eta
+        )
 
 
 def format_duration(seconds: float) -> str:

@@ -5,22 +5,21 @@ post-LN Transformer decoder blocks, and an LM head tied to the token embedding.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`,
 `qkv`, `n_ctx`) that `gptjax.sharding` maps onto a device mesh with its one table of
-rules. The model asks the platform (`sharding.platform()`) only to pick the fastest
-attention kernel computing the same values. Tensor names carry their shapes: B batch,
-L sequence length, D d_model, H heads, K head dim, F d_mlp, V vocabulary.
+rules; the model itself knows nothing about devices (`gptjax.attention` picks, per
+platform, the fastest kernel computing attention's values). Tensor names carry their
+shapes: B batch, L sequence length, D d_model, H heads, K head dim, F d_mlp, V vocabulary.
 """
 
 import dataclasses
 import functools
-import itertools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gptjax import flash, kv_cache, sharding
-from gptjax.dropout import Dropout, dropout
+from gptjax import attention, flash, kv_cache
+from gptjax.dropout import Dropout
 from gptjax.matmul import project, unembed
 
 # The paper and the original release initialise every weight from N(0, 0.02).
@@ -113,52 +112,6 @@ def _layer_norm(name: str, dtype: str) -> nn.LayerNorm:
     )
 
 
-def attend(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask, dtype: str, drop=None) -> jax.Array:
-    """softmax(Q K^T / sqrt(K), masked) V over S keys, with `drop` (a function, e.g. a
-    bound Dropout) applied to the probabilities. `mask` (broadcast to [B, H, L, S]) is
-    True where a query may see a key. Scores and softmax are float32; both matmuls run
-    in `dtype`, the probabilities cast back before P V (Flax's attention keeps them in
-    float32 there, which makes a bfloat16 model's P V a float32 matmul)."""
-    q_BxLxHxK = q_BxLxHxK * jnp.asarray(q_BxLxHxK.shape[-1] ** -0.5, dtype)
-    s_BxHxLxS = jnp.einsum(
-        "blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=jnp.float32
-    )
-    s_BxHxLxS = jnp.where(mask, s_BxHxLxS, jnp.finfo(jnp.float32).min)
-    p_BxHxLxS = jax.nn.softmax(s_BxHxLxS, axis=-1)
-    if drop is not None:
-        p_BxHxLxS = drop(p_BxHxLxS)
-    return jnp.einsum("bhls,bshk->blhk", p_BxHxLxS.astype(dtype), v_BxSxHxK)
-
-
-def attend_causal(
-    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, dtype: str, dropout_key=None, rate=0.0, blocks: int = 1
-) -> jax.Array:
-    """Causal `attend` of a sequence over itself, with its queries split into `blocks`
-    consecutive blocks that each see only the keys up to their own last position, and
-    dropout at `rate` on the probabilities (given a `dropout_key`).
-
-    The values are those of one masked L x L attention, dropout included (each block
-    draws its part of the whole [B, H, L, L] mask); what changes is the work. A single
-    block computes every score, half of which the mask then discards; n blocks compute
-    (n + 1) / 2n of them (5/8 for 4), in more, smaller matmuls and a bigger program to
-    compile. docs/benchmarks.md has what that buys on a CPU.
-    """
-    batch, length, heads, _ = q_BxLxHxK.shape
-    edges = sorted({(i * length) // blocks for i in range(blocks + 1)})
-    outs = []
-    for start, end in itertools.pairwise(edges):
-        mask_QxS = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
-        drop = None
-        if dropout_key is not None and rate > 0:
-            within = ((batch, heads, length, length), (0, 0, start, 0))
-            drop = functools.partial(dropout, rate=rate, key=dropout_key, within=within)
-        q_BxQxHxK = q_BxLxHxK[:, start:end]
-        outs.append(
-            attend(q_BxQxHxK, k_BxLxHxK[:, :end], v_BxLxHxK[:, :end], mask_QxS, dtype, drop)
-        )
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-
 class Projection(nn.Module):
     """An affine map from the last `n_in` axes of its input to `out_shape`.
 
@@ -182,23 +135,6 @@ class Projection(nn.Module):
         bias = self.param("bias", _zeros(*self.bias_axes), self.out_shape)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return project(x, kernel, self.n_in) + bias
-
-
-def attention_kernel(
-    cfg: ModelConfig, shape_BxLxHxK: tuple[int, ...], dropping: bool, backend: str | None = None
-) -> str:
-    """The attention that runs for queries of this shape: `cfg.attention`, with "auto"
-    resolved for the backend (default: `sharding.platform()`). "auto" is "pallas" on
-    GPUs wherever the kernel takes the shape (on an H200 it made the paper's bfloat16
-    step 1.20x faster than "xla" in two blocks: docs/benchmarks.md), otherwise "xla" (on
-    CPUs and TPUs the Triton kernel would only run in Pallas's interpreter). Both compute
-    the same values and dropout masks, so the choice changes speed and memory, not the
-    model."""
-    if cfg.attention != "auto":
-        return cfg.attention
-    if (backend or sharding.platform()) != "gpu":
-        return "xla"
-    return "xla" if flash.unsupported(shape_BxLxHxK, cfg.flash_block, dropping) else "pallas"
 
 
 class CausalSelfAttention(nn.Module):
@@ -225,28 +161,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # generation: write this step's keys and values, attend
             out_BxLxHxK, cache = kv_cache.attend(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cache, cfg.dtype)
             return self._project(out_BxLxHxK), cache
-        if cfg.attention == "fused":
-            # cuDNN's flash attention needs a GPU and 16-bit inputs; elsewhere XLA's.
-            cudnn = sharding.platform() == "gpu" and cfg.dtype == "bfloat16"
-            out_BxLxHxK = jax.nn.dot_product_attention(
-                q_BxLxHxK,
-                k_BxLxHxK,
-                v_BxLxHxK,
-                is_causal=True,
-                implementation="cudnn" if cudnn else None,
-            )
-            return self._project(out_BxLxHxK)
-        # An independent dropout mask per example and head.
-        key = None if deterministic or cfg.dropout == 0 else self.make_rng("dropout")
-        if attention_kernel(cfg, q_BxLxHxK.shape, key is not None) == "pallas":
-            # The same values and mask in one kernel (GPUs).
-            out_BxLxHxK = flash.causal_attention(
-                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout, block=cfg.flash_block
-            )
-        else:
-            out_BxLxHxK = attend_causal(
-                q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg.dtype, key, cfg.dropout, cfg.attention_blocks
-            )
+        # An independent dropout mask per example and head ("fused" draws none).
+        dropping = not deterministic and cfg.dropout > 0 and cfg.attention != "fused"
+        key = self.make_rng("dropout") if dropping else None
+        out_BxLxHxK = attention.causal(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, cfg, key)
         return self._project(out_BxLxHxK)
 
     def _project(self, out_BxLxHxK: jax.Array) -> jax.Array:

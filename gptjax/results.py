@@ -72,8 +72,6 @@ def evaluate_checkpoint(run: "FineTune", splits=None) -> dict:
     eval splits, predicts the test splits, and writes results.json, results.md and, for
     GLUE test splits, the submission TSVs."""
     config, workdir = run.config, run.workdir
-    if not hasattr(run, "p_predict"):
-        run.build(1, initialise=False)  # the parameters are restored below
     step = choose_step(workdir, run.selection_key, config.eval.checkpoint)
     other = "choose another with --config.eval.checkpoint=latest, or re-run training"
     params = checkpoint.restore_params(workdir, run.abstract.params, step, other)

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gptjax import checkpoint, generate
+from gptjax import checkpoint, generate, losses
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.metrics import Progress
@@ -90,8 +90,7 @@ def span_logprob(model: GPT, vocab_size: int, params, tokens_BxL, start_B, end_B
     are right-padded; a causal model's predictions before `end` ignore the padding."""
     logits_BxTxV = model.apply({"params": params}, tokens_BxL)[:, :-1, :vocab_size]
     next_BxT = tokens_BxL[:, 1:]  # T = L - 1 predicted tokens, at positions 1 .. L-1
-    chosen_BxT = jnp.take_along_axis(logits_BxTxV, next_BxT[..., None], axis=-1)[..., 0]
-    logp_BxT = chosen_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    logp_BxT = -losses.token_cross_entropy(logits_BxTxV.astype(jnp.float32), next_BxT)
     pos_T = jnp.arange(1, tokens_BxL.shape[1])
     in_span_BxT = (pos_T >= start_B[:, None]) & (pos_T < end_B[:, None])
     return jnp.where(in_span_BxT, logp_BxT, 0.0).sum(-1), in_span_BxT.sum(-1)

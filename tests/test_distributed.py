@@ -99,11 +99,28 @@ def test_two_processes_fine_tune_like_one(pretrained, tmp_path):
     assert scores[1]["results"] == scores[0]["results"]
 
 
-def test_bad_process_flags_are_one_line_errors(tmp_path, capsys):
+def test_bad_process_flags_are_one_line_errors(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     error_in_process(capsys, workdir, "--num_processes=2", words=["--coordinator_address"])
     flags = ["--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"]
     error_in_process(capsys, workdir, *flags, words=["--process_id=2"])
+    error_in_process(capsys, workdir, "--num_processes=0", words=["--num_processes=0", "1 or more"])
+    flags = ["--num_processes=2", "--coordinator_address=nohost"]  # JAX: an IndexError
+    error_in_process(capsys, workdir, *flags, words=["=nohost must be HOST:PORT"])
+    # Forgotten --num_processes: each host would train alone.
+    flags = ["--coordinator_address=127.0.0.1:1234"]
+    error_in_process(capsys, workdir, *flags, words=["without --num_processes"])
+    # Process 0 not there: one line once the wait is over, not JAX's abort 300 s later.
+    monkeypatch.setenv("GPTJAX_JOIN_TIMEOUT_S", "1")
+    flags = [
+        "--num_processes=2",
+        "--process_id=1",
+        f"--coordinator_address=127.0.0.1:{free_port()}",
+    ]
+    error_in_process(capsys, workdir, *flags, words=["process 0 did not answer", "within 1 s"])
+    # A join the environment asked for, outside the cluster it is meant for.
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    error_in_process(capsys, workdir, words=["(SLURM_NTASKS=2)", "srun"])
 
 
 @pytest.mark.slow

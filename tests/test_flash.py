@@ -1,5 +1,5 @@
 """The Pallas flash attention (gptjax/flash.py) against XLA's attention
-(`model.attend_causal`): the same values, gradients and dropout mask, here in Pallas's
+(`attention.attend_causal`): the same values, gradients and dropout mask, here in Pallas's
 interpreter on the CPU (a GPU compiles the same kernels with Triton: tests/test_gpu.py);
 and under meshes that split the batch and the heads, the same values as on one device."""
 
@@ -19,7 +19,8 @@ from jax import export
 
 from gptjax import config as config_lib
 from gptjax import estimate, flash, losses, optim, sharding, train
-from gptjax.model import GPT, ModelConfig, attend_causal, attention_kernel, layer_options
+from gptjax.attention import attend_causal, attention_kernel
+from gptjax.model import GPT, ModelConfig, layer_options
 
 from conftest import ROOT, tiny_config
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from gptjax import flash
-from gptjax.model import GPT, ModelConfig, attend_causal
+from gptjax.attention import attend_causal
+from gptjax.model import GPT, ModelConfig
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 

@@ -119,6 +119,12 @@ def test_slurm_dry_run():
         "--config=configs/gpt1.py --workdir=runs/gpt1 --config.data.books=/shared/books "
         "--config.train.num_steps=5"
     )
+    # A fine-tune reads no books: none are asked for, and no data.books is passed.
+    result = launch("launch/slurm.sbatch", "--dry-run", "--config=configs/finetune.py:sst2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(
+        "python -m gptjax.main --config=configs/finetune.py:sst2 --workdir=runs/gpt1"
+    )
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import attention
 from gptjax import dropout as dropout_lib
-from gptjax import model as model_lib
+from gptjax.attention import attention_kernel
 from gptjax.model import (
     GPT,
     ModelConfig,
-    attention_kernel,
     count_params,
     flops_per_token,
     stack_layers,
@@ -137,7 +137,7 @@ def test_dropout_sites_are_the_embeddings_and_each_blocks_three(monkeypatch):
         return real(x, rate, key, *args, **kwargs)
 
     monkeypatch.setattr(dropout_lib, "dropout", recorded)  # the Dropout layer's
-    monkeypatch.setattr(model_lib, "dropout", recorded)  # attention's
+    monkeypatch.setattr(attention, "dropout", recorded)  # attention's
     tokens = jnp.zeros((2, cfg.n_ctx), jnp.int32)
     GPT(cfg).apply({"params": init(cfg)}, tokens, False, rngs={"dropout": jax.random.key(0)})
     stream = (2, cfg.n_ctx, cfg.d_model)

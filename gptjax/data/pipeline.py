@@ -21,6 +21,7 @@ import numpy as np
 
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
+from gptjax.metrics import Progress
 from gptjax.tokenizer import SentencePieceTokenizer
 
 
@@ -29,14 +30,12 @@ def tokenize_books(
 ) -> np.ndarray:
     """One stream of ids for a sequence of books, with periodic progress lines."""
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
-    parts, start, last_log = [], time.time(), time.time()
+    parts, start = [], time.time()
+    progress = Progress(f"tokenizing {name}", len(books), unit="books")
     for i in range(len(books)):
         parts.append(tokenizer.encode_document(books[i]).astype(dtype))
-        if time.time() - last_log > 30:
-            last_log = time.time()
-            done = (i + 1) / len(books)
-            eta = (time.time() - start) * (1 - done) / done
-            logging.info("tokenizing %s: %d/%d books, ETA %.0fs", name, i + 1, len(books), eta)
+        if progress.due():
+            progress.log(i + 1)
     tokens = np.concatenate(parts) if parts else np.zeros((0,), dtype)
     if name:  # a run's split (the benchmark times this without a line)
         took = time.time() - start
