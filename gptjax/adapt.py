@@ -17,8 +17,8 @@ from gptjax import checkpoint, loop, optim, train
 from gptjax.data.pipeline import PackedWindows, train_iterator
 from gptjax.metrics import evaluated_at
 from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
-from gptjax.workdirs import agreed_resume_step, check_workdir
-from gptjax.workdirs import write_config as write_run_config
+from gptjax.run_config import write_config as write_run_config
+from gptjax.workdirs import check_workdir
 
 if TYPE_CHECKING:
     from gptjax.finetune import FineTune
@@ -56,7 +56,7 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
     phase_config = cfg.copy_and_resolve_references()
     with phase_config.unlocked():
         phase_config.train = phase_cfg
-    resume = agreed_resume_step(workdir)
+    resume = checkpoint.agreed_resume_step(workdir)
     # Complete: nothing to do, unless a stop (or a kill) came before its last evaluation
     # was written; then the phase is built again, and `run_phase` makes it up.
     if resume is not None and resume >= total and (resume > total or evaluated_at(workdir, total)):

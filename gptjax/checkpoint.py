@@ -17,6 +17,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -414,3 +415,13 @@ def read_params(workdir: str, step: int | None = None) -> dict:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     return restore_params(workdir, abstract, step)
+
+
+def agreed_resume_step(workdir: str) -> int | None:
+    """The latest checkpoint step as process 0 sees it, the same on every process (a
+    process that decided alone could resume from another state than its peers)."""
+    step = latest_step(workdir)
+    if jax.process_count() > 1:
+        step = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+        step = None if step < 0 else step
+    return step

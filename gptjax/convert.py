@@ -135,7 +135,7 @@ def write_workdir(dst: str, params: dict, config_json: str, files: dict[str, byt
 
     from gptjax import checkpoint
     from gptjax.model import stack_layers
-    from gptjax.workdirs import CONFIG_FILE
+    from gptjax.run_config import CONFIG_FILE
 
     config = json.loads(config_json)
     if config["train"]["scan_layers"]:
@@ -159,7 +159,7 @@ def read_workdir(src: str, step: int | None = None) -> tuple[dict, dict]:
     import jax
 
     from gptjax import checkpoint
-    from gptjax.workdirs import CONFIG_FILE
+    from gptjax.run_config import CONFIG_FILE
 
     config = hf_source.load_json(os.path.join(src, CONFIG_FILE), "SRC must be a gptjax workdir")
     return config, jax.tree.map(np.asarray, checkpoint.read_params(src, step))

@@ -33,22 +33,21 @@ from gptjax.model import (
     stack_layers,
     unstack_layers,
 )
-from gptjax.tasks import encoded, registry, transforms
-from gptjax.tasks import metrics as task_metrics
-from gptjax.tasks.spec import TaskSpec
-from gptjax.workdirs import (
+from gptjax.run_config import (
     CONFIG_FILE,
     MODEL_SIZES,
     TASK_CLASSES,
-    agreed_resume_step,
     check_classes,
     check_resumable,
-    check_workdir,
     read_config,
     saved_config,
     take_saved_model,
 )
-from gptjax.workdirs import write_config as write_run_config
+from gptjax.run_config import write_config as write_run_config
+from gptjax.tasks import encoded, registry, transforms
+from gptjax.tasks import metrics as task_metrics
+from gptjax.tasks.spec import TaskSpec
+from gptjax.workdirs import check_workdir
 
 
 def resolve_model(config: ml_collections.ConfigDict):
@@ -176,7 +175,7 @@ class FineTune:
         self.task = registry.get_task(config.task)
         if not read_only:  # an evaluation's config has its model already (`eval_config`)
             resolve_model(config)
-        self.resume_step = agreed_resume_step(workdir)
+        self.resume_step = checkpoint.agreed_resume_step(workdir)
         if not read_only:
             check_workdir(workdir, config, resuming=self.resume_step is not None)
         if read_only or self.resume_step is not None:

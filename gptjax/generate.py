@@ -29,7 +29,7 @@ from gptjax import tokenizer as tokenizer_lib
 from gptjax.errors import UserError
 from gptjax.kv_cache import init_cache, resize, span_for
 from gptjax.model import GPT, ModelConfig, unstack_layers
-from gptjax.workdirs import saved_config
+from gptjax.run_config import saved_config
 
 
 @dataclasses.dataclass(frozen=True)

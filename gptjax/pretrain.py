@@ -16,14 +16,8 @@ from gptjax.data.pipeline import train_iterator, unigram_perplexity
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
 from gptjax.results import RESULTS_JSON
-from gptjax.workdirs import (
-    CONFIG_FILE,
-    agreed_resume_step,
-    check_workdir,
-    read_config,
-    take_saved_model,
-    write_config,
-)
+from gptjax.run_config import CONFIG_FILE, read_config, take_saved_model, write_config
+from gptjax.workdirs import check_workdir
 
 
 class Run:
@@ -34,7 +28,7 @@ class Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str, read_only: bool = False):
         self.config, self.workdir = config, workdir
-        self.resume_step = agreed_resume_step(workdir)
+        self.resume_step = checkpoint.agreed_resume_step(workdir)
         resuming = self.resume_step is not None
         check_workdir(workdir, config, resuming, evaluating=read_only)
         self.mesh = sharding.make_mesh(config.mesh)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import safetensors
 
-from gptjax import checkpoint, convert, finetune, hf_source, machine, workdirs
+from gptjax import checkpoint, convert, finetune, hf_source, machine, run_config
 from gptjax.model import GPT, ModelConfig, TaskModel, unstack_layers
 
 from conftest import ROOT
@@ -112,7 +112,7 @@ def test_the_command_starts_quietly(lm):
 
 def test_the_command_loads_no_jax_until_it_converts():
     """`--help` and argument errors come before JAX, Orbax or TFDS load (hf_format
-    copies LN_EPSILON rather than import the model for it; workdirs is imported where a
+    copies LN_EPSILON rather than import the model for it; run_config is imported where a
     checkpoint is read or written)."""
     code = (
         "import sys, gptjax.convert; "
@@ -131,7 +131,7 @@ def test_from_hf_matches_transformers(lm):
     ft = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]()
     ft.init_from = str(workdir)
     finetune.resolve_model(ft)
-    sizes = {k: ft.model[k] for k in workdirs.MODEL_SIZES}
+    sizes = {k: ft.model[k] for k in run_config.MODEL_SIZES}
     assert sizes == {k: v for k, v in OURS.items() if k != "dropout"}
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["converted_from"]["format"] == "huggingface"
