@@ -5,7 +5,8 @@
 #
 # Commands:
 #   create NAME    create a slice (--spot for spot VMs, --queued for a queued resource)
-#   install NAME   clone --repo (its default branch) and install it on every worker, in a
+#   install NAME   clone --repo (its default branch; again: fetch it, also from another
+#                  --repo) and install it on every worker, in a
 #                  Python 3.11 venv at ~/gptjax-venv (made with uv)
 #   train NAME     start training on every worker, detached, logging to ~/gptjax-train.log
 #                  (refused while a run started there is still live; 30 s later shows
@@ -207,7 +208,9 @@ case "$command" in
     # are Ubuntu 22.04, whose python3 is 3.10, and gptjax's JAX needs 3.11 or later:
     # uv (installed for the user) makes a venv with a Python 3.11 it fetches itself.
     install_python="python3 -m pip install --user --quiet uv && ~/.local/bin/uv venv --allow-existing --python 3.11 $venv && ~/.local/bin/uv pip install --python $venv/bin/python -e ~/gptjax 'jax[tpu]>=0.10.2,<0.12'"
-    ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax fetch --depth 1 origin && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $(printf '%q' "$repo") ~/gptjax; fi && $install_python" ;;
+    # Again: the default branch of --repo as given now, which may be another fork.
+    q_repo=$(printf '%q' "$repo")
+    ssh_all "if [ -d ~/gptjax ]; then git -C ~/gptjax remote set-url origin $q_repo && git -C ~/gptjax fetch --depth 1 origin HEAD && git -C ~/gptjax reset --hard FETCH_HEAD; else git clone --depth 1 $q_repo ~/gptjax; fi && $install_python" ;;
   train|resume)
     ssh_all "$(train_command)" ;;
   status)  # every worker, whichever cannot answer

@@ -78,6 +78,9 @@ def test_several_workers_need_a_shared_workdir():
 def test_reinstall_keeps_runs():
     out = launch("launch/tpu.sh", "--dry-run", "install", "s", "--repo", "r").stdout
     assert "rm -rf" not in out and "reset\\ --hard\\ FETCH_HEAD" in out
+    # Installed again from another fork: that fork's default branch, not the old origin's.
+    refetch = "remote set-url origin r && git -C ~/gptjax fetch --depth 1 origin HEAD"
+    assert refetch.replace(" ", "\\ ").replace("&", "\\&") in out
     # The TPU images' python3 is 3.10; gptjax's JAX needs 3.11: a venv of its own.
     assert "uv\\ venv\\ --allow-existing\\ --python\\ 3.11\\ ~/gptjax-venv" in out
     assert "--python\\ ~/gptjax-venv/bin/python\\ -e\\ ~/gptjax" in out
