@@ -1,7 +1,7 @@
 """The benchmark's measurements besides the train step: the input pipeline (tokenize,
 pack, batch), generation with the key/value cache against its memory-bandwidth bound
 (and the PyTorch peers under --vs-torch), and how long a checkpoint save blocks the loop.
-Each returns its keys of `bench.KEYS`."""
+Each returns its keys of `bench_report.KEYS`."""
 
 import dataclasses
 import statistics
@@ -23,7 +23,7 @@ from gptjax.measure import read_bytes_per_s, take_turns
 from gptjax.model import ModelConfig, unstack_layers
 
 if TYPE_CHECKING:
-    from gptjax.bench import Settings, TrainStep
+    from gptjax.bench_step import Settings, TrainStep
 
 
 def synthetic_books(num_chars: int, num_books: int = 8, seed: int = 0) -> list[str]:

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gptjax import bench, bench_parts, estimate, measure, train
+from gptjax import bench, bench_parts, bench_report, bench_step, estimate, measure, train
 from gptjax.data import pipeline
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig, flops_per_token
@@ -66,13 +66,13 @@ def result(tmp_path_factory):
 
 
 def test_every_documented_key_is_written_and_measured(result):
-    assert list(result) == list(bench.KEYS)
+    assert list(result) == list(bench_report.KEYS)
     docs = (ROOT / "docs" / "benchmarks.md").read_text()
-    assert [k for k in bench.KEYS + bench.VERSUS_KEYS if f"`{k}`" not in docs] == []
-    assert [list(v) for v in result["versus"]] == [list(bench.VERSUS_KEYS)] * 2
+    assert [k for k in bench_report.KEYS + bench_report.VERSUS_KEYS if f"`{k}`" not in docs] == []
+    assert [list(v) for v in result["versus"]] == [list(bench_report.VERSUS_KEYS)] * 2
     # device_peak_bytes: accelerators only; the torch keys: --vs-torch only.
     unmeasured = {"device_peak_bytes"} if ON_CPU else set()
-    unmeasured |= set() if HAS_TORCH else set(bench.TORCH_KEYS)
+    unmeasured |= set() if HAS_TORCH else set(bench_report.TORCH_KEYS)
     assert {k for k, v in result.items() if v is None} == unmeasured
 
 
@@ -119,7 +119,7 @@ def test_vs_torch_times_the_same_steps(result):
     assert len(r["torch_step_times_s"]) == r["timed_steps"]
     assert r["torch_threads"] == r["threads"]
     assert r["train_speedup_vs_torch"] == pytest.approx(r["torch_step_time_s"] / r["step_time_s"])
-    assert len(r["train_speedup_by_round"]) == bench.TINY_SETTINGS.rounds
+    assert len(r["train_speedup_by_round"]) == bench_step.TINY_SETTINGS.rounds
     assert r["generate_speedup_vs_gpt2"] == pytest.approx(
         r["generate_tokens_per_s"] / r["torch_gpt2_generate_tokens_per_s"]
     )
@@ -135,7 +135,7 @@ def test_versus_times_a_variant_in_the_same_turns(result):
     assert v["train_tokens_per_s"] == pytest.approx(8 * r["n_ctx"] / v["step_time_s"])
     assert v["speedup"] == pytest.approx(v["train_tokens_per_s"] / r["train_tokens_per_s"])
     assert v["mfu"] == pytest.approx(r["mfu"] * v["speedup"])
-    assert len(v["speedup_by_round"]) == bench.TINY_SETTINGS.rounds
+    assert len(v["speedup_by_round"]) == bench_step.TINY_SETTINGS.rounds
     assert v["xla_peak_bytes"] > r["xla_peak_bytes"]
 
 
@@ -147,26 +147,28 @@ def test_a_variant_that_fails_is_reported_and_the_rest_measured(result):
     assert (
         failed["error"] == "RuntimeError: RESOURCE_EXHAUSTED: out of memory\nwhile running the step"
     )
-    assert {k for k, v in failed.items() if v is None} == set(bench.VERSUS_KEYS) - {
+    assert {k for k, v in failed.items() if v is None} == set(bench_report.VERSUS_KEYS) - {
         "overrides",
         "error",
     }
-    line = bench.report(result).splitlines()[-1 - 2 * HAS_TORCH]
+    line = bench_report.report(result).splitlines()[-1 - 2 * HAS_TORCH]
     assert line.endswith(f"{FAILING}: failed: RuntimeError: RESOURCE_EXHAUSTED: out of memory")
 
 
 def test_the_steps_figures_are_reported_before_the_rest_is_measured(result):
     """What `run` logs once the steps are timed: the same rows as the final table's,
     from a result whose input pipeline, generation and checkpoint are not measured."""
-    later = [k for k in bench.KEYS if k.split("_")[0] in ("pipeline", "generate", "checkpoint")]
+    later = [
+        k for k in bench_report.KEYS if k.split("_")[0] in ("pipeline", "generate", "checkpoint")
+    ]
     later += ["bandwidth_array_bytes", "memory_bandwidth_bytes_per_s", "batch_tokens_per_s"]
     later += ["tokenize_tokens_per_s", "torch_gpt2_generate_tokens_per_s"]
 
     def rows(text):  # name: value, without the alignment
         return dict(map(str.strip, line.split("  ", 1)) for line in text.splitlines())
 
-    partial = rows(bench.report(result | dict.fromkeys(later), train_only=True))
-    full = rows(bench.report(result))
+    partial = rows(bench_report.report(result | dict.fromkeys(later), train_only=True))
+    full = rows(bench_report.report(result))
     assert "train step" in partial and "versus (2)" in partial
     assert not {"input pipeline", "generation", "checkpoint", "vs torch: generation"} & set(partial)
     assert partial.items() < full.items()
@@ -194,12 +196,12 @@ def test_a_bad_variant_is_one_line_before_anything_runs(versus, message, capsys,
 def test_the_profile_is_written_and_its_operations_summed(result):
     r = result
     traces = list(pathlib.Path(r["profile_dir"]).glob("**/*.trace.json.gz"))
-    assert len(traces) == 1 and r["profile_steps"] == bench.TINY_SETTINGS.profile_steps
+    assert len(traces) == 1 and r["profile_steps"] == bench_step.TINY_SETTINGS.profile_steps
     # Operation time: at most the traced steps' wall time on each of the cores.
     assert 0 < r["profile_op_s_per_step"] <= r["profile_wall_s_per_step"] * r["threads"]
     kept = [o["s_per_step"] for o in r["profile_ops"]]
     assert kept == sorted(kept, reverse=True) and sum(kept) <= r["profile_op_s_per_step"]
-    assert f"most: {r['profile_ops'][0]['op']} " in bench.report(r)
+    assert f"most: {r['profile_ops'][0]['op']} " in bench_report.report(r)
 
 
 @pytest.mark.parametrize("where", ["trace", "trace/sub"])
@@ -345,31 +347,31 @@ def test_flops_per_token_by_hand():
 
 
 def test_named_configs():
-    cpu = bench.load_config("bench-cpu")
+    cpu = bench_step.load_config("bench-cpu")
     m = cpu.model
     assert (m.n_layer, m.n_head, m.d_model, m.n_ctx, m.vocab_size) == (6, 6, 384, 256, 8192)
     assert (cpu.train.batch_size, cpu.train.compute_dtype, m.dropout) == (8, "float32", 0.1)
     assert (cpu.train.lr, cpu.train.b2, cpu.train.weight_decay) == (2.5e-4, 0.999, 0.01)
     assert (cpu.train.attention, cpu.train.attention_blocks) == ("auto", 2)
     assert cpu.train.cpu_matmuls == "onednn"
-    gpt1 = bench.load_config("gpt1")
+    gpt1 = bench_step.load_config("gpt1")
     assert gpt1.model.to_dict() == gpt1_config().model.to_dict()
     assert gpt1.train.batch_size == (1 if jax.default_backend() == "cpu" else 64)
-    tiny = bench.load_config("tiny", ("train.compute_dtype=bfloat16", "model.n_layer=2"))
+    tiny = bench_step.load_config("tiny", ("train.compute_dtype=bfloat16", "model.n_layer=2"))
     assert (tiny.train.compute_dtype, tiny.model.n_layer) == ("bfloat16", 2)
     assert tiny.train.cpu_matmuls == "xla"  # so that its compile is cached (above)
     with pytest.raises(UserError, match="model.n_layers"):
-        bench.load_config("tiny", ("model.n_layers=2",))
+        bench_step.load_config("tiny", ("model.n_layers=2",))
     with pytest.raises(UserError, match="train.batch_size: give SECTION.KEY=VALUE"):
-        bench.load_config("tiny", ("train.batch_size",))
+        bench_step.load_config("tiny", ("train.batch_size",))
     with pytest.raises(UserError, match="train.lr=nan must be a finite number"):  # as main's
-        bench.load_config("tiny", ("train.lr=nan",))
+        bench_step.load_config("tiny", ("train.lr=nan",))
 
 
 def test_pipeline_times_an_epoch_of_at_least_min_batches(monkeypatch):
     """A text too short for MIN_BATCHES batches is repeated to make an epoch of them; the
     batches timed are that epoch's after the first, and their tokens give the rate."""
-    config = bench.load_config("tiny")
+    config = bench_step.load_config("tiny")
     drawn, streams, clock = [], [], iter(range(1000))
     fake_time = types.SimpleNamespace(perf_counter=lambda: float(next(clock)))
     monkeypatch.setattr(bench_parts, "time", fake_time)
@@ -386,7 +388,9 @@ def test_pipeline_times_an_epoch_of_at_least_min_batches(monkeypatch):
 
     monkeypatch.setattr(bench_parts, "PackedWindows", Windows)
     monkeypatch.setattr(bench_parts, "train_iterator", iterator)
-    r = bench_parts.bench_pipeline(config, bench.Settings(text_chars=3000, tokenizer_vocab=128))
+    r = bench_parts.bench_pipeline(
+        config, bench_step.Settings(text_chars=3000, tokenizer_vocab=128)
+    )
     (stream, num_windows), batch = streams[0], config.train.batch_size
     text_tokens = r["pipeline_tokens"]
     assert text_tokens < bench_parts.MIN_BATCHES * batch * config.model.n_ctx  # too short
@@ -417,7 +421,7 @@ def test_a_tokenizer_the_flags_cannot_make_is_one_line_before_anything_runs(
 
 @pytest.fixture(scope="module")
 def estimated():
-    config = bench.load_config("tiny")
+    config = bench_step.load_config("tiny")
     return config, estimate.estimate(config)
 
 
@@ -450,7 +454,7 @@ def test_estimate_memory_analysis_and_time(estimated, result):
 def test_estimate_for_other_devices_than_compiled_says_fit_unknown():
     """The memory analysis is of the step compiled for this machine's devices (here one
     holding the whole batch): no verdict for 16."""
-    config = bench.load_config("tiny")
+    config = bench_step.load_config("tiny")
     config.estimate.devices = 16
     r = estimate.estimate(config)
     assert r["fits_in_memory"] is None

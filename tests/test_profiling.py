@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from gptjax import bench, profiling
+from gptjax import bench_step, measure, profiling
 
 
 def write_trace(path, events):
@@ -80,7 +80,7 @@ def test_module_name_is_read_from_the_hlo_text():
 def test_a_real_step_profile_names_the_compiled_steps_operations(tmp_path):
     """Tracing the tiny benchmark's step: every kind found is an operation of the compiled
     module, and their time fits in the traced wall time on this machine's cores."""
-    step = bench.TrainStep(bench.load_config("tiny"))
+    step = bench_step.TrainStep(bench_step.load_config("tiny"))
     step.compile()
     step()
     trace, wall = profiling.trace(step, tmp_path / "profile", steps=3)
@@ -91,4 +91,4 @@ def test_a_real_step_profile_names_the_compiled_steps_operations(tmp_path):
     assert ops and {o.op for o in ops} <= names
     assert [o.s_per_step for o in ops] == sorted((o.s_per_step for o in ops), reverse=True)
     assert all(o.calls_per_step > 0 for o in ops)
-    assert 0 < sum(o.s_per_step for o in ops) <= wall * bench.threads()
+    assert 0 < sum(o.s_per_step for o in ops) <= wall * measure.threads()
