@@ -230,6 +230,79 @@ def test_auxiliary_lm_loss_ignores_padding():
     assert float(objective.counts(batch_of("entailment", many))["lm"]) == 59.0
 
 
+def test_an_unlabelled_example_is_out_of_the_task_loss():
+    """A row without a label (a test split's) adds nothing to the task term, whatever its
+    label field holds; it still adds its text to the LM term."""
+    model, params = model_and_params("entailment", 3)
+    examples = [Example(("w1 w2", "w3"), 0), Example(("w4", "w5"), None)]
+    batch = batch_of("entailment", examples)
+    objective = losses.task_objective(model, 0.5, regression=False)
+    assert float(objective.counts(batch)["task"]) == 1.0
+    assert float(objective.counts(batch)["lm"]) == 2.0
+    _, means = objective.loss(params, batch, None)
+    for label in (1, 2):
+        _, other = objective.loss(params, dict(batch, label=batch["label"].at[1].set(label)), None)
+        np.testing.assert_array_equal(other["task"], means["task"])
+
+
+def test_the_objectives_gradient_is_task_plus_half_lm_written_out():
+    """d/dparams of L_task + 0.5 L_LM (Section 3.2) against the same loss written with
+    log-softmax: the gradient must carry each term's weight and 1/count, not only its
+    direction (Adam's scaling would hide a wrong balance in a loss curve)."""
+    model, params = model_and_params("entailment", 3, clf_dropout=0.0)
+    examples = [Example(("w1 w2 w3", "w4"), 0), Example(("w5", "w6 w7"), 2)]
+    batch = batch_of("entailment", examples)
+    objective = losses.task_objective(model, 0.5, regression=False)
+
+    def written_out(params):
+        out, lm_logits = model.apply({"params": params}, batch["tokens"], batch["clf_pos"])
+        task = -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(2), batch["label"]])
+        tokens = batch["tokens"].reshape(-1, 8)
+        logp = jax.nn.log_softmax(lm_logits.astype(jnp.float32))
+        per_sequence = []
+        for n, length in enumerate(np.asarray(batch["lengths"]).reshape(-1)):
+            picked = logp[n, jnp.arange(length - 1), tokens[n, 1:length]]
+            per_sequence.append(-jnp.mean(picked))
+        return task + 0.5 * jnp.mean(jnp.stack(per_sequence))
+
+    got = jax.grad(lambda p: objective.loss(p, batch, None)[0])(params)
+    want = jax.grad(written_out)(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+
+
+def test_predict_returns_each_example_once_without_the_padding_rows(monkeypatch):
+    """5 examples in batches of 4: the last batch's 3 padding rows (weight 0, index 0,
+    label 0) are neither outputs nor scored; the examples come back in their order, and
+    a class is the output's argmax."""
+    monkeypatch.setattr(finetune.sharding, "global_batch", lambda mesh, batch: batch)
+    labels = [1, 0, 1, 1, 2]
+    arrays = transforms.encode(
+        task("classification"), [Example((f"w{i + 1}",), y) for i, y in enumerate(labels)], TOK, 8
+    )
+    order = [4, 0, 3, 1, 2]  # rows stored out of example order
+    arrays = {k: v[order] for k, v in arrays.items()}
+
+    def p_predict(params, batch):  # scores peaked on each row's own label
+        out = np.eye(3)[batch["label"]] * 3.0 - 1.0
+        return {"output": out, **{k: batch[k] for k in ("label", "weight", "labelled", "index")}}
+
+    fake = types.SimpleNamespace(
+        batch_size=4,
+        config=types.SimpleNamespace(train=types.SimpleNamespace(microbatches=1)),
+        p_predict=p_predict,
+        mesh=None,
+        task=types.SimpleNamespace(metrics=("accuracy", "mcc"), regression=False),
+    )
+    fake.predictions = types.MethodType(finetune.FineTune.predictions, fake)
+    split = finetune.Split("validation", [], transforms.Rows(arrays), 8)
+    out = finetune.FineTune.predict(fake, None, split)
+    assert out["index"].tolist() == [0, 1, 2, 3, 4]
+    assert out["label"].tolist() == labels
+    assert fake.predictions(out["output"]).tolist() == labels
+    assert finetune.FineTune.score(fake, out) == {"accuracy": 100.0, "mcc": 100.0}
+
+
 def test_auxiliary_lm_loss_is_a_mean_over_sequences_of_their_mean_token_loss():
     """As in the paper's code: a long input weighs no more than a short one."""
     model, params = model_and_params("multiple_choice", 1)

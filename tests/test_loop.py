@@ -92,13 +92,16 @@ def test_a_long_evaluation_says_how_far_it_is(monkeypatch, caplog):
     monkeypatch.setattr(metrics, "time", types.SimpleNamespace(time=lambda: next(clock)))
     monkeypatch.setattr(loop.sharding, "global_batch", lambda mesh, batch: batch)
 
-    def p_eval(params, batch):
-        return {"loss_sum": jnp.float32(batch["loss"] * 2), "count": jnp.float32(2)}
+    def p_eval(params, batch):  # batch i: i + 1 tokens of loss i (a last batch is short)
+        count = batch["loss"] + 1
+        return {"loss_sum": jnp.float32(batch["loss"] * count), "count": jnp.float32(count)}
 
     batches = [{"loss": float(i)} for i in range(6)]
     with caplog.at_level(logging.INFO):
         result = loop.evaluate(p_eval, None, iter(batches), mesh=None)
-    assert result["eval_loss"] == pytest.approx(2.5)
+    # A mean over the tokens (70 / 21), not over the batches (2.5).
+    assert result["eval_loss"] == pytest.approx(70 / 21)
+    assert result["eval_ppl"] == pytest.approx(np.exp(70 / 21))
     progress = [r.getMessage() for r in caplog.records if "evaluating:" in r.getMessage()]
     assert progress == [
         f"evaluating: {n} batches in {t}" for n, t in ((2, "1m00s"), (4, "2m00s"), (6, "3m00s"))

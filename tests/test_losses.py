@@ -11,7 +11,8 @@ def logits_targets_weights(shape=(3, 7), vocab=50, seed=0):
     rng = np.random.default_rng(seed)
     logits = jnp.asarray(rng.normal(scale=4.0, size=(*shape, vocab)), jnp.float32)
     targets = jnp.asarray(rng.integers(0, vocab, shape), jnp.int32)
-    weights = jnp.asarray(rng.random(shape) > 0.3, jnp.float32)
+    # Fractional, as the auxiliary LM loss's 1/length weights are, and 0 for padding.
+    weights = jnp.asarray(rng.random(shape) * (rng.random(shape) > 0.3), jnp.float32)
     return logits, targets, weights
 
 
@@ -28,11 +29,15 @@ def test_lm_loss_and_its_gradient_equal_optax(shape):
     np.testing.assert_allclose(total, want_total, rtol=1e-6)
     assert float(count) == float(want_count)
 
+    # A mean, scaled as an objective's term is (lm_coef): the gradient must carry the
+    # cotangent's size, not only its sign.
     def mine(x):
-        return losses.lm_loss(x, targets, weights)[0]
+        total, count = losses.lm_loss(x, targets, weights)
+        return 0.37 * total / count
 
     def theirs(x):
-        return optax_lm_loss(x, targets, weights)[0]
+        total, count = optax_lm_loss(x, targets, weights)
+        return 0.37 * total / count
 
     np.testing.assert_allclose(jax.grad(mine)(logits), jax.grad(theirs)(logits), atol=1e-6)
     # Unweighted positions get no gradient; each weighted row's gradient sums to 0.
