@@ -16,7 +16,7 @@ import numpy as np
 from gptjax import checkpoint, loop, optim, train
 from gptjax.data.pipeline import PackedWindows, train_iterator
 from gptjax.metrics import evaluated_at
-from gptjax.model import GPT, ModelConfig, layer_options, stack_layers
+from gptjax.model import language_model, stack_layers
 from gptjax.run_config import write_config as write_run_config
 from gptjax.workdirs import check_workdir
 
@@ -63,7 +63,7 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
         return workdir
     if resume is not None:
         check_workdir(workdir, phase_config, resuming=True)
-    model = GPT(ModelConfig.from_config(cfg.model, cfg.train), **layer_options(cfg.train))
+    model = language_model(cfg)
     optim.warn_if_untrained(phase_cfg, total, len(train_windows))
     schedule = optim.lr_schedule(phase_cfg, total)
     state, shardings = train.create_state(

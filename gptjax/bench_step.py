@@ -17,7 +17,7 @@ from gptjax import losses, optim, sharding, train
 from gptjax.errors import UserError, one_line
 from gptjax.estimate import compile_step
 from gptjax.measure import fresh_compilation_cache, minor_page_faults, timed
-from gptjax.model import GPT, ModelConfig, layer_options
+from gptjax.model import language_model
 
 NAMED_CONFIGS = {"bench-cpu": "bench_cpu.py", "gpt1": "gpt1.py"}
 # The learning-rate schedule's length for a config that counts epochs (its value does
@@ -129,8 +129,8 @@ class TrainStep:
     def __init__(self, config: ml_collections.ConfigDict):
         self.mesh = sharding.make_mesh(config.mesh)
         sharding.check_batch(config, self.mesh)
-        self.model_cfg = ModelConfig.from_config(config.model, config.train)
-        model = GPT(self.model_cfg, **layer_options(config.train))
+        model = language_model(config)
+        self.model_cfg = model.cfg
         steps = config.train.num_steps or SCHEDULE_STEPS
         tx = optim.make_optimizer(config.train, steps)
         self.state, shardings = train.create_state(

@@ -30,7 +30,7 @@ import ml_collections
 from gptjax import losses, optim, sharding, tpu_topology, train
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
+from gptjax.model import count_params, flops_per_token, language_model
 from gptjax.workdirs import ESTIMATE_FILE
 
 PETAFLOP_S_DAY = 1e15 * 86400
@@ -250,8 +250,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
 def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
     """The configured train step compiled for `mesh` from shapes alone, with the
     parameter count, model config, steps and tokens it was built from."""
-    model_cfg = ModelConfig.from_config(config.model, config.train)
-    model = GPT(model_cfg, **layer_options(config.train))
+    model = language_model(config)
     steps, tokens = training_length(config, est["tokens_per_epoch"])
     schedule = optim.lr_schedule(config.train, steps)
     tx = optim.make_optimizer(config.train, steps)
@@ -268,7 +267,7 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
         " (libtpu takes minutes at gpt1's size)" if sharding.platform() == "tpu" else "",
     )
     compiled = compile_step(p_train, mesh, state, batch, options)
-    return compiled, count_params(state.params), model_cfg, steps, tokens
+    return compiled, count_params(state.params), model.cfg, steps, tokens
 
 
 def duration(seconds: float) -> str:

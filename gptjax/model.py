@@ -382,6 +382,13 @@ class TaskModel(nn.Module):
         return (out_BxC[:, 0] if self.regression else out_BxC), lm_logits_NxLxV
 
 
+def language_model(config: ml_collections.ConfigDict) -> GPT:
+    """The GPT of a run's config: its sizes from `config.model`, how its blocks are
+    compiled from `config.train` (pretraining, domain adaptation, the estimate, the
+    benchmark)."""
+    return GPT(ModelConfig.from_config(config.model, config.train), **layer_options(config.train))
+
+
 def layer_options(train_cfg: ml_collections.ConfigDict) -> dict:
     """GPT's (and TaskModel's) keyword arguments from `config.train`: how the blocks are
     compiled, not what they compute."""

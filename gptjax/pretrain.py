@@ -14,7 +14,7 @@ from gptjax.atomic import replacing
 from gptjax.data import lm_data
 from gptjax.data.pipeline import train_iterator, unigram_perplexity
 from gptjax.errors import UserError
-from gptjax.model import GPT, ModelConfig, count_params, flops_per_token, layer_options
+from gptjax.model import count_params, flops_per_token, language_model
 from gptjax.results import RESULTS_JSON
 from gptjax.run_config import CONFIG_FILE, read_config, take_saved_model, write_config
 from gptjax.workdirs import check_workdir
@@ -34,8 +34,8 @@ class Run:
         self.mesh = sharding.make_mesh(config.mesh)
         sharding.check_batch(config, self.mesh)
         self.data = lm_data.prepare(config, workdir, resuming, evaluating=read_only)
-        self.model_cfg = ModelConfig.from_config(config.model, config.train)
-        self.model = GPT(self.model_cfg, **layer_options(config.train))
+        self.model = language_model(config)
+        self.model_cfg = self.model.cfg
         self.total_steps = loop.total_steps(config.train, len(self.data.windows["train"]))
         if not read_only:
             optim.warn_if_untrained(config.train, self.total_steps, len(self.data.windows["train"]))
