@@ -206,8 +206,10 @@ def test_an_evaluation_reads_the_cached_streams_without_the_books(books, tmp_pat
 
 
 def test_an_evaluation_of_other_books_tokenizes_them_and_keeps_the_runs_streams(books, tmp_path):
-    """--mode=eval with another data.books scores those books (with the run's tokenizer),
-    not the cached streams, and leaves the run's streams and their record as they were."""
+    """--mode=eval with another data.books scores those books' held-out split (with the
+    run's tokenizer), not the cached streams, and leaves the run's streams and their
+    record as they were; the unigram baseline's training tokens are the run's own (what
+    the model learned from), so the other books' training split is not tokenized."""
     config = tiny_books_config(books, tmp_path / "cache")
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -218,14 +220,15 @@ def test_an_evaluation_of_other_books_tokenizes_them_and_keeps_the_runs_streams(
         lm_data.prepare(other, str(workdir), resuming=True)
     evaluated = lm_data.prepare(other, str(workdir), resuming=True, evaluating=True)
     assert evaluated.tokenizer.digest == first.tokenizer.digest
-    assert sum(evaluated.num_books.values()) == 6
+    other_books = lm_data.corpus.load_books(other.data, str(tmp_path / "cache" / "tfds"))
+    assert evaluated.num_books == {
+        "train": first.num_books["train"],
+        "validation": len(other_books["validation"]),
+    }
+    np.testing.assert_array_equal(evaluated.tokens["train"], first.tokens["train"])
     fresh = lm_data.prepare(other, str(tmp_path / "scratch"), resuming=False)
     assert fresh.tokenizer.digest != first.tokenizer.digest  # (so the two differ below)
-    expected = lm_data.tokenize_books(
-        lm_data.corpus.load_books(other.data, str(tmp_path / "cache" / "tfds"))["validation"],
-        first.tokenizer,
-        "validation",
-    )
+    expected = lm_data.tokenize_books(other_books["validation"], first.tokenizer, "validation")
     np.testing.assert_array_equal(evaluated.tokens["validation"], expected)
     assert tree_bytes(workdir) == before
     # The run's own books again: its cached streams.
@@ -235,6 +238,12 @@ def test_an_evaluation_of_other_books_tokenizes_them_and_keeps_the_runs_streams(
     missing = tiny_books_config(tmp_path / "gone", tmp_path / "cache")
     with pytest.raises(UserError, match="does not exist"):
         lm_data.prepare(missing, str(workdir), resuming=True, evaluating=True)
+    # Without the run's training stream, the baseline is fit on the other books' own.
+    os.remove(workdir / "data" / "train.npy")
+    evaluated = lm_data.prepare(other, str(workdir), resuming=True, evaluating=True)
+    own = lm_data.tokenize_books(other_books["train"], first.tokenizer, "train")
+    np.testing.assert_array_equal(evaluated.tokens["train"], own)
+    assert sum(evaluated.num_books.values()) == 6
 
 
 def test_a_resume_with_both_streams_cached_does_not_read_the_books(books, tmp_path, monkeypatch):

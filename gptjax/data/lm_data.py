@@ -1,5 +1,6 @@
 """The pretraining data of a run: corpus -> tokenizer -> token streams -> packed windows."""
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -56,8 +57,10 @@ def prepare(
     point into different windows (said before the changed corpus is prepared, a copy as
     large as the books). `evaluating` a run reads its cached streams when they are of
     the configured corpus, or the books are gone and the config names the same ones;
-    another corpus is tokenized for the evaluation and not cached, so the run's own
-    streams stay as they were.
+    another corpus's held-out split is tokenized for the evaluation and not cached, so
+    the run's own streams stay as they were, and its "train" stream is the run's own
+    (the unigram baseline is fit on what the model learned from; the other books'
+    training split only when the run's stream is gone).
     """
     tfds.display_progress_bar(False)
     tokenizer_path = os.path.join(workdir, tokenizer_lib.TOKENIZER_FILE)
@@ -106,13 +109,20 @@ def prepare(
     scratch = bool(evaluating and tokenizer and recorded_corpus) and (
         recorded_tokenizer == tokenizer.digest and recorded_corpus != corpus_fingerprint
     )
+    own_train = None  # with `scratch`: the run's training stream, what the model learned
     if scratch:
+        with contextlib.suppress(StaleCache):
+            own_train = load_cached_tokens(paths["train"], record["fingerprint"])
         logging.info(
-            "%s is not the corpus whose streams %s caches (%s): tokenizing it for this "
+            "%s is not the corpus whose streams %s caches (%s): tokenizing %s for this "
             "evaluation, without caching it",
             description,
             workdir,
             record.get("corpus"),
+            "its held-out split (the unigram baseline is fit on the run's own training "
+            "stream, as the model was)"
+            if own_train is not None
+            else "it",
         )
     elif resuming:  # (with the tokenizer it was trained with) before the corpus is prepared
         if recorded_tokenizer not in (None, tokenizer.digest):
@@ -165,6 +175,9 @@ def prepare(
     fingerprint = f"{corpus_fingerprint}:{tokenizer.digest}"
     tokens, fresh = {}, set()
     for split in SPLITS:
+        if split == "train" and own_train is not None:
+            tokens[split] = own_train  # the other books' training split is not needed
+            continue
         try:
             cached = (
                 None if new_tokenizer or scratch else load_cached_tokens(paths[split], fingerprint)
@@ -187,6 +200,8 @@ def prepare(
         num_books = record["num_books"]  # both streams cached: the books were not needed
     else:
         num_books = {split: len(the_books()[split]) for split in SPLITS}
+    if own_train is not None:
+        num_books["train"] = (record.get("num_books") or num_books)["train"]
     if scratch:
         return LMData.of(tokenizer, tokens, config.model.n_ctx, num_books, description)
     sample_lines = config.data.tokenizer_sample_lines
