@@ -85,7 +85,11 @@ def _host_port(address: str) -> tuple[str, int]:
 def _wait_for_coordinator(host: str, port: int, address: str):
     """Returns once process 0's coordinator accepts a connection; a UserError after
     `GPTJAX_JOIN_TIMEOUT_S` (300 s) without one."""
-    timeout_s = float(os.environ.get(JOIN_TIMEOUT_ENV, JOIN_TIMEOUT_S))
+    given = os.environ.get(JOIN_TIMEOUT_ENV, str(JOIN_TIMEOUT_S))
+    try:
+        timeout_s = float(given)
+    except ValueError:
+        raise UserError(f"{JOIN_TIMEOUT_ENV}={given} must be a number of seconds") from None
     deadline, said = time.monotonic() + timeout_s, False
     while True:
         try:
