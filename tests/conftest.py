@@ -29,13 +29,20 @@ machine.skip_absent_tpu()
 
 @pytest.fixture(autouse=True)
 def _error_hooks():
-    """Puts back what `errors.fail` silences for the rest of a process (tracebacks from
-    threads and collected objects) after a test that ran a command in this process, so
-    that no later test loses them."""
+    """Puts back what a command run in this process changes for the rest of the process,
+    so that no later test sees it: the hooks `errors.fail` silences (tracebacks from
+    threads and collected objects), and the root logger's handlers and level (a CLI's
+    `logging.basicConfig(force=True)` would leave a handler on this test's captured,
+    then closed, stderr: every later log line a "Logging error")."""
     hooks = sys.excepthook, sys.unraisablehook
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     yield
     sys.excepthook, sys.unraisablehook = hooks
     logging.getLogger("asyncio").disabled = False
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def gpt1_config():
