@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from gptjax.errors import UserError
+from gptjax.errors import UserError, seconds_from_env
 
 # How long a process other than 0 waits for process 0's coordinator to answer before
 # it gives up with one line (JAX's own wait ends in an abort with a C++ stack trace).
@@ -85,11 +85,7 @@ def _host_port(address: str) -> tuple[str, int]:
 def _wait_for_coordinator(host: str, port: int, address: str):
     """Returns once process 0's coordinator accepts a connection; a UserError after
     `GPTJAX_JOIN_TIMEOUT_S` (300 s) without one."""
-    given = os.environ.get(JOIN_TIMEOUT_ENV, str(JOIN_TIMEOUT_S))
-    try:
-        timeout_s = float(given)
-    except ValueError:
-        raise UserError(f"{JOIN_TIMEOUT_ENV}={given} must be a number of seconds") from None
+    timeout_s = seconds_from_env(JOIN_TIMEOUT_ENV, JOIN_TIMEOUT_S)
     deadline, said = time.monotonic() + timeout_s, False
     while True:
         try:

@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import logging
+import os
 import sys
 
 
@@ -158,6 +159,18 @@ def config_value(flag):
             "as configs/gpt1.py does"
         )
     return config
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """A waiting time in seconds set by the environment variable `name` (`default` when
+    unset); UserError when it is not a number."""
+    given = os.environ.get(name, "")
+    if not given:
+        return default
+    try:
+        return float(given)
+    except ValueError:
+        raise UserError(f"{name}={given} must be a number of seconds") from None
 
 
 def one_line(error: Exception) -> str:

@@ -383,7 +383,8 @@ class FineTune:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes (resuming from the workdir's latest checkpoint), then scores the
     checkpoint `eval.checkpoint` names (the best on the validation split, or the latest)
-    on the validation splits, predicts the test splits, and writes the results."""
+    on the validation splits and writes results.json and results.md (the test splits'
+    predictions: `--mode=eval`)."""
     run = FineTune(config, workdir)
     total_steps = run.total_steps()
     per_epoch = run.steps_per_epoch()

@@ -4,6 +4,8 @@ Parameters and activations are named with logical axes in `gptjax.model`; this m
 alone decides where those names live on devices. The mesh has three axes:
 `data` (batch split, parameters replicated), `fsdp` (batch split, parameters sharded)
 and `tensor` (heads, MLP and vocabulary split). The default config uses pure data parallelism.
+`check_model_splits` and `check_batch` say, before any work, when the model's sizes or
+the batch do not split evenly over the mesh.
 """
 
 import contextlib

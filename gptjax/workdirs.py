@@ -4,8 +4,8 @@ in it, and, before a run starts or resumes, the check of its saved config
 (`run_config`).
 
 Every command that trains or reads a workdir goes through here: pretraining, domain
-adaptation, fine-tuning, evaluation, generation and zero-shot scoring (conversion takes
-only the name of config.json, and reads it with the checks of a converted file).
+adaptation, fine-tuning, evaluation, generation and zero-shot scoring. The saved config
+is `run_config`'s: conversion and generation read it through that module too.
 """
 
 import contextlib
@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from gptjax import checkpoint, metrics
 from gptjax.atomic import replacing
 from gptjax.data import lm_data
-from gptjax.errors import UserError
+from gptjax.errors import UserError, seconds_from_env
 from gptjax.results import RESULTS_JSON, RESULTS_MD
 from gptjax.run_config import CONFIG_FILE, check_resumable, read_config
 
@@ -66,7 +66,7 @@ def workdir_lock(workdir: str):
 
 # How long a process looks for process 0's file before it calls the workdir not shared:
 # a network filesystem's client may cache a directory's listing (NFS: up to a minute).
-SHARED_WAIT_S = float(os.environ.get("GPTJAX_SHARED_WAIT_S", "60"))
+SHARED_WAIT_ENV, SHARED_WAIT_S = "GPTJAX_SHARED_WAIT_S", 60.0
 
 
 def check_shared(workdir: str):
@@ -111,14 +111,16 @@ def _shared_probe(workdir: str, token: int) -> str:
 
 
 def _sees(path: str, content: str) -> bool:
-    """Whether `path` holds `content`, looked for until SHARED_WAIT_S has passed."""
+    """Whether `path` holds `content`, looked for until `GPTJAX_SHARED_WAIT_S` (60 s)
+    has passed."""
+    wait_s = seconds_from_env(SHARED_WAIT_ENV, SHARED_WAIT_S)
     start, told = time.monotonic(), False
     while True:
         with contextlib.suppress(OSError), open(path) as f:
             if f.read() == content:
                 return True
         waited = time.monotonic() - start
-        if waited > SHARED_WAIT_S:
+        if waited > wait_s:
             return False
         if waited > 5 and not told:
             logging.info("waiting for process 0's file %s: is the workdir shared?", path)

@@ -30,3 +30,15 @@ def test_a_second_ctrl_c_is_one_line_and_status_130():
     assert result.returncode == errors.EXIT_INTERRUPTED == 130
     assert result.stderr.startswith("interrupted at once by Ctrl-C, perhaps during a save")
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_waiting_time_from_the_environment_is_a_number_or_one_line(monkeypatch):
+    """GPTJAX_SHARED_WAIT_S and GPTJAX_JOIN_TIMEOUT_S: read where they are used, so that
+    a bad value is an error naming it, not a ValueError when a module is imported."""
+    monkeypatch.delenv("GPTJAX_SHARED_WAIT_S", raising=False)
+    assert errors.seconds_from_env("GPTJAX_SHARED_WAIT_S", 60.0) == 60.0
+    monkeypatch.setenv("GPTJAX_SHARED_WAIT_S", "2.5")
+    assert errors.seconds_from_env("GPTJAX_SHARED_WAIT_S", 60.0) == 2.5
+    monkeypatch.setenv("GPTJAX_SHARED_WAIT_S", "abc")
+    with pytest.raises(errors.UserError, match="GPTJAX_SHARED_WAIT_S=abc must be a number"):
+        errors.seconds_from_env("GPTJAX_SHARED_WAIT_S", 60.0)

@@ -122,6 +122,9 @@ def test_slurm_dry_run():
         "--config=configs/gpt1.py --workdir=runs/gpt1 --config.data.books=/shared/books "
         "--config.train.num_steps=5"
     )
+    # An empty --books (an unset variable) is refused at once, not by every task.
+    result = launch("launch/slurm.sbatch", "--dry-run", "--books=")
+    assert (result.returncode, result.stderr) == (2, "error: --books is empty (see --help)\n")
     # A fine-tune reads no books: none are asked for, and no data.books is passed.
     result = launch("launch/slurm.sbatch", "--dry-run", "--config=configs/finetune.py:sst2")
     assert result.returncode == 0, result.stderr
