@@ -129,8 +129,10 @@ def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
     """The config that evaluates the pretraining run in `workdir` (--mode=eval): the
     command's, with the run's own model and parameter layout (its config.json) in place
     of the command's, so that `configs/gpt1.py` evaluates a run of any size (or a
-    converted release). The command gives the evaluation's settings (`train.eval_batches`,
-    the mesh). A fine-tune's workdir is left to `check_resumable`, which names it."""
+    converted release); and the run's own corpus when the command names none (no
+    `data.books`: `configs/gpt1.py` on a run of the demo's Shakespeare). The command gives
+    the evaluation's settings (`train.eval_batches`, the mesh) and may name other books.
+    A fine-tune's workdir is left to `check_resumable`, which names it."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
         return config
@@ -140,6 +142,9 @@ def eval_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collectio
     config = config.copy_and_resolve_references()
     with config.unlocked():
         take_saved_model(config, saved)
+        if config.data.corpus == "books" and not config.data.books:
+            corpus = ("corpus", "books", "encoding", "validation_fraction")
+            config.data.update({k: v for k, v in saved.get("data", {}).items() if k in corpus})
     return config
 
 

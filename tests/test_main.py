@@ -64,6 +64,12 @@ def test_cli_eval_mode_restores_the_latest_checkpoint(trained):
     final = [r for r in read_metrics(root / "run") if "eval_ppl" in r][-1]
     assert results["step"] == 4
     assert results["eval_ppl"] == pytest.approx(final["eval_ppl"], rel=1e-5)
+    # A command that names no books evaluates the run's own (as configs/gpt1.py on a
+    # run of the demo corpus).
+    result = run_main(root / "run", "--mode=eval", cache=root / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((root / "run" / "results.json").read_text())
+    assert (again["eval_ppl"], again["corpus"]) == (results["eval_ppl"], results["corpus"])
     # An evaluation continues nothing: another seed or schedule is neither refused nor
     # warned about, and the score is the checkpoint's.
     result = run_main(
