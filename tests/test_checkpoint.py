@@ -73,6 +73,20 @@ def test_keeps_the_last_n(tmp_path):
         assert mngr.all_steps() == [2, 3]
 
 
+def test_reading_params_takes_the_latest_checkpoint_unless_a_step_is_named(tmp_path):
+    """What generation, conversion and zero-shot scoring read: by default the latest
+    checkpoint (the one their log line names), not the oldest kept."""
+    config = tiny_config()
+    first, _ = make_state(config, seed=0)
+    second, _ = make_state(config, seed=1)
+    with checkpoint.manager(str(tmp_path), keep=2) as mngr:
+        checkpoint.save(mngr, first.replace(step=first.step + 1), {})
+        checkpoint.save(mngr, second.replace(step=second.step + 2), {})
+        mngr.wait_until_finished()
+    assert_trees_equal(checkpoint.read_params(str(tmp_path)), second.params)
+    assert_trees_equal(checkpoint.read_params(str(tmp_path), 1), first.params)
+
+
 def test_stop_checkpoints_do_not_push_scheduled_ones_out(tmp_path):
     """Every 4 steps, 13 in all, 2 kept: a stop's checkpoint (6, 10) is kept while it is
     the latest (the resume's), then dropped; the schedule's 2 stay, whatever the stops."""

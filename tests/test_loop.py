@@ -78,6 +78,40 @@ def test_an_evaluation_a_stop_skipped_is_made_up_at_the_resume(books, tmp_path):
         assert evals(resumed) == evals(straight)
 
 
+def test_a_final_evaluation_a_stop_skipped_is_made_up_off_the_schedule(books, tmp_path):
+    """The last step is evaluated even when it is not a multiple of eval_every (5 here):
+    stopped during that evaluation, the rerun writes its row, as the straight run has."""
+    config = tiny_books_config(books, tmp_path / "cache")
+    config.train.update(num_steps=5, ckpt_every=5, eval_every=3)
+    straight = tmp_path / "straight"
+    pretrain.train_and_evaluate(config, str(straight))
+
+    def evals(workdir):
+        return [r for r in read_metrics(workdir) if "loss" not in r]
+
+    assert [r["step"] for r in evals(straight)] == [3, 5]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    rows = [r for r in read_metrics(resumed) if r["step"] < 5 or "loss" in r]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pretrain.train_and_evaluate(config, str(resumed))
+    assert evals(resumed) == evals(straight)
+
+
+def test_a_log_row_averages_the_finite_steps_and_takes_the_last_lr():
+    """Three steps in one row, the middle one non-finite (skipped): loss and gradient
+    norm are the finite steps' mean, lr the row's last step's, one step skipped."""
+    nan = float("nan")
+    pending = [
+        (1, dict(loss=1.0, grad_norm=2.0, lr=0.1, nonfinite=False, nonfinite_run=0)),
+        (2, dict(loss=nan, grad_norm=nan, lr=0.2, nonfinite=True, nonfinite_run=1)),
+        (3, dict(loss=3.0, grad_norm=4.0, lr=0.3, nonfinite=False, nonfinite_run=0)),
+    ]
+    cfg = types.SimpleNamespace(nonfinite="skip", nonfinite_limit=5)
+    row = loop.summarize(pending, cfg)
+    assert row == {"loss": 2.0, "grad_norm": 3.0, "lr": 0.3, "skipped_steps": 1}
+
+
 def test_total_steps_from_epochs_unless_num_steps_set():
     train_cfg = tiny_config().train
     train_cfg.update(num_steps=None, epochs=3, batch_size=4)

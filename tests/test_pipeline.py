@@ -42,6 +42,30 @@ def test_train_iterator_visits_every_window_each_epoch_in_new_order():
     assert epochs[0].tolist() != epochs[1].tolist()
 
 
+def test_the_seed_sets_the_order_and_the_same_seed_repeats_it():
+    """`train.seed` sets the data order (a fine-tuning sweep's seeds differ in it)."""
+    windows = PackedWindows(np.arange(16 * 4 + 1), n_ctx=4, pad_id=0)
+
+    def firsts(seed):
+        it = train_iterator(windows, global_batch_size=4, seed=seed)
+        return np.concatenate([next(it)["tokens"][:, 0] for _ in range(3)]).tolist()
+
+    assert firsts(0) == firsts(0)
+    assert firsts(0) != firsts(1)
+
+
+def test_a_cached_stream_of_another_fingerprint_or_cut_short_is_not_used(tmp_path):
+    """The cache's own checks, behind data.json's: another corpus or tokenizer is
+    StaleCache (a resume refuses it); a stream shorter than its record is made again."""
+    path = str(tmp_path / "train.npy")
+    pipeline.save_tokens(path, np.arange(10, dtype=np.uint16), "corpus:tok")
+    np.testing.assert_array_equal(pipeline.load_cached_tokens(path, "corpus:tok"), np.arange(10))
+    with pytest.raises(pipeline.StaleCache):
+        pipeline.load_cached_tokens(path, "other:tok")
+    np.save(path, np.arange(7, dtype=np.uint16))  # its record still says 10 tokens
+    assert pipeline.load_cached_tokens(path, "corpus:tok") is None
+
+
 def test_train_iterator_resumes_from_state():
     windows = PackedWindows(np.arange(50 * 4 + 1), n_ctx=4, pad_id=0)
     it = train_iterator(windows, global_batch_size=4, seed=0)

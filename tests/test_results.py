@@ -77,3 +77,27 @@ def test_predictions_are_written_in_the_test_files_order(tmp_path):
     results.write_predictions(run, "test", {"output": None})
     lines = (tmp_path / "predictions_test.tsv").read_text().splitlines()
     assert lines == ["index\tprediction"] + [f"{i}\t{i % 2}" for i in range(12)]
+
+
+def test_glue_binary_tasks_are_submitted_as_numbers_the_others_as_names(tmp_path):
+    """GLUE's server scores CoLA, SST-2, MRPC and QQP predictions as 0/1 and the NLI tasks
+    by label name: a submission in the other form scores nothing."""
+    from gptjax.tasks.spec import Example
+
+    def written(name, label_names):
+        task = SimpleNamespace(name=name, regression=False, label_names=label_names, submission={})
+        run = SimpleNamespace(
+            task=task,
+            workdir=str(tmp_path / name),
+            split=lambda split: SimpleNamespace(
+                examples=[Example(("a",), None, uid=0), Example(("b",), None, uid=1)]
+            ),
+            predictions=lambda output: [1, 0],
+        )
+        (tmp_path / name).mkdir()
+        results.write_predictions(run, "test", {"output": None})
+        lines = (tmp_path / name / "predictions_test.tsv").read_text().splitlines()
+        return [line.split("\t")[1] for line in lines[1:]]
+
+    assert written("sst2", ("negative", "positive")) == ["1", "0"]
+    assert written("rte", ("entailment", "not_entailment")) == ["not_entailment", "entailment"]

@@ -296,6 +296,25 @@ class FakeMesh:
         self.shape = shape
 
 
+def test_a_minus_one_axis_takes_the_devices_the_others_leave():
+    from ml_collections import ConfigDict
+
+    assert sharding.mesh_shape(ConfigDict(dict(data=-1, fsdp=2, tensor=2)), 8) == (2, 2, 2)
+    assert sharding.mesh_shape(ConfigDict(dict(data=1, fsdp=-1, tensor=4)), 8) == (1, 2, 4)
+    assert sharding.mesh_shape(ConfigDict(dict(data=-1, fsdp=1, tensor=1)), 8) == (8, 1, 1)
+
+
+def test_a_batch_that_does_not_split_into_its_microbatches_is_refused():
+    """6 rows over 2 data-parallel devices split, but not into 2 microbatches each."""
+    config = tiny_config()
+    config.train.update(batch_size=6, microbatches=2)
+    mesh = FakeMesh({"data": 2, "fsdp": 1, "tensor": 1})
+    with pytest.raises(UserError, match="into 2 microbatches over 2 data-parallel"):
+        sharding.check_batch(config, mesh)
+    config.train.batch_size = 8
+    sharding.check_batch(config, mesh)
+
+
 @pytest.mark.parametrize(
     "mesh, specials, words",
     [
