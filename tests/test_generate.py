@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,35 @@ def test_a_continuation_keeps_the_space_before_its_first_word():
     assert text == " brown fox"  # decoded alone, the new ids read "brown fox"
     [cut] = generate.generate_text(replay, tok, ["The quick"], Sampling(), (" fox",))
     assert cut == " brown"
+    # Several stop strings: cut at the first that occurs, whichever is listed first.
+    [cut] = generate.generate_text(replay, tok, ["The quick"], Sampling(), (" fox", "own"))
+    assert cut == " br"
+
+
+def test_sentencepiece_generation_stops_at_the_end_of_a_document():
+    """SentencePiece's </s> ends a continuation (the next tokens would start another
+    document); GPT-1's BPE, whose end of a text is its newline, stops at nothing."""
+    from gptjax import tokenizer as tokenizer_lib
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "A brown dog, a quick fox."] * 20
+    tok = tokenizer_lib.train_sentencepiece(texts, 60, 1000)
+    asked = []
+
+    class Recorder(_Replay):
+        def generate(self, prompts, sampling, stop_ids=(), is_done=None, first_row=0):
+            asked.append(tuple(stop_ids))
+            return super().generate(prompts, sampling, stop_ids, is_done, first_row)
+
+    generate.generate_text(Recorder([5]), tok, ["The quick"], Sampling(temperature=0.0))
+    assert asked == [(tok.eos_id,)]
+    bpe_like = types.SimpleNamespace(
+        eos_id=7,
+        newline_id=7,
+        encode_texts=lambda texts: [[1] for _ in texts],
+        decode=lambda ids: " ".join(map(str, ids)),
+    )
+    generate.generate_text(Recorder([5]), bpe_like, ["x"], Sampling(temperature=0.0))
+    assert asked[-1] == ()
 
 
 def test_generate_mode_continues_prompts_from_a_workdir(pretrained, capsys, tmp_path):
