@@ -54,48 +54,38 @@ def test_a_run_past_a_lowered_step_count_is_refused_untouched(books, tmp_path):
     pretrain.train_and_evaluate(config, str(workdir))
 
 
-def test_an_evaluation_a_stop_skipped_is_made_up_at_the_resume(books, tmp_path):
+def eval_rows(workdir):
+    return [r for r in read_metrics(workdir) if "loss" not in r]
+
+
+@pytest.mark.parametrize(
+    "num_steps, ckpt_every, stop_at, skipped, evaluated",
+    [
+        (6, 3, 3, True, [3, 6]),  # stopped at step 3, during its evaluation
+        (6, 3, 3, False, [3, 6]),  # killed after step 3's evaluation
+        # The last step, evaluated though not a multiple of eval_every: stopped during it.
+        (5, 5, 5, True, [3, 5]),
+    ],
+)
+def test_an_evaluation_a_stop_skipped_is_made_up_at_the_resume(
+    books, tmp_path, num_steps, ckpt_every, stop_at, skipped, evaluated
+):
     """A stop signal at an evaluation step saves without evaluating; the resumed run
     evaluates that step first, once, with the values of the uninterrupted run."""
     config = tiny_books_config(books, tmp_path / "cache")
-    config.train.update(num_steps=6, ckpt_every=3, eval_every=3)
-    straight = tmp_path / "straight"
+    config.train.update(num_steps=num_steps, ckpt_every=ckpt_every, eval_every=3)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     pretrain.train_and_evaluate(config, str(straight))
-
-    def evals(workdir):
-        return [r for r in read_metrics(workdir) if "loss" not in r]
-
-    assert [r["step"] for r in evals(straight)] == [3, 6]
-    for skipped in (True, False):  # stopped at step 3 (no eval row); killed after it
-        resumed = tmp_path / f"resumed-{skipped}"
-        shutil.copytree(straight, resumed)
-        shutil.rmtree(resumed / "checkpoints" / "6")
-        rows = [r for r in read_metrics(resumed) if r["step"] <= 3]
-        if skipped:
-            rows = [r for r in rows if r["step"] < 3 or "loss" in r]
-        (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        pretrain.train_and_evaluate(config, str(resumed))
-        assert evals(resumed) == evals(straight)
-
-
-def test_a_final_evaluation_a_stop_skipped_is_made_up_off_the_schedule(books, tmp_path):
-    """The last step is evaluated even when it is not a multiple of eval_every (5 here):
-    stopped during that evaluation, the rerun writes its row, as the straight run has."""
-    config = tiny_books_config(books, tmp_path / "cache")
-    config.train.update(num_steps=5, ckpt_every=5, eval_every=3)
-    straight = tmp_path / "straight"
-    pretrain.train_and_evaluate(config, str(straight))
-
-    def evals(workdir):
-        return [r for r in read_metrics(workdir) if "loss" not in r]
-
-    assert [r["step"] for r in evals(straight)] == [3, 5]
-    resumed = tmp_path / "resumed"
+    assert [r["step"] for r in eval_rows(straight)] == evaluated
     shutil.copytree(straight, resumed)
-    rows = [r for r in read_metrics(resumed) if r["step"] < 5 or "loss" in r]
+    for later in (d for d in (resumed / "checkpoints").iterdir() if int(d.name) > stop_at):
+        shutil.rmtree(later)
+    rows = [r for r in read_metrics(resumed) if r["step"] <= stop_at]
+    if skipped:
+        rows = [r for r in rows if r["step"] < stop_at or "loss" in r]
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     pretrain.train_and_evaluate(config, str(resumed))
-    assert evals(resumed) == evals(straight)
+    assert eval_rows(resumed) == eval_rows(straight)
 
 
 def test_a_log_row_averages_the_finite_steps_and_takes_the_last_lr():
