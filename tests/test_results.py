@@ -51,6 +51,9 @@ def test_the_best_checkpoint_is_chosen_among_finite_scores(tmp_path, monkeypatch
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 300
     assert "no checkpoint left" not in caplog.text
+    rows[2]["validation_pearson"] = 81.0  # steps 300 and 400 tie: the later, trained more
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert results.choose_step(str(tmp_path), "validation_pearson", "best") == 400
     # A run with no metrics file (one converted from HuggingFace's double-heads model) or
     # an unreadable one: the latest, and a warning saying why.
     (tmp_path / "metrics.jsonl").unlink()

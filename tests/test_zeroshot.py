@@ -136,6 +136,14 @@ def test_fit_threshold_maximises_training_mcc_by_hand():
     )
 
 
+def test_fit_threshold_takes_the_highest_of_equally_good_splits():
+    # Top 1 and top 3 acceptable both have MCC 2/sqrt(12); the higher split wins.
+    scores, labels = np.array([3.0, 2.0, 1.0, 0.0]), np.array([1, 0, 1, 0])
+    assert zeroshot.fit_threshold(scores, labels) == pytest.approx(2.5)
+    # No split beats one class (MCC exactly 0: every sentence acceptable): the top score.
+    assert zeroshot.fit_threshold(np.array([2.0, 1.0]), np.array([1, 1])) == 2.0
+
+
 def test_fit_threshold_prefers_one_class_to_a_split_worse_than_none():
     # Scores that run against acceptability: every split between two scores has MCC < 0.
     scores = np.array([-1.0, -2.0, -3.0, -4.0, -5.0])
