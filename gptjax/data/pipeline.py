@@ -30,7 +30,7 @@ def tokenize_books(
 ) -> np.ndarray:
     """One stream of ids for a sequence of books, with periodic progress lines."""
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
-    parts, start = [], time.time()
+    parts = []
     progress = Progress(f"tokenizing {name}", len(books), unit="books")
     for i in range(len(books)):
         parts.append(tokenizer.encode_document(books[i]).astype(dtype))
@@ -38,7 +38,7 @@ def tokenize_books(
             progress.log(i + 1)
     tokens = np.concatenate(parts) if parts else np.zeros((0,), dtype)
     if name:  # a run's split (the benchmark times this without a line)
-        took = time.time() - start
+        took = time.time() - progress.started
         logging.info(
             "tokenized %s: %d books, %d tokens in %.1fs", name, len(books), tokens.size, took
         )
