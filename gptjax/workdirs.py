@@ -35,10 +35,13 @@ def workdir_lock(workdir: str):
     their metrics). An advisory lock on the directory itself, so nothing is written into
     it; the operating system releases it when the process ends, however it ends. Process
     0 locks for all and tells the others, which would otherwise wait for it in their
-    first collective; where the filesystem has no locks, a warning says it is unlocked."""
-    fd, taken = None, False
+    first collective; where the filesystem has no locks, a warning says it is unlocked.
+    A command that fails leaves no empty directory this lock made (a bad mesh, say, is
+    found after the lock is taken)."""
+    fd, taken, made = None, False, None
     # A file, or a directory that cannot be made or read: check_workdir says why.
     if jax.process_index() == 0 and not (os.path.exists(workdir) and not os.path.isdir(workdir)):
+        made = _first_missing(workdir)
         with contextlib.suppress(OSError):
             os.makedirs(workdir, exist_ok=True)
             fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
@@ -59,9 +62,34 @@ def workdir_lock(workdir: str):
             )
         check_shared(workdir)
         yield
+    except BaseException:
+        if made is not None:
+            _remove_empty(workdir, made)
+        raise
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost directory of `path` that does not exist yet; None if it exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def _remove_empty(workdir: str, made: str):
+    """Removes `workdir` and its parents up to `made` while they are empty."""
+    path = os.path.abspath(workdir)
+    while True:
+        try:
+            os.rmdir(path)  # only an empty directory
+        except OSError:
+            return
+        if path == made:
+            return
+        path = os.path.dirname(path)
 
 
 # How long a process looks for process 0's file before it calls the workdir not shared:

@@ -41,6 +41,23 @@ def test_a_second_training_command_on_a_workdir_is_refused(tmp_path):
         pass
 
 
+def test_a_command_that_fails_leaves_no_directory_it_made(tmp_path, capsys):
+    """A bad mesh is found after the lock made the workdir: the failed command removes
+    the directories it made (here two levels), and nothing that was there before."""
+    from cli import error_in_process
+
+    workdir = tmp_path / "new" / "run"
+    error_in_process(capsys, workdir, "--config.mesh.data=3", words=["needs 3 devices"])
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    error_in_process(capsys, tmp_path / "kept", "--config.mesh.data=3")
+    assert (tmp_path / "kept").is_dir()
+    with pytest.raises(RuntimeError), workdirs.workdir_lock(str(workdir)):
+        (workdir / "written").write_text("a file")
+        raise RuntimeError
+    assert (workdir / "written").read_text() == "a file"
+
+
 @pytest.mark.parametrize("mode", ["eval", "zeroshot", "estimate"])
 def test_a_read_only_workdir_is_refused_before_the_work(mode, capsys):
     """These modes write their results into the workdir at the end: an unwritable one
