@@ -5,11 +5,15 @@ alone decides where those names live on devices. The mesh has three axes:
 `data` (batch split, parameters replicated), `fsdp` (batch split, parameters sharded)
 and `tensor` (heads, MLP and vocabulary split). The default config uses pure data parallelism.
 `check_model_splits` and `check_batch` say, before any work, when the model's sizes or
-the batch do not split evenly over the mesh.
+the batch do not split evenly over the mesh. The vocabulary is the exception: its size
+is the tokenizer's (GPT-1's 40,478 + 3 fine-tuning specials is odd), so where
+`mesh.tensor` does not divide it, the token embedding is kept whole along it
+(`logical_sharding`).
 """
 
 import contextlib
 import functools
+import logging
 import math
 
 import flax.linen as nn
@@ -95,22 +99,31 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
 
 def check_model_splits(model_cfg: ml_collections.ConfigDict, mesh: Mesh, specials: int = 0):
     """Refuses, before any work, a model whose sharded sizes the mesh does not divide
-    (XLA would fail at the first compile, after the data were prepared). `specials`:
-    token rows added after `vocab_size` (fine-tuning's three)."""
-    vocab_note = f" + {specials} fine-tuning specials" if specials else ""
+    (XLA would fail at the first compile, after the data were prepared), and says when
+    the vocabulary is not split (see `logical_sharding`). `specials`: token rows added
+    after `vocab_size` (fine-tuning's three)."""
     splits = (
-        ("n_head", model_cfg.n_head, "", "tensor"),
-        ("d_mlp", model_cfg.d_mlp, "", "tensor"),
-        ("vocab_size", model_cfg.vocab_size + specials, vocab_note, "tensor"),
-        ("d_model", model_cfg.d_model, "", "fsdp"),
+        ("n_head", model_cfg.n_head, "tensor"),
+        ("d_mlp", model_cfg.d_mlp, "tensor"),
+        ("d_model", model_cfg.d_model, "fsdp"),
     )
-    for key, size, note, axis in splits:
+    for key, size, axis in splits:
         if size % mesh.shape[axis]:
             raise UserError(
-                f"model.{key}={model_cfg[key]}{note} does not split into mesh.{axis}="
-                f"{mesh.shape[axis]} equal parts; use a mesh.{axis} that divides {size}, or "
-                "put those devices on mesh.data"
+                f"model.{key}={size} does not split into mesh.{axis}={mesh.shape[axis]} "
+                f"equal parts; use a mesh.{axis} that divides {size}, or put those devices "
+                "on mesh.data"
             )
+    rows, tensor = model_cfg.vocab_size + specials, mesh.shape["tensor"]
+    if rows % tensor:
+        note = f" + {specials} fine-tuning specials" if specials else ""
+        logging.info(
+            "model.vocab_size=%d%s does not split into mesh.tensor=%d: the token embedding "
+            "is kept whole on each tensor-parallel device",
+            model_cfg.vocab_size,
+            note,
+            tensor,
+        )
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
@@ -143,9 +156,22 @@ def under_axis_rules(fn, mesh: Mesh):
     return wrapped
 
 
-def logical_sharding(mesh: Mesh, logical_tree):
-    """NamedShardings for a pytree of logical PartitionSpecs (from `nn.get_partition_spec`)."""
-    return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_AXIS_RULES)
+def logical_sharding(mesh: Mesh, logical_tree, shapes):
+    """NamedShardings for a pytree of logical PartitionSpecs (from `nn.get_partition_spec`)
+    of arrays of `shapes` (a matching pytree of arrays or `ShapeDtypeStruct`s). A
+    dimension its mesh axes do not divide is not split: only the vocabulary can be one
+    (`check_model_splits` refuses the others)."""
+    named = nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_AXIS_RULES)
+    return jax.tree.map(lambda s, x: _dividing(s, x.shape), named, shapes)
+
+
+def _dividing(named: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    spec = []
+    for size, axes in zip(shape, tuple(named.spec) + (None,) * len(shape), strict=False):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        parts = math.prod(named.mesh.shape[a] for a in names)
+        spec.append(axes if size % parts == 0 else None)
+    return NamedSharding(named.mesh, PartitionSpec(*spec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

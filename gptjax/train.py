@@ -134,7 +134,8 @@ def state_layout(model: nn.Module, tx, n_ctx: int, mesh, init_inputs: tuple | No
         return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng)
 
     boxed = jax.eval_shape(make_state, jax.random.PRNGKey(0))
-    return nn.unbox(boxed), sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
+    shapes = nn.unbox(boxed)
+    return shapes, sharding.logical_sharding(mesh, nn.get_partition_spec(boxed), shapes)
 
 
 def abstract_train_state(model: nn.Module, tx, n_ctx: int, mesh, init_inputs: tuple | None = None):
@@ -150,8 +151,10 @@ def abstract_params(model: nn.Module, n_ctx: int, mesh, init_inputs: tuple | Non
     inputs = init_inputs or (jnp.zeros((1, n_ctx), jnp.int32),)
     init = lambda rng: model.init({"params": rng}, *inputs)["params"]  # noqa: E731
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = sharding.logical_sharding(mesh, nn.get_partition_spec(boxed))
-    return abstract_state(nn.unbox(boxed), shardings)
+    shapes = nn.unbox(boxed)
+    return abstract_state(
+        shapes, sharding.logical_sharding(mesh, nn.get_partition_spec(boxed), shapes)
+    )
 
 
 def abstract_state(state: TrainState, shardings) -> TrainState:

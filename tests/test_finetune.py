@@ -495,6 +495,32 @@ def test_custom_task_of_each_kind_end_to_end_through_the_cli(
     assert "trained on the classes ['0', '1']" in line and "has ['1', '0']" in line
 
 
+def test_a_fine_tune_split_over_the_tensor_axis_equals_one_device(pretrained, tmp_path):
+    """GPT-1's fine-tuning vocabulary (40,478 + 3 specials) is odd; here 96 + 3. The
+    token embedding stays whole on each tensor-parallel device while the heads and the
+    MLP are split, and the losses are one device's."""
+    from cli import run_main
+
+    flags = [f"--config.init_from={pretrained / 'run'}", "--config.task.kind=classification"]
+    flags += [f"--config.task.{k}={v}" for k, v in classification_files(tmp_path).items()]
+    flags += ["--config.train.batch_size=4", "--config.train.num_steps=3"]
+    flags += ["--config.train.log_every=1", "--mode=train"]
+    cache = pretrained / "cache"
+    one = run_main(tmp_path / "one", *flags, cache=cache, config=FT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    mesh = ["--config.mesh.data=1", "--config.mesh.tensor=2"]
+    two = run_main(tmp_path / "two", *flags, *mesh, cache=cache, config=FT, devices=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "'tensor': 2" in two.stderr and "kept whole" in two.stderr
+
+    def losses(workdir):
+        keys = ("loss", "task_loss", "lm_loss")
+        return [[r[k] for k in keys] for r in read_metrics(str(workdir)) if "loss" in r]
+
+    assert len(losses(tmp_path / "one")) == 3
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
 def refuse_to_initialise(*args, **kwargs):
     raise AssertionError("an evaluation initialised a train state")
 

@@ -128,6 +128,23 @@ def worker(out_dir):
             },
             f,
         )
+    # A vocabulary that tensor=8 does not divide (GPT-1's is odd with fine-tuning's
+    # specials) stays whole on each device; the heads and the MLP are still split.
+    odd = {}
+    for shape in [(1, 1, 1), (1, 1, 8)]:
+        config = config_for_mesh(shape)
+        config.model.vocab_size = 95
+        state, history = run_steps(config, jax.devices()[: int(np.prod(shape))])
+        embedding = state.params["tokens_embed"]["embedding"]
+        kernel = state.params["h_0"]["mlp"]["c_fc"]["kernel"]
+        odd[str(shape)] = {
+            "history": history,
+            "embedding_shard": embedding.addressable_shards[0].data.shape,
+            "c_fc_shard": kernel.addressable_shards[0].data.shape,
+            "embedding": np.asarray(embedding).tolist(),
+        }
+    with open(os.path.join(out_dir, "odd_vocab.json"), "w") as f:
+        json.dump(odd, f)
     for source, target in RESTORES:
         config = config_for_mesh(target)
         mesh = sharding.make_mesh(config.mesh, jax.devices()[: int(np.prod(target))])
@@ -198,6 +215,18 @@ def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
     assert mesh_runs[(2, 2, 2)]["c_fc_mu_shard"] == [16, 32]
     # The token embedding (vocab, embed) = (96, 32): vocab over tensor, embed over fsdp.
     assert mesh_runs[(2, 2, 2)]["embedding_shard"] == [48, 16]
+
+
+def test_a_vocabulary_the_tensor_axis_does_not_divide_stays_whole(mesh_runs):
+    with open(mesh_runs["dir"] / "odd_vocab.json") as f:
+        runs = json.load(f)
+    one, split = runs["(1, 1, 1)"], runs["(1, 1, 8)"]
+    assert split["embedding_shard"] == [95, 32]  # whole: 95 rows do not split 8 ways
+    assert split["c_fc_shard"] == [32, 8]  # the MLP still split over tensor=8
+    for a, b in zip(one["history"], split["history"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    np.testing.assert_allclose(split["embedding"], one["embedding"], rtol=1e-4, atol=1e-6)
 
 
 def test_stacked_layers_on_a_mesh_equal_per_layer_on_one_device(mesh_runs):
@@ -316,28 +345,28 @@ def test_a_batch_that_does_not_split_into_its_microbatches_is_refused():
 
 
 @pytest.mark.parametrize(
-    "mesh, specials, words",
+    "mesh, words",
     [
-        (
-            {"data": 1, "fsdp": 1, "tensor": 8},
-            0,
-            "model.n_head=12 does not split into mesh.tensor=8",
-        ),
-        ({"data": 1, "fsdp": 1, "tensor": 4}, 0, "model.vocab_size=40478 does not split"),
-        ({"data": 1, "fsdp": 1, "tensor": 2}, 3, "40478 + 3 fine-tuning specials"),
-        (
-            {"data": 1, "fsdp": 5, "tensor": 1},
-            0,
-            "model.d_model=768 does not split into mesh.fsdp=5",
-        ),
+        ({"data": 1, "fsdp": 1, "tensor": 8}, "model.n_head=12 does not split into mesh.tensor=8"),
+        ({"data": 1, "fsdp": 5, "tensor": 1}, "model.d_model=768 does not split into mesh.fsdp=5"),
     ],
 )
-def test_sizes_the_mesh_does_not_divide_are_named(mesh, specials, words):
+def test_sizes_the_mesh_does_not_divide_are_named(mesh, words):
     model = runpy.run_path(str(ROOT / "configs" / "gpt1.py"))["get_config"]().model
     with pytest.raises(UserError, match=re.escape(words)):
-        sharding.check_model_splits(model, FakeMesh(mesh), specials)
-    sharding.check_model_splits(model, FakeMesh({**mesh, "fsdp": 1, "tensor": 1}), specials)
+        sharding.check_model_splits(model, FakeMesh(mesh))
+    sharding.check_model_splits(model, FakeMesh({**mesh, "fsdp": 1, "tensor": 1}))
     sharding.check_model_splits(model, FakeMesh({"data": 1, "fsdp": 2, "tensor": 2}))
+
+
+def test_a_vocabulary_the_mesh_does_not_divide_is_said_not_refused(caplog):
+    model = runpy.run_path(str(ROOT / "configs" / "gpt1.py"))["get_config"]().model
+    with caplog.at_level("INFO"):
+        sharding.check_model_splits(model, FakeMesh({"data": 1, "fsdp": 1, "tensor": 4}), 3)
+    assert "model.vocab_size=40478 + 3 fine-tuning specials does not split into mesh.tensor=4" in (
+        caplog.text
+    )
+    assert "kept whole" in caplog.text
 
 
 def test_a_model_the_mesh_does_not_divide_is_refused_before_any_work(tmp_path):
@@ -345,6 +374,6 @@ def test_a_model_the_mesh_does_not_divide_is_refused_before_any_work(tmp_path):
     from cli import assert_one_line_error, run_main
 
     books = write_books(tmp_path / "books")
-    flags = ["--config.mesh.data=1", "--config.mesh.tensor=2", "--config.model.vocab_size=95"]
+    flags = ["--config.mesh.data=1", "--config.mesh.tensor=2", "--config.model.d_mlp=63"]
     result = run_main(tmp_path / "run", *flags, books=books, cache=tmp_path / "c", devices=2)
-    assert_one_line_error(result, "model.vocab_size=95", "mesh.tensor=2", workdir=tmp_path / "run")
+    assert_one_line_error(result, "model.d_mlp=63", "mesh.tensor=2", workdir=tmp_path / "run")
