@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from gptjax import checkpoint, loop, optim, train
+from gptjax import checkpoint, loop, losses, optim, train
 from gptjax.data.pipeline import PackedWindows, train_iterator
 from gptjax.metrics import evaluated_at
 from gptjax.model import language_model, stack_layers
@@ -65,20 +65,14 @@ def adapt(run: "FineTune", pretrained: dict | None = None) -> str:
         check_workdir(workdir, phase_config, resuming=True)
     model = language_model(cfg)
     optim.warn_if_untrained(phase_cfg, total, len(train_windows))
-    schedule = optim.lr_schedule(phase_cfg, total)
-    state, shardings = train.create_state(
-        model,
-        optim.make_optimizer(phase_cfg, total),
-        cfg.train.seed,
-        cfg.model.n_ctx,
-        run.mesh,
-    )
+    built = train.build(model, losses.lm_objective(model), phase_cfg, total, run.mesh)
+    state, shardings, p_train = built.state, built.shardings, built.p_train
     if resume is None and cfg.init_from:
         params = run.restore_lm(cfg.init_from) if pretrained is None else pretrained
         if cfg.train.scan_layers:
             params = stack_layers(params, cfg.model.n_layer)
         state = state.replace(params=jax.device_put(params, shardings.params))
-    p_train, p_eval = train.compile_steps(model, schedule, run.mesh, shardings, cfg.train)
+    p_eval = train.compile_eval_step(model, run.mesh, shardings)
     os.makedirs(workdir, exist_ok=True)
     logging.info(
         "domain adaptation: %d steps of LM training on %s's texts (%d windows of %d)",

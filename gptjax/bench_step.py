@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from gptjax import config as config_lib
-from gptjax import losses, optim, sharding, train
+from gptjax import losses, sharding, train
 from gptjax.errors import UserError, one_line
 from gptjax.estimate import compile_step
 from gptjax.measure import fresh_compilation_cache, minor_page_faults, timed
@@ -132,17 +132,8 @@ class TrainStep:
         model = language_model(config)
         self.model_cfg = model.cfg
         steps = config.train.num_steps or SCHEDULE_STEPS
-        tx = optim.make_optimizer(config.train, steps)
-        self.state, shardings = train.create_state(
-            model, tx, config.train.seed, config.model.n_ctx, self.mesh
-        )
-        self.p_train = train.compile_train_step(
-            losses.lm_objective(model),
-            optim.lr_schedule(config.train, steps),
-            self.mesh,
-            shardings,
-            config.train,
-        )
+        built = train.build(model, losses.lm_objective(model), config.train, steps, self.mesh)
+        self.state, self.p_train = built.state, built.p_train
         rng = np.random.default_rng(0)
         shape = (config.train.batch_size, config.model.n_ctx)
         self.tokens = rng.integers(0, config.model.vocab_size, (shape[0], shape[1] + 1), np.int32)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gptjax import losses, optim, sharding, tpu_topology, train
+from gptjax import losses, sharding, tpu_topology, train
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.model import count_params, flops_per_token, language_model
@@ -252,12 +252,10 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
     parameter count, model config, steps and tokens it was built from."""
     model = language_model(config)
     steps, tokens = training_length(config, est["tokens_per_epoch"])
-    schedule = optim.lr_schedule(config.train, steps)
-    tx = optim.make_optimizer(config.train, steps)
-    state, shardings = train.abstract_train_state(model, tx, config.model.n_ctx, mesh)
-    p_train = train.compile_train_step(
-        losses.lm_objective(model), schedule, mesh, shardings, config.train
+    built = train.build(
+        model, losses.lm_objective(model), config.train, steps, mesh, initialise=False
     )
+    state, p_train = built.state, built.p_train
     batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
     options = ANALYSIS_ONLY_CPU_OPTIONS if sharding.platform() == "cpu" else None
     logging.info(

@@ -246,22 +246,19 @@ class FineTune:
         if initialise:
             examples = len(self.split(self.task.train_split).rows)
             optim.warn_if_untrained(cfg.train, total_steps, examples)
-        self.schedule = optim.lr_schedule(cfg.train, total_steps)
-        tx = optim.make_optimizer(cfg.train, total_steps)
-        if initialise:
-            self.state, self.shardings = train.create_state(
-                self.model, tx, cfg.train.seed, cfg.model.n_ctx, self.mesh, self.init_inputs()
-            )
-            self.abstract = train.abstract_state(self.state, self.shardings)
-        else:
-            self.abstract, self.shardings = train.abstract_train_state(
-                self.model, tx, cfg.model.n_ctx, self.mesh, self.init_inputs()
-            )
-            self.state = None
         objective = losses.task_objective(self.model, cfg.finetune.lm_coef, self.task.regression)
-        self.p_train = train.compile_train_step(
-            objective, self.schedule, self.mesh, self.shardings, cfg.train
+        built = train.build(
+            self.model,
+            objective,
+            cfg.train,
+            total_steps,
+            self.mesh,
+            initialise=initialise,
+            init_inputs=self.init_inputs(),
         )
+        self.schedule, self.shardings, self.p_train = built.schedule, built.shardings, built.p_train
+        self.abstract = train.abstract_state(built.state, built.shardings)
+        self.state = built.state if initialise else None
         self.p_predict = sharding.under_axis_rules(
             jax.jit(
                 functools.partial(predict_step, model=self.model),

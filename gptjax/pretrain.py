@@ -9,7 +9,7 @@ import os
 import jax
 import ml_collections
 
-from gptjax import checkpoint, loop, optim, sharding, train
+from gptjax import checkpoint, loop, losses, optim, sharding, train
 from gptjax.atomic import replacing
 from gptjax.data import lm_data
 from gptjax.data.pipeline import train_iterator, unigram_perplexity
@@ -39,20 +39,19 @@ class Run:
         self.total_steps = loop.total_steps(config.train, len(self.data.windows["train"]))
         if not read_only:
             optim.warn_if_untrained(config.train, self.total_steps, len(self.data.windows["train"]))
-        self.schedule = optim.lr_schedule(config.train, self.total_steps)
-        tx = optim.make_optimizer(config.train, self.total_steps)
-        if read_only:  # evaluation restores parameters into this layout: shapes suffice
-            self.state, self.shardings = train.abstract_train_state(
-                self.model, tx, config.model.n_ctx, self.mesh
-            )
-        else:
-            self.state, self.shardings = train.create_state(
-                self.model, tx, config.train.seed, config.model.n_ctx, self.mesh
-            )
-        self.num_params = count_params(self.state.params)
-        self.p_train, self.p_eval = train.compile_steps(
-            self.model, self.schedule, self.mesh, self.shardings, config.train
+        # An evaluation restores parameters into the state's layout: shapes suffice.
+        built = train.build(
+            self.model,
+            losses.lm_objective(self.model),
+            config.train,
+            self.total_steps,
+            self.mesh,
+            initialise=not read_only,
         )
+        self.schedule, self.state, self.shardings = built.schedule, built.state, built.shardings
+        self.num_params = count_params(self.state.params)
+        self.p_train = built.p_train
+        self.p_eval = train.compile_eval_step(self.model, self.mesh, self.shardings)
         self.ckpt = checkpoint.manager(
             workdir,
             config.train.keep_checkpoints,

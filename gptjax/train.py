@@ -1,6 +1,7 @@
 """The train state and the pure train and eval steps, compiled for the mesh (the loop
 that drives them is `loop.py`)."""
 
+import dataclasses
 import functools
 import logging
 import warnings
@@ -221,14 +222,47 @@ def compile_train_step(
     return sharding.under_axis_rules(p_train, mesh)
 
 
-def compile_steps(model: GPT, schedule: optax.Schedule, mesh, state_shardings, train_cfg):
-    """The jitted LM train and eval steps (pretraining, domain adaptation)."""
-    p_train = compile_train_step(
-        losses.lm_objective(model), schedule, mesh, state_shardings, train_cfg
-    )
+@dataclasses.dataclass
+class Training:
+    """What a phase trains with (`build`): its learning-rate schedule, its train state
+    (arrays; built without `initialise`, only their shapes and shardings, a restore
+    target), the state's shardings, and the compiled train step."""
+
+    schedule: optax.Schedule
+    state: TrainState
+    shardings: Any
+    p_train: Any
+
+
+def build(
+    model: nn.Module,
+    objective: losses.Objective,
+    train_cfg,
+    total_steps: int,
+    mesh,
+    initialise: bool = True,
+    init_inputs: tuple | None = None,
+) -> Training:
+    """The schedule, optimiser, train state and train step of `total_steps` updates of
+    `objective` with `train_cfg`'s settings, in that order: every phase (pretraining,
+    domain adaptation, fine-tuning) and the benchmark build them so. `initialise`
+    creates the state from `train_cfg.seed`; without it nothing is allocated."""
+    schedule = optim.lr_schedule(train_cfg, total_steps)
+    tx = optim.make_optimizer(train_cfg, total_steps)
+    n_ctx = model.cfg.n_ctx
+    if initialise:
+        state, shardings = create_state(model, tx, train_cfg.seed, n_ctx, mesh, init_inputs)
+    else:
+        state, shardings = abstract_train_state(model, tx, n_ctx, mesh, init_inputs)
+    p_train = compile_train_step(objective, schedule, mesh, shardings, train_cfg)
+    return Training(schedule, state, shardings, p_train)
+
+
+def compile_eval_step(model: GPT, mesh, state_shardings):
+    """The jitted LM eval step (pretraining, domain adaptation): summed loss and count."""
     p_eval = jax.jit(
         functools.partial(eval_step, model=model),
         in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
-    return p_train, sharding.under_axis_rules(p_eval, mesh)
+    return sharding.under_axis_rules(p_eval, mesh)

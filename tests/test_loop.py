@@ -1,4 +1,5 @@
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -166,18 +167,18 @@ def test_the_first_rows_speed_leaves_out_compiling(books, tmp_path, monkeypatch)
     fake_time = types.SimpleNamespace(time=lambda: clock[0], time_ns=time.time_ns)
     monkeypatch.setattr(loop, "time", fake_time)  # the compile timer
     monkeypatch.setattr(metrics, "time", fake_time)  # tokens/s
-    real = train.compile_steps
+    real = train.build
 
-    def compile_steps(*args, **kwargs):
-        p_train, p_eval = real(*args, **kwargs)
+    def build(*args, **kwargs):
+        built = real(*args, **kwargs)
 
         def timed(state, batch):
             clock[0] += 1.0 if clock[0] else 100.0  # compiling first, then a step
-            return p_train(state, batch)
+            return built.p_train(state, batch)
 
-        return timed, p_eval
+        return dataclasses.replace(built, p_train=timed)
 
-    monkeypatch.setattr(train, "compile_steps", compile_steps)
+    monkeypatch.setattr(train, "build", build)
     pretrain.train_and_evaluate(config, str(tmp_path / "run"))
     speeds = [r["tokens_per_sec"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(speeds) == 2 and speeds[0] >= speeds[1]  # not 1/50th of it

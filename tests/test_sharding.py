@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import checkpoint, optim, sharding, train
+from gptjax import checkpoint, losses, optim, sharding, train
 from gptjax.errors import UserError
 from gptjax.model import GPT, ModelConfig, stack_layers, unstack_layers
 
@@ -51,13 +51,10 @@ def run_steps(config, devices=None, remat="none", microbatches=1, scan_layers=Fa
         scan_layers=scan_layers,
         scan_unroll=scan_unroll,
     )
-    tx = optim.make_optimizer(config.train, 100)
-    state, shardings = train.create_state(model, tx, 0, config.model.n_ctx, mesh)
     train_cfg = config.train.copy_and_resolve_references()
     train_cfg.microbatches = microbatches
-    p_train, _ = train.compile_steps(
-        model, optim.lr_schedule(config.train, 100), mesh, shardings, train_cfg
-    )
+    built = train.build(model, losses.lm_objective(model), train_cfg, 100, mesh)
+    state, p_train = built.state, built.p_train
     history = []
     for batch in batches(config):
         state, metrics = p_train(state, sharding.global_batch(mesh, batch))

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptjax import optim, sharding, train
+from gptjax import losses, sharding, train
 from gptjax.estimate import compile_step
 from gptjax.measure import fresh_compilation_cache
 from gptjax.model import GPT, ModelConfig
@@ -17,13 +17,9 @@ from conftest import tiny_config
 def make_steps(config):
     mesh = sharding.make_mesh(config.mesh)
     model = GPT(ModelConfig.from_config(config.model))
-    total = config.train.num_steps
-    tx = optim.make_optimizer(config.train, total)
-    state, shardings = train.create_state(model, tx, config.train.seed, config.model.n_ctx, mesh)
-    p_train, p_eval = train.compile_steps(
-        model, optim.lr_schedule(config.train, total), mesh, shardings, config.train
-    )
-    return mesh, state, p_train, p_eval
+    objective = losses.lm_objective(model)
+    built = train.build(model, objective, config.train, config.train.num_steps, mesh)
+    return mesh, built.state, built.p_train, train.compile_eval_step(model, mesh, built.shardings)
 
 
 def fixed_batch(config, seed=0):
