@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gptjax.atomic import replacing
-from gptjax.errors import UserError, config_value, fail, parse_flags, reported
+from gptjax.errors import UserError, config_value, fail, local_path, parse_flags, reported
 
 VARIANTS = ("pretrained", "scratch", "no_aux_lm")
 TABLES = ("ablation.md", "ablation.json")  # in --workdir: the variants side by side
@@ -73,9 +73,9 @@ def main(argv):
     from gptjax import finetune, preemption, workdirs
 
     config = config_value(_CONFIG)
-    config_lib.expand_home(config)
-    workdir = os.path.expanduser(_WORKDIR.value)
     with reported():
+        config_lib.local_paths(config)
+        workdir = local_path(_WORKDIR.value, "--workdir")
         if not workdir:
             raise UserError("--workdir is empty: give the directory the variants go in")
         unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))

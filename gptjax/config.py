@@ -10,7 +10,7 @@ import numpy as np
 
 from gptjax import dropout as dropout_lib
 from gptjax import flash
-from gptjax.errors import UserError
+from gptjax.errors import UserError, local_path
 
 
 def shipped_config(name: str) -> str:
@@ -283,8 +283,9 @@ PATH_SETTINGS = (
 )
 
 
-def expand_home(config: ml_collections.ConfigDict):
-    """Expands a leading ~ in the path settings the config has, in place."""
+def local_paths(config: ml_collections.ConfigDict):
+    """Expands a leading ~ in the path settings the config has, in place, and refuses a
+    URL there (`errors.local_path`)."""
     for name in PATH_SETTINGS:
         *parents, key = name.split(".")
         node = config
@@ -293,4 +294,4 @@ def expand_home(config: ml_collections.ConfigDict):
             if node is None:
                 break
         if node is not None and isinstance(node.get(key), str):
-            node[key] = os.path.expanduser(node[key])
+            node[key] = local_path(node[key], f"--config.{name}")

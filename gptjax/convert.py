@@ -44,7 +44,7 @@ import numpy as np
 
 from gptjax import hf_source
 from gptjax.atomic import temporary_name
-from gptjax.errors import UserError, argument_parser, fail, one_line
+from gptjax.errors import UserError, argument_parser, fail, local_path, one_line
 from gptjax.hf_format import (
     OPENAI_SHAPES,
     PAPER_DROPOUT,
@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on every save/restore
     try:
+        args.src, args.dst = local_path(args.src, "SRC"), local_path(args.dst, "DST")
         if args.command == "from-openai":
             from_openai(args.src, args.dst, args.n_head)
         elif args.command == "from-hf":

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import sys
 
 
@@ -171,6 +172,23 @@ def seconds_from_env(name: str, default: float) -> float:
         return float(given)
     except ValueError:
         raise UserError(f"{name}={given} must be a number of seconds") from None
+
+
+# A URL's scheme: gs://, s3://, https://, file://.
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(path: str, what: str) -> str:
+    """`path` with a leading ~ expanded (the shell leaves --flag=~/x alone). A URL is
+    refused: gptjax reads and writes through the local filesystem, where `gs://b/run`
+    would be a directory named `gs:` in the current one."""
+    if _URL.match(path):
+        raise UserError(
+            f"{what}={path} is a URL; gptjax reads and writes local paths only (a bucket "
+            "is not supported yet): give a local path, or for several hosts one on a "
+            "filesystem they all mount (docs/scaling.md)"
+        )
+    return os.path.expanduser(path)
 
 
 def one_line(error: Exception) -> str:

@@ -21,7 +21,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from gptjax.errors import UserError, config_value, fail, parse_flags, reported
+from gptjax.errors import UserError, config_value, fail, local_path, parse_flags, reported
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (PATH[:ARG]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
@@ -65,9 +65,9 @@ def main(argv):
     logging.info(host_memory.describe())
 
     config = config_value(_CONFIG)
-    config_lib.expand_home(config)
-    workdir = os.path.expanduser(_WORKDIR.value)  # --workdir=~/x reaches us unexpanded
     with reported():
+        config_lib.local_paths(config)
+        workdir = local_path(_WORKDIR.value, "--workdir")
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         enable_compilation_cache(config)
         if not workdir and _MODE.value != "estimate":  # (estimate's means "write nothing")

@@ -239,7 +239,9 @@ def test_lm_head_pad_to_is_a_positive_whole_number(value):
         config_lib.validate(c)
 
 
-def test_expand_home_reaches_every_path_setting(monkeypatch):
+def test_local_paths_reaches_every_path_setting(monkeypatch):
+    """A leading ~ is expanded in each, and a URL is refused in each (it would have been
+    a local directory named `gs:`)."""
     monkeypatch.setenv("HOME", "/home/someone")
     finetune = runpy.run_path(str(ROOT / "configs" / "finetune.py"))["get_config"]("rte")
 
@@ -257,9 +259,14 @@ def test_expand_home_reaches_every_path_setting(monkeypatch):
         for name, node, key in nodes(config):
             node[key] = "~/x"
             seen.add(name)
-        config_lib.expand_home(config)
+        config_lib.local_paths(config)
         for name, node, key in nodes(config):
             assert node[key] == "/home/someone/x", name
+        for name, node, key in nodes(config):
+            node[key] = "gs://bucket/x"
+            with pytest.raises(UserError, match=f"--config.{name}=gs://bucket/x is a URL"):
+                config_lib.local_paths(config)
+            node[key] = "/x"
     # Every listed setting is in one of the configs: a renamed key is not left out.
     assert seen == set(config_lib.PATH_SETTINGS)
 

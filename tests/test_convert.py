@@ -338,12 +338,15 @@ def run(capsys, *argv):
     return lines[-1]
 
 
-def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys):
+def test_bad_inputs_fail_in_one_line_and_write_nothing(lm, tmp_path, capsys, monkeypatch):
     _, root = lm
     openai_release(tmp_path / "release", np.random.default_rng(5))
     os.remove(tmp_path / "release" / "params_3.npy")
     assert "params_3.npy" in run(capsys, "from-openai", tmp_path / "release", tmp_path / "a")
     assert not (tmp_path / "a").exists()
+    monkeypatch.chdir(tmp_path)
+    assert "DST=gs://b/run is a URL" in run(capsys, "from-hf", root / "hf", "gs://b/run")
+    assert not (tmp_path / "gs:").exists()
 
     before = digest(root / "ours")
     assert "holds a checkpoint" in run(capsys, "from-hf", root / "hf", root / "ours")

@@ -199,6 +199,16 @@ def test_a_tilde_in_the_workdir_and_config_paths_means_home(trained):
     assert json.loads((root / "run" / "results.json").read_text())["eval_ppl"] > 0
 
 
+@pytest.mark.parametrize("flag", ["--workdir", "--config.data.cache_dir", "--config.data.books"])
+def test_a_url_for_a_path_is_one_line_not_a_local_directory(flag, tmp_path, capsys):
+    """`--workdir=gs://bucket/run` made a directory `gs:` in the current one."""
+    url = "gs://bucket/run"
+    workdir = url if flag == "--workdir" else tmp_path / "run"
+    flags = [] if flag == "--workdir" else [f"{flag}={url}"]
+    error_in_process(capsys, workdir, *flags, words=[f"{flag}={url} is a URL"], fresh=False)
+    assert not os.path.exists("gs:") and list(tmp_path.iterdir()) == []
+
+
 def test_other_model_in_workdir_is_refused(trained, tmp_path):
     root, _ = trained
     copy = tmp_path / "run"
