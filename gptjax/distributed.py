@@ -7,19 +7,24 @@ TPU VMs), `jax.distributed.initialize()` finds the other workers by itself. A si
 process on a single host does nothing here.
 """
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 
 import jax
 
-from gptjax.errors import UserError, seconds_from_env
+from gptjax.errors import UserError, fail, seconds_from_env
 
-# How long a process other than 0 waits for process 0's coordinator to answer before
-# it gives up with one line (JAX's own wait ends in an abort with a C++ stack trace).
+# How long a process waits for the others before it gives up with one line: a process
+# other than 0 for process 0's coordinator to answer, then every process for all of them
+# to join (JAX's own wait ends in an abort with a C++ stack trace).
 JOIN_TIMEOUT_ENV = "GPTJAX_JOIN_TIMEOUT_S"
 JOIN_TIMEOUT_S = 300.0
+# JAX's own deadline is this much later than ours, so that ours is the one that ends it.
+_JAX_GRACE_S = 60
 
 
 def _cluster_trigger() -> str | None:
@@ -105,16 +110,44 @@ def _wait_for_coordinator(host: str, port: int, address: str):
             time.sleep(1.0)
 
 
+@contextlib.contextmanager
+def _join_deadline(timeout_s: float, address: str, num_processes: int):
+    """Ends the process with one line (exit status 2) if the block, JAX's join, has not
+    returned after `timeout_s`. JAX waits there until every process has registered and
+    cannot be interrupted; when its own deadline passes it aborts the process with a C++
+    stack trace, so a timer says it first."""
+
+    def give_up():
+        fail(
+            f"not all {num_processes} processes joined at --coordinator_address={address} "
+            f"within {timeout_s:.0f} s; start each of them with --num_processes="
+            f"{num_processes} and its own --process_id, or wait longer with "
+            f"{JOIN_TIMEOUT_ENV}",
+            at_once=True,  # (the main thread is inside JAX's wait)
+        )
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _initialize(coordinator_address: str, num_processes: int, process_id: int):
     if num_processes > 1:
         # CPU devices of different processes talk through gloo (no effect on GPU/TPU).
         # Set before anything touches a backend, which must come after initialize.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-        )
+        timeout_s = seconds_from_env(JOIN_TIMEOUT_ENV, JOIN_TIMEOUT_S)
+        with _join_deadline(timeout_s, coordinator_address, num_processes):
+            jax.distributed.initialize(
+                coordinator_address=coordinator_address,
+                num_processes=num_processes,
+                process_id=process_id,
+                initialization_timeout=int(timeout_s) + _JAX_GRACE_S,
+            )
     elif _cluster_trigger():
         jax.distributed.initialize()
     else:

@@ -6,7 +6,7 @@ import os
 import socket
 
 import pytest
-from cli import error_in_process, run_main, start_main
+from cli import assert_one_line_error, error_in_process, run_main, start_main
 
 from gptjax.metrics import read_metrics
 
@@ -121,6 +121,19 @@ def test_bad_process_flags_are_one_line_errors(tmp_path, capsys, monkeypatch):
     # A join the environment asked for, outside the cluster it is meant for.
     monkeypatch.setenv("SLURM_NTASKS", "2")
     error_in_process(capsys, workdir, words=["(SLURM_NTASKS=2)", "srun"])
+
+
+def test_a_process_that_never_joins_is_one_line_for_those_waiting(tmp_path, monkeypatch):
+    """Process 0 of two, alone: JAX waits for the other to register, then aborts the
+    process with a C++ stack trace (exit 134) 300 s later; instead one line once
+    GPTJAX_JOIN_TIMEOUT_S is over, the workdir untouched."""
+    monkeypatch.setenv("GPTJAX_JOIN_TIMEOUT_S", "3")
+    join = [f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2"]
+    result = run_main(tmp_path / "run", *join, "--process_id=0")
+    last = assert_one_line_error(
+        result, "not all 2 processes joined", "within 3 s", workdir=tmp_path / "run"
+    )
+    assert "--process_id" in last and "Check failure" not in result.stderr
 
 
 @pytest.mark.slow
