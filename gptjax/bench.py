@@ -36,7 +36,7 @@ from gptjax.bench_parts import PipelineText, bench_checkpoint, bench_generate, b
 from gptjax.bench_report import KEYS, VERSUS_KEYS, report
 from gptjax.bench_step import TINY_SETTINGS, Settings, TrainStep, load_config
 from gptjax.bench_torch import TorchReference, check_comparable
-from gptjax.errors import UserError, argument_parser, fail
+from gptjax.errors import UserError, argument_parser, fail, local_path
 from gptjax.estimate import compile_step, memory
 from gptjax.measure import (
     matmul_flops_per_s,
@@ -277,7 +277,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--profile",
         metavar="DIR",
-        type=pathlib.Path,
         help="also trace --profile-steps train steps into DIR (TensorBoard, Perfetto) and "
         "print the step's operations that take the most time",
     )
@@ -288,6 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.torch_compile and not args.vs_torch:
         fail("--torch-compile needs --vs-torch")
+    try:
+        args.json = args.json and local_path(args.json, "--json")
+        args.profile = args.profile and pathlib.Path(local_path(args.profile, "--profile"))
+    except UserError as e:
+        fail(str(e))
     if args.profile:
         try:  # now, not after minutes of measuring
             args.profile.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import logging
+import math
 import os
 import re
 import sys
@@ -164,14 +165,17 @@ def config_value(flag):
 
 def seconds_from_env(name: str, default: float) -> float:
     """A waiting time in seconds set by the environment variable `name` (`default` when
-    unset); UserError when it is not a number."""
+    unset); UserError when it is not a positive, finite number."""
     given = os.environ.get(name, "")
     if not given:
         return default
     try:
-        return float(given)
+        seconds = float(given)
     except ValueError:
-        raise UserError(f"{name}={given} must be a number of seconds") from None
+        seconds = math.nan
+    if not 0 < seconds < 1e9:  # (NaN too) JAX takes its own timeouts in whole int32 seconds
+        raise UserError(f"{name}={given} must be a positive number of seconds, below 1e9")
+    return seconds
 
 
 # A URL's scheme: gs://, s3://, https://, file://.

@@ -41,6 +41,8 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+_VOCAB_AXIS = dict(LOGICAL_AXIS_RULES)["vocab"]
+
 _compiling_for: str | None = None  # set by `compiling_for`
 
 
@@ -114,15 +116,17 @@ def check_model_splits(model_cfg: ml_collections.ConfigDict, mesh: Mesh, special
                 f"equal parts; use a mesh.{axis} that divides {size}, or put those devices "
                 "on mesh.data"
             )
-    rows, tensor = model_cfg.vocab_size + specials, mesh.shape["tensor"]
+    rows, tensor = model_cfg.vocab_size + specials, mesh.shape[_VOCAB_AXIS]
     if rows % tensor:
         note = f" + {specials} fine-tuning specials" if specials else ""
-        logging.info(
+        logging.warning(
             "model.vocab_size=%d%s does not split into mesh.tensor=%d: the token embedding "
-            "is kept whole on each tensor-parallel device",
+            "and its Adam moments (%.0f MB in float32) and the LM head's logits are kept "
+            "whole on each tensor-parallel device; mesh.fsdp splits the embedding instead",
             model_cfg.vocab_size,
             note,
             tensor,
+            3 * rows * model_cfg.d_model * 4 / 1e6,
         )
 
 
@@ -158,20 +162,19 @@ def under_axis_rules(fn, mesh: Mesh):
 
 def logical_sharding(mesh: Mesh, logical_tree, shapes):
     """NamedShardings for a pytree of logical PartitionSpecs (from `nn.get_partition_spec`)
-    of arrays of `shapes` (a matching pytree of arrays or `ShapeDtypeStruct`s). A
-    dimension its mesh axes do not divide is not split: only the vocabulary can be one
-    (`check_model_splits` refuses the others)."""
-    named = nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_AXIS_RULES)
-    return jax.tree.map(lambda s, x: _dividing(s, x.shape), named, shapes)
+    of arrays of `shapes` (a matching pytree of arrays or `ShapeDtypeStruct`s). The
+    vocabulary is split over its mesh axis only where that divides it; elsewhere it is
+    kept whole along it (`check_model_splits` refuses every other size that does not
+    divide)."""
+    parts = mesh.shape[_VOCAB_AXIS]
 
+    def fit(spec: PartitionSpec, x) -> PartitionSpec:
+        names = zip(spec, x.shape, strict=False)
+        return PartitionSpec(*(None if n == "vocab" and size % parts else n for n, size in names))
 
-def _dividing(named: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
-    spec = []
-    for size, axes in zip(shape, tuple(named.spec) + (None,) * len(shape), strict=False):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        parts = math.prod(named.mesh.shape[a] for a in names)
-        spec.append(axes if size % parts == 0 else None)
-    return NamedSharding(named.mesh, PartitionSpec(*spec))
+    is_spec = lambda s: isinstance(s, PartitionSpec)  # noqa: E731
+    fitted = jax.tree.map(fit, logical_tree, shapes, is_leaf=is_spec)
+    return nn.logical_to_mesh_sharding(fitted, mesh, LOGICAL_AXIS_RULES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

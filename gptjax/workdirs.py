@@ -36,9 +36,9 @@ def workdir_lock(workdir: str):
     it; the operating system releases it when the process ends, however it ends. Process
     0 locks for all and tells the others, which would otherwise wait for it in their
     first collective; where the filesystem has no locks, a warning says it is unlocked.
-    A command that fails leaves no empty directory this lock made (a bad mesh, say, is
-    found after the lock is taken)."""
-    fd, taken, made = None, False, None
+    A command that fails after taking the lock leaves no empty directory it made (a bad
+    mesh, say, is found after the lock is taken)."""
+    fd, taken, made, held = None, False, None, False
     # A file, or a directory that cannot be made or read: check_workdir says why.
     if jax.process_index() == 0 and not (os.path.exists(workdir) and not os.path.isdir(workdir)):
         made = _first_missing(workdir)
@@ -49,6 +49,7 @@ def workdir_lock(workdir: str):
         if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
             except BlockingIOError:
                 taken = True
             except OSError as e:
@@ -63,7 +64,7 @@ def workdir_lock(workdir: str):
         check_shared(workdir)
         yield
     except BaseException:
-        if made is not None:
+        if held and made is not None:
             _remove_empty(workdir, made)
         raise
     finally:
@@ -80,16 +81,21 @@ def _first_missing(path: str) -> str | None:
 
 
 def _remove_empty(workdir: str, made: str):
-    """Removes `workdir` and its parents up to `made` while they are empty."""
+    """Removes the (held) `workdir` and its parents up to `made` while they are empty; a
+    parent another command holds as its workdir stays."""
     path = os.path.abspath(workdir)
-    while True:
-        try:
-            os.rmdir(path)  # only an empty directory
-        except OSError:
-            return
-        if path == made:
-            return
-        path = os.path.dirname(path)
+    try:
+        os.rmdir(path)  # only an empty directory
+        while path != made:
+            path = os.path.dirname(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by another: raises
+                os.rmdir(path)
+            finally:
+                os.close(fd)
+    except OSError:
+        return
 
 
 # How long a process looks for process 0's file before it calls the workdir not shared:

@@ -219,6 +219,8 @@ def test_a_profile_directory_that_is_a_file_is_refused(tmp_path, capsys, monkeyp
     [
         (["--json={tmp}/nowhere/out.json"], "--json={tmp}/nowhere/out.json: its directory does"),
         (["--json={tmp}"], "--json={tmp} is a directory"),
+        (["--json=gs://b/r.json"], "--json=gs://b/r.json is a URL"),  # was a directory gs:
+        (["--profile=gs://b/trace"], "--profile=gs://b/trace is a URL"),
         (["--peak-tflops=-1"], "--peak-tflops=-1.0: it must be a positive number"),
         (["--peak-tflops=0"], "--peak-tflops=0.0: it must be a positive number"),
         (["--peak-tflops=nan"], "--peak-tflops=nan: it must be a positive number"),

@@ -39,6 +39,9 @@ def test_a_waiting_time_from_the_environment_is_a_number_or_one_line(monkeypatch
     assert errors.seconds_from_env("GPTJAX_SHARED_WAIT_S", 60.0) == 60.0
     monkeypatch.setenv("GPTJAX_SHARED_WAIT_S", "2.5")
     assert errors.seconds_from_env("GPTJAX_SHARED_WAIT_S", 60.0) == 2.5
-    monkeypatch.setenv("GPTJAX_SHARED_WAIT_S", "abc")
-    with pytest.raises(errors.UserError, match="GPTJAX_SHARED_WAIT_S=abc must be a number"):
-        errors.seconds_from_env("GPTJAX_SHARED_WAIT_S", 60.0)
+    # JAX's join takes whole int32 seconds: inf was an OverflowError, 1e12 a TypeError,
+    # and -1 a timer that fired at once.
+    for bad in ("abc", "inf", "nan", "1e12", "-1", "0"):
+        monkeypatch.setenv("GPTJAX_SHARED_WAIT_S", bad)
+        with pytest.raises(errors.UserError, match=f"GPTJAX_SHARED_WAIT_S={bad} must be a pos"):
+            errors.seconds_from_env("GPTJAX_SHARED_WAIT_S", 60.0)

@@ -58,6 +58,30 @@ def test_a_command_that_fails_leaves_no_directory_it_made(tmp_path, capsys):
     assert (workdir / "written").read_text() == "a file"
 
 
+def test_a_failed_command_removes_no_directory_another_one_holds(tmp_path, monkeypatch):
+    """Two commands started together on a new workdir both find it missing: the one
+    refused must not remove the other's. And a command on sweep/run1, which made
+    sweep, leaves sweep when another command holds it as its workdir."""
+    new = tmp_path / "new"
+    with workdirs.workdir_lock(str(new)):
+        monkeypatch.setattr(workdirs, "_first_missing", lambda path: str(new))  # (the race)
+        with (
+            pytest.raises(UserError, match="another gptjax command"),
+            workdirs.workdir_lock(str(new)),
+        ):
+            pass
+        monkeypatch.undo()
+        assert new.is_dir()
+    sweep = tmp_path / "sweep"
+    first = workdirs.workdir_lock(str(sweep / "run1"))
+    first.__enter__()
+    second = workdirs.workdir_lock(str(sweep))
+    second.__enter__()
+    first.__exit__(RuntimeError, RuntimeError(), None)  # the first command fails
+    assert sweep.is_dir() and not (sweep / "run1").exists()
+    second.__exit__(None, None, None)
+
+
 @pytest.mark.parametrize("mode", ["eval", "zeroshot", "estimate"])
 def test_a_read_only_workdir_is_refused_before_the_work(mode, capsys):
     """These modes write their results into the workdir at the end: an unwritable one

@@ -33,7 +33,7 @@ from gptjax.data.tfds_books import (
     prepare,
     without_custom_config_warning,
 )
-from gptjax.errors import UserError
+from gptjax.errors import UserError, local_path
 
 if TYPE_CHECKING:
     from ml_collections import ConfigDict
@@ -52,12 +52,11 @@ __all__ = [
 def cache_dir(data_cfg: ConfigDict) -> str:
     """Where downloads and prepared datasets are kept: data.cache_dir if set, else
     $GPTJAX_CACHE if set, else ~/.cache/gptjax."""
-    cache = (
-        getattr(data_cfg, "cache_dir", None)
-        or os.environ.get("GPTJAX_CACHE")
-        or os.path.join("~", ".cache", "gptjax")
-    )
-    return os.path.expanduser(cache)
+    if getattr(data_cfg, "cache_dir", None):
+        return os.path.expanduser(data_cfg.cache_dir)
+    if os.environ.get("GPTJAX_CACHE"):
+        return local_path(os.environ["GPTJAX_CACHE"], "GPTJAX_CACHE")
+    return os.path.expanduser(os.path.join("~", ".cache", "gptjax"))
 
 
 def _download_dir(data_cfg: ConfigDict) -> str:
