@@ -229,6 +229,9 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         "total_flops": total_flops,
         "petaflop_s_days": total_flops / PETAFLOP_S_DAY,
         "mesh": dict(mesh.shape),
+        # Whether `mesh.tensor` splits the token embedding (else each of its devices
+        # holds it whole: `sharding.logical_sharding`).
+        "vocab_split": config.model.vocab_size % mesh.shape["tensor"] == 0,
         "compiled_on": mesh.devices.flat[0].device_kind,
         "topology": tpu_topology.topology_name(est["topology"]) if devices else None,
         "xla_flops_per_token": counted and counted / (config.train.batch_size * config.model.n_ctx),
@@ -290,6 +293,8 @@ def table(result: dict) -> str:
     mesh = f"{r['mesh']}, compiled for {mesh_devices} {r['compiled_on']} device(s)"
     if r["topology"]:
         mesh += f" (topology {r['topology']}, ahead of time by libtpu)"
+    if not r["vocab_split"]:
+        mesh += "; the vocabulary kept whole on each tensor-parallel device"
     if mesh_devices != r["devices"]:
         mesh += (
             f"; for {r['devices']}, run with JAX_PLATFORMS=cpu "

@@ -157,6 +157,26 @@ def test_a_tpu_slice_names_the_accelerator_devices_and_memory(monkeypatch):
     assert sharded["xla_flops_per_token"] == pytest.approx(r["xla_flops_per_token"], rel=0.05)
 
 
+@needs_libtpu
+def test_a_vocabulary_the_tensor_axis_does_not_divide_is_held_whole_and_said():
+    """Over tensor=4, 1,024 rows are split four ways; 1,022 are kept whole on each chip:
+    the table and Adam's two moments, all but a quarter more of them per chip."""
+    results = {}
+    for vocab in (1024, 1022):
+        config = small_config(data=1, fsdp=1)
+        config.model.vocab_size = vocab
+        config.mesh.tensor = 4
+        results[vocab] = estimate.estimate(config)
+    split, whole = results[1024], results[1022]
+    assert split["vocab_split"] is True and whole["vocab_split"] is False
+    assert "vocabulary kept whole" in estimate.table(whole)
+    assert "vocabulary kept whole" not in estimate.table(split)
+    grown = (
+        whole["memory_per_device"]["argument_bytes"] - split["memory_per_device"]["argument_bytes"]
+    )
+    assert grown >= 0.7 * 3 * 4 * 1022 * 256
+
+
 def test_a_bad_slice_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, capsys):
     from cli import main_in_process
 
