@@ -127,6 +127,25 @@ def abstract_batch(batch_size: int, n_ctx: int, mesh) -> dict:
     }
 
 
+def abstract_task_batch(batch_size: int, sequences: int, n_ctx: int, regression: bool, mesh):
+    """A fine-tuning batch as shapes (`tasks.transforms.encode`'s arrays): `sequences`
+    per example, each padded to n_ctx, the longest a task's split can have."""
+
+    def shape(*dims, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding.batch_sharding(mesh))
+
+    b, s = batch_size, sequences
+    return {
+        "tokens": shape(b, s, n_ctx),
+        "clf_pos": shape(b, s),
+        "lengths": shape(b, s),
+        "label": shape(b, dtype=jnp.float32 if regression else jnp.int32),
+        "weight": shape(b, dtype=jnp.float32),
+        "labelled": shape(b, dtype=jnp.bool_),
+        "index": shape(b),
+    }
+
+
 def compile_step(p_train, mesh, state, batch, compiler_options: dict | None = None):
     """Ahead-of-time compilation of a `train.compile_train_step` step for these
     arguments (arrays or ShapeDtypeStructs), traced under the mesh's axis rules."""
@@ -207,34 +226,43 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
             f"estimate.tokens_per_epoch={tokens_per_epoch!r}: give the corpus's tokens, a "
             "positive whole number (it sets the length of a run set by train.epochs)"
         )
+    fine_tune = "task" in config
+    specials = 3 if fine_tune else 0  # the fine-tuning tokens' rows
     mesh = sharding.make_mesh(config.mesh, devices)
-    sharding.check_batch(config, mesh)
+    sharding.check_batch(config, mesh, specials)
     target = "tpu" if devices is not None else sharding.platform()
     with sharding.compiling_for(target):
-        compiled, num_params, model_cfg, steps, tokens = _compile(config, est, mesh)
+        compiled, num_params, model_cfg, steps, tokens, sequences = _compile(config, est, mesh)
     mem = memory(compiled)
     per_token = flops_per_token(model_cfg, num_params)
     counted = xla_flops(compiled, mesh.size, config.train, config.model.n_layer)
-    total_flops = per_token * tokens
-    seconds = total_flops / (est["mfu"] * acc.peak_flops * est["devices"])
+    total_flops = tokens and per_token * tokens
+    seconds = total_flops and total_flops / (est["mfu"] * acc.peak_flops * est["devices"])
+    if config.train.num_steps is not None:
+        tokens_from = "train.num_steps"
+    else:
+        tokens_from = None if fine_tune else "train.epochs"
+    positions = config.train.batch_size * sequences * config.model.n_ctx  # a step's
     return {
+        "task": config.task.name if fine_tune else None,
+        "sequences_per_example": sequences,
         "num_params": num_params,
         "flops_per_token": per_token,
         "batch_size": config.train.batch_size,
         "n_ctx": config.model.n_ctx,
         "steps": steps,
         "tokens": tokens,
-        "tokens_from": "train.num_steps" if config.train.num_steps is not None else "train.epochs",
-        "tokens_per_epoch": est["tokens_per_epoch"],
+        "tokens_from": tokens_from,
+        "tokens_per_epoch": None if fine_tune else est["tokens_per_epoch"],
         "total_flops": total_flops,
-        "petaflop_s_days": total_flops / PETAFLOP_S_DAY,
+        "petaflop_s_days": total_flops and total_flops / PETAFLOP_S_DAY,
         "mesh": dict(mesh.shape),
         # Whether `mesh.tensor` splits the token embedding (else each of its devices
         # holds it whole: `sharding.logical_sharding`).
-        "vocab_split": config.model.vocab_size % mesh.shape["tensor"] == 0,
+        "vocab_split": (config.model.vocab_size + specials) % mesh.shape["tensor"] == 0,
         "compiled_on": mesh.devices.flat[0].device_kind,
         "topology": tpu_topology.topology_name(est["topology"]) if devices else None,
-        "xla_flops_per_token": counted and counted / (config.train.batch_size * config.model.n_ctx),
+        "xla_flops_per_token": counted and counted / positions,
         "memory_per_device": mem,
         "accelerator": acc.name,
         "accelerator_peak_flops": acc.peak_flops,
@@ -246,20 +274,41 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         "devices": est["devices"],
         "mfu": est["mfu"],
         "train_seconds": seconds,
-        "train_days": seconds / 86400,
+        "train_days": seconds and seconds / 86400,
     }
 
 
 def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
     """The configured train step compiled for `mesh` from shapes alone, with the
-    parameter count, model config, steps and tokens it was built from."""
-    model = language_model(config)
-    steps, tokens = training_length(config, est["tokens_per_epoch"])
+    parameter count, model config, steps and tokens it was built from (both None for a
+    fine-tune without `train.num_steps`: its length is its task's examples), and the
+    sequences an example is (1 for pretraining)."""
+    if "task" in config:  # a fine-tuning config: the task's model, objective and batch
+        from gptjax import finetune
+        from gptjax.tasks import registry
+
+        task = registry.get_task(config.task)
+        model = finetune.task_model(config, task)
+        objective = losses.task_objective(model, config.finetune.lm_coef, task.regression)
+        sequences, n_ctx = finetune.sequences_per_example(task), config.model.n_ctx
+        init_inputs = (
+            jnp.zeros((1, sequences, 8), jnp.int32),
+            jnp.zeros((1, sequences), jnp.int32),
+        )
+        batch = abstract_task_batch(
+            config.train.batch_size, sequences, n_ctx, task.regression, mesh
+        )
+        steps = config.train.num_steps
+        tokens = steps and steps * config.train.batch_size * sequences * n_ctx
+    else:
+        model, init_inputs, sequences = language_model(config), None, 1
+        objective = losses.lm_objective(model)
+        batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
+        steps, tokens = training_length(config, est["tokens_per_epoch"])
     built = train.build(
-        model, losses.lm_objective(model), config.train, steps, mesh, initialise=False
+        model, objective, config.train, steps or 1, mesh, False, init_inputs=init_inputs
     )
     state, p_train = built.state, built.p_train
-    batch = abstract_batch(config.train.batch_size, config.model.n_ctx, mesh)
     options = ANALYSIS_ONLY_CPU_OPTIONS if sharding.platform() == "cpu" else None
     logging.info(
         "compiling the train step for %d x %s, for its memory analysis%s",
@@ -268,7 +317,7 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
         " (libtpu takes minutes at gpt1's size)" if sharding.platform() == "tpu" else "",
     )
     compiled = compile_step(p_train, mesh, state, batch, options)
-    return compiled, count_params(state.params), model.cfg, steps, tokens
+    return compiled, count_params(state.params), model.cfg, steps, tokens, sequences
 
 
 def duration(seconds: float) -> str:
@@ -284,9 +333,12 @@ def table(result: dict) -> str:
     """`estimate`'s result as aligned lines for a terminal."""
     r, mem = result, result["memory_per_device"]
     gib = 2.0**30
+    window = f"{r['batch_size']} x {r['n_ctx']}"
+    if r["task"]:  # each example is `sequences_per_example` sequences of up to n_ctx
+        window = f"{r['batch_size']} x {r['sequences_per_example']} x {r['n_ctx']}"
     if r["tokens_from"] == "train.num_steps":
         source = f"{r['steps']:,} steps (train.num_steps)"
-    else:
+    elif r["tokens_from"] == "train.epochs":
         epochs = r["tokens"] / r["tokens_per_epoch"]
         source = f"{epochs:g} epochs x {r['tokens_per_epoch']:,} tokens = {r['steps']:,} steps"
     mesh_devices = math.prod(r["mesh"].values())
@@ -307,19 +359,26 @@ def table(result: dict) -> str:
     per_token = f"{r['flops_per_token'] / 1e9:.3g} G (6N + 12 * n_layer * d_model * n_ctx)"
     if r["xla_flops_per_token"]:
         per_token += f"; XLA counts {r['xla_flops_per_token'] / 1e9:.3g} G in the compiled step"
-    rows = {
-        "parameters": f"{r['num_params']:,}",
-        "FLOPs per token": per_token,
-        "tokens": f"{r['tokens']:,} ({source} of {r['batch_size']} x {r['n_ctx']})",
-        "total compute": f"{r['total_flops']:.3g} FLOP = {r['petaflop_s_days']:.3g} "
-        "petaflop/s-days",
+    rows = {}
+    if r["task"]:
+        rows["task"] = f"{r['task']}, {r['sequences_per_example']} sequence(s) an example"
+    rows |= {"parameters": f"{r['num_params']:,}", "FLOPs per token": per_token}
+    if r["tokens"] is None:  # a fine-tune's length is its task's examples x epochs
+        rows["tokens"] = f"set train.num_steps for the time to train ({window} a step)"
+    else:
+        rows["tokens"] = f"{r['tokens']:,} ({source} of {window})"
+        rows["total compute"] = (
+            f"{r['total_flops']:.3g} FLOP = {r['petaflop_s_days']:.3g} petaflop/s-days"
+        )
+    rows |= {
         "mesh": mesh,
         "memory per device": f"state + batch {mem['argument_bytes'] / gib:.2f} GiB, temporaries "
         f"{mem['temp_bytes'] / gib:.2f} GiB, peak {mem['peak_bytes'] / gib:.2f} GiB",
         "accelerator": f"{r['devices']} x {r['accelerator']} ({peak_tflops:.0f} TFLOP/s bf16, "
         f"{r['accelerator_memory_bytes'] / 1e9:.0f} GB: {fits})",
-        "time to train": f"{duration(r['train_seconds'])} at {r['mfu']:.0%} MFU",
     }
+    if r["train_seconds"] is not None:
+        rows["time to train"] = f"{duration(r['train_seconds'])} at {r['mfu']:.0%} MFU"
     width = max(map(len, rows))
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows.items())
 

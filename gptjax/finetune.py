@@ -156,6 +156,29 @@ def transfer(fresh: dict, pretrained: dict, n_transfer: int) -> dict:
     return {**fresh, "transformer": gpt}
 
 
+def task_model(config: ml_collections.ConfigDict, task: TaskSpec) -> TaskModel:
+    """The fine-tuning model of `config` (its sizes resolved, `resolve_model`) for `task`:
+    the GPT with the three special tokens' rows, and the task's head."""
+    model_cfg = ModelConfig.from_config(config.model, config.train)
+    specials = len(tokenizer_lib.SPECIAL_TOKENS)
+    return TaskModel(
+        dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size + specials),
+        kind=task.kind,
+        num_outputs=task.num_outputs,
+        regression=task.regression,
+        clf_dropout=config.finetune.clf_dropout,
+        **layer_options(config.train),
+    )
+
+
+def sequences_per_example(task: TaskSpec) -> int:
+    """The input transformation's sequences per example (Figure 1): one, both orderings
+    of a similarity pair, or one per answer of a multiple-choice question."""
+    if task.kind == "similarity":
+        return 2
+    return max(1, task.num_choices) if task.kind == "multiple_choice" else 1
+
+
 @dataclasses.dataclass
 class Split:
     name: str
@@ -189,18 +212,8 @@ class FineTune:
         )
         self.tokenizer = load_tokenizer(config, self.task, workdir, self.data_dir, self.started)
         self.specials = len(tokenizer_lib.SPECIAL_TOKENS)
-        model_cfg = ModelConfig.from_config(config.model, config.train)
-        self.model_cfg = dataclasses.replace(
-            model_cfg, vocab_size=model_cfg.vocab_size + self.specials
-        )
-        self.model = TaskModel(
-            self.model_cfg,
-            kind=self.task.kind,
-            num_outputs=self.task.num_outputs,
-            regression=self.task.regression,
-            clf_dropout=config.finetune.clf_dropout,
-            **layer_options(config.train),
-        )
+        self.model = task_model(config, self.task)
+        self.model_cfg = self.model.cfg
         self.splits: dict[str, Split] = {}
         if read_only:
             self.build(1, initialise=False)
@@ -234,8 +247,7 @@ class FineTune:
         return max(1, len(self.split(self.task.train_split).rows) // self.batch_size)
 
     def init_inputs(self):
-        s = max(1, self.task.num_choices) if self.task.kind == "multiple_choice" else 1
-        s = 2 if self.task.kind == "similarity" else s
+        s = sequences_per_example(self.task)
         return (jnp.zeros((1, s, 8), jnp.int32), jnp.zeros((1, s), jnp.int32))
 
     def build(self, total_steps: int, initialise: bool = True):

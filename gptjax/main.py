@@ -99,12 +99,13 @@ def _run_mode(config, workdir: str):
     elif "task" in config:  # configs/finetune.py
         from gptjax import finetune, results
 
-        if _MODE.value == "estimate":
-            raise UserError(
-                "--mode=estimate takes a pretraining config (configs/gpt1.py, "
-                "configs/demo.py): fine-tuning costs a fraction of it"
-            )
-        if _MODE.value == "train":
+        if _MODE.value == "estimate":  # the task's step, from shapes alone
+            from gptjax import estimate
+
+            finetune.resolve_model(config)
+            config_lib.validate(config)
+            estimate.run(config, workdir)
+        elif _MODE.value == "train":
             finetune.resolve_model(config)
             config_lib.validate(config)
             with workdirs.workdir_lock(workdir):

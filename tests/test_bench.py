@@ -537,7 +537,41 @@ def test_estimate_mode_through_the_command_line(tmp_path, capsys):
     cfg = ModelConfig(96, 16, 2, 2, 32, 64, 0.0)
     params = GPT(cfg).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 16), "int32"))
     assert report["num_params"] == count_params(params["params"])
-    status, last = main_in_process(
-        tmp_path / "ft", "--mode=estimate", config="configs/finetune.py", capsys=capsys
+
+
+def test_estimate_of_a_fine_tune_compiles_its_tasks_step(tmp_path, capsys):
+    """A fine-tuning config is estimated with its task's model (the GPT with the three
+    special rows, and the head) and batch: a RACE example is 4 sequences, an SST-2 one 1,
+    so RACE's step holds about 4 times the activations."""
+    from cli import main_in_process
+
+    from gptjax.model import GPT, count_params
+
+    sizes = dict(vocab_size=96, n_ctx=16, n_layer=2, n_head=2, d_model=32, d_mlp=64)
+    flags = [f"--config.model.{k}={v}" for k, v in sizes.items()]
+    flags += ["--config.train.batch_size=4", "--mode=estimate"]
+    reports = {}
+    for name in ("sst2", "race"):
+        status, _ = main_in_process(tmp_path / name, *flags, config=f"configs/finetune.py:{name}")
+        assert status == 0
+        reports[name] = json.loads((tmp_path / name / "estimate.json").read_text())
+    sst2, race = reports["sst2"], reports["race"]
+    assert (sst2["task"], sst2["sequences_per_example"]) == ("sst2", 1)
+    assert (race["task"], race["sequences_per_example"]) == ("race", 4)
+    cfg = ModelConfig(**{**sizes, "vocab_size": 96 + 3}, dropout=0.0)
+    params = GPT(cfg).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 16), "int32"))
+    gpt = count_params(params["params"])
+    assert sst2["num_params"] == gpt + 32 * 2 + 2  # a linear head to the two classes
+    assert race["num_params"] == gpt + 32 + 1  # one score per choice
+    # Without train.num_steps a fine-tune's length is its examples: no time to train.
+    assert race["tokens"] is None and race["train_seconds"] is None
+    assert 1.0 <= race["xla_flops_per_token"] / race["flops_per_token"] < 1.5
+    temps = [r["memory_per_device"]["temp_bytes"] for r in (sst2, race)]
+    assert temps[1] > 2.5 * temps[0]
+    out = capsys.readouterr().out
+    assert "race, 4 sequence(s) an example" in out and "4 x 4 x 16 a step" in out
+    status, _ = main_in_process(
+        tmp_path / "steps", *flags, "--config.train.num_steps=10", config="configs/finetune.py:race"
     )
-    assert status == 2 and "pretraining config" in last, last
+    report = json.loads((tmp_path / "steps" / "estimate.json").read_text())
+    assert status == 0 and report["tokens"] == 10 * 4 * 4 * 16 and report["train_seconds"] > 0
