@@ -31,6 +31,7 @@ from gptjax import losses, sharding, tpu_topology, train
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.model import count_params, flops_per_token, language_model
+from gptjax.tokenizer import SPECIAL_TOKENS
 from gptjax.workdirs import ESTIMATE_FILE
 
 PETAFLOP_S_DAY = 1e15 * 86400
@@ -227,7 +228,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
             "positive whole number (it sets the length of a run set by train.epochs)"
         )
     fine_tune = "task" in config
-    specials = 3 if fine_tune else 0  # the fine-tuning tokens' rows
+    specials = len(SPECIAL_TOKENS) if fine_tune else 0  # the fine-tuning tokens' rows
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config, mesh, specials)
     target = "tpu" if devices is not None else sharding.platform()
@@ -291,10 +292,7 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
         model = finetune.task_model(config, task)
         objective = losses.task_objective(model, config.finetune.lm_coef, task.regression)
         sequences, n_ctx = finetune.sequences_per_example(task), config.model.n_ctx
-        init_inputs = (
-            jnp.zeros((1, sequences, 8), jnp.int32),
-            jnp.zeros((1, sequences), jnp.int32),
-        )
+        init_inputs = finetune.init_inputs(task)
         batch = abstract_task_batch(
             config.train.batch_size, sequences, n_ctx, task.regression, mesh
         )

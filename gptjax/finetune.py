@@ -179,6 +179,12 @@ def sequences_per_example(task: TaskSpec) -> int:
     return max(1, task.num_choices) if task.kind == "multiple_choice" else 1
 
 
+def init_inputs(task: TaskSpec) -> tuple:
+    """Example inputs for `TaskModel.init` (tokens [1, S, 8], clf_pos [1, S])."""
+    s = sequences_per_example(task)
+    return (jnp.zeros((1, s, 8), jnp.int32), jnp.zeros((1, s), jnp.int32))
+
+
 @dataclasses.dataclass
 class Split:
     name: str
@@ -246,10 +252,6 @@ class FineTune:
     def steps_per_epoch(self) -> int:
         return max(1, len(self.split(self.task.train_split).rows) // self.batch_size)
 
-    def init_inputs(self):
-        s = sequences_per_example(self.task)
-        return (jnp.zeros((1, s, 8), jnp.int32), jnp.zeros((1, s), jnp.int32))
-
     def build(self, total_steps: int, initialise: bool = True):
         """The schedule, train state and compiled steps. Without `initialise` (an
         evaluation, which restores parameters) the state is only laid out: `abstract`
@@ -266,7 +268,7 @@ class FineTune:
             total_steps,
             self.mesh,
             initialise=initialise,
-            init_inputs=self.init_inputs(),
+            init_inputs=init_inputs(self.task),
         )
         self.schedule, self.shardings, self.p_train = built.schedule, built.shardings, built.p_train
         self.abstract = train.abstract_state(built.state, built.shardings)
