@@ -26,11 +26,13 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from gptjax import losses, sharding, tpu_topology, train
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.model import count_params, flops_per_token, language_model
+from gptjax.run_config import CONFIG_FILE, check_kind, read_config
 from gptjax.tokenizer import SPECIAL_TOKENS
 from gptjax.workdirs import ESTIMATE_FILE
 
@@ -128,16 +130,20 @@ def abstract_batch(batch_size: int, n_ctx: int, mesh) -> dict:
     }
 
 
-def abstract_task_batch(batch_size: int, sequences: int, n_ctx: int, regression: bool, mesh):
+def abstract_task_batch(
+    batch_size: int, sequences: int, n_ctx: int, vocab_rows: int, regression: bool, mesh
+):
     """A fine-tuning batch as shapes (`tasks.transforms.encode`'s arrays): `sequences`
-    per example, each padded to n_ctx, the longest a task's split can have."""
+    per example, each padded to n_ctx, the longest a task's split can have; the ids in
+    16 bits where `vocab_rows` (the specials' included) fit, as encode stores them."""
 
     def shape(*dims, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding.batch_sharding(mesh))
 
     b, s = batch_size, sequences
+    ids = jnp.uint16 if vocab_rows <= np.iinfo(np.uint16).max else jnp.int32
     return {
-        "tokens": shape(b, s, n_ctx),
+        "tokens": shape(b, s, n_ctx, dtype=ids),
         "clf_pos": shape(b, s),
         "lengths": shape(b, s),
         "label": shape(b, dtype=jnp.float32 if regression else jnp.int32),
@@ -221,13 +227,13 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
             f"estimate.mfu={est['mfu']} and estimate.devices={est['devices']}: the MFU must "
             "be in (0, 1] and the devices positive"
         )
-    tokens_per_epoch = est["tokens_per_epoch"]
-    if not isinstance(tokens_per_epoch, int) or tokens_per_epoch <= 0:
+    fine_tune = "task" in config
+    tokens_per_epoch = est["tokens_per_epoch"]  # (a fine-tune's epochs are its examples)
+    if not fine_tune and (not isinstance(tokens_per_epoch, int) or tokens_per_epoch <= 0):
         raise UserError(
             f"estimate.tokens_per_epoch={tokens_per_epoch!r}: give the corpus's tokens, a "
             "positive whole number (it sets the length of a run set by train.epochs)"
         )
-    fine_tune = "task" in config
     specials = len(SPECIAL_TOKENS) if fine_tune else 0  # the fine-tuning tokens' rows
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config, mesh, specials)
@@ -236,6 +242,10 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         compiled, num_params, model_cfg, steps, tokens, sequences = _compile(config, est, mesh)
     mem = memory(compiled)
     per_token = flops_per_token(model_cfg, num_params)
+    if fine_tune and config.finetune.lm_coef == 0:
+        # No LM loss: the tied head's product, which 6N counts through the embedding's
+        # parameters, is not computed (the paper's "without aux LM" ablation).
+        per_token -= 6 * model_cfg.vocab_size * model_cfg.d_model
     counted = xla_flops(compiled, mesh.size, config.train, config.model.n_layer)
     total_flops = tokens and per_token * tokens
     seconds = total_flops and total_flops / (est["mfu"] * acc.peak_flops * est["devices"])
@@ -293,8 +303,9 @@ def _compile(config: ml_collections.ConfigDict, est: dict, mesh):
         objective = losses.task_objective(model, config.finetune.lm_coef, task.regression)
         sequences, n_ctx = finetune.sequences_per_example(task), config.model.n_ctx
         init_inputs = finetune.init_inputs(task)
+        rows = model.cfg.vocab_size
         batch = abstract_task_batch(
-            config.train.batch_size, sequences, n_ctx, task.regression, mesh
+            config.train.batch_size, sequences, n_ctx, rows, task.regression, mesh
         )
         steps = config.train.num_steps
         tokens = steps and steps * config.train.batch_size * sequences * n_ctx
@@ -383,7 +394,11 @@ def table(result: dict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """`--mode=estimate`: prints the estimate's table and writes `estimate.json` to the
-    workdir (when given). Returns the estimate."""
+    workdir (when given), which may hold a run of the config's kind only. Returns the
+    estimate."""
+    saved = os.path.join(workdir, CONFIG_FILE) if workdir else ""
+    if saved and os.path.exists(saved):
+        check_kind(workdir, read_config(saved, "restore it, or use another --workdir"), config)
     result = estimate(config)
     print(table(result))
     if workdir and jax.process_index() == 0:

@@ -7,8 +7,9 @@ fine-tuning the task's metrics next to the paper's, in results.json and results.
 `generate` (continues the prompts of `config.generate` with the workdir's model, one JSON
 line per prompt on stdout) and `zeroshot` (scores the workdir's LM with the paper's
 zero-shot heuristics, `config.zeroshot`, into zeroshot.json and zeroshot.png) and
-`estimate` (a pretraining config's parameters, FLOPs, memory per device from the compiled
-step, and time to train on `config.estimate`'s accelerator; nothing is trained).
+`estimate` (a pretraining or fine-tuning config's parameters, FLOPs, memory per device
+from the compiled step, and time to train on `config.estimate`'s accelerator; nothing is
+trained).
 Exit status: 0 done, 2 bad input (one line `error: ...`), 75 stopped by SIGTERM/SIGINT or
 a preemption notice after writing a checkpoint (run the same command to resume). Any
 config value can be overridden with `--config.section.name=value`; unknown names and

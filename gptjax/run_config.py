@@ -134,6 +134,23 @@ def _same_setting(key: str, was, now) -> bool:
     return was == now
 
 
+def check_kind(workdir: str, saved: dict, config: ml_collections.ConfigDict):
+    """Refuses a pretraining config on the fine-tune saved in `workdir` (its config.json,
+    `saved`), and a fine-tuning config on a pretraining run: in any mode."""
+    if ("task" in saved) == ("task" in config):
+        return
+    if "task" in saved:
+        raise UserError(
+            f"{workdir} holds a fine-tune (task {saved['task'].get('name')}), not a "
+            "pretraining run; use its fine-tuning config (configs/finetune.py:TASK) or "
+            "a new --workdir"
+        )
+    raise UserError(
+        f"{workdir} holds a pretraining run, not a fine-tune; fine-tune from it with "
+        f"--config.init_from={workdir} and a new --workdir"
+    )
+
+
 def check_resumable(
     workdir: str, saved: dict, config: ml_collections.ConfigDict, evaluating: bool = False
 ):
@@ -157,17 +174,7 @@ def check_resumable(
             f"with --config.init_from={workdir}, or evaluate, generate or score it there"
         )
     current = json.loads(config.to_json_best_effort())  # as saved: tuples as lists
-    if ("task" in saved) != ("task" in current):
-        if "task" in saved:
-            raise UserError(
-                f"{workdir} holds a fine-tune (task {saved['task'].get('name')}), not a "
-                "pretraining run; use its fine-tuning config (configs/finetune.py:TASK) or "
-                "a new --workdir"
-            )
-        raise UserError(
-            f"{workdir} holds a pretraining run, not a fine-tune; fine-tune from it with "
-            f"--config.init_from={workdir} and a new --workdir"
-        )
+    check_kind(workdir, saved, config)
     saved_model = saved.get("model") or {}
     if saved_model != current["model"]:
         changed = ", ".join(

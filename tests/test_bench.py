@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from gptjax import bench, bench_parts, bench_report, bench_step, estimate, measure, train
+from gptjax import bench, bench_parts, bench_report, bench_step, estimate, measure, sharding, train
 from gptjax.data import pipeline
 from gptjax.errors import UserError
 from gptjax.model import ModelConfig, flops_per_token
@@ -575,3 +575,27 @@ def test_estimate_of_a_fine_tune_compiles_its_tasks_step(tmp_path, capsys):
     )
     report = json.loads((tmp_path / "steps" / "estimate.json").read_text())
     assert status == 0 and report["tokens"] == 10 * 4 * 4 * 16 and report["train_seconds"] > 0
+    # Without the auxiliary LM loss the tied head's product is gone from the step.
+    no_lm = ["--config.finetune.lm_coef=0"]
+    status, _ = main_in_process(
+        tmp_path / "no_lm", *flags, *no_lm, config="configs/finetune.py:sst2"
+    )
+    report = json.loads((tmp_path / "no_lm" / "estimate.json").read_text())
+    assert report["flops_per_token"] == sst2["flops_per_token"] - 6 * 99 * 32
+    assert report["xla_flops_per_token"] < sst2["xla_flops_per_token"]
+    # A workdir that holds a pretraining run is not a fine-tune's, in this mode too.
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "config.json").write_text(json.dumps({"model": sizes}))
+    capsys.readouterr()
+    status, last = main_in_process(
+        tmp_path / "pre", *flags, config="configs/finetune.py:sst2", capsys=capsys
+    )
+    assert status == 2 and "holds a pretraining run, not a fine-tune" in last, last
+    assert not (tmp_path / "pre" / "estimate.json").exists()
+
+
+def test_a_fine_tunes_estimated_ids_are_stored_as_encode_stores_them():
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}))
+    for rows, dtype in ((40478 + 3, "uint16"), (70000, "int32")):
+        batch = estimate.abstract_task_batch(2, 4, 16, rows, False, mesh)
+        assert batch["tokens"].shape == (2, 4, 16) and batch["tokens"].dtype == dtype
