@@ -183,6 +183,10 @@ def test_cola_thresholds_the_average_log_probability():
     assert row["threshold"] == pytest.approx(-3.5)
     # tp 1, fp 1, fn 0, tn 2: MCC = (1*2 - 1*0) / sqrt(2*1*3*2) = 0.577.
     assert row["metric"] == "mcc" and row["value"] == pytest.approx(100 / np.sqrt(3))
+    # A score equal to the threshold is not above it: predicted unacceptable (tn 3).
+    table[("", "s4")] = (-7.0, 2)
+    row = zeroshot.score_task("cola", stub(table), [*evaluated, Example(("s4",), 0)], fit)
+    assert row["value"] == pytest.approx(100 * 3 / np.sqrt(24))
 
 
 def test_race_picks_the_highest_average_log_probability():
