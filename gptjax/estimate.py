@@ -26,13 +26,13 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from gptjax import losses, sharding, tpu_topology, train
 from gptjax.atomic import replacing
 from gptjax.errors import UserError
 from gptjax.model import count_params, flops_per_token, language_model
 from gptjax.run_config import CONFIG_FILE, check_kind, read_config
+from gptjax.tasks import transforms
 from gptjax.tokenizer import SPECIAL_TOKENS
 from gptjax.workdirs import ESTIMATE_FILE
 
@@ -141,7 +141,7 @@ def abstract_task_batch(
         return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding.batch_sharding(mesh))
 
     b, s = batch_size, sequences
-    ids = jnp.uint16 if vocab_rows <= np.iinfo(np.uint16).max else jnp.int32
+    ids = transforms.id_dtype(vocab_rows)
     return {
         "tokens": shape(b, s, n_ctx, dtype=ids),
         "clf_pos": shape(b, s),
@@ -270,7 +270,7 @@ def estimate(config: ml_collections.ConfigDict) -> dict:
         "mesh": dict(mesh.shape),
         # Whether `mesh.tensor` splits the token embedding (else each of its devices
         # holds it whole: `sharding.logical_sharding`).
-        "vocab_split": (config.model.vocab_size + specials) % mesh.shape["tensor"] == 0,
+        "vocab_split": sharding.splits_vocabulary(mesh, model_cfg.vocab_size),
         "compiled_on": mesh.devices.flat[0].device_kind,
         "topology": tpu_topology.topology_name(est["topology"]) if devices else None,
         "xla_flops_per_token": counted and counted / positions,

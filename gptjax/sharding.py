@@ -117,7 +117,7 @@ def check_model_splits(model_cfg: ml_collections.ConfigDict, mesh: Mesh, special
                 "on mesh.data"
             )
     rows, tensor = model_cfg.vocab_size + specials, mesh.shape[_VOCAB_AXIS]
-    if rows % tensor:
+    if not splits_vocabulary(mesh, rows):
         note = f" + {specials} fine-tuning specials" if specials else ""
         logging.warning(
             "model.vocab_size=%d%s does not split into mesh.tensor=%d: the token embedding "
@@ -160,17 +160,24 @@ def under_axis_rules(fn, mesh: Mesh):
     return wrapped
 
 
+def splits_vocabulary(mesh: Mesh, rows: int) -> bool:
+    """Whether the vocabulary's mesh axis splits `rows` token rows (else they are kept
+    whole along it)."""
+    return rows % mesh.shape[_VOCAB_AXIS] == 0
+
+
 def logical_sharding(mesh: Mesh, logical_tree, shapes):
     """NamedShardings for a pytree of logical PartitionSpecs (from `nn.get_partition_spec`)
     of arrays of `shapes` (a matching pytree of arrays or `ShapeDtypeStruct`s). The
     vocabulary is split over its mesh axis only where that divides it; elsewhere it is
     kept whole along it (`check_model_splits` refuses every other size that does not
     divide)."""
-    parts = mesh.shape[_VOCAB_AXIS]
+
+    def axis(name, size):
+        return None if name == "vocab" and not splits_vocabulary(mesh, size) else name
 
     def fit(spec: PartitionSpec, x) -> PartitionSpec:
-        names = zip(spec, x.shape, strict=False)
-        return PartitionSpec(*(None if n == "vocab" and size % parts else n for n, size in names))
+        return PartitionSpec(*(axis(n, size) for n, size in zip(spec, x.shape, strict=False)))
 
     is_spec = lambda s: isinstance(s, PartitionSpec)  # noqa: E731
     fitted = jax.tree.map(fit, logical_tree, shapes, is_leaf=is_spec)

@@ -86,6 +86,12 @@ def _parts(example: Example) -> tuple[str, ...]:
     return example.texts + example.choices
 
 
+def id_dtype(vocab_rows: int) -> type:
+    """The dtype token ids of a vocabulary of `vocab_rows` are stored in: 16 bits where
+    they fit (GPT-1's 40,481), half the memory of the encoded splits and their batches."""
+    return np.uint16 if vocab_rows <= np.iinfo(np.uint16).max else np.int32
+
+
 def encode(
     task: TaskSpec,
     examples: Sequence[Example],
@@ -115,7 +121,7 @@ def encode(
     length = min(n_ctx, longest) if length is None else length
     n, s = len(examples), num_seqs.pop() if num_seqs else 1
     total_vocab = tokenizer.vocab_size + 3
-    dtype = np.uint16 if total_vocab <= np.iinfo(np.uint16).max else np.int32
+    dtype = id_dtype(total_vocab)
     tokens = np.full((n, s, length), tokenizer.pad_id, dtype)
     lengths = np.zeros((n, s), np.int32)
     for i, example_seqs in enumerate(seqs):
